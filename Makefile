@@ -1,0 +1,55 @@
+# egressnat: build, generate, test, demo.
+# `make test` and `make demo` install what they need on a fresh Debian
+# machine as root (apt-get packages, Go modules, the test API server).
+
+SHELL := /bin/bash
+GO ?= go
+BIN ?= bin
+CONTROLLER_GEN ?= $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.23.0
+GEN_CRD_DIR ?= manifests/crds
+GEN_OBJ_DIR ?= api/v1
+DEB_PACKAGES := etcd-server nftables iproute2 iptables conntrack
+export EGRESSNAT_CACHE ?= $(HOME)/.cache/egressnat
+
+.PHONY: all build generate deps kube-binaries vet test test-unit demo clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+generate:
+	$(CONTROLLER_GEN) object paths=./api/... output:object:dir=$(GEN_OBJ_DIR) \
+		crd:crdVersions=v1 output:crd:dir=$(GEN_CRD_DIR)
+
+# deps installs the machine's packages (when missing) and the Go modules.
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	$(GO) mod download
+	cd test/tools/kube && $(GO) mod download
+
+# kube-binaries builds and caches kube-apiserver and kubectl (minutes, once).
+kube-binaries: deps
+	$(GO) run ./test/apiserver/cmd/kube-binaries
+
+vet:
+	$(GO) vet ./...
+
+test-unit:
+	$(GO) test ./...
+
+# test runs every tier: vet, unit tests, generated-file freshness, the real
+# API server tests, the kernel tests in network namespaces and the lab e2e.
+test: deps kube-binaries build vet
+	$(GO) test -count=1 -timeout 30m ./...
+
+demo: deps kube-binaries build
+	$(GO) run ./test/cluster/cmd/demo $(DEMO_FLAGS)
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,85 @@
+package v1
+
+import metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+// NodeHealth is a node's state as the operator sees it.
+// +kubebuilder:validation:Enum=Up;Down
+type NodeHealth string
+
+const (
+	NodeUp   NodeHealth = "Up"
+	NodeDown NodeHealth = "Down"
+)
+
+// Limits of a NetworkGatewayGroup. They bound the cost of validation and
+// of the operator's work; docs/api.md explains the choice.
+const (
+	MaxFloatingIPs = 256
+)
+
+// NetworkGatewayGroupSpec lists the floating IPs the operator places on nodes.
+type NetworkGatewayGroupSpec struct {
+	// FloatingIPs are IPv4 addresses in a node subnet. The operator assigns
+	// each one to a node; the node adds it to its uplink and SNATs the
+	// traffic of the policies that use it.
+	// +required
+	// +listType=set
+	// +kubebuilder:validation:MinItems=1
+	// +kubebuilder:validation:MaxItems=256
+	// +kubebuilder:validation:items:MaxLength=45
+	// +kubebuilder:validation:items:XValidation:rule="isIP(self)",message="must be an IPv4 address such as 192.0.2.100"
+	// +kubebuilder:validation:items:XValidation:rule="!isIP(self) || ip(self).family() == 4",message="IPv6 addresses are not supported: the egress gateway is IPv4-only"
+	// +kubebuilder:validation:items:XValidation:rule="!isIP(self) || ip(self).family() != 4 || ip(self).isGlobalUnicast()",message="must be a unicast address a node can hold (not 0.0.0.0, loopback, link-local, multicast or broadcast)"
+	FloatingIPs []string `json:"floatingIPs"`
+}
+
+// NetworkGatewayGroupStatus is written by the operator leader only.
+type NetworkGatewayGroupStatus struct {
+	// Nodes maps every node eligible to hold a floating IP to Up or Down.
+	// +optional
+	Nodes map[string]NodeHealth `json:"nodes,omitempty"`
+	// FloatingIPs maps each assigned floating IP to the node holding it.
+	// An IP no node can hold is absent.
+	// +optional
+	FloatingIPs map[string]string `json:"floatingIPs,omitempty"`
+	// AssignedCount is how many of spec.floatingIPs are assigned to a node.
+	// +optional
+	AssignedCount int32 `json:"assignedCount,omitempty"`
+	// ObservedGeneration is the spec generation this status describes.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+	// Conditions: Ready is True when every floating IP is assigned.
+	// +optional
+	// +listType=map
+	// +listMapKey=type
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// NetworkGatewayGroup is a set of floating IPs that egress traffic leaves
+// the cluster with. The operator places each IP on one node and moves it
+// when that node goes down.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Namespaced,shortName=ngg,categories=egressnat
+// +kubebuilder:printcolumn:name="Floating IPs",type=string,JSONPath=`.spec.floatingIPs`
+// +kubebuilder:printcolumn:name="Assigned",type=integer,JSONPath=`.status.assignedCount`
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].status`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type NetworkGatewayGroup struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// +required
+	Spec NetworkGatewayGroupSpec `json:"spec"`
+	// +optional
+	Status NetworkGatewayGroupStatus `json:"status,omitempty"`
+}
+
+// NetworkGatewayGroupList is a list of NetworkGatewayGroups.
+// +kubebuilder:object:root=true
+type NetworkGatewayGroupList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []NetworkGatewayGroup `json:"items"`
+}

@@ -1,0 +1,133 @@
+// Package apiserver runs a real etcd and kube-apiserver for tests and for the
+// lab. It builds kube-apiserver and kubectl from the k8s.io/kubernetes module
+// (pinned in test/tools/kube) once, caches them, installs Debian's
+// etcd-server when etcd is missing, and stops everything it started when the
+// test process ends, also after a failure.
+package apiserver
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+)
+
+// KubeVersion is the Kubernetes release whose binaries the tests run.
+const KubeVersion = "v1.37.2"
+
+// CacheDir is where built binaries are kept: $EGRESSNAT_CACHE, else
+// ~/.cache/egressnat.
+func CacheDir() string {
+	if d := os.Getenv("EGRESSNAT_CACHE"); d != "" {
+		return d
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		home = os.TempDir()
+	}
+	return filepath.Join(home, ".cache", "egressnat")
+}
+
+// Binaries returns the paths of kube-apiserver and kubectl, building them
+// first when they are not cached. Concurrent callers (parallel test
+// packages) wait for one build under a file lock.
+func Binaries() (apiserverPath, kubectlPath string, err error) {
+	dir := filepath.Join(CacheDir(), "kube-"+KubeVersion)
+	apiserverPath = filepath.Join(dir, "kube-apiserver")
+	kubectlPath = filepath.Join(dir, "kubectl")
+	if exists(apiserverPath) && exists(kubectlPath) {
+		return apiserverPath, kubectlPath, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", "", fmt.Errorf("create cache dir: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return "", "", fmt.Errorf("open build lock: %w", err)
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return "", "", fmt.Errorf("take build lock: %w", err)
+	}
+	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN) //nolint:errcheck
+	toolsDir, err := toolsModule()
+	if err != nil {
+		return "", "", err
+	}
+	for _, b := range []struct{ out, pkg string }{
+		{apiserverPath, "k8s.io/kubernetes/cmd/kube-apiserver"},
+		{kubectlPath, "k8s.io/kubernetes/cmd/kubectl"},
+	} {
+		if exists(b.out) {
+			continue
+		}
+		tmp := b.out + ".tmp"
+		cmd := exec.Command("go", "build", "-o", tmp, b.pkg)
+		cmd.Dir = toolsDir
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		fmt.Fprintf(os.Stderr, "apiserver: building %s %s (minutes on a cold cache)\n", b.pkg, KubeVersion)
+		if err := cmd.Run(); err != nil {
+			return "", "", fmt.Errorf("build %s: %w", b.pkg, err)
+		}
+		if err := os.Rename(tmp, b.out); err != nil {
+			return "", "", fmt.Errorf("install %s: %w", b.out, err)
+		}
+	}
+	return apiserverPath, kubectlPath, nil
+}
+
+// Etcd returns the path of etcd, installing Debian's etcd-server with
+// apt-get when it is missing.
+func Etcd() (string, error) {
+	if p, err := exec.LookPath("etcd"); err == nil {
+		return p, nil
+	}
+	fmt.Fprintln(os.Stderr, "apiserver: etcd not found, installing Debian's etcd-server")
+	for _, args := range [][]string{{"update", "-qq"}, {"install", "-y", "-qq", "etcd-server"}} {
+		cmd := exec.Command("apt-get", args...)
+		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			return "", fmt.Errorf("apt-get %v: %w", args, err)
+		}
+	}
+	p, err := exec.LookPath("etcd")
+	if err != nil {
+		return "", fmt.Errorf("etcd still missing after installing etcd-server: %w", err)
+	}
+	return p, nil
+}
+
+// RepoRoot finds the repository root (the directory holding
+// test/tools/kube/go.mod) from the working directory upwards.
+func RepoRoot() (string, error) {
+	d, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if exists(filepath.Join(d, "test", "tools", "kube", "go.mod")) {
+			return d, nil
+		}
+		parent := filepath.Dir(d)
+		if parent == d {
+			return "", errors.New("repository root not found above the working directory")
+		}
+		d = parent
+	}
+}
+
+func toolsModule() (string, error) {
+	root, err := RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(root, "test", "tools", "kube"), nil
+}
+
+func exists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}

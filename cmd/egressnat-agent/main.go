@@ -1,0 +1,91 @@
+// Command egressnat-agent runs on every node (a DaemonSet with hostNetwork):
+// it programs this node's nftables table, policy routing and floating IPs so
+// that selected pods' traffic leaves the cluster with its policy's egress IP.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/egressnat/egressnat/cmd/internal/agent"
+	"github.com/egressnat/egressnat/cmd/internal/kube"
+	"github.com/egressnat/egressnat/cmd/internal/logging"
+	"github.com/egressnat/egressnat/nft"
+	"go.uber.org/zap"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "egressnat-agent:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	fs := flag.NewFlagSet("egressnat-agent", flag.ContinueOnError)
+	logOpts := logging.AddFlags(fs)
+	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file; in-cluster service account when empty")
+	node := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name (NODE_NAME from the downward API)")
+	namespace := fs.String("namespace", envOr("POD_NAMESPACE", "egressnat-system"), "namespace of the agents' liveness Leases")
+	uplink := fs.String("uplink", "", "uplink interface; the interface of the default route when empty")
+	table := fs.String("table", "egressnat", "the nftables table the agent owns (family ip)")
+	markMask := fs.String("mark-mask", "0x00003f00", "fwmark bits the agent may use; clear of kube-proxy (0x4000, 0x8000) and Calico (0xffff0000)")
+	tableBase := fs.Int("route-table-base", 2700, "first routing table number; one table per gateway next hop")
+	rulePriority := fs.Int("rule-priority", 29000, "priority of the agent's ip rules (before main at 32766)")
+	leaseDuration := fs.Duration("lease-duration", 3*time.Second, "the operator declares the node Down this long after the last renewal")
+	renewInterval := fs.Duration("renew-interval", time.Second, "how often the liveness lease is renewed")
+	resync := fs.Duration("resync", 30*time.Second, "full re-apply period, repairing drift")
+	fallback := fs.Bool("fallback-to-node-ip", false, "when no node holds a policy's egress IP, let its traffic leave with the node IP instead of dropping it")
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		return err
+	}
+	if *node == "" {
+		return fmt.Errorf("--node-name (or NODE_NAME) is required")
+	}
+	mask, err := strconv.ParseUint(*markMask, 0, 32)
+	if err != nil || mask == 0 {
+		return fmt.Errorf("--mark-mask %q: want a non-zero 32-bit number", *markMask)
+	}
+	log, err := logging.New(logOpts)
+	if err != nil {
+		return err
+	}
+	defer log.Sync() //nolint:errcheck
+
+	upName, subnets, err := agent.Uplink(*uplink)
+	if err != nil {
+		return err
+	}
+	clients, err := kube.NewClients(*kubeconfig)
+	if err != nil {
+		return err
+	}
+	dp, err := nft.New(nft.Config{
+		Table: *table, Uplink: upName, MarkMask: uint32(mask),
+		RouteTableBase: *tableBase, RulePriority: *rulePriority, NetNSFd: -1, Logger: log.With(zap.String("node", *node)),
+	})
+	if err != nil {
+		return fmt.Errorf("dataplane: %w", err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	log.Info("starting", zap.String("node", *node), zap.String("uplink", upName), zap.String("subnets", kube.FormatSubnets(subnets)))
+	return agent.Run(ctx, agent.Config{
+		Clients: clients, Node: *node, Uplink: upName, Subnets: subnets, Namespace: *namespace,
+		LeaseDuration: *leaseDuration, RenewInterval: *renewInterval, ResyncPeriod: *resync,
+		FallbackToNodeIP: *fallback, Dataplane: dp, Log: log,
+	})
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}

@@ -1,0 +1,87 @@
+// Command egressnat-operator assigns every floating IP of every
+// NetworkGatewayGroup to a node and writes the status of gateways and
+// policies. Run two replicas: they elect a leader through a Lease and only
+// the leader writes.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/egressnat/egressnat/cmd/internal/kube"
+	"github.com/egressnat/egressnat/cmd/internal/logging"
+	"github.com/egressnat/egressnat/cmd/internal/operator"
+	"github.com/egressnat/egressnat/leader"
+	"go.uber.org/zap"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "egressnat-operator:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	fs := flag.NewFlagSet("egressnat-operator", flag.ContinueOnError)
+	logOpts := logging.AddFlags(fs)
+	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file; in-cluster service account when empty")
+	namespace := fs.String("namespace", envOr("POD_NAMESPACE", "egressnat-system"), "namespace of the leader Lease and the agents' liveness Leases")
+	identity := fs.String("identity", envOr("POD_NAME", hostname()), "this replica's identity in the leader election")
+	leaseDuration := fs.Duration("leader-lease-duration", 4*time.Second, "how long a dead leader blocks a standby")
+	renewDeadline := fs.Duration("leader-renew-deadline", 3*time.Second, "how long the leader retries renewing before it steps down")
+	retryPeriod := fs.Duration("leader-retry-period", 500*time.Millisecond, "how often a standby tries to take the lease")
+	fallback := fs.Bool("fallback-to-node-ip", false, "when no node can hold a policy's egress IP, let its traffic leave with node IPs instead of dropping it")
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		return err
+	}
+	log, err := logging.New(logOpts)
+	if err != nil {
+		return err
+	}
+	defer log.Sync() //nolint:errcheck
+	clients, err := kube.NewClients(*kubeconfig)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	log.Info("starting", zap.String("identity", *identity), zap.String("namespace", *namespace))
+	return leader.Run(ctx, leader.Config{
+		Client: clients.Core, Namespace: *namespace, Name: "egressnat-operator", Identity: *identity,
+		LeaseDuration: *leaseDuration, RenewDeadline: *renewDeadline, RetryPeriod: *retryPeriod,
+		Log: log,
+		OnLeading: func(ctx context.Context) {
+			// Keep leading and retry: a standby could do no better.
+			for ctx.Err() == nil {
+				err := operator.Run(ctx, operator.Config{
+					Clients: clients, AgentNamespace: *namespace, FallbackToNodeIP: *fallback, Log: log,
+				})
+				if err != nil && ctx.Err() == nil {
+					log.Error("operator stopped; restarting", zap.Error(err))
+					select {
+					case <-ctx.Done():
+					case <-time.After(time.Second):
+					}
+				}
+			}
+		},
+	})
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func hostname() string {
+	h, _ := os.Hostname()
+	return h
+}

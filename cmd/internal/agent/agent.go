@@ -1,0 +1,315 @@
+// Package agent is the egressnat node agent's controller: it watches
+// policies, gateways, pods, namespaces and nodes, computes this node's
+// desired state with the pure selector.Desired, and hands it to the
+// dataplane, which applies it in one transaction. It also renews the node's
+// liveness Lease, which carries the uplink subnets the operator needs.
+package agent
+
+import (
+	"context"
+
+	"fmt"
+	"net/netip"
+	"reflect"
+	"slices"
+	"time"
+
+	v1 "github.com/egressnat/egressnat/api/v1"
+	"github.com/egressnat/egressnat/cmd/internal/kube"
+	"github.com/egressnat/egressnat/selector"
+	"go.uber.org/zap"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/utils/ptr"
+)
+
+// Dataplane applies a node state to the kernel.
+type Dataplane interface {
+	Apply(ctx context.Context, st selector.NodeState) error
+	Cleanup(ctx context.Context) error
+}
+
+// Config of the agent.
+type Config struct {
+	Clients   *kube.Clients
+	Node      string
+	Uplink    string
+	Subnets   []netip.Prefix // the uplink's own addresses with their prefix
+	Namespace string         // where the liveness Lease lives
+	// LeaseDuration after the last renewal the operator declares the node
+	// Down; RenewInterval is how often the agent renews.
+	LeaseDuration, RenewInterval time.Duration
+	// ResyncPeriod re-applies the state even without events, repairing
+	// drift in the kernel.
+	ResyncPeriod     time.Duration
+	FallbackToNodeIP bool
+	Dataplane        Dataplane
+	Log              *zap.Logger
+}
+
+type agent struct {
+	cfg     Config
+	trigger chan struct{}
+
+	pods, namespaces, nodes, gateways, policies cache.Indexer
+	last                                        *selector.NodeState
+}
+
+// Run runs the agent until ctx ends. It leaves the kernel as it is on
+// return: a restarting agent must not disturb traffic.
+func Run(ctx context.Context, cfg Config) error {
+	a := &agent{cfg: cfg, trigger: make(chan struct{}, 1)}
+	go a.renewLease(ctx)
+
+	coreF := informers.NewSharedInformerFactory(cfg.Clients.Core, 0)
+	dynF := dynamicinformer.NewDynamicSharedInformerFactory(cfg.Clients.Dynamic, 0)
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { a.kick() },
+		UpdateFunc: func(any, any) { a.kick() },
+		DeleteFunc: func(any) { a.kick() },
+	}
+	infs := []cache.SharedIndexInformer{
+		coreF.Core().V1().Pods().Informer(),
+		coreF.Core().V1().Namespaces().Informer(),
+		coreF.Core().V1().Nodes().Informer(),
+		dynF.ForResource(kube.GatewayGVR).Informer(),
+		dynF.ForResource(kube.PolicyGVR).Informer(),
+	}
+	for _, inf := range infs {
+		if _, err := inf.AddEventHandler(handler); err != nil {
+			return fmt.Errorf("add event handler: %w", err)
+		}
+	}
+	a.pods, a.namespaces, a.nodes = infs[0].GetIndexer(), infs[1].GetIndexer(), infs[2].GetIndexer()
+	a.gateways, a.policies = infs[3].GetIndexer(), infs[4].GetIndexer()
+	coreF.Start(ctx.Done())
+	dynF.Start(ctx.Done())
+	// Nothing is applied before every cache is complete: an agent that
+	// restarts must not act on a partial view and remove working state.
+	for typ, ok := range coreF.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			return fmt.Errorf("sync %v cache: %w", typ, ctx.Err())
+		}
+	}
+	for gvr, ok := range dynF.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			return fmt.Errorf("sync %s cache (are the CRDs installed?): %w", gvr.Resource, ctx.Err())
+		}
+	}
+	cfg.Log.Info("agent caches synced", zap.String("node", cfg.Node))
+
+	a.kick()
+	resync := time.NewTicker(cfg.ResyncPeriod)
+	defer resync.Stop()
+	backoff := time.Duration(0)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-a.trigger:
+		case <-resync.C:
+			a.last = nil // force a full apply
+		}
+		if backoff > 0 {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(backoff):
+			}
+		}
+		if err := a.sync(ctx); err != nil {
+			backoff = min(max(2*backoff, 100*time.Millisecond), 5*time.Second)
+			cfg.Log.Error("sync failed; retrying", zap.String("node", cfg.Node), zap.Duration("backoff", backoff), zap.Error(err))
+			a.kick()
+			continue
+		}
+		backoff = 0
+	}
+}
+
+func (a *agent) kick() {
+	select {
+	case a.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// sync computes the desired state and applies it when it changed.
+func (a *agent) sync(ctx context.Context) error {
+	in, err := a.input()
+	if err != nil {
+		return err
+	}
+	st, warnings, err := selector.DesiredWithWarnings(in)
+	if err != nil {
+		return fmt.Errorf("compute desired state: %w", err)
+	}
+	for _, w := range warnings {
+		a.cfg.Log.Warn(w, zap.String("node", a.cfg.Node))
+	}
+	if a.last != nil && reflect.DeepEqual(*a.last, st) {
+		return nil
+	}
+	start := time.Now()
+	if len(st.Policies) == 0 && len(st.FloatingIPs) == 0 {
+		err = a.cfg.Dataplane.Cleanup(ctx)
+	} else {
+		err = a.cfg.Dataplane.Apply(ctx, st)
+	}
+	if err != nil {
+		return fmt.Errorf("apply: %w", err)
+	}
+	a.logChanges(st, time.Since(start))
+	a.last = &st
+	return nil
+}
+
+func (a *agent) logChanges(st selector.NodeState, took time.Duration) {
+	prev := map[string]selector.PolicyState{}
+	if a.last != nil {
+		for _, p := range a.last.Policies {
+			prev[p.Name] = p
+		}
+	}
+	for _, p := range st.Policies {
+		old, ok := prev[p.Name]
+		if !ok || old.Mode != p.Mode || old.NextHop != p.NextHop || old.EgressIP != p.EgressIP || len(old.Sources) != len(p.Sources) {
+			a.cfg.Log.Info("policy applied", zap.String("node", a.cfg.Node), zap.String("policy", p.Name),
+				zap.String("mode", string(p.Mode)), zap.String("ip", p.EgressIP.String()),
+				zap.String("gateway", p.NextHop.String()), zap.Int("sources", len(p.Sources)))
+		}
+		delete(prev, p.Name)
+	}
+	for name := range prev {
+		a.cfg.Log.Info("policy removed", zap.String("node", a.cfg.Node), zap.String("policy", name))
+	}
+	a.cfg.Log.Debug("synced", zap.String("node", a.cfg.Node), zap.Duration("took", took),
+		zap.Int("policies", len(st.Policies)), zap.Int("floatingIPs", len(st.FloatingIPs)))
+}
+
+// input gathers the caches into the selector's input.
+func (a *agent) input() (selector.Input, error) {
+	in := selector.Input{
+		Node:             a.cfg.Node,
+		Namespaces:       map[string]map[string]string{},
+		NodeIPs:          map[string]netip.Addr{},
+		LocalSubnets:     a.cfg.Subnets,
+		FallbackToNodeIP: a.cfg.FallbackToNodeIP,
+	}
+	for _, obj := range a.policies.List() {
+		p, err := kube.FromUnstructured[v1.EgressNATPolicy](obj)
+		if err != nil {
+			return in, err
+		}
+		in.Policies = append(in.Policies, p)
+	}
+	for _, obj := range a.gateways.List() {
+		g, err := kube.FromUnstructured[v1.NetworkGatewayGroup](obj)
+		if err != nil {
+			return in, err
+		}
+		in.Groups = append(in.Groups, g)
+	}
+	for _, obj := range a.namespaces.List() {
+		ns := obj.(*corev1.Namespace)
+		in.Namespaces[ns.Name] = ns.Labels
+	}
+	for _, obj := range a.nodes.List() {
+		n := obj.(*corev1.Node)
+		if ip, ok := kube.NodeInternalIP(n); ok {
+			in.NodeIPs[n.Name] = ip
+		}
+	}
+	for _, obj := range a.pods.List() {
+		p := obj.(*corev1.Pod)
+		sp := selector.Pod{
+			Namespace: p.Namespace, Name: p.Name, Node: p.Spec.NodeName, Labels: p.Labels,
+			HostNetwork: p.Spec.HostNetwork,
+			Terminated:  p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed,
+		}
+		sp.IP = podIPv4(p)
+		in.Pods = append(in.Pods, sp)
+	}
+	slices.SortFunc(in.Pods, func(x, y selector.Pod) int {
+		if c := cmpString(x.Namespace, y.Namespace); c != 0 {
+			return c
+		}
+		return cmpString(x.Name, y.Name)
+	})
+	return in, nil
+}
+
+func podIPv4(p *corev1.Pod) netip.Addr {
+	for _, s := range append([]corev1.PodIP{{IP: p.Status.PodIP}}, p.Status.PodIPs...) {
+		if ip, err := netip.ParseAddr(s.IP); err == nil && ip.Is4() {
+			return ip
+		}
+	}
+	return netip.Addr{}
+}
+
+func cmpString(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// renewLease keeps the node's liveness Lease fresh; the operator declares
+// the node Down when it expires.
+func (a *agent) renewLease(ctx context.Context) {
+	t := time.NewTicker(a.cfg.RenewInterval)
+	defer t.Stop()
+	for {
+		if err := a.renewOnce(ctx); err != nil && ctx.Err() == nil {
+			a.cfg.Log.Warn("renew liveness lease", zap.String("node", a.cfg.Node), zap.Error(err))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (a *agent) renewOnce(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, a.cfg.RenewInterval)
+	defer cancel()
+	leases := a.cfg.Clients.Core.CoordinationV1().Leases(a.cfg.Namespace)
+	name := kube.AgentLeasePrefix + a.cfg.Node
+	now := metav1.NewMicroTime(time.Now())
+	annotations := map[string]string{
+		kube.AnnotationSubnets: kube.FormatSubnets(a.cfg.Subnets),
+		kube.AnnotationUplink:  a.cfg.Uplink,
+	}
+	lease, err := leases.Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		_, err = leases.Create(ctx, &coordinationv1.Lease{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: a.cfg.Namespace, Annotations: annotations,
+				Labels: map[string]string{kube.LabelComponent: "agent"}},
+			Spec: coordinationv1.LeaseSpec{
+				HolderIdentity:       ptr.To(a.cfg.Node),
+				LeaseDurationSeconds: ptr.To(int32(a.cfg.LeaseDuration / time.Second)),
+				AcquireTime:          &now, RenewTime: &now,
+			},
+		}, metav1.CreateOptions{})
+		return err
+	}
+	if err != nil {
+		return err
+	}
+	lease.Annotations = annotations
+	lease.Spec.HolderIdentity = ptr.To(a.cfg.Node)
+	lease.Spec.LeaseDurationSeconds = ptr.To(int32(a.cfg.LeaseDuration / time.Second))
+	lease.Spec.RenewTime = &now
+	_, err = leases.Update(ctx, lease, metav1.UpdateOptions{})
+	return err
+}

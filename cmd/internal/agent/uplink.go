@@ -1,0 +1,59 @@
+package agent
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Uplink returns the uplink interface (name, or the interface of the IPv4
+// default route when name is empty) and its own IPv4 subnets: primary
+// addresses with their prefix length. Floating IPs, added as secondary
+// addresses, are not among them.
+func Uplink(name string) (string, []netip.Prefix, error) {
+	var link netlink.Link
+	var err error
+	if name != "" {
+		if link, err = netlink.LinkByName(name); err != nil {
+			return "", nil, fmt.Errorf("find uplink %s: %w", name, err)
+		}
+	} else {
+		routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
+		if err != nil {
+			return "", nil, fmt.Errorf("list routes: %w", err)
+		}
+		for _, r := range routes {
+			if (r.Dst == nil || r.Dst.String() == "0.0.0.0/0") && r.LinkIndex > 0 {
+				if link, err = netlink.LinkByIndex(r.LinkIndex); err != nil {
+					return "", nil, fmt.Errorf("find default route's link: %w", err)
+				}
+				break
+			}
+		}
+		if link == nil {
+			return "", nil, fmt.Errorf("no IPv4 default route: pass --uplink")
+		}
+	}
+	addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return "", nil, fmt.Errorf("list addresses of %s: %w", link.Attrs().Name, err)
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		if a.Flags&unix.IFA_F_SECONDARY != 0 {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(a.IP.To4())
+		if !ok {
+			continue
+		}
+		ones, _ := a.Mask.Size()
+		out = append(out, netip.PrefixFrom(ip, ones))
+	}
+	if len(out) == 0 {
+		return "", nil, fmt.Errorf("uplink %s has no IPv4 address", link.Attrs().Name)
+	}
+	return link.Attrs().Name, out, nil
+}

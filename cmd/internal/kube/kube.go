@@ -1,0 +1,180 @@
+// Package kube is the thin client-go glue the egressnat binaries share: the
+// client configuration, typed access to the networking.gke.io/v1 resources
+// through the dynamic client, and the agents' liveness leases.
+package kube
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	v1 "github.com/egressnat/egressnat/api/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+// GVRs of the egressnat resources.
+var (
+	GatewayGVR = schema.GroupVersionResource{Group: v1.GroupVersion.Group, Version: v1.GroupVersion.Version, Resource: v1.NetworkGatewayGroupResource}
+	PolicyGVR  = schema.GroupVersionResource{Group: v1.GroupVersion.Group, Version: v1.GroupVersion.Version, Resource: v1.EgressNATPolicyResource}
+)
+
+// Annotations an agent writes on its liveness Lease.
+const (
+	// AnnotationSubnets: the node's uplink subnets, comma-separated CIDRs
+	// with the node's own address (e.g. 192.0.2.12/24).
+	AnnotationSubnets = "egressnat.io/uplink-subnets"
+	// AnnotationUplink: the uplink interface name.
+	AnnotationUplink = "egressnat.io/uplink"
+	// AgentLeasePrefix prefixes the name of each agent's Lease.
+	AgentLeasePrefix = "egressnat-agent-"
+	// LabelComponent marks the Leases egressnat owns.
+	LabelComponent = "egressnat.io/component"
+	// LabelControlPlane marks control-plane nodes.
+	LabelControlPlane = "node-role.kubernetes.io/control-plane"
+)
+
+// Clients bundles what the binaries talk to.
+type Clients struct {
+	Config  *rest.Config
+	Core    kubernetes.Interface
+	Dynamic dynamic.Interface
+}
+
+// NewClients builds clients from a kubeconfig file, or from the in-cluster
+// service account when kubeconfig is empty.
+func NewClients(kubeconfig string) (*Clients, error) {
+	var cfg *rest.Config
+	var err error
+	if kubeconfig != "" {
+		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+	} else {
+		cfg, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load kubeconfig: %w", err)
+	}
+	cfg.QPS, cfg.Burst = 100, 200
+	core, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("core client: %w", err)
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("dynamic client: %w", err)
+	}
+	return &Clients{Config: cfg, Core: core, Dynamic: dyn}, nil
+}
+
+// FromUnstructured converts an object of the dynamic client to its type.
+func FromUnstructured[T any](obj any) (*T, error) {
+	u, ok := obj.(*unstructured.Unstructured)
+	if !ok {
+		return nil, fmt.Errorf("unexpected object %T", obj)
+	}
+	out := new(T)
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, out); err != nil {
+		return nil, fmt.Errorf("convert %s %s: %w", u.GetKind(), u.GetName(), err)
+	}
+	return out, nil
+}
+
+// UpdateGatewayStatus writes a NetworkGatewayGroup's status subresource.
+func (c *Clients) UpdateGatewayStatus(ctx context.Context, g *v1.NetworkGatewayGroup) error {
+	u, err := toUnstructured(g, "NetworkGatewayGroup")
+	if err != nil {
+		return err
+	}
+	_, err = c.Dynamic.Resource(GatewayGVR).Namespace(g.Namespace).UpdateStatus(ctx, u, metav1.UpdateOptions{})
+	if err != nil {
+		return fmt.Errorf("update status of gateway %s/%s: %w", g.Namespace, g.Name, err)
+	}
+	return nil
+}
+
+// UpdatePolicyStatus writes an EgressNATPolicy's status subresource.
+func (c *Clients) UpdatePolicyStatus(ctx context.Context, p *v1.EgressNATPolicy) error {
+	u, err := toUnstructured(p, "EgressNATPolicy")
+	if err != nil {
+		return err
+	}
+	_, err = c.Dynamic.Resource(PolicyGVR).UpdateStatus(ctx, u, metav1.UpdateOptions{})
+	if err != nil {
+		return fmt.Errorf("update status of policy %s: %w", p.Name, err)
+	}
+	return nil
+}
+
+func toUnstructured(obj any, kind string) (*unstructured.Unstructured, error) {
+	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(obj)
+	if err != nil {
+		return nil, fmt.Errorf("convert %s: %w", kind, err)
+	}
+	u := &unstructured.Unstructured{Object: m}
+	u.SetAPIVersion(v1.GroupVersion.String())
+	u.SetKind(kind)
+	return u, nil
+}
+
+// NodeInternalIP returns a Node's first IPv4 InternalIP.
+func NodeInternalIP(n *corev1.Node) (netip.Addr, bool) {
+	for _, a := range n.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil && ip.Is4() {
+			return ip, true
+		}
+	}
+	return netip.Addr{}, false
+}
+
+// NodeReady reports the Node's Ready condition and whether it is known.
+func NodeReady(n *corev1.Node) (ready, known bool) {
+	for _, c := range n.Status.Conditions {
+		if c.Type == corev1.NodeReady {
+			switch c.Status {
+			case corev1.ConditionTrue:
+				return true, true
+			case corev1.ConditionFalse:
+				return false, true
+			}
+		}
+	}
+	return false, false
+}
+
+// FormatSubnets and ParseSubnets encode the uplink-subnets annotation.
+func FormatSubnets(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
+}
+
+// ParseSubnets parses the uplink-subnets annotation; the result keeps the
+// node's address and prefix length (e.g. 192.0.2.12/24).
+func ParseSubnets(s string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			return nil, fmt.Errorf("parse subnet %q: %w", f, err)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}

@@ -1,0 +1,79 @@
+// Package nft makes a node's kernel match a selector.NodeState: one nftables
+// table (sets of selected pods and destinations, a mangle prerouting chain that
+// marks or drops, a nat postrouting chain that SNATs), policy routing for
+// marked traffic, floating IPs on the uplink with gratuitous ARP, and
+// conntrack clean-up after changes.
+//
+// Everything is read back from the kernel on each Apply, so a restarted agent
+// changes nothing when the state is unchanged. New state is always added
+// before old state is removed.
+package nft
+
+import (
+	"errors"
+	"fmt"
+
+	"go.uber.org/zap"
+)
+
+// Defaults for Config fields left zero.
+const (
+	DefaultTable          = "egressnat"
+	DefaultMarkMask       = 0x00003f00 // clear of kube-proxy 0x4000/0x8000 and Calico 0xffff0000
+	DefaultRouteTableBase = 2700
+	DefaultRulePriority   = 29000
+)
+
+// Config configures a Dataplane.
+type Config struct {
+	// Table is the name of the nftables table (family ip) owned by egressnat.
+	Table string
+	// Uplink is the node's interface towards the node subnet: floating IPs are
+	// added to it, rerouted traffic leaves through it, SNAT matches it.
+	Uplink string
+	// MarkMask holds the packet mark bits egressnat may use to select a next
+	// hop. Bits outside it are preserved.
+	MarkMask uint32
+	// RouteTableBase: next hop index i is routed by table RouteTableBase+i.
+	RouteTableBase int
+	// RulePriority of the fwmark ip rules.
+	RulePriority int
+	// NetNSFd is an open file descriptor of the network namespace to program;
+	// a value below 1 means the current network namespace.
+	NetNSFd int
+	// Logger receives structured logs; nil means no logs.
+	Logger *zap.Logger
+}
+
+func (c Config) withDefaults() (Config, error) {
+	if c.Table == "" {
+		c.Table = DefaultTable
+	}
+	if c.MarkMask == 0 {
+		c.MarkMask = DefaultMarkMask
+	}
+	if c.RouteTableBase == 0 {
+		c.RouteTableBase = DefaultRouteTableBase
+	}
+	if c.RulePriority == 0 {
+		c.RulePriority = DefaultRulePriority
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	if c.Uplink == "" {
+		return c, errors.New("config: uplink is required")
+	}
+	if len(c.Uplink) >= 16 {
+		return c, fmt.Errorf("config: uplink name %q too long", c.Uplink)
+	}
+	if c.RouteTableBase < 0 || c.RulePriority < 0 {
+		return c, errors.New("config: route table base and rule priority must not be negative")
+	}
+	if len(c.Table) > 200 {
+		return c, fmt.Errorf("config: table name %q too long", c.Table)
+	}
+	return c, nil
+}
+
+func (c Config) inCurrentNetNS() bool { return c.NetNSFd < 1 }

@@ -1,0 +1,116 @@
+package nft
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/mdlayher/netlink"
+	"github.com/ti-mo/conntrack"
+	"github.com/ti-mo/netfilter"
+	"golang.org/x/sys/unix"
+)
+
+// ctMatcher says which conntrack entries an Apply invalidated.
+type ctMatcher struct {
+	// replyDst: entries whose reply goes to one of these addresses (flows
+	// SNATed to a floating IP this node gave up).
+	replyDst map[netip.Addr]bool
+	// bySource: entries whose original source is the key and whose original
+	// destination lies in one of the span sets (pods added to or removed
+	// from a policy, or whose policy's destinations changed).
+	bySource map[netip.Addr][]spanSet
+	// gateways: entries of a policy this node newly serves as gateway that
+	// are not SNATed to its egress IP (they were masqueraded, or null-bound
+	// for rerouting, before).
+	gateways []gatewayMatch
+}
+
+type gatewayMatch struct {
+	sources map[netip.Addr]bool
+	dests   spanSet
+	egress  netip.Addr
+}
+
+func (m *ctMatcher) empty() bool {
+	return len(m.replyDst) == 0 && len(m.bySource) == 0 && len(m.gateways) == 0
+}
+
+func (m *ctMatcher) addSource(a netip.Addr, dests spanSet) {
+	if len(dests) == 0 {
+		return
+	}
+	if m.bySource == nil {
+		m.bySource = map[netip.Addr][]spanSet{}
+	}
+	m.bySource[a] = append(m.bySource[a], dests)
+}
+
+func (m *ctMatcher) match(f *conntrack.Flow) bool {
+	src := f.TupleOrig.IP.SourceAddress
+	dst := f.TupleOrig.IP.DestinationAddress
+	if m.replyDst[f.TupleReply.IP.DestinationAddress] {
+		return true
+	}
+	for _, ss := range m.bySource[src] {
+		if ss.contains(dst) {
+			return true
+		}
+	}
+	for _, g := range m.gateways {
+		if g.sources[src] && g.dests.contains(dst) && f.TupleReply.IP.DestinationAddress != g.egress {
+			return true
+		}
+	}
+	return false
+}
+
+func (d *Dataplane) conntrackConn() (*conntrack.Conn, error) {
+	cfg := &netlink.Config{}
+	if !d.cfg.inCurrentNetNS() {
+		cfg.NetNS = d.cfg.NetNSFd
+	}
+	return conntrack.Dial(cfg)
+}
+
+// flushConntrack deletes the IPv4 entries m matches and returns how many.
+func (d *Dataplane) flushConntrack(ctx context.Context, m *ctMatcher) (int, error) {
+	if m.empty() {
+		return 0, nil
+	}
+	c, err := d.conntrackConn()
+	if err != nil {
+		return 0, fmt.Errorf("conntrack dial: %w", err)
+	}
+	defer c.Close()
+	flows, err := c.DumpFilter(conntrack.NewFilter().Family(netfilter.ProtoIPv4), nil)
+	if err != nil {
+		return 0, fmt.Errorf("conntrack dump: %w", err)
+	}
+	n := 0
+	var errs []error
+	for i := range flows {
+		if i%1024 == 0 {
+			if err := ctx.Err(); err != nil {
+				return n, err
+			}
+		}
+		f := &flows[i]
+		if !m.match(f) {
+			continue
+		}
+		if err := c.Delete(*f); err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				continue // gone meanwhile
+			}
+			errs = append(errs, fmt.Errorf("conntrack delete %s: %w", f.TupleOrig, err))
+			if len(errs) > 10 {
+				break
+			}
+			continue
+		}
+		n++
+	}
+	return n, errors.Join(errs...)
+}

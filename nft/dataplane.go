@@ -1,0 +1,547 @@
+package nft
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+
+	"github.com/egressnat/egressnat/selector"
+)
+
+// Dataplane programs one node's kernel. Its methods are safe for concurrent
+// use; calls are serialized.
+type Dataplane struct {
+	cfg Config
+	log *zap.Logger
+
+	mu        sync.Mutex
+	announced map[netip.Addr]bool // floating IPs announced by this process
+	last      Result
+	policies  map[string]string // src set name -> policy name, of the last Apply
+
+	wg        sync.WaitGroup
+	done      chan struct{}
+	closeOnce sync.Once
+}
+
+// Result tells what one Apply or Cleanup changed.
+type Result struct {
+	Transactions     int // nftables transactions (Flush calls)
+	ElementsAdded    int
+	ElementsDeleted  int
+	SetsCreated      int
+	SetsDeleted      int
+	ChainsRebuilt    []string
+	RoutesChanged    int
+	IPRulesChanged   int
+	AddrsAdded       int
+	AddrsDeleted     int
+	SysctlsChanged   int
+	Announced        []netip.Addr // floating IPs gratuitous ARP was sent for
+	ConntrackDeleted int
+	// Marks is the mark value used for each next hop.
+	Marks map[netip.Addr]uint32
+}
+
+// Changed reports whether the kernel state was modified (gratuitous ARP and
+// conntrack deletions aside).
+func (r Result) Changed() bool {
+	return r.Transactions > 0 || r.RoutesChanged > 0 || r.IPRulesChanged > 0 ||
+		r.AddrsAdded > 0 || r.AddrsDeleted > 0 || r.SysctlsChanged > 0
+}
+
+// New returns a Dataplane. It does not touch the kernel.
+func New(cfg Config) (*Dataplane, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	return &Dataplane{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		announced: map[netip.Addr]bool{},
+		done:      make(chan struct{}),
+	}, nil
+}
+
+// Close stops background gratuitous ARP and waits for it. It leaves the
+// kernel state in place (see Cleanup).
+func (d *Dataplane) Close() error {
+	d.closeOnce.Do(func() { close(d.done) })
+	d.wg.Wait()
+	return nil
+}
+
+// LastResult returns what the last Apply or Cleanup changed.
+func (d *Dataplane) LastResult() Result {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.last
+}
+
+// normalized is a validated copy of the state with sorted, IPv4-only
+// contents.
+type normalized struct {
+	state    selector.NodeState
+	sources  map[string][]netip.Addr
+	dests    map[string][]ipRange
+	floating []netip.Prefix
+}
+
+func normalizeState(st selector.NodeState) (*normalized, error) {
+	n := &normalized{sources: map[string][]netip.Addr{}, dests: map[string][]ipRange{}}
+	seen := map[string]string{}
+	for _, p := range st.Policies {
+		if p.Name == "" {
+			return nil, errors.New("policy without name")
+		}
+		key := srcSetName(p.Name)
+		if other, dup := seen[key]; dup {
+			return nil, fmt.Errorf("policy %q: set name clashes with policy %q", p.Name, other)
+		}
+		seen[key] = p.Name
+		switch p.Mode {
+		case selector.ModeReroute:
+			if !p.NextHop.Is4() || p.NextHop.IsUnspecified() {
+				return nil, fmt.Errorf("policy %q: invalid next hop %s", p.Name, p.NextHop)
+			}
+		case selector.ModeGateway:
+			if !p.EgressIP.Is4() || p.EgressIP.IsUnspecified() {
+				return nil, fmt.Errorf("policy %q: invalid egress ip %s", p.Name, p.EgressIP)
+			}
+		case selector.ModeDrop:
+		default:
+			return nil, fmt.Errorf("policy %q: unknown mode %q", p.Name, p.Mode)
+		}
+		srcs := make([]netip.Addr, 0, len(p.Sources))
+		for _, a := range p.Sources {
+			a = a.Unmap()
+			if !a.Is4() {
+				return nil, fmt.Errorf("policy %q: source %s is not ipv4", p.Name, a)
+			}
+			srcs = append(srcs, a)
+		}
+		slices.SortFunc(srcs, netip.Addr.Compare)
+		n.sources[key] = slices.Compact(srcs)
+		var dsts []netip.Prefix
+		for _, d := range p.Destinations {
+			if !d.IsValid() || !d.Addr().Unmap().Is4() {
+				return nil, fmt.Errorf("policy %q: destination %s is not ipv4", p.Name, d)
+			}
+			dsts = append(dsts, netip.PrefixFrom(d.Addr().Unmap(), d.Bits()))
+		}
+		n.dests[dstSetName(p.Name)] = mergeOverlaps(prefixRanges(dsts))
+	}
+	for _, f := range st.FloatingIPs {
+		if !f.IsValid() || !f.Addr().Unmap().Is4() {
+			return nil, fmt.Errorf("floating ip %s is not ipv4", f)
+		}
+		n.floating = append(n.floating, netip.PrefixFrom(f.Addr().Unmap(), f.Bits()))
+	}
+	slices.SortFunc(n.floating, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	n.floating = slices.CompactFunc(n.floating, func(a, b netip.Prefix) bool { return a.Addr() == b.Addr() })
+	n.state = st
+	return n, nil
+}
+
+// mergeOverlaps joins overlapping ranges (interval sets reject overlaps);
+// adjacent ranges stay separate, as nft keeps them.
+func mergeOverlaps(rs []ipRange) []ipRange {
+	var out []ipRange
+	for _, r := range rs {
+		if n := len(out); n > 0 && r.start.Compare(out[n-1].last()) <= 0 {
+			if out[n-1].open {
+				continue
+			}
+			if r.open || r.end.Compare(out[n-1].end) > 0 {
+				out[n-1].end, out[n-1].open = r.end, r.open
+			}
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// Apply makes the kernel match st. It is idempotent: an unchanged state
+// changes nothing. New state is added before old state is removed; conntrack
+// entries are deleted only after everything else succeeded.
+func (d *Dataplane) Apply(ctx context.Context, st selector.NodeState) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	res := Result{}
+	err := d.apply(ctx, st, &res)
+	d.last = res
+	if err != nil {
+		return err
+	}
+	if res.Changed() || res.ConntrackDeleted > 0 {
+		d.log.Info("applied",
+			zap.Int("policies", len(st.Policies)),
+			zap.Int("transactions", res.Transactions),
+			zap.Int("elementsAdded", res.ElementsAdded),
+			zap.Int("elementsDeleted", res.ElementsDeleted),
+			zap.Strings("chainsRebuilt", res.ChainsRebuilt),
+			zap.Int("routesChanged", res.RoutesChanged),
+			zap.Int("ipRulesChanged", res.IPRulesChanged),
+			zap.Int("conntrackDeleted", res.ConntrackDeleted))
+	}
+	return nil
+}
+
+func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Result) error {
+	n, err := normalizeState(st)
+	if err != nil {
+		return fmt.Errorf("invalid state: %w", err)
+	}
+	h, err := d.netlinkHandle()
+	if err != nil {
+		return fmt.Errorf("netlink handle: %w", err)
+	}
+	defer h.Close()
+	link, err := h.LinkByName(d.cfg.Uplink)
+	if err != nil {
+		return fmt.Errorf("uplink %s: %w", d.cfg.Uplink, err)
+	}
+	uplinkIndex := link.Attrs().Index
+
+	c, err := d.nftConn()
+	if err != nil {
+		return fmt.Errorf("nftables conn: %w", err)
+	}
+	ks, err := d.readNFT(ctx, c)
+	if err != nil {
+		return err
+	}
+	rs, err := d.readRoutes(h, uplinkIndex)
+	if err != nil {
+		return err
+	}
+	addrs, err := uplinkAddrs(h, link)
+	if err != nil {
+		return err
+	}
+
+	// Marks: stable, read back from the routes we hold.
+	marks, err := selector.AllocateMarks(d.cfg.MarkMask, selector.NextHops(st), rs.owners)
+	if err != nil {
+		return fmt.Errorf("allocate marks: %w", err)
+	}
+	res.Marks = map[netip.Addr]uint32{}
+	for nh, idx := range marks {
+		res.Marks[nh] = selector.MarkValue(d.cfg.MarkMask, idx)
+	}
+
+	// Floating IPs: ours are the recorded ones and the wanted ones we add.
+	// A wanted address already on the uplink that we never recorded belongs
+	// to someone else: it is left alone and never removed.
+	recorded := elemAddrs(ks.elems[setFloating])
+	isRecorded := map[netip.Addr]bool{}
+	for _, a := range recorded {
+		isRecorded[a] = true
+	}
+	wantFloat := map[netip.Addr]bool{}
+	var ours []netip.Addr
+	for _, p := range n.floating {
+		wantFloat[p.Addr()] = true
+		if _, present := addrs[p.Addr()]; isRecorded[p.Addr()] || !present {
+			ours = append(ours, p.Addr())
+		} else {
+			d.log.Info("floating ip already on uplink, not managed", zap.Stringer("ip", p.Addr()))
+		}
+	}
+	var givenUp []netip.Addr
+	for _, a := range recorded {
+		if !wantFloat[a] {
+			givenUp = append(givenUp, a)
+		}
+	}
+	floatingSet := slices.Concat(recorded, ours)
+	slices.SortFunc(floatingSet, netip.Addr.Compare)
+	floatingSet = slices.Compact(floatingSet)
+
+	// 1. Policy routing for new marks, before any rule sets them.
+	if err := d.addRoutes(h, rs, marks, uplinkIndex, res); err != nil {
+		return err
+	}
+
+	// 2. nftables: sets, chains, floating record.
+	plan := d.planNFT(ks, desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, floating: floatingSet})
+	res.Transactions, err = d.runOps(ctx, plan.ops)
+	if err != nil {
+		return err
+	}
+	res.ElementsAdded, res.ElementsDeleted = plan.elemsAdded, plan.elemsDeleted
+	res.SetsCreated, res.SetsDeleted = plan.setsCreated, plan.setsDeleted
+	res.ChainsRebuilt = plan.chainsRebuilt
+	d.policies = map[string]string{}
+	for _, p := range st.Policies {
+		d.policies[srcSetName(p.Name)] = p.Name
+	}
+	for _, name := range slices.Sorted(maps.Keys(plan.sourceChanges)) {
+		policy, ok := d.policies[name]
+		if !ok {
+			policy = strings.TrimPrefix(name, srcPrefix) // removed policy: its set key
+		}
+		ch := plan.sourceChanges[name]
+		d.log.Info("policy sources changed", zap.String("policy", policy),
+			zap.Int("added", len(ch.added)), zap.Int("removed", len(ch.removed)))
+	}
+
+	// 3. Floating IPs and gratuitous ARP.
+	var wantPrefixes []netip.Prefix
+	for _, p := range n.floating {
+		if slices.Contains(ours, p.Addr()) {
+			wantPrefixes = append(wantPrefixes, p)
+		}
+	}
+	if _, err := d.addFloating(h, link, addrs, wantPrefixes, res); err != nil {
+		return err
+	}
+	var announce []netip.Addr
+	for _, p := range n.floating {
+		if !d.announced[p.Addr()] {
+			announce = append(announce, p.Addr())
+		}
+	}
+	if err := d.announce(ctx, link, announce); err != nil {
+		return err
+	}
+	for _, a := range announce {
+		d.announced[a] = true
+	}
+	for a := range d.announced {
+		if !wantFloat[a] {
+			delete(d.announced, a)
+		}
+	}
+	res.Announced = announce
+
+	// 4. Remove what is no longer wanted: floating IPs given up (then their
+	// record), stale routing.
+	if err := d.removeFloating(h, link, addrs, givenUp, res); err != nil {
+		return err
+	}
+	if len(givenUp) > 0 {
+		s := &nftables.Set{Table: d.table(), Name: setFloating, KeyType: nftables.TypeIPAddr}
+		t, err := d.runOps(ctx, elemOps(s, addrElems(givenUp), true))
+		res.Transactions += t
+		if err != nil {
+			return err
+		}
+	}
+	if err := d.removeStaleRoutes(h, rs, marks, uplinkIndex, res); err != nil {
+		return err
+	}
+
+	// 5. A gateway must not ICMP-redirect pods' traffic away.
+	gateway := len(n.floating) > 0
+	for _, p := range st.Policies {
+		gateway = gateway || p.Mode == selector.ModeGateway
+	}
+	if gateway {
+		changed, err := d.disableRedirects()
+		res.SysctlsChanged = changed
+		if err != nil {
+			return err
+		}
+	}
+
+	// 6. Conntrack, only after everything above succeeded.
+	m := d.conntrackMatcher(plan, n, givenUp)
+	flushed, err := d.flushConntrack(ctx, m)
+	res.ConntrackDeleted = flushed
+	if err != nil {
+		return err
+	}
+	if flushed > 0 {
+		d.log.Info("conntrack entries deleted", zap.Int("count", flushed))
+	}
+	return nil
+}
+
+// conntrackMatcher derives the conntrack entries an Apply invalidated.
+func (d *Dataplane) conntrackMatcher(plan *nftPlan, n *normalized, givenUp []netip.Addr) *ctMatcher {
+	m := &ctMatcher{replyDst: map[netip.Addr]bool{}}
+	for _, a := range givenUp {
+		m.replyDst[a] = true
+	}
+	keys := map[string]bool{}
+	for name := range plan.sourceChanges {
+		keys[name[len(srcPrefix):]] = true
+	}
+	for name := range plan.destChanges {
+		keys[name[len(dstPrefix):]] = true
+	}
+	for key := range keys {
+		src, dst := srcPrefix+key, dstPrefix+key
+		dc, dstChanged := plan.destChanges[dst]
+		var oldDst, newDst []ipRange
+		if dstChanged {
+			oldDst, newDst = dc.old, dc.new
+		} else {
+			newDst = n.dests[dst]
+			oldDst = newDst
+		}
+		// Pods added or removed: their flows to any old or new destination.
+		both := newSpanSet(oldDst, newDst)
+		sc := plan.sourceChanges[src]
+		for _, a := range sc.added {
+			m.addSource(a, both)
+		}
+		for _, a := range sc.removed {
+			m.addSource(a, both)
+		}
+		// Destinations changed: every source's flows to the changed ranges.
+		if dstChanged {
+			added, removed := diffRanges(oldDst, newDst)
+			changed := newSpanSet(added, removed)
+			for _, a := range n.sources[src] {
+				m.addSource(a, changed)
+			}
+			for _, a := range sc.removed {
+				m.addSource(a, changed)
+			}
+		}
+	}
+	// Policies this node newly serves as gateway (or with a new egress IP).
+	for _, p := range n.state.Policies {
+		if p.Mode != selector.ModeGateway {
+			continue
+		}
+		src := srcSetName(p.Name)
+		if prev, ok := plan.prevGateway[src]; ok && prev == p.EgressIP {
+			continue
+		}
+		g := gatewayMatch{sources: map[netip.Addr]bool{}, dests: newSpanSet(n.dests[dstSetName(p.Name)]), egress: p.EgressIP}
+		for _, a := range n.sources[src] {
+			g.sources[a] = true
+		}
+		if len(g.sources) > 0 && len(g.dests) > 0 {
+			m.gateways = append(m.gateways, g)
+		}
+	}
+	return m
+}
+
+// Cleanup removes everything egressnat put in the kernel: the table, the
+// fwmark rules, the route tables and the floating addresses recorded in the
+// table. It is idempotent.
+func (d *Dataplane) Cleanup(ctx context.Context) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	res := Result{}
+	err := d.cleanup(ctx, &res)
+	d.last = res
+	return err
+}
+
+func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
+	h, err := d.netlinkHandle()
+	if err != nil {
+		return fmt.Errorf("netlink handle: %w", err)
+	}
+	defer h.Close()
+	c, err := d.nftConn()
+	if err != nil {
+		return fmt.Errorf("nftables conn: %w", err)
+	}
+	ks, err := d.readNFT(ctx, c)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	if ks.exists {
+		c.DelTable(d.table())
+		if err := c.Flush(); err != nil {
+			return fmt.Errorf("delete table %s: %w", d.cfg.Table, err)
+		}
+		res.Transactions++
+		d.log.Info("table deleted", zap.String("table", d.cfg.Table))
+	}
+	recorded := elemAddrs(ks.elems[setFloating])
+	uplinkIndex := -1
+	link, err := h.LinkByName(d.cfg.Uplink)
+	if err == nil {
+		uplinkIndex = link.Attrs().Index
+		if len(recorded) > 0 {
+			addrs, err := uplinkAddrs(h, link)
+			if err != nil {
+				errs = append(errs, err)
+			} else if err := d.removeFloating(h, link, addrs, recorded, res); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	} else if _, notFound := err.(netlink.LinkNotFoundError); !notFound {
+		errs = append(errs, fmt.Errorf("uplink %s: %w", d.cfg.Uplink, err))
+	}
+	rs, err := d.readRoutes(h, uplinkIndex)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	if err := d.removeStaleRoutes(h, rs, nil, uplinkIndex, res); err != nil {
+		errs = append(errs, err)
+	}
+	d.announced = map[netip.Addr]bool{}
+	if len(recorded) > 0 {
+		m := &ctMatcher{replyDst: map[netip.Addr]bool{}}
+		for _, a := range recorded {
+			m.replyDst[a] = true
+		}
+		n, err := d.flushConntrack(ctx, m)
+		res.ConntrackDeleted = n
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// PolicyCounters are the packet and byte counters of one policy's rule.
+type PolicyCounters struct {
+	Policy  string
+	Mode    selector.Mode
+	Packets uint64
+	Bytes   uint64
+}
+
+// Dump returns the counters of the policy rules in the kernel, in chain
+// order. Policies are named by the last Apply of this process, or by the
+// rule comment otherwise.
+func (d *Dataplane) Dump(ctx context.Context) ([]PolicyCounters, error) {
+	d.mu.Lock()
+	names := d.policies
+	d.mu.Unlock()
+	c, err := d.nftConn()
+	if err != nil {
+		return nil, fmt.Errorf("nftables conn: %w", err)
+	}
+	ks, err := d.readNFT(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	var out []PolicyCounters
+	for _, chain := range []string{chainPrerouting, chainPostrouting} {
+		for _, r := range ks.rules[chain] {
+			kr, ok := parseRule(r)
+			if !ok {
+				continue
+			}
+			name, ok := names[kr.srcSet]
+			if !ok {
+				name = commentPolicy(ruleComment(r))
+			}
+			out = append(out, PolicyCounters{Policy: name, Mode: kr.mode, Packets: kr.counter.Packets, Bytes: kr.counter.Bytes})
+		}
+	}
+	return out, nil
+}

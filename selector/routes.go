@@ -1,0 +1,149 @@
+package selector
+
+import (
+	"fmt"
+	"math/bits"
+	"net/netip"
+	"slices"
+)
+
+// MaxMarks bounds the number of next hops one mark mask can address, so that
+// route table numbers (base + index) stay in a small, predictable range even
+// when an operator configures a wide mask.
+const MaxMarks = 65535
+
+// MarkCapacity returns how many distinct next hops fit in mask: every
+// non-zero value made of mask bits, at most MaxMarks.
+func MarkCapacity(mask uint32) int {
+	n := bits.OnesCount32(mask)
+	if n >= 16 {
+		return MaxMarks
+	}
+	return 1<<n - 1
+}
+
+// MarkValue returns the packet mark for a next hop index (1-based): the bits
+// of index are spread over the set bits of mask, lowest first. With mask
+// 0x3f00, index 1 is 0x100, index 2 is 0x200, index 3 is 0x300. It returns 0
+// when index is out of range.
+func MarkValue(mask uint32, index int) uint32 {
+	if index < 1 || index > MarkCapacity(mask) {
+		return 0
+	}
+	var v uint32
+	idx := uint32(index)
+	for m := mask; m != 0 && idx != 0; m &= m - 1 {
+		low := m & -m
+		if idx&1 != 0 {
+			v |= low
+		}
+		idx >>= 1
+	}
+	return v
+}
+
+// MarkIndex is the inverse of MarkValue: it gathers the bits of mark under
+// mask. It returns 0 when mark carries no bit of mask or the index is out of
+// range.
+func MarkIndex(mask, mark uint32) int {
+	var idx, bit uint32 = 0, 1
+	for m := mask; m != 0; m &= m - 1 {
+		low := m & -m
+		if mark&low != 0 {
+			idx |= bit
+		}
+		bit <<= 1
+	}
+	if int(idx) > MarkCapacity(mask) {
+		return 0
+	}
+	return int(idx)
+}
+
+// NextHops returns the distinct next hops of the ModeReroute policies of
+// state, sorted.
+func NextHops(state NodeState) []netip.Addr {
+	var out []netip.Addr
+	for _, p := range state.Policies {
+		if p.Mode == ModeReroute && p.NextHop.IsValid() {
+			out = append(out, p.NextHop)
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.Addr) int { return a.Compare(b) })
+	return slices.Compact(out)
+}
+
+// AllocateMarks gives every next hop a mark index in [1, MarkCapacity(mask)].
+//
+// existing holds the assignments read back from the kernel; it may name next
+// hops that are no longer wanted. The allocation is stable: a wanted next hop
+// keeps its existing index. A new next hop takes the lowest index that no
+// existing assignment uses (so a route still in use is not repointed while
+// the old marks may be in flight); when none is left it takes the lowest
+// index that no wanted next hop keeps. It fails when mask is exhausted.
+//
+// Invalid existing entries (index out of range, or an index claimed twice) are
+// resolved deterministically: out-of-range indexes are ignored and, of two
+// next hops claiming one index, the lower address keeps it.
+func AllocateMarks(mask uint32, nextHops []netip.Addr, existing map[netip.Addr]int) (map[netip.Addr]int, error) {
+	capacity := MarkCapacity(mask)
+	want := slices.Clone(nextHops)
+	slices.SortFunc(want, func(a, b netip.Addr) int { return a.Compare(b) })
+	want = slices.Compact(want)
+	if len(want) > capacity {
+		return nil, fmt.Errorf("mark mask %#x holds %d next hops, %d needed", mask, capacity, len(want))
+	}
+
+	// Existing assignments, de-duplicated deterministically.
+	held := make([]netip.Addr, 0, len(existing))
+	for nh, idx := range existing {
+		if idx >= 1 && idx <= capacity {
+			held = append(held, nh)
+		}
+	}
+	slices.SortFunc(held, func(a, b netip.Addr) int { return a.Compare(b) })
+	owner := make(map[int]netip.Addr, len(held)) // index -> next hop in kernel
+	for _, nh := range held {
+		if _, taken := owner[existing[nh]]; !taken {
+			owner[existing[nh]] = nh
+		}
+	}
+
+	out := make(map[netip.Addr]int, len(want))
+	kept := make(map[int]bool, len(want))
+	for _, nh := range want {
+		if idx, ok := existing[nh]; ok && owner[idx] == nh {
+			out[nh] = idx
+			kept[idx] = true
+		}
+	}
+	next := 1 // lowest index never held
+	for _, nh := range want {
+		if _, ok := out[nh]; ok {
+			continue
+		}
+		for next <= capacity {
+			if _, held := owner[next]; !held {
+				break
+			}
+			next++
+		}
+		if next <= capacity {
+			out[nh] = next
+			kept[next] = true
+			next++
+			continue
+		}
+		// Every index is in the kernel: reuse the lowest stale one.
+		idx := 1
+		for idx <= capacity && kept[idx] {
+			idx++
+		}
+		if idx > capacity {
+			return nil, fmt.Errorf("mark mask %#x exhausted", mask)
+		}
+		out[nh] = idx
+		kept[idx] = true
+	}
+	return out, nil
+}

@@ -1,0 +1,187 @@
+package selector
+
+import (
+	"maps"
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func addrs(ss ...string) []netip.Addr {
+	out := make([]netip.Addr, len(ss))
+	for i, s := range ss {
+		out[i] = netip.MustParseAddr(s)
+	}
+	return out
+}
+
+func assign(kv ...any) map[netip.Addr]int {
+	m := map[netip.Addr]int{}
+	for i := 0; i < len(kv); i += 2 {
+		m[netip.MustParseAddr(kv[i].(string))] = kv[i+1].(int)
+	}
+	return m
+}
+
+func TestMarkValueIndex(t *testing.T) {
+	tests := []struct {
+		mask  uint32
+		index int
+		want  uint32
+	}{
+		{0x3f00, 1, 0x100},
+		{0x3f00, 2, 0x200},
+		{0x3f00, 3, 0x300},
+		{0x3f00, 63, 0x3f00},
+		{0x3f00, 64, 0},
+		{0x3f00, 0, 0},
+		{0x3f00, -1, 0},
+		{0x0, 1, 0},
+		{0x8001, 1, 0x1},    // non-contiguous mask: lowest bit first
+		{0x8001, 2, 0x8000}, // second bit
+		{0x8001, 3, 0x8001},
+		{0xffffffff, 65535, 0xffff},
+		{0xffffffff, 65536, 0},
+	}
+	for _, tt := range tests {
+		got := MarkValue(tt.mask, tt.index)
+		if got != tt.want {
+			t.Errorf("MarkValue(%#x, %d) = %#x, want %#x", tt.mask, tt.index, got, tt.want)
+		}
+		if tt.want != 0 {
+			if back := MarkIndex(tt.mask, got); back != tt.index {
+				t.Errorf("MarkIndex(%#x, %#x) = %d, want %d", tt.mask, got, back, tt.index)
+			}
+		}
+	}
+	if got := MarkIndex(0x3f00, 0x4000); got != 0 {
+		t.Errorf("MarkIndex of a bit outside the mask = %d, want 0", got)
+	}
+	if got := MarkIndex(0x3f00, 0xc100); got != 1 {
+		t.Errorf("MarkIndex ignores bits outside the mask: got %d, want 1", got)
+	}
+	for mask, want := range map[uint32]int{0: 0, 0x100: 1, 0x3f00: 63, 0xffff0000: 65535, 0xffffffff: 65535} {
+		if got := MarkCapacity(mask); got != want {
+			t.Errorf("MarkCapacity(%#x) = %d, want %d", mask, got, want)
+		}
+	}
+}
+
+func TestAllocateMarks(t *testing.T) {
+	tests := []struct {
+		name     string
+		mask     uint32
+		nextHops []netip.Addr
+		existing map[netip.Addr]int
+		want     map[netip.Addr]int
+		wantErr  string
+	}{
+		{
+			name: "empty",
+			mask: 0x3f00,
+			want: assign(),
+		},
+		{
+			name:     "fresh lowest first in address order",
+			mask:     0x3f00,
+			nextHops: addrs("192.0.2.3", "192.0.2.2"),
+			want:     assign("192.0.2.2", 1, "192.0.2.3", 2),
+		},
+		{
+			name:     "duplicates collapse",
+			mask:     0x3f00,
+			nextHops: addrs("192.0.2.2", "192.0.2.2"),
+			want:     assign("192.0.2.2", 1),
+		},
+		{
+			name:     "existing kept",
+			mask:     0x3f00,
+			nextHops: addrs("192.0.2.2", "192.0.2.3"),
+			existing: assign("192.0.2.3", 1, "192.0.2.2", 5),
+			want:     assign("192.0.2.3", 1, "192.0.2.2", 5),
+		},
+		{
+			name:     "new takes lowest never-held index, stale not reused while free ones exist",
+			mask:     0x3f00,
+			nextHops: addrs("192.0.2.2", "192.0.2.9"),
+			existing: assign("192.0.2.2", 2, "192.0.2.4", 1),
+			want:     assign("192.0.2.2", 2, "192.0.2.9", 3),
+		},
+		{
+			name:     "stale reused when mask is full",
+			mask:     0x0300, // 3 values
+			nextHops: addrs("192.0.2.1", "192.0.2.2", "192.0.2.9"),
+			existing: assign("192.0.2.1", 1, "192.0.2.2", 3, "192.0.2.7", 2),
+			want:     assign("192.0.2.1", 1, "192.0.2.2", 3, "192.0.2.9", 2),
+		},
+		{
+			name:     "exhausted",
+			mask:     0x0300,
+			nextHops: addrs("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"),
+			wantErr:  "holds 3 next hops, 4 needed",
+		},
+		{
+			name:     "zero mask",
+			mask:     0,
+			nextHops: addrs("192.0.2.1"),
+			wantErr:  "holds 0 next hops",
+		},
+		{
+			name:     "out of range existing ignored",
+			mask:     0x0300,
+			nextHops: addrs("192.0.2.1"),
+			existing: assign("192.0.2.1", 7),
+			want:     assign("192.0.2.1", 1),
+		},
+		{
+			name:     "index claimed twice: lower address keeps it",
+			mask:     0x3f00,
+			nextHops: addrs("192.0.2.1", "192.0.2.2"),
+			existing: assign("192.0.2.2", 4, "192.0.2.1", 4),
+			want:     assign("192.0.2.1", 4, "192.0.2.2", 1),
+		},
+		{
+			name:     "all stale, no wanted",
+			mask:     0x3f00,
+			existing: assign("192.0.2.2", 4),
+			want:     assign(),
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := AllocateMarks(tt.mask, tt.nextHops, tt.existing)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !maps.Equal(got, tt.want) {
+				t.Fatalf("got %v, want %v", got, tt.want)
+			}
+			// Pure and stable: the result fed back as existing is a fixed point.
+			again, err := AllocateMarks(tt.mask, tt.nextHops, got)
+			if err != nil || !maps.Equal(again, got) {
+				t.Fatalf("not stable: %v (%v), first %v", again, err, got)
+			}
+		})
+	}
+}
+
+func TestNextHops(t *testing.T) {
+	st := NodeState{Policies: []PolicyState{
+		{Name: "a", Mode: ModeReroute, NextHop: netip.MustParseAddr("192.0.2.3")},
+		{Name: "b", Mode: ModeGateway, EgressIP: netip.MustParseAddr("192.0.2.10")},
+		{Name: "c", Mode: ModeReroute, NextHop: netip.MustParseAddr("192.0.2.2")},
+		{Name: "d", Mode: ModeReroute, NextHop: netip.MustParseAddr("192.0.2.3")},
+		{Name: "e", Mode: ModeDrop, NextHop: netip.MustParseAddr("192.0.2.4")},
+	}}
+	got := NextHops(st)
+	want := addrs("192.0.2.2", "192.0.2.3")
+	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+}

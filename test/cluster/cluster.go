@@ -1,0 +1,403 @@
+// Package cluster runs a whole egressnat cluster on one machine: the lab
+// network (package lab), etcd and kube-apiserver on the control-plane host,
+// Node, Namespace and Pod objects created through the API as a kubelet would,
+// and the real egressnat-operator and egressnat-agent binaries inside their
+// hosts' network namespaces, with the flags the manifests use. The end to end
+// tests and `make demo` both use it.
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/egressnat/egressnat/test/apiserver"
+	"github.com/egressnat/egressnat/test/lab"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+)
+
+// SystemNamespace holds the leases of the operator and the agents.
+const SystemNamespace = "egressnat-system"
+
+// Options of a cluster.
+type Options struct {
+	// Prefix of the lab's namespaces; give every test package its own.
+	Prefix string
+	// BinDir holds egressnat-operator and egressnat-agent; they are built
+	// into the work directory when empty.
+	BinDir string
+	// Operators is the number of operator replicas (default 2).
+	Operators int
+	// AgentArgs and OperatorArgs are added to the binaries' flags.
+	AgentArgs, OperatorArgs []string
+	// Log receives progress lines; none when nil.
+	Log func(format string, args ...any)
+}
+
+// Cluster is a running lab cluster.
+type Cluster struct {
+	Lab       *lab.Lab
+	API       *apiserver.Server
+	Client    kubernetes.Interface
+	Agents    map[string]*lab.Proc // by node name
+	Operators []*lab.Proc
+
+	opts   Options
+	binDir string
+	// agentKubeconfig reaches the API server from inside the lab network.
+	agentKubeconfig string
+}
+
+// Start builds and starts everything. On error, what was started is
+// stopped again.
+func Start(ctx context.Context, o Options) (c *Cluster, err error) {
+	if o.Operators == 0 {
+		o.Operators = 2
+	}
+	if o.Log == nil {
+		o.Log = func(string, ...any) {}
+	}
+	c = &Cluster{opts: o, Agents: map[string]*lab.Proc{}}
+	defer func() {
+		if err != nil {
+			c.Close()
+		}
+	}()
+	if err := lab.CleanupStale(o.Prefix); err != nil {
+		return nil, fmt.Errorf("remove a crashed run's leftovers: %w", err)
+	}
+	o.Log("building the lab network (prefix %q)", o.Prefix)
+	if c.Lab, err = lab.New(lab.Config{Prefix: o.Prefix}); err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
+	if c.binDir = o.BinDir; c.binDir == "" {
+		c.binDir = filepath.Join(c.Lab.WorkDir(), "bin")
+		o.Log("building egressnat-operator and egressnat-agent")
+		if err := BuildBinaries(c.binDir); err != nil {
+			return nil, err
+		}
+	}
+	cp := c.controlPlane()
+	o.Log("starting etcd and kube-apiserver on %s (%s)", cp.Name, cp.IP)
+	c.API, err = apiserver.Start(ctx, apiserver.Options{
+		Dir:        filepath.Join(c.Lab.WorkDir(), "apiserver"),
+		ExecPrefix: []string{"ip", "netns", "exec", cp.NetNS},
+		Address:    cp.IP.String(),
+		Reach: func(hostPort string) (string, error) {
+			local, _, err := c.Lab.ServeLoopback(cp.NetNS, hostPort)
+			return local, err
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("api server: %w", err)
+	}
+	if c.Client, err = c.API.Client(); err != nil {
+		return nil, err
+	}
+	root, err := apiserver.RepoRoot()
+	if err != nil {
+		return nil, err
+	}
+	if err := c.API.InstallCRDs(ctx, filepath.Join(root, "manifests", "crds")); err != nil {
+		return nil, err
+	}
+	if err := c.EnsureNamespace(ctx, SystemNamespace, nil); err != nil {
+		return nil, err
+	}
+	c.agentKubeconfig = filepath.Join(c.Lab.WorkDir(), "lab.kubeconfig")
+	if err := apiserver.WriteKubeconfig(c.agentKubeconfig, c.API.InNetworkURL, c.API.AdminToken); err != nil {
+		return nil, err
+	}
+	for _, n := range c.Lab.Nodes() {
+		if err := c.registerNode(ctx, n); err != nil {
+			return nil, err
+		}
+	}
+	for i := range o.Operators {
+		if err := c.StartOperator(i); err != nil {
+			return nil, err
+		}
+	}
+	for _, n := range c.Lab.Nodes() {
+		if err := c.StartAgent(n.Name); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// BuildBinaries builds the operator and the agent into dir.
+func BuildBinaries(dir string) error {
+	root, err := apiserver.RepoRoot()
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/egressnat-operator", "./cmd/egressnat-agent")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("build binaries: %w\n%s", err, out)
+	}
+	return nil
+}
+
+func (c *Cluster) controlPlane() *lab.Node {
+	for _, n := range c.Lab.Nodes() {
+		if n.ControlPlane {
+			return n
+		}
+	}
+	return c.Lab.Nodes()[0]
+}
+
+// StartOperator starts operator replica i on the control-plane host.
+func (c *Cluster) StartOperator(i int) error {
+	cp := c.controlPlane()
+	id := fmt.Sprintf("operator-%d", i)
+	args := append([]string{filepath.Join(c.binDir, "egressnat-operator"),
+		"--kubeconfig=" + c.agentKubeconfig, "--namespace=" + SystemNamespace, "--identity=" + id,
+		"--log-format=console"}, c.opts.OperatorArgs...)
+	p, err := c.Lab.Start(cp.NetNS, filepath.Join(c.Lab.WorkDir(), id+".log"), args...)
+	if err != nil {
+		return fmt.Errorf("start %s: %w", id, err)
+	}
+	if i < len(c.Operators) {
+		c.Operators[i] = p
+	} else {
+		c.Operators = append(c.Operators, p)
+	}
+	return nil
+}
+
+// StartAgent starts (or starts again) the agent of a node.
+func (c *Cluster) StartAgent(node string) error {
+	n := c.Lab.Node(node)
+	if n == nil {
+		return fmt.Errorf("no node %s", node)
+	}
+	args := append([]string{filepath.Join(c.binDir, "egressnat-agent"),
+		"--kubeconfig=" + c.agentKubeconfig, "--node-name=" + node, "--namespace=" + SystemNamespace,
+		"--uplink=" + n.Uplink, "--log-format=console"}, c.opts.AgentArgs...)
+	p, err := c.Lab.Start(n.NetNS, filepath.Join(c.Lab.WorkDir(), "agent-"+node+".log"), args...)
+	if err != nil {
+		return fmt.Errorf("start agent on %s: %w", node, err)
+	}
+	c.Agents[node] = p
+	return nil
+}
+
+// registerNode creates the Node object as a kubelet would: labels, the
+// InternalIP and a Ready condition.
+func (c *Cluster) registerNode(ctx context.Context, n *lab.Node) error {
+	labels := map[string]string{"kubernetes.io/hostname": n.Name, "kubernetes.io/os": "linux"}
+	if n.ControlPlane {
+		labels["node-role.kubernetes.io/control-plane"] = ""
+	}
+	node, err := c.Client.CoreV1().Nodes().Create(ctx, &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: labels},
+		Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return fmt.Errorf("create node %s: %w", n.Name, err)
+	}
+	now := metav1.Now()
+	node.Status = corev1.NodeStatus{
+		Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: n.IP.String()}, {Type: corev1.NodeHostName, Address: n.Name}},
+		Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady",
+			Message: "lab node", LastHeartbeatTime: now, LastTransitionTime: now}},
+	}
+	if _, err := c.Client.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("set status of node %s: %w", n.Name, err)
+	}
+	return nil
+}
+
+// EnsureNamespace creates a namespace with labels and its default
+// ServiceAccount (as the controller manager would), or sets its labels.
+func (c *Cluster) EnsureNamespace(ctx context.Context, name string, labels map[string]string) error {
+	if err := c.ensureNamespace(ctx, name, labels); err != nil {
+		return err
+	}
+	_, err := c.Client.CoreV1().ServiceAccounts(name).Create(ctx, &corev1.ServiceAccount{
+		ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create default service account in %s: %w", name, err)
+	}
+	return nil
+}
+
+func (c *Cluster) ensureNamespace(ctx context.Context, name string, labels map[string]string) error {
+	ns, err := c.Client.CoreV1().Namespaces().Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		_, err = c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}}, metav1.CreateOptions{})
+		if err != nil {
+			return fmt.Errorf("create namespace %s: %w", name, err)
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("get namespace %s: %w", name, err)
+	}
+	ns.Labels = labels
+	if _, err := c.Client.CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("label namespace %s: %w", name, err)
+	}
+	return nil
+}
+
+// Pod is a lab pod with its API object's identity.
+type Pod struct {
+	*lab.Pod
+	Namespace string
+}
+
+// AddPod creates a pod: its network namespace on the node, then the Pod
+// object with spec.nodeName and status.podIP, as a kubelet and CNI would.
+func (c *Cluster) AddPod(ctx context.Context, node, namespace, name string, labels map[string]string) (*Pod, error) {
+	lp, err := c.Lab.AddPod(node, namespace+"-"+name)
+	if err != nil {
+		return nil, fmt.Errorf("add pod network: %w", err)
+	}
+	pod, err := c.Client.CoreV1().Pods(namespace).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: namespace, Labels: labels},
+		Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "app", Image: "registry.k8s.io/pause:3.10"}},
+			AutomountServiceAccountToken: boolPtr(false)},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("create pod %s/%s: %w", namespace, name, err)
+	}
+	pod.Status.Phase = corev1.PodRunning
+	pod.Status.PodIP = lp.IP.String()
+	pod.Status.PodIPs = []corev1.PodIP{{IP: lp.IP.String()}}
+	pod.Status.HostIP = c.Lab.Node(node).IP.String()
+	if _, err := c.Client.CoreV1().Pods(namespace).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		return nil, fmt.Errorf("set status of pod %s/%s: %w", namespace, name, err)
+	}
+	return &Pod{Pod: lp, Namespace: namespace}, nil
+}
+
+// DeletePod deletes the Pod object and its network namespace; deleting a
+// deleted pod does nothing.
+func (c *Cluster) DeletePod(ctx context.Context, p *Pod) error {
+	name := strings.TrimPrefix(p.Name, p.Namespace+"-")
+	err := c.Client.CoreV1().Pods(p.Namespace).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: int64Ptr(0)})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("delete pod %s/%s: %w", p.Namespace, name, err)
+	}
+	if c.Lab.Pod(p.Name) == nil {
+		return nil
+	}
+	return c.Lab.RemovePod(p.Name)
+}
+
+// SetPodLabels replaces a pod's labels.
+func (c *Cluster) SetPodLabels(ctx context.Context, p *Pod, labels map[string]string) error {
+	name := strings.TrimPrefix(p.Name, p.Namespace+"-")
+	pod, err := c.Client.CoreV1().Pods(p.Namespace).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return err
+	}
+	pod.Labels = labels
+	_, err = c.Client.CoreV1().Pods(p.Namespace).Update(ctx, pod, metav1.UpdateOptions{})
+	return err
+}
+
+// Kubectl runs the real kubectl as admin; stdin may be empty.
+func (c *Cluster) Kubectl(ctx context.Context, stdin string, args ...string) (string, error) {
+	var in *strings.Reader
+	if stdin != "" {
+		in = strings.NewReader(stdin)
+	}
+	var out, errOut string
+	var err error
+	if in != nil {
+		out, errOut, err = c.API.Kubectl(ctx, in, args...)
+	} else {
+		out, errOut, err = c.API.Kubectl(ctx, nil, args...)
+	}
+	if err != nil {
+		return out, fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err, errOut)
+	}
+	return out, nil
+}
+
+// Source asks the external server which source ip:port it saw for a new
+// TCP connection from the pod.
+func (c *Cluster) Source(ctx context.Context, p *Pod, ext *lab.External) (netip.AddrPort, error) {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	s, err := lab.EchoTCP(ctx, p.NetNS, ext.TCPAddr())
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	return netip.ParseAddrPort(strings.TrimSpace(s))
+}
+
+// WaitSource polls until new TCP connections from the pod reach ext with
+// source IP want, and returns the last source seen.
+func (c *Cluster) WaitSource(ctx context.Context, p *Pod, ext *lab.External, want netip.Addr, timeout time.Duration) (netip.Addr, error) {
+	deadline := time.Now().Add(timeout)
+	var last netip.Addr
+	var lastErr error
+	for {
+		src, err := c.Source(ctx, p, ext)
+		if err == nil {
+			last, lastErr = src.Addr(), nil
+			if last == want {
+				return last, nil
+			}
+		} else {
+			lastErr = err
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			if lastErr != nil {
+				return last, fmt.Errorf("pod %s: want source %s, last error: %w", p.Name, want, lastErr)
+			}
+			return last, fmt.Errorf("pod %s: want source %s, saw %s", p.Name, want, last)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Logs returns the tail of every egressnat process's log, for failures.
+func (c *Cluster) Logs() string {
+	var b strings.Builder
+	for i, p := range c.Operators {
+		fmt.Fprintf(&b, "--- operator-%d\n%s\n", i, p.Log())
+	}
+	for n, p := range c.Agents {
+		fmt.Fprintf(&b, "--- agent %s\n%s\n", n, p.Log())
+	}
+	return b.String()
+}
+
+// Close stops every process and removes every namespace the cluster made.
+func (c *Cluster) Close() error {
+	var errs []error
+	for _, p := range c.Agents {
+		p.Stop() //nolint:errcheck
+	}
+	for _, p := range c.Operators {
+		if p != nil {
+			p.Stop() //nolint:errcheck
+		}
+	}
+	if c.API != nil {
+		c.API.Stop()
+	}
+	if c.Lab != nil {
+		errs = append(errs, c.Lab.Close())
+	}
+	return errors.Join(errs...)
+}
+
+func boolPtr(b bool) *bool    { return &b }
+func int64Ptr(i int64) *int64 { return &i }

@@ -53,3 +53,9 @@ demo: deps kube-binaries build
 
 clean:
 	rm -rf $(BIN)
+
+# bench-failover: 20 gateway node losses under 20 long-lived connections;
+# ends with `failover p50_ms=.. p99_ms=.. survived=k/m` (see BENCHMARKS.md).
+.PHONY: bench-failover
+bench-failover: deps kube-binaries build
+	$(GO) run ./test/cluster/cmd/bench-failover $(BENCH_FLAGS)

@@ -1,33 +1,30 @@
 package gateway
 
-import "time"
-
-// Liveness is what the operator knows about a node's health: the Node's
-// Ready condition and the agent's liveness Lease.
+// Liveness is what the operator knows about a node's health.
 type Liveness struct {
 	// NodeReady is the status of the Node's Ready condition, meaningful when
 	// NodeReadyKnown: the condition exists and is True or False (not Unknown).
 	NodeReady      bool
 	NodeReadyKnown bool
-	// LeaseRenew and LeaseDuration come from the agent's Lease; HasLease is
-	// false when the node has no Lease (no agent, or it never started).
-	LeaseRenew    time.Time
-	LeaseDuration time.Duration
-	HasLease      bool
+	// Registered: the node's agent has published its uplink subnets (its
+	// Lease exists). A node without an agent can hold nothing.
+	Registered bool
+	// ProbeHealthy: the operator's health probes reach the node. A probe is
+	// a TCP connection to the agent's health port: an accepted connection
+	// and a refused one (the kernel answers while the agent restarts) both
+	// prove the node and its network alive; only silence counts as a miss.
+	ProbeHealthy bool
 }
 
-// Up reports whether a node can hold floating IPs at now. A node is Down when
-// its Ready condition is explicitly False, when its agent has no Lease, or
-// when the Lease has expired (now is at or past LeaseRenew + LeaseDuration;
-// a non-positive duration is always expired). A Ready condition that is
-// Unknown or missing does not make the node Down by itself: the agent's Lease
-// decides.
-func Up(l Liveness, now time.Time) bool {
+// Up reports whether a node can hold floating IPs: its agent registered, the
+// health probes reach it, and its Ready condition is not explicitly False (a
+// second, slower signal from the kubelet). A Ready condition that is Unknown
+// or missing does not make the node Down by itself: the probes decide. An
+// agent that crashed does not make its node Down either: its kernel keeps
+// forwarding and SNATing, so the floating IP stays where traffic flows.
+func Up(l Liveness) bool {
 	if l.NodeReadyKnown && !l.NodeReady {
 		return false
 	}
-	if !l.HasLease || l.LeaseDuration <= 0 {
-		return false
-	}
-	return now.Before(l.LeaseRenew.Add(l.LeaseDuration))
+	return l.Registered && l.ProbeHealthy
 }

@@ -265,6 +265,15 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 			givenUp = append(givenUp, a)
 		}
 	}
+	// Floating IPs of the cluster this node does not hold go even when they
+	// were never recorded here (the table was lost, or another program put
+	// them there): a node must not answer for another node's IP.
+	var foreign []netip.Addr
+	for _, a := range st.Released {
+		if _, present := addrs[a]; present && !wantFloat[a] && !isRecorded[a] {
+			foreign = append(foreign, a)
+		}
+	}
 	floatingSet := slices.Concat(recorded, ours)
 	slices.SortFunc(floatingSet, netip.Addr.Compare)
 	floatingSet = slices.Compact(floatingSet)
@@ -328,7 +337,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 
 	// 4. Remove what is no longer wanted: floating IPs given up (then their
 	// record), stale routing.
-	if err := d.removeFloating(h, link, addrs, givenUp, res); err != nil {
+	if err := d.removeFloating(h, link, addrs, slices.Concat(givenUp, foreign), res); err != nil {
 		return err
 	}
 	if len(givenUp) > 0 {
@@ -357,7 +366,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	}
 
 	// 6. Conntrack, only after everything above succeeded.
-	m := d.conntrackMatcher(plan, n, givenUp)
+	m := d.conntrackMatcher(plan, n, slices.Concat(givenUp, foreign))
 	flushed, err := d.flushConntrack(ctx, m)
 	res.ConntrackDeleted = flushed
 	if err != nil {
@@ -504,6 +513,60 @@ func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// ReleaseFloating removes every floating IP this node recorded from its
+// uplink and from the record, and deletes the conntrack entries SNATed to
+// them; the rest of the table stays. A node that is cut off uses it before
+// it knows the desired state (its agent cannot reach the API server).
+func (d *Dataplane) ReleaseFloating(ctx context.Context) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	res := Result{}
+	defer func() { d.last = res }()
+	h, err := d.netlinkHandle()
+	if err != nil {
+		return fmt.Errorf("netlink handle: %w", err)
+	}
+	defer h.Close()
+	c, err := d.nftConn()
+	if err != nil {
+		return fmt.Errorf("nftables conn: %w", err)
+	}
+	ks, err := d.readNFT(ctx, c)
+	if err != nil {
+		return err
+	}
+	recorded := elemAddrs(ks.elems[setFloating])
+	if len(recorded) == 0 {
+		return nil
+	}
+	link, err := h.LinkByName(d.cfg.Uplink)
+	if err != nil {
+		return fmt.Errorf("uplink %s: %w", d.cfg.Uplink, err)
+	}
+	addrs, err := uplinkAddrs(h, link)
+	if err != nil {
+		return err
+	}
+	if err := d.removeFloating(h, link, addrs, recorded, &res); err != nil {
+		return err
+	}
+	s := &nftables.Set{Table: d.table(), Name: setFloating, KeyType: nftables.TypeIPAddr}
+	t, err := d.runOps(ctx, elemOps(s, addrElems(recorded), true))
+	res.Transactions += t
+	if err != nil {
+		return err
+	}
+	for _, a := range recorded {
+		delete(d.announced, a)
+	}
+	m := &ctMatcher{replyDst: map[netip.Addr]bool{}}
+	for _, a := range recorded {
+		m.replyDst[a] = true
+	}
+	res.ConntrackDeleted, err = d.flushConntrack(ctx, m)
+	return err
 }
 
 // PolicyCounters are the packet and byte counters of one policy's rule.

@@ -186,22 +186,32 @@ func (d *Dataplane) announce(ctx context.Context, link netlink.Link, ips []netip
 	return nil
 }
 
-// disableRedirects sets net.ipv4.conf.{all,<uplink>}.send_redirects to 0
-// when they are not already, so the gateway does not redirect pods' traffic
-// away from itself. It returns how many values it changed.
+// gatewaySysctls are the settings a gateway node needs: no ICMP redirects
+// (they would send pods' traffic past the gateway) and liberal TCP window
+// tracking, so that a flow conntrack picks up mid-stream after a failover is
+// never marked invalid for a window it did not see open.
+func (d *Dataplane) gatewaySysctls() map[string]string {
+	return map[string]string{
+		"/proc/sys/net/ipv4/conf/all/send_redirects":                             "0",
+		filepath.Join("/proc/sys/net/ipv4/conf", d.cfg.Uplink, "send_redirects"): "0",
+		"/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal":                    "1",
+	}
+}
+
+// disableRedirects writes the gateway sysctls that differ and returns how
+// many values it changed.
 func (d *Dataplane) disableRedirects() (int, error) {
 	changed := 0
 	err := d.inNetNS(func() error {
-		for _, dev := range []string{"all", d.cfg.Uplink} {
-			path := filepath.Join("/proc/sys/net/ipv4/conf", dev, "send_redirects")
+		for path, want := range d.gatewaySysctls() {
 			cur, err := os.ReadFile(path)
 			if err != nil {
 				return fmt.Errorf("read %s: %w", path, err)
 			}
-			if string(bytes.TrimSpace(cur)) == "0" {
+			if string(bytes.TrimSpace(cur)) == want {
 				continue
 			}
-			if err := os.WriteFile(path, []byte("0\n"), 0o644); err != nil {
+			if err := os.WriteFile(path, []byte(want+"\n"), 0o644); err != nil {
 				return fmt.Errorf("write %s: %w", path, err)
 			}
 			changed++

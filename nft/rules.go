@@ -88,6 +88,30 @@ func policyComment(p selector.PolicyState, mark uint32) string {
 
 const nullBindingComment = "marked by egressnat: keep from masquerade"
 
+const floatingGuardComment = "floating IPs are egress-only: no new inbound flows"
+
+// ctStateNew is the ct state bit of a packet that opens a connection.
+const ctStateNew = 1 << 3
+
+// floatingGuardRule: ip daddr @floating ct state new counter drop.
+//
+// Replies to SNATed flows reach a floating IP in the reply direction. A
+// packet that opens a flow toward a floating IP is either a probe from
+// outside or, right after a failover, a server's retransmission that reached
+// the new holder before the pod's next packet re-created the conntrack entry
+// there; answering it locally would reset the connection, dropping it lets
+// the pod's own retransmission restore the flow.
+func floatingGuardRule(floating *nftables.Set) []expr.Any {
+	return []expr.Any{
+		loadAddr(16),
+		&expr.Lookup{SourceRegister: 1, SetName: floating.Name, SetID: floating.ID},
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(ctStateNew)},
+		&expr.Counter{},
+		&expr.Verdict{Kind: expr.VerdictDrop},
+	}
+}
+
 // ruleSpec is one desired rule.
 type ruleSpec struct {
 	policy  string // empty for the shared null-binding rule
@@ -189,6 +213,9 @@ func nullBindingRule(mask uint32) []expr.Any {
 
 // desiredRules builds both chains' rules, in policy order.
 func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, sets map[string]*nftables.Set) (pre, post []ruleSpec) {
+	if f := sets[setFloating]; f != nil {
+		pre = append(pre, ruleSpec{comment: floatingGuardComment, exprs: floatingGuardRule(f)})
+	}
 	for _, p := range st.Policies {
 		src, dst := sets[srcSetName(p.Name)], sets[dstSetName(p.Name)]
 		switch p.Mode {

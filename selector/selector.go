@@ -85,7 +85,7 @@ func DesiredWithWarnings(in Input) (NodeState, []string, error) {
 		}
 	}
 
-	st := NodeState{FloatingIPs: heldFloatingIPs(in, groups, warnf)}
+	st := NodeState{FloatingIPs: heldFloatingIPs(in, groups, warnf), Released: releasedFloatingIPs(in, groups)}
 
 	pols := make([]*v1.EgressNATPolicy, 0, len(in.Policies))
 	for _, p := range in.Policies {
@@ -123,7 +123,7 @@ func DesiredWithWarnings(in Input) (NodeState, []string, error) {
 			ps.Mode, local = ModeGateway, false
 		case gi.holder != "" && known && nh.IsValid():
 			ps.Mode, ps.NextHop = ModeReroute, nh.Unmap()
-		case in.FallbackToNodeIP:
+		case in.FallbackToNodeIP || pol.Status.WhenUnavailable == v1.UnavailableNodeIP:
 			continue
 		default:
 			ps.Mode = ModeDrop
@@ -230,6 +230,21 @@ func heldFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup, warnf func(stri
 	}
 	slices.SortFunc(out, comparePrefix)
 	return out
+}
+
+// releasedFloatingIPs returns every floating IP of the cluster that the
+// status does not give to this node, sorted.
+func releasedFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup) []netip.Addr {
+	var out []netip.Addr
+	for _, g := range groups {
+		for _, s := range g.Spec.FloatingIPs {
+			if ip, err := parseIPv4(s); err == nil && Holder(g, ip) != in.Node {
+				out = append(out, ip)
+			}
+		}
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return slices.Compact(out)
 }
 
 // comparePrefix orders by address, then by prefix length (shorter first),

@@ -436,7 +436,20 @@ func TestDesired(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !reflect.DeepEqual(got, tc.want) {
+			// Released has its own test (TestDesiredReleased); here it must
+			// never overlap the held IPs.
+			for _, r := range got.Released {
+				for _, f := range got.FloatingIPs {
+					if f.Addr() == r {
+						t.Fatalf("%s is both held and released", r)
+					}
+				}
+			}
+			cmpGot := got
+			if tc.want.Released == nil {
+				cmpGot.Released = nil
+			}
+			if !reflect.DeepEqual(cmpGot, tc.want) {
 				t.Fatalf("state:\n got %+v\nwant %+v", got, tc.want)
 			}
 			if len(warns) != len(tc.warnings) {
@@ -648,6 +661,62 @@ func TestDesiredMatchesPodSelected(t *testing.T) {
 			slices.SortFunc(want, func(a, b netip.Addr) int { return a.Compare(b) })
 			if !slices.Equal(ps.Sources, want) {
 				t.Fatalf("iteration %d policy %s (%s, %+v):\n got %v\nwant %v", iter, ps.Name, ps.Mode, pol.Spec.Sources, ps.Sources, want)
+			}
+		}
+	}
+}
+
+// TestDesiredReleased: every floating IP of the cluster that the status does
+// not give to this node is released, whoever holds it, held or not.
+func TestDesiredReleased(t *testing.T) {
+	in := selBase()
+	in.Node = "worker1"
+	in.Groups = []*v1.NetworkGatewayGroup{
+		{ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: "a"},
+			Spec:   v1.NetworkGatewayGroupSpec{FloatingIPs: []string{"192.0.2.102", "192.0.2.100"}},
+			Status: v1.NetworkGatewayGroupStatus{FloatingIPs: map[string]string{"192.0.2.100": "worker1", "192.0.2.102": "worker2"}}},
+		{ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: "b"},
+			Spec: v1.NetworkGatewayGroupSpec{FloatingIPs: []string{"192.0.2.101", "192.0.2.102"}}},
+	}
+	got, err := Desired(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := selAddrs("192.0.2.101", "192.0.2.102")
+	if !reflect.DeepEqual(got.Released, want) {
+		t.Fatalf("Released = %v, want %v", got.Released, want)
+	}
+	if len(got.FloatingIPs) != 1 || got.FloatingIPs[0].Addr() != netip.MustParseAddr("192.0.2.100") {
+		t.Fatalf("FloatingIPs = %v, want 192.0.2.100 only", got.FloatingIPs)
+	}
+}
+
+// TestDesiredFollowsPolicyFallback: a policy whose status says NodeIP (the
+// operator runs with --fallback-to-node-ip) is left out while no node holds
+// its egress IP; without it the policy drops.
+func TestDesiredFollowsPolicyFallback(t *testing.T) {
+	for _, action := range []v1.UnavailableAction{"", v1.UnavailableDrop, v1.UnavailableNodeIP} {
+		in := selBase()
+		in.Groups = []*v1.NetworkGatewayGroup{selGroup("default", []string{"192.0.2.100"})}
+		pol := selPolicy("p", "default", []v1.EgressSource{selSrc(selMatch("env", "prod"), selMatch("app", "web"))}, "203.0.113.0/24")
+		pol.Status.WhenUnavailable = action
+		in.Policies = []*v1.EgressNATPolicy{pol}
+		got, err := Desired(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if action == v1.UnavailableNodeIP {
+			if len(got.Policies) != 0 {
+				t.Fatalf("%s: policies %+v, want none", action, got.Policies)
+			}
+			continue
+		}
+		if len(got.Policies) == 0 {
+			t.Fatalf("%q: no policy, want Drop", action)
+		}
+		for _, p := range got.Policies {
+			if p.Mode != ModeDrop {
+				t.Fatalf("%q: policy %s mode %s, want Drop", action, p.Name, p.Mode)
 			}
 		}
 	}

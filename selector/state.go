@@ -26,6 +26,10 @@ type NodeState struct {
 	// FloatingIPs this node holds, each with the prefix length of the node
 	// subnet it lies in, sorted. They are added to the uplink.
 	FloatingIPs []netip.Prefix
+	// Released: every other floating IP of the cluster, sorted. The node
+	// removes them from its uplink even when it did not record adding them,
+	// so that a node never answers for an IP another node holds.
+	Released []netip.Addr
 }
 
 // PolicyState is one EgressNATPolicy as one node applies it.

@@ -140,8 +140,27 @@ type EgressNATPolicySpec struct {
 	GatewayRef GatewayRef `json:"gatewayRef"`
 }
 
+// UnavailableAction is what happens to a policy's selected traffic while no
+// node holds its egress IP.
+// +kubebuilder:validation:Enum=Drop;NodeIP
+type UnavailableAction string
+
+const (
+	// UnavailableDrop drops the traffic (fail closed, the default):
+	// partners allowlist the floating IP, so the node IP is useless and
+	// would leak the cluster's addresses.
+	UnavailableDrop UnavailableAction = "Drop"
+	// UnavailableNodeIP lets the traffic leave with node IPs, as if no
+	// policy selected it (operator flag --fallback-to-node-ip).
+	UnavailableNodeIP UnavailableAction = "NodeIP"
+)
+
 // EgressNATPolicyStatus is written by the operator leader only.
 type EgressNATPolicyStatus struct {
+	// WhenUnavailable says what happens to selected traffic while no node
+	// holds the egress IP; the agents follow it.
+	// +optional
+	WhenUnavailable UnavailableAction `json:"whenUnavailable,omitempty"`
 	// EgressIP is the floating IP selected traffic leaves with: the first
 	// floating IP of the referenced gateway.
 	// +optional

@@ -33,6 +33,23 @@ type NetworkGatewayGroupSpec struct {
 	FloatingIPs []string `json:"floatingIPs"`
 }
 
+// MaxRecentMoves bounds status.recentMoves.
+const MaxRecentMoves = 10
+
+// FloatingIPMove records one floating IP moving to another node.
+type FloatingIPMove struct {
+	IP   string `json:"ip"`
+	From string `json:"from"`
+	To   string `json:"to"`
+	// Reason says why, e.g. "node worker1 Down: no health probe answer for 412ms".
+	Reason string `json:"reason"`
+	// Time the operator decided the move.
+	Time metav1.Time `json:"time"`
+	// DetectionMilliseconds: from the old holder's last sign of life to the
+	// decision.
+	DetectionMilliseconds int64 `json:"detectionMilliseconds"`
+}
+
 // NetworkGatewayGroupStatus is written by the operator leader only.
 type NetworkGatewayGroupStatus struct {
 	// Nodes maps every node eligible to hold a floating IP to Up or Down.
@@ -42,6 +59,12 @@ type NetworkGatewayGroupStatus struct {
 	// An IP no node can hold is absent.
 	// +optional
 	FloatingIPs map[string]string `json:"floatingIPs,omitempty"`
+	// RecentMoves are the latest moves of floating IPs between nodes,
+	// newest first (at most MaxRecentMoves).
+	// +optional
+	// +listType=atomic
+	// +kubebuilder:validation:MaxItems=10
+	RecentMoves []FloatingIPMove `json:"recentMoves,omitempty"`
 	// AssignedCount is how many of spec.floatingIPs are assigned to a node.
 	// +optional
 	AssignedCount int32 `json:"assignedCount,omitempty"`

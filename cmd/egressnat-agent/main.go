@@ -38,8 +38,11 @@ func run() error {
 	markMask := fs.String("mark-mask", "0x00003f00", "fwmark bits the agent may use; clear of kube-proxy (0x4000, 0x8000) and Calico (0xffff0000)")
 	tableBase := fs.Int("route-table-base", 2700, "first routing table number; one table per gateway next hop")
 	rulePriority := fs.Int("rule-priority", 29000, "priority of the agent's ip rules (before main at 32766)")
-	leaseDuration := fs.Duration("lease-duration", 3*time.Second, "the operator declares the node Down this long after the last renewal")
-	renewInterval := fs.Duration("renew-interval", time.Second, "how often the liveness lease is renewed")
+	leaseDuration := fs.Duration("lease-duration", 90*time.Second, "duration written on the agent's Lease (it carries the uplink subnets; health comes from the operators' probes)")
+	renewInterval := fs.Duration("renew-interval", 30*time.Second, "how often the agent's Lease is renewed")
+	healthAddr := fs.String("health-probe-addr", ":9797", "where the operators' TCP health probes connect")
+	fenceAfter := fs.Duration("fence-after", time.Second, "a node holding floating IPs that has seen no health probe for this long and cannot reach the API server releases them")
+	recovery := fs.Duration("recovery-period", 10*time.Second, "after a fence lifts, hold floating IPs only as a fresh read of the API confirms, for this long")
 	resync := fs.Duration("resync", 30*time.Second, "full re-apply period, repairing drift")
 	fallback := fs.Bool("fallback-to-node-ip", false, "when no node holds a policy's egress IP, let its traffic leave with the node IP instead of dropping it")
 	if err := fs.Parse(os.Args[1:]); err != nil {
@@ -79,7 +82,8 @@ func run() error {
 	return agent.Run(ctx, agent.Config{
 		Clients: clients, Node: *node, Uplink: upName, Subnets: subnets, Namespace: *namespace,
 		LeaseDuration: *leaseDuration, RenewInterval: *renewInterval, ResyncPeriod: *resync,
-		FallbackToNodeIP: *fallback, Dataplane: dp, Log: log,
+		FallbackToNodeIP: *fallback, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, RecoveryPeriod: *recovery,
+		Dataplane: dp, Log: log,
 	})
 }
 

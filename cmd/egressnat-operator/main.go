@@ -37,6 +37,12 @@ func run() error {
 	renewDeadline := fs.Duration("leader-renew-deadline", 3*time.Second, "how long the leader retries renewing before it steps down")
 	retryPeriod := fs.Duration("leader-retry-period", 500*time.Millisecond, "how often a standby tries to take the lease")
 	fallback := fs.Bool("fallback-to-node-ip", false, "when no node can hold a policy's egress IP, let its traffic leave with node IPs instead of dropping it")
+	probe := operator.DefaultProbeConfig
+	fs.IntVar(&probe.Port, "probe-port", probe.Port, "the agents' health port, probed over the node network")
+	fs.DurationVar(&probe.Interval, "probe-interval", probe.Interval, "probe interval of nodes holding floating IPs")
+	fs.DurationVar(&probe.SlowInterval, "probe-slow-interval", probe.SlowInterval, "probe interval of the other nodes")
+	fs.DurationVar(&probe.Timeout, "probe-timeout", probe.Timeout, "timeout of one probe")
+	fs.IntVar(&probe.Misses, "probe-misses", probe.Misses, "consecutive unanswered probes that make a node Down")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
 	}
@@ -52,25 +58,21 @@ func run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	log.Info("starting", zap.String("identity", *identity), zap.String("namespace", *namespace))
+	ctrl, err := operator.New(operator.Config{
+		Clients: clients, AgentNamespace: *namespace, FallbackToNodeIP: *fallback, Log: log, Probe: probe,
+	})
+	if err != nil {
+		return err
+	}
+	// Every replica watches and probes (agents count any replica's probes);
+	// only the leader writes.
+	if err := ctrl.Start(ctx); err != nil {
+		return err
+	}
 	return leader.Run(ctx, leader.Config{
 		Client: clients.Core, Namespace: *namespace, Name: "egressnat-operator", Identity: *identity,
 		LeaseDuration: *leaseDuration, RenewDeadline: *renewDeadline, RetryPeriod: *retryPeriod,
-		Log: log,
-		OnLeading: func(ctx context.Context) {
-			// Keep leading and retry: a standby could do no better.
-			for ctx.Err() == nil {
-				err := operator.Run(ctx, operator.Config{
-					Clients: clients, AgentNamespace: *namespace, FallbackToNodeIP: *fallback, Log: log,
-				})
-				if err != nil && ctx.Err() == nil {
-					log.Error("operator stopped; restarting", zap.Error(err))
-					select {
-					case <-ctx.Done():
-					case <-time.After(time.Second):
-					}
-				}
-			}
-		},
+		Log: log, OnLeading: ctrl.Lead,
 	})
 }
 

@@ -63,6 +63,8 @@ type Server struct {
 	Dir string
 
 	procs   []*exec.Cmd
+	opts    Options
+	apiArgv []string // kube-apiserver's command line, for restarts
 	tmpDir  bool
 	stopped sync.Once
 }
@@ -78,7 +80,7 @@ func Start(ctx context.Context, o Options) (_ *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{KubectlPath: kubectlBin, Dir: o.Dir}
+	s := &Server{KubectlPath: kubectlBin, Dir: o.Dir, opts: o}
 	if s.Dir != "" {
 		if err := os.MkdirAll(s.Dir, 0o755); err != nil {
 			return nil, fmt.Errorf("create dir: %w", err)
@@ -133,7 +135,7 @@ func Start(ctx context.Context, o Options) (_ *Server, err error) {
 		return nil, err
 	}
 	hostPort := net.JoinHostPort(addr, strconv.Itoa(port))
-	if err := s.spawn(o, "kube-apiserver", apiserverBin,
+	s.apiArgv = []string{apiserverBin,
 		"--etcd-servers="+etcdURL,
 		"--bind-address="+addr,
 		"--advertise-address="+addr,
@@ -148,7 +150,8 @@ func Start(ctx context.Context, o Options) (_ *Server, err error) {
 		"--endpoint-reconciler-type=none",
 		"--enable-priority-and-fairness=false",
 		"--v=1",
-	); err != nil {
+	}
+	if err := s.spawn(o, "kube-apiserver", s.apiArgv[0], s.apiArgv[1:]...); err != nil {
 		return nil, err
 	}
 	s.InNetworkURL = "https://" + hostPort
@@ -193,6 +196,37 @@ func (s *Server) Kubectl(ctx context.Context, stdin io.Reader, args ...string) (
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, &out, &errb
 	err = cmd.Run()
 	return out.String(), errb.String(), err
+}
+
+// StopAPIServer stops kube-apiserver only (etcd keeps the data): an API
+// server outage.
+func (s *Server) StopAPIServer() {
+	for i, p := range s.procs {
+		if filepath.Base(p.Path) != "kube-apiserver" && !containsArg(p.Args, s.apiArgv[0]) {
+			continue
+		}
+		stopProcess(p)
+		s.procs = append(s.procs[:i], s.procs[i+1:]...)
+		return
+	}
+}
+
+// StartAPIServer starts kube-apiserver again after StopAPIServer and waits
+// until it is ready.
+func (s *Server) StartAPIServer(ctx context.Context) error {
+	if err := s.spawn(s.opts, "kube-apiserver", s.apiArgv[0], s.apiArgv[1:]...); err != nil {
+		return err
+	}
+	return s.waitReady(ctx)
+}
+
+func containsArg(args []string, a string) bool {
+	for _, x := range args {
+		if x == a {
+			return true
+		}
+	}
+	return false
 }
 
 // Stop ends the processes (API server first) and removes a temporary Dir.
@@ -256,7 +290,7 @@ func (s *Server) writeCredentials() error {
 }
 
 func (s *Server) spawn(o Options, name, bin string, args ...string) error {
-	logf, err := os.Create(filepath.Join(s.Dir, name+".log"))
+	logf, err := os.OpenFile(filepath.Join(s.Dir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return fmt.Errorf("create %s log: %w", name, err)
 	}

@@ -36,6 +36,8 @@ type Options struct {
 	BinDir string
 	// Operators is the number of operator replicas (default 2).
 	Operators int
+	// Nodes of the lab; default cp1 (control plane), worker1, worker2.
+	Nodes []lab.NodeConfig
 	// AgentArgs and OperatorArgs are added to the binaries' flags.
 	AgentArgs, OperatorArgs []string
 	// Log receives progress lines; none when nil.
@@ -75,7 +77,7 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 		return nil, fmt.Errorf("remove a crashed run's leftovers: %w", err)
 	}
 	o.Log("building the lab network (prefix %q)", o.Prefix)
-	if c.Lab, err = lab.New(lab.Config{Prefix: o.Prefix}); err != nil {
+	if c.Lab, err = lab.New(lab.Config{Prefix: o.Prefix, Nodes: o.Nodes}); err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
 	if c.binDir = o.BinDir; c.binDir == "" {

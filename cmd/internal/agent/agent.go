@@ -9,9 +9,11 @@ import (
 	"context"
 
 	"fmt"
+	"net"
 	"net/netip"
 	"reflect"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
@@ -32,6 +34,9 @@ import (
 type Dataplane interface {
 	Apply(ctx context.Context, st selector.NodeState) error
 	Cleanup(ctx context.Context) error
+	// ReleaseFloating drops every floating IP the node recorded, keeping
+	// the rest: the fence's action before the agent knows the desired state.
+	ReleaseFloating(ctx context.Context) error
 }
 
 // Config of the agent.
@@ -48,8 +53,16 @@ type Config struct {
 	// drift in the kernel.
 	ResyncPeriod     time.Duration
 	FallbackToNodeIP bool
-	Dataplane        Dataplane
-	Log              *zap.Logger
+	// HealthAddr is where the operators' health probes connect.
+	HealthAddr string
+	// FenceAfter: a node holding floating IPs that has seen no probe for
+	// this long and cannot reach the API server releases them.
+	FenceAfter time.Duration
+	// RecoveryPeriod: after a fence lifts, floating IPs are held only as a
+	// fresh read of the API confirms, for this long.
+	RecoveryPeriod time.Duration
+	Dataplane      Dataplane
+	Log            *zap.Logger
 }
 
 type agent struct {
@@ -58,12 +71,32 @@ type agent struct {
 
 	pods, namespaces, nodes, gateways, policies cache.Indexer
 	last                                        *selector.NodeState
+	fence                                       *fence
+	holding, synced                             atomic.Bool
 }
 
 // Run runs the agent until ctx ends. It leaves the kernel as it is on
 // return: a restarting agent must not disturb traffic.
 func Run(ctx context.Context, cfg Config) error {
 	a := &agent{cfg: cfg, trigger: make(chan struct{}, 1)}
+	// Until the first sync, assume the node holds floating IPs (its kernel
+	// may, from before a restart): a node that starts cut off must fence.
+	a.holding.Store(true)
+	a.fence = newFence(cfg, cfg.Log, a.kick, a.holding.Load)
+	a.fence.releaseEarly = func(ctx context.Context) {
+		if a.synced.Load() {
+			return // the sync loop applies the fence
+		}
+		if err := cfg.Dataplane.ReleaseFloating(ctx); err != nil {
+			cfg.Log.Error("release floating IPs while cut off", zap.String("node", cfg.Node), zap.Error(err))
+		}
+	}
+	l, err := net.Listen("tcp", cfg.HealthAddr)
+	if err != nil {
+		return fmt.Errorf("listen for health probes: %w", err)
+	}
+	go a.fence.serveProbes(ctx, l)
+	go a.fence.watch(ctx)
 	go a.renewLease(ctx)
 
 	coreF := informers.NewSharedInformerFactory(cfg.Clients.Core, 0)
@@ -102,6 +135,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 	cfg.Log.Info("agent caches synced", zap.String("node", cfg.Node))
+	a.synced.Store(true)
 
 	a.kick()
 	resync := time.NewTicker(cfg.ResyncPeriod)
@@ -151,6 +185,10 @@ func (a *agent) sync(ctx context.Context) error {
 	}
 	for _, w := range warnings {
 		a.cfg.Log.Warn(w, zap.String("node", a.cfg.Node))
+	}
+	a.holding.Store(len(st.FloatingIPs) > 0)
+	if st, err = a.fence.restrict(ctx, st); err != nil {
+		return err
 	}
 	if a.last != nil && reflect.DeepEqual(*a.last, st) {
 		return nil

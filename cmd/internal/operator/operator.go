@@ -12,6 +12,7 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
@@ -24,7 +25,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
 )
 
 // Config of the controller.
@@ -37,82 +41,113 @@ type Config struct {
 	// instead of being dropped.
 	FallbackToNodeIP bool
 	Log              *zap.Logger
+	// Probe tunes the health probes of the agents.
+	Probe ProbeConfig
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
 }
 
 // Controller reconciles the whole cluster state on every change.
 type Controller struct {
-	cfg     Config
-	trigger chan struct{}
+	cfg      Config
+	trigger  chan struct{}
+	prober   *prober
+	recorder record.EventRecorder
+
+	coreF  informers.SharedInformerFactory
+	leaseF informers.SharedInformerFactory
+	dynF   dynamicinformer.DynamicSharedInformerFactory
 
 	nodes    cache.Indexer
 	leases   cache.Indexer
 	gateways cache.Indexer
 	policies cache.Indexer
+
+	mu sync.Mutex
 	// assignment remembers the last assignment so that an IP keeps its node
-	// between status writes.
+	// between status writes; only the leader sets it.
 	assignment map[netip.Addr]string
 }
 
-// Run runs the controller until ctx ends.
-func Run(ctx context.Context, cfg Config) error {
+// New builds the controller: informers, the prober and the event recorder.
+func New(cfg Config) (*Controller, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.Probe.Port == 0 {
+		cfg.Probe = DefaultProbeConfig
+	}
 	c := &Controller{cfg: cfg, trigger: make(chan struct{}, 1)}
-	coreF := informers.NewSharedInformerFactory(cfg.Clients.Core, 0)
-	leaseF := informers.NewSharedInformerFactoryWithOptions(cfg.Clients.Core, 0, informers.WithNamespace(cfg.AgentNamespace))
-	dynF := dynamicinformer.NewDynamicSharedInformerFactory(cfg.Clients.Dynamic, 0)
-
+	c.coreF = informers.NewSharedInformerFactory(cfg.Clients.Core, 0)
+	c.leaseF = informers.NewSharedInformerFactoryWithOptions(cfg.Clients.Core, 0, informers.WithNamespace(cfg.AgentNamespace))
+	c.dynF = dynamicinformer.NewDynamicSharedInformerFactory(cfg.Clients.Dynamic, 0)
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.kick() },
 		UpdateFunc: func(any, any) { c.kick() },
 		DeleteFunc: func(any) { c.kick() },
 	}
-	for _, inf := range []cache.SharedIndexInformer{
-		coreF.Core().V1().Nodes().Informer(),
-		leaseF.Coordination().V1().Leases().Informer(),
-		dynF.ForResource(kube.GatewayGVR).Informer(),
-		dynF.ForResource(kube.PolicyGVR).Informer(),
-	} {
+	infs := []cache.SharedIndexInformer{
+		c.coreF.Core().V1().Nodes().Informer(),
+		c.leaseF.Coordination().V1().Leases().Informer(),
+		c.dynF.ForResource(kube.GatewayGVR).Informer(),
+		c.dynF.ForResource(kube.PolicyGVR).Informer(),
+	}
+	for _, inf := range infs {
 		if _, err := inf.AddEventHandler(handler); err != nil {
-			return fmt.Errorf("add event handler: %w", err)
+			return nil, fmt.Errorf("add event handler: %w", err)
 		}
 	}
-	c.nodes = coreF.Core().V1().Nodes().Informer().GetIndexer()
-	c.leases = leaseF.Coordination().V1().Leases().Informer().GetIndexer()
-	c.gateways = dynF.ForResource(kube.GatewayGVR).Informer().GetIndexer()
-	c.policies = dynF.ForResource(kube.PolicyGVR).Informer().GetIndexer()
-	coreF.Start(ctx.Done())
-	leaseF.Start(ctx.Done())
-	dynF.Start(ctx.Done())
-	for typ, ok := range coreF.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return fmt.Errorf("sync %v cache", typ)
-		}
-	}
-	leaseF.WaitForCacheSync(ctx.Done())
-	for gvr, ok := range dynF.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return fmt.Errorf("sync %s cache (are the CRDs installed?)", gvr.Resource)
-		}
-	}
-	cfg.Log.Info("operator caches synced")
+	c.nodes, c.leases, c.gateways, c.policies = infs[0].GetIndexer(), infs[1].GetIndexer(), infs[2].GetIndexer(), infs[3].GetIndexer()
+	c.prober = newProber(cfg.Probe, cfg.Log, c.probeTargets, c.kick)
+	bc := record.NewBroadcaster()
+	bc.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: cfg.Clients.Core.CoreV1().Events("")})
+	c.recorder = bc.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "egressnat-operator"})
+	return c, nil
+}
 
+// Start starts the informers and the health prober and waits for the
+// caches. Every replica runs it; only the leader runs Lead.
+func (c *Controller) Start(ctx context.Context) error {
+	c.coreF.Start(ctx.Done())
+	c.leaseF.Start(ctx.Done())
+	c.dynF.Start(ctx.Done())
+	for typ, ok := range c.coreF.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			return fmt.Errorf("sync %v cache: %w", typ, ctx.Err())
+		}
+	}
+	c.leaseF.WaitForCacheSync(ctx.Done())
+	go c.prober.run(ctx)
+	for gvr, ok := range c.dynF.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			return fmt.Errorf("sync %s cache (are the CRDs installed?): %w", gvr.Resource, ctx.Err())
+		}
+	}
+	c.cfg.Log.Info("operator caches synced")
+	return nil
+}
+
+// Lead reconciles until ctx ends (leadership lost).
+func (c *Controller) Lead(ctx context.Context) {
+	c.mu.Lock()
+	c.assignment = nil // a new term starts from the statuses
+	c.mu.Unlock()
 	c.kick()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return nil
+			return
 		case <-c.trigger:
 		case <-timer.C:
 		}
 		next, err := c.reconcile(ctx)
 		if err != nil {
-			cfg.Log.Warn("reconcile failed; retrying", zap.Error(err))
+			if ctx.Err() != nil {
+				return
+			}
+			c.cfg.Log.Warn("reconcile failed; retrying", zap.Error(err))
 			next = 200 * time.Millisecond
 		}
 		if !timer.Stop() {
@@ -123,6 +158,32 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		timer.Reset(next)
 	}
+}
+
+// probeTargets: every node with an InternalIP; holders of floating IPs are
+// probed at the fast interval.
+func (c *Controller) probeTargets() []probeTarget {
+	holders := map[string]bool{}
+	for _, obj := range c.gateways.List() {
+		if g, err := kube.FromUnstructured[v1.NetworkGatewayGroup](obj); err == nil {
+			for _, n := range g.Status.FloatingIPs {
+				holders[n] = true
+			}
+		}
+	}
+	c.mu.Lock()
+	for _, n := range c.assignment {
+		holders[n] = true
+	}
+	c.mu.Unlock()
+	var out []probeTarget
+	for _, obj := range c.nodes.List() {
+		n := obj.(*corev1.Node)
+		if ip, ok := kube.NodeInternalIP(n); ok {
+			out = append(out, probeTarget{name: n.Name, ip: ip, fast: holders[n.Name]})
+		}
+	}
+	return out
 }
 
 func (c *Controller) kick() {
@@ -137,21 +198,23 @@ func (c *Controller) kick() {
 // lease expiry).
 func (c *Controller) reconcile(ctx context.Context) (time.Duration, error) {
 	now := c.cfg.Now()
-	nodes, next := c.currentNodes(now)
+	nodes, _ := c.currentNodes(now)
 	groups, groupObjs, err := c.currentGroups()
 	if err != nil {
 		return 0, err
 	}
 	current := c.currentAssignment(groupObjs)
 	assignment := gateway.Assign(groups, nodes, current)
-	c.logMoves(current, assignment)
+	moves := c.moves(current, assignment, nodes, now)
+	c.mu.Lock()
 	c.assignment = assignment
+	c.mu.Unlock()
 
 	var errs []string
 	byKey := make(map[string]gateway.Group, len(groups))
 	for i, g := range groups {
 		byKey[g.Namespace+"/"+g.Name] = g
-		if err := c.writeGatewayStatus(ctx, groupObjs[i], g, nodes, assignment, now); err != nil {
+		if err := c.writeGatewayStatus(ctx, groupObjs[i], g, nodes, assignment, moves, now); err != nil {
 			errs = append(errs, err.Error())
 		}
 	}
@@ -168,13 +231,12 @@ func (c *Controller) reconcile(ctx context.Context) (time.Duration, error) {
 	if len(errs) > 0 {
 		return 0, fmt.Errorf("write status: %s", strings.Join(errs, "; "))
 	}
-	return next, nil
+	return time.Second, nil
 }
 
-// currentNodes turns Nodes and agent leases into gateway.Nodes, and returns
-// the time until the earliest lease expires.
+// currentNodes turns Nodes, agent leases and probe results into
+// gateway.Nodes, sorted by name.
 func (c *Controller) currentNodes(now time.Time) ([]gateway.Node, time.Duration) {
-	next := 30 * time.Second
 	var out []gateway.Node
 	for _, obj := range c.nodes.List() {
 		n := obj.(*corev1.Node)
@@ -185,25 +247,18 @@ func (c *Controller) currentNodes(now time.Time) ([]gateway.Node, time.Duration)
 		l.NodeReady, l.NodeReadyKnown = kube.NodeReady(n)
 		if lobj, ok, _ := c.leases.GetByKey(c.cfg.AgentNamespace + "/" + kube.AgentLeasePrefix + n.Name); ok {
 			lease := lobj.(*coordinationv1.Lease)
-			if lease.Spec.RenewTime != nil && lease.Spec.LeaseDurationSeconds != nil {
-				l.HasLease = true
-				l.LeaseRenew = lease.Spec.RenewTime.Time
-				l.LeaseDuration = time.Duration(*lease.Spec.LeaseDurationSeconds) * time.Second
-				if left := l.LeaseRenew.Add(l.LeaseDuration).Sub(now); left > 0 && left < next {
-					next = left + 10*time.Millisecond
-				}
-			}
-			if subnets, err := kube.ParseSubnets(lease.Annotations[kube.AnnotationSubnets]); err == nil {
-				gn.Subnets = subnets
-			} else {
+			if subnets, err := kube.ParseSubnets(lease.Annotations[kube.AnnotationSubnets]); err == nil && len(subnets) > 0 {
+				gn.Subnets, l.Registered = subnets, true
+			} else if err != nil {
 				c.cfg.Log.Warn("bad uplink-subnets annotation", zap.String("node", n.Name), zap.Error(err))
 			}
 		}
-		gn.Up = gateway.Up(l, now)
+		l.ProbeHealthy, _ = c.prober.health(n.Name)
+		gn.Up = gateway.Up(l)
 		out = append(out, gn)
 	}
 	slices.SortFunc(out, func(a, b gateway.Node) int { return strings.Compare(a.Name, b.Name) })
-	return out, next
+	return out, time.Second
 }
 
 func (c *Controller) currentGroups() ([]gateway.Group, []*v1.NetworkGatewayGroup, error) {
@@ -245,21 +300,61 @@ func (c *Controller) currentAssignment(groups []*v1.NetworkGatewayGroup) map[net
 	return out
 }
 
-func (c *Controller) logMoves(before, after map[netip.Addr]string) {
-	for ip, node := range after {
-		if prev := before[ip]; prev != node {
-			c.cfg.Log.Info("floating IP assigned", zap.String("ip", ip.String()), zap.String("node", node), zap.String("from", prev))
+// moves lists the floating IPs that changed node, with the reason, logs
+// them and records an Event on their group.
+func (c *Controller) moves(before, after map[netip.Addr]string, nodes []gateway.Node, now time.Time) map[netip.Addr]v1.FloatingIPMove {
+	byName := make(map[string]gateway.Node, len(nodes))
+	for _, n := range nodes {
+		byName[n.Name] = n
+	}
+	out := map[netip.Addr]v1.FloatingIPMove{}
+	for ip, to := range after {
+		from := before[ip]
+		if from == to || from == "" {
+			if from == "" {
+				c.cfg.Log.Info("floating IP assigned", zap.String("ip", ip.String()), zap.String("node", to))
+			}
+			continue
 		}
+		m := v1.FloatingIPMove{IP: ip.String(), From: from, To: to, Time: metav1.NewTime(now)}
+		_, lastAlive := c.prober.health(from)
+		switch n, ok := byName[from]; {
+		case !ok:
+			m.Reason = fmt.Sprintf("node %s no longer exists", from)
+		case !n.Up && !lastAlive.IsZero():
+			m.DetectionMilliseconds = now.Sub(lastAlive).Milliseconds()
+			m.Reason = fmt.Sprintf("node %s Down: no health probe answer for %dms", from, m.DetectionMilliseconds)
+		case !n.Up:
+			m.Reason = fmt.Sprintf("node %s Down", from)
+		default:
+			m.Reason = fmt.Sprintf("node %s can no longer hold %s (not in its subnets)", from, ip)
+		}
+		out[ip] = m
+		c.cfg.Log.Warn("floating IP moved", zap.String("ip", ip.String()), zap.String("node", to), zap.String("from", from),
+			zap.String("reason", m.Reason), zap.Int64("detectionMs", m.DetectionMilliseconds))
 	}
 	for ip, node := range before {
 		if _, ok := after[ip]; !ok && node != "" {
 			c.cfg.Log.Warn("floating IP has no node", zap.String("ip", ip.String()), zap.String("from", node))
 		}
 	}
+	return out
 }
 
-func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGatewayGroup, g gateway.Group, nodes []gateway.Node, assignment map[netip.Addr]string, now time.Time) error {
+func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGatewayGroup, g gateway.Group, nodes []gateway.Node, assignment map[netip.Addr]string, moves map[netip.Addr]v1.FloatingIPMove, now time.Time) error {
 	st := obj.Status.DeepCopy()
+	ref := &corev1.ObjectReference{APIVersion: v1.GroupVersion.String(), Kind: "NetworkGatewayGroup", Namespace: obj.Namespace, Name: obj.Name, UID: obj.UID}
+	for _, ip := range g.FloatingIPs {
+		m, ok := moves[ip]
+		if !ok {
+			continue
+		}
+		st.RecentMoves = append([]v1.FloatingIPMove{m}, st.RecentMoves...)
+		c.recorder.Eventf(ref, corev1.EventTypeWarning, "FloatingIPMoved", "%s moved from %s to %s: %s", m.IP, m.From, m.To, m.Reason)
+	}
+	if len(st.RecentMoves) > v1.MaxRecentMoves {
+		st.RecentMoves = st.RecentMoves[:v1.MaxRecentMoves]
+	}
 	st.Nodes, st.FloatingIPs, st.AssignedCount = gateway.GroupStatus(g, nodes, assignment)
 	st.ObservedGeneration = obj.Generation
 	cond := metav1.Condition{Type: "Ready", Status: metav1.ConditionTrue, Reason: "AllAssigned",
@@ -281,6 +376,10 @@ func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolic
 	st := p.Status.DeepCopy()
 	st.ObservedGeneration = p.Generation
 	st.EgressIP, st.GatewayNode = "", r.Node
+	st.WhenUnavailable = v1.UnavailableDrop
+	if c.cfg.FallbackToNodeIP {
+		st.WhenUnavailable = v1.UnavailableNodeIP
+	}
 	if r.EgressIP.IsValid() {
 		st.EgressIP = r.EgressIP.String()
 	}
@@ -294,6 +393,15 @@ func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolic
 	if p.Status.GatewayNode != st.GatewayNode || p.Status.EgressIP != st.EgressIP {
 		c.cfg.Log.Info("policy gateway changed", zap.String("policy", p.Name), zap.String("ip", st.EgressIP),
 			zap.String("gateway", st.GatewayNode), zap.String("reason", r.ReadyReason))
+		ref := &corev1.ObjectReference{APIVersion: v1.GroupVersion.String(), Kind: "EgressNATPolicy", Name: p.Name, UID: p.UID}
+		switch {
+		case !r.Accepted:
+			c.recorder.Event(ref, corev1.EventTypeWarning, r.AcceptedReason, r.AcceptedMessage)
+		case !r.Ready:
+			c.recorder.Event(ref, corev1.EventTypeWarning, r.ReadyReason, r.ReadyMessage)
+		default:
+			c.recorder.Eventf(ref, corev1.EventTypeNormal, "GatewayAssigned", "egress IP %s is held by node %s", st.EgressIP, st.GatewayNode)
+		}
 	}
 	p.Status = *st
 	return c.cfg.Clients.UpdatePolicyStatus(ctx, p)

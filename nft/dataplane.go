@@ -27,6 +27,11 @@ type Dataplane struct {
 	announced map[netip.Addr]bool // floating IPs announced by this process
 	last      Result
 	policies  map[string]string // src set name -> policy name, of the last Apply
+	// nftCache is the table as the last successful Apply left it: the next
+	// Apply diffs against it instead of reading every set back from the
+	// kernel (hundreds of milliseconds at thousands of sets). nil forces a
+	// read: at start, after an error, after Cleanup, and on Invalidate.
+	nftCache *nftState
 
 	wg        sync.WaitGroup
 	done      chan struct{}
@@ -179,7 +184,15 @@ func (d *Dataplane) Apply(ctx context.Context, st selector.NodeState) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	res := Result{}
+	cached := d.nftCache != nil
 	err := d.apply(ctx, st, &res)
+	if err != nil && cached && ctx.Err() == nil {
+		// The table changed behind our back (another process, an admin):
+		// read it back and try once more.
+		d.log.Warn("apply from the cached table failed; reading the kernel back", zap.Error(err))
+		res = Result{}
+		err = d.apply(ctx, st, &res)
+	}
 	d.last = res
 	if err != nil {
 		return err
@@ -218,9 +231,12 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	if err != nil {
 		return fmt.Errorf("nftables conn: %w", err)
 	}
-	ks, err := d.readNFT(ctx, c)
-	if err != nil {
-		return err
+	ks := d.nftCache
+	d.nftCache = nil // until this Apply succeeds
+	if ks == nil {
+		if ks, err = d.readNFT(ctx, c); err != nil {
+			return err
+		}
 	}
 	rs, err := d.readRoutes(h, uplinkIndex)
 	if err != nil {
@@ -284,7 +300,8 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	}
 
 	// 2. nftables: sets, chains, floating record.
-	plan := d.planNFT(ks, desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, floating: floatingSet})
+	want := desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, floating: floatingSet}
+	plan := d.planNFT(ks, want)
 	res.Transactions, err = d.runOps(ctx, plan.ops)
 	if err != nil {
 		return err
@@ -348,6 +365,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 			return err
 		}
 	}
+	d.nftCache = plan.after(d, want, slices.DeleteFunc(slices.Clone(floatingSet), func(a netip.Addr) bool { return slices.Contains(givenUp, a) }))
 	if err := d.removeStaleRoutes(h, rs, marks, uplinkIndex, res); err != nil {
 		return err
 	}
@@ -455,6 +473,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) error {
 }
 
 func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
+	d.nftCache = nil
 	h, err := d.netlinkHandle()
 	if err != nil {
 		return fmt.Errorf("netlink handle: %w", err)
@@ -515,6 +534,14 @@ func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
 	return errors.Join(errs...)
 }
 
+// Invalidate makes the next Apply read the table back from the kernel and
+// repair any drift (someone else changed the table).
+func (d *Dataplane) Invalidate() {
+	d.mu.Lock()
+	d.nftCache = nil
+	d.mu.Unlock()
+}
+
 // ReleaseFloating removes every floating IP this node recorded from its
 // uplink and from the record, and deletes the conntrack entries SNATed to
 // them; the rest of the table stays. A node that is cut off uses it before
@@ -524,6 +551,7 @@ func (d *Dataplane) ReleaseFloating(ctx context.Context) error {
 	defer d.mu.Unlock()
 	res := Result{}
 	defer func() { d.last = res }()
+	d.nftCache = nil
 	h, err := d.netlinkHandle()
 	if err != nil {
 		return fmt.Errorf("netlink handle: %w", err)

@@ -222,6 +222,41 @@ func clusterOp(s *nftables.Set, cls []rangeCluster) op {
 	return o
 }
 
+// after returns the table as the kernel holds it once the plan ran, with
+// floating as the content of the floating set, for the next Apply to diff
+// against (see Dataplane.nftCache).
+func (p *nftPlan) after(d *Dataplane, want desiredNFT, floating []netip.Addr) *nftState {
+	ks := &nftState{
+		exists: true,
+		sets:   make(map[string]*nftables.Set, len(p.sets)),
+		elems:  make(map[string][]nftables.SetElement, len(p.sets)),
+		chains: d.chainDefs(),
+		rules:  map[string][]*nftables.Rule{},
+	}
+	for name, s := range p.sets {
+		ks.sets[name] = s
+		switch {
+		case name == setFloating:
+			ks.elems[name] = addrElems(floating)
+		case s.Interval:
+			var el []nftables.SetElement
+			for _, r := range want.dests[name] {
+				el = append(el, r.elems()...)
+			}
+			ks.elems[name] = el
+		default:
+			ks.elems[name] = addrElems(want.sources[name])
+		}
+	}
+	pre, post := desiredRules(d.cfg, want.state, want.marks, p.sets)
+	for name, specs := range map[string][]ruleSpec{chainPrerouting: pre, chainPostrouting: post} {
+		for _, r := range specs {
+			ks.rules[name] = append(ks.rules[name], &nftables.Rule{Table: d.table(), Chain: ks.chains[name], Exprs: r.exprs, UserData: r.userData()})
+		}
+	}
+	return ks
+}
+
 // desiredNFT is the part of the desired state held in nftables.
 type desiredNFT struct {
 	state    selector.NodeState

@@ -17,6 +17,7 @@ all: build
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
+	cp $(BIN)/egressnatctl $(BIN)/kubectl-egressnat
 
 generate:
 	$(CONTROLLER_GEN) object paths=./api/... output:object:dir=$(GEN_OBJ_DIR) \

@@ -22,6 +22,9 @@ var (
 	garpInterval = 80 * time.Millisecond
 )
 
+// GratuitousARPs is how many frames announce one floating IP.
+func GratuitousARPs() int { return garpCount }
+
 // uplinkAddrs lists the IPv4 addresses on the uplink, by address.
 func uplinkAddrs(h *netlink.Handle, link netlink.Link) (map[netip.Addr]netlink.Addr, error) {
 	list, err := retryDump(func() ([]netlink.Addr, error) { return h.AddrList(link, netlink.FAMILY_V4) })

@@ -16,6 +16,7 @@ import (
 	"github.com/egressnat/egressnat/cmd/internal/agent"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/cmd/internal/logging"
+	"github.com/egressnat/egressnat/cmd/internal/metrics"
 	"github.com/egressnat/egressnat/nft"
 	"go.uber.org/zap"
 )
@@ -41,6 +42,7 @@ func run() error {
 	leaseDuration := fs.Duration("lease-duration", 90*time.Second, "duration written on the agent's Lease (it carries the uplink subnets; health comes from the operators' probes)")
 	renewInterval := fs.Duration("renew-interval", 30*time.Second, "how often the agent's Lease is renewed")
 	healthAddr := fs.String("health-probe-addr", ":9797", "where the operators' TCP health probes connect")
+	serveAddr := fs.String("health-addr", ":9796", "where /metrics, /healthz and /readyz are served")
 	fenceAfter := fs.Duration("fence-after", time.Second, "a node holding floating IPs that has seen no health probe for this long and cannot reach the API server releases them")
 	recovery := fs.Duration("recovery-period", 10*time.Second, "after a fence lifts, hold floating IPs only as a fresh read of the API confirms, for this long")
 	resync := fs.Duration("resync", 30*time.Second, "full re-apply period, repairing drift")
@@ -79,12 +81,25 @@ func run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	log.Info("starting", zap.String("node", *node), zap.String("uplink", upName), zap.String("subnets", kube.FormatSubnets(subnets)))
-	return agent.Run(ctx, agent.Config{
+	m := metrics.NewAgent(nil)
+	ready := make(chan func() error, 1)
+	go func() {
+		var check func() error
+		select {
+		case check = <-ready:
+		case <-ctx.Done():
+			return
+		}
+		if err := metrics.Serve(ctx, *serveAddr, check); err != nil {
+			log.Error("metrics and health server stopped", zap.String("node", *node), zap.Error(err))
+		}
+	}()
+	return agent.RunWithReady(ctx, agent.Config{
 		Clients: clients, Node: *node, Uplink: upName, Subnets: subnets, Namespace: *namespace,
 		LeaseDuration: *leaseDuration, RenewInterval: *renewInterval, ResyncPeriod: *resync,
 		FallbackToNodeIP: *fallback, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, RecoveryPeriod: *recovery,
-		Dataplane: dp, Log: log,
-	})
+		Dataplane: dp, Log: log, Metrics: m,
+	}, func(check func() error) { ready <- check })
 }
 
 func envOr(key, def string) string {

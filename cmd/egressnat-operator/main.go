@@ -15,6 +15,7 @@ import (
 
 	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/cmd/internal/logging"
+	"github.com/egressnat/egressnat/cmd/internal/metrics"
 	"github.com/egressnat/egressnat/cmd/internal/operator"
 	"github.com/egressnat/egressnat/leader"
 	"go.uber.org/zap"
@@ -37,6 +38,7 @@ func run() error {
 	renewDeadline := fs.Duration("leader-renew-deadline", 3*time.Second, "how long the leader retries renewing before it steps down")
 	retryPeriod := fs.Duration("leader-retry-period", 500*time.Millisecond, "how often a standby tries to take the lease")
 	fallback := fs.Bool("fallback-to-node-ip", false, "when no node can hold a policy's egress IP, let its traffic leave with node IPs instead of dropping it")
+	serveAddr := fs.String("health-addr", ":9795", "where /metrics, /healthz and /readyz are served")
 	probe := operator.DefaultProbeConfig
 	fs.IntVar(&probe.Port, "probe-port", probe.Port, "the agents' health port, probed over the node network")
 	fs.DurationVar(&probe.Interval, "probe-interval", probe.Interval, "probe interval of nodes holding floating IPs")
@@ -58,12 +60,18 @@ func run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	log.Info("starting", zap.String("identity", *identity), zap.String("namespace", *namespace))
+	m := metrics.NewOperator(nil)
 	ctrl, err := operator.New(operator.Config{
-		Clients: clients, AgentNamespace: *namespace, FallbackToNodeIP: *fallback, Log: log, Probe: probe,
+		Clients: clients, AgentNamespace: *namespace, FallbackToNodeIP: *fallback, Log: log, Probe: probe, Metrics: m,
 	})
 	if err != nil {
 		return err
 	}
+	go func() {
+		if err := metrics.Serve(ctx, *serveAddr, ctrl.Ready); err != nil {
+			log.Error("metrics and health server stopped", zap.Error(err))
+		}
+	}()
 	// Every replica watches and probes (agents count any replica's probes);
 	// only the leader writes.
 	if err := ctrl.Start(ctx); err != nil {

@@ -1,25 +1,28 @@
-// Command egressnatctl is the operators' tool for egressnat (also usable as
-// the kubectl plugin kubectl-egressnat). Its commands arrive with the
-// operability work; today it prints usage.
+// Command egressnatctl is the operators' tool for egressnat. Installed as
+// kubectl-egressnat on the PATH it is also the kubectl plugin
+// `kubectl egressnat`. See `egressnatctl help` and docs/troubleshooting.md.
 package main
 
 import (
-	"fmt"
+	"context"
 	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/egressnat/egressnat/cmd/internal/ctl"
 )
 
-const usage = `egressnatctl: inspect egressnat
-
-Usage:
-  egressnatctl status                      gateways, holders and policies (coming)
-  egressnatctl explain pod NAMESPACE/NAME  why a pod is or is not selected (coming)
-  egressnatctl ruleset                     this node's nftables table and routes (coming)
-`
-
 func main() {
-	fmt.Fprint(os.Stderr, usage)
-	if len(os.Args) > 1 && (os.Args[1] == "-h" || os.Args[1] == "--help" || os.Args[1] == "help") {
-		return
+	prog := filepath.Base(os.Args[0])
+	if strings.HasPrefix(prog, "kubectl-") {
+		prog = "kubectl " + strings.ReplaceAll(strings.TrimPrefix(prog, "kubectl-"), "_", "-")
+	} else {
+		prog = "egressnatctl"
 	}
-	os.Exit(2)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := ctl.Main(ctx, prog, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
 }

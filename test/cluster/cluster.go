@@ -54,8 +54,9 @@ type Cluster struct {
 
 	opts   Options
 	binDir string
-	// agentKubeconfig reaches the API server from inside the lab network.
-	agentKubeconfig string
+	// agentKubeconfig and operatorKubeconfig reach the API server from
+	// inside the lab network as the manifests' ServiceAccounts.
+	agentKubeconfig, operatorKubeconfig string
 }
 
 // Start builds and starts everything. On error, what was started is
@@ -111,12 +112,20 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 	if err := c.API.InstallCRDs(ctx, filepath.Join(root, "manifests", "crds")); err != nil {
 		return nil, err
 	}
+	// The binaries run as the manifests' own ServiceAccounts, with tokens
+	// minted by the TokenRequest API: the RBAC they meet is the real one.
+	if err := ApplyManifests(ctx, c.API, root); err != nil {
+		return nil, fmt.Errorf("apply the manifests' namespace and RBAC: %w", err)
+	}
 	if err := c.EnsureNamespace(ctx, SystemNamespace, nil); err != nil {
 		return nil, err
 	}
-	c.agentKubeconfig = filepath.Join(c.Lab.WorkDir(), "lab.kubeconfig")
-	if err := apiserver.WriteKubeconfig(c.agentKubeconfig, c.API.InNetworkURL, c.API.AdminToken); err != nil {
-		return nil, err
+	c.agentKubeconfig = filepath.Join(c.Lab.WorkDir(), "agent.kubeconfig")
+	c.operatorKubeconfig = filepath.Join(c.Lab.WorkDir(), "operator.kubeconfig")
+	for sa, path := range map[string]string{"egressnat-agent": c.agentKubeconfig, "egressnat-operator": c.operatorKubeconfig} {
+		if err := ServiceAccountKubeconfig(ctx, c.Client, c.API.InNetworkURL, SystemNamespace, sa, path); err != nil {
+			return nil, fmt.Errorf("kubeconfig for %s: %w", sa, err)
+		}
 	}
 	for _, n := range c.Lab.Nodes() {
 		if err := c.registerNode(ctx, n); err != nil {
@@ -159,13 +168,20 @@ func (c *Cluster) controlPlane() *lab.Node {
 	return c.Lab.Nodes()[0]
 }
 
+// AgentHealthPort serves each agent's /metrics, /healthz and /readyz.
+const AgentHealthPort = 9796
+
+// OperatorHealthPort serves operator replica i's /metrics, /healthz and
+// /readyz; the replicas share the control-plane host, so each has its own.
+func OperatorHealthPort(i int) int { return 9795 + 10*i }
+
 // StartOperator starts operator replica i on the control-plane host.
 func (c *Cluster) StartOperator(i int) error {
 	cp := c.controlPlane()
 	id := fmt.Sprintf("operator-%d", i)
 	args := append([]string{filepath.Join(c.binDir, "egressnat-operator"),
-		"--kubeconfig=" + c.agentKubeconfig, "--namespace=" + SystemNamespace, "--identity=" + id,
-		"--log-format=console"}, c.opts.OperatorArgs...)
+		"--kubeconfig=" + c.operatorKubeconfig, "--namespace=" + SystemNamespace, "--identity=" + id,
+		fmt.Sprintf("--health-addr=:%d", OperatorHealthPort(i)), "--log-format=console"}, c.opts.OperatorArgs...)
 	p, err := c.Lab.Start(cp.NetNS, filepath.Join(c.Lab.WorkDir(), id+".log"), args...)
 	if err != nil {
 		return fmt.Errorf("start %s: %w", id, err)
@@ -186,7 +202,7 @@ func (c *Cluster) StartAgent(node string) error {
 	}
 	args := append([]string{filepath.Join(c.binDir, "egressnat-agent"),
 		"--kubeconfig=" + c.agentKubeconfig, "--node-name=" + node, "--namespace=" + SystemNamespace,
-		"--uplink=" + n.Uplink, "--log-format=console"}, c.opts.AgentArgs...)
+		"--uplink=" + n.Uplink, fmt.Sprintf("--health-addr=:%d", AgentHealthPort), "--log-format=console"}, c.opts.AgentArgs...)
 	p, err := c.Lab.Start(n.NetNS, filepath.Join(c.Lab.WorkDir(), "agent-"+node+".log"), args...)
 	if err != nil {
 		return fmt.Errorf("start agent on %s: %w", node, err)

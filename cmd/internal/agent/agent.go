@@ -7,6 +7,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 
 	"fmt"
 	"net"
@@ -18,6 +19,8 @@ import (
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
+	"github.com/egressnat/egressnat/cmd/internal/metrics"
+	"github.com/egressnat/egressnat/nft"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -63,6 +66,20 @@ type Config struct {
 	RecoveryPeriod time.Duration
 	Dataplane      Dataplane
 	Log            *zap.Logger
+	// Metrics are updated when set.
+	Metrics *metrics.Agent
+}
+
+// Ready reports whether the agent applies its state: caches synced and the
+// last sync succeeded.
+func (a *agent) Ready() error {
+	switch {
+	case !a.synced.Load():
+		return errors.New("caches not synced")
+	case a.syncErr.Load() != nil:
+		return fmt.Errorf("last sync failed: %v", *a.syncErr.Load())
+	}
+	return nil
 }
 
 type agent struct {
@@ -73,12 +90,23 @@ type agent struct {
 	last                                        *selector.NodeState
 	fence                                       *fence
 	holding, synced                             atomic.Bool
+	syncErr                                     atomic.Pointer[string]
 }
 
 // Run runs the agent until ctx ends. It leaves the kernel as it is on
 // return: a restarting agent must not disturb traffic.
 func Run(ctx context.Context, cfg Config) error {
+	return RunWithReady(ctx, cfg, func(func() error) {})
+}
+
+// RunWithReady is Run, handing the agent's readiness check to ready first
+// (for /readyz).
+func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) error {
 	a := &agent{cfg: cfg, trigger: make(chan struct{}, 1)}
+	ready(a.Ready)
+	if cfg.Metrics != nil {
+		go a.scrapeCounters(ctx)
+	}
 	// Until the first sync, assume the node holds floating IPs (its kernel
 	// may, from before a restart): a node that starts cut off must fence.
 	a.holding.Store(true)
@@ -113,7 +141,15 @@ func Run(ctx context.Context, cfg Config) error {
 		dynF.ForResource(kube.GatewayGVR).Informer(),
 		dynF.ForResource(kube.PolicyGVR).Informer(),
 	}
-	for _, inf := range infs {
+	// Store only what the agent reads: typed gateways and policies
+	// (converted once per change, not on every sync) and slim pods.
+	transforms := []cache.TransformFunc{slimPod, nil, nil, kube.Typed[v1.NetworkGatewayGroup], kube.Typed[v1.EgressNATPolicy]}
+	for i, inf := range infs {
+		if transforms[i] != nil {
+			if err := inf.SetTransform(transforms[i]); err != nil {
+				return fmt.Errorf("set informer transform: %w", err)
+			}
+		}
 		if _, err := inf.AddEventHandler(handler); err != nil {
 			return fmt.Errorf("add event handler: %w", err)
 		}
@@ -147,7 +183,10 @@ func Run(ctx context.Context, cfg Config) error {
 			return nil
 		case <-a.trigger:
 		case <-resync.C:
-			a.last = nil // force a full apply
+			a.last = nil // force a full apply, read back from the kernel
+			if inv, ok := cfg.Dataplane.(interface{ Invalidate() }); ok {
+				inv.Invalidate()
+			}
 		}
 		if backoff > 0 {
 			select {
@@ -156,13 +195,71 @@ func Run(ctx context.Context, cfg Config) error {
 			case <-time.After(backoff):
 			}
 		}
-		if err := a.sync(ctx); err != nil {
+		start := time.Now()
+		err := a.sync(ctx)
+		if cfg.Metrics != nil {
+			cfg.Metrics.SyncDuration.Observe(time.Since(start).Seconds())
+		}
+		if err != nil {
+			msg := err.Error()
+			a.syncErr.Store(&msg)
+			if cfg.Metrics != nil {
+				cfg.Metrics.SyncErrors.Inc()
+			}
 			backoff = min(max(2*backoff, 100*time.Millisecond), 5*time.Second)
 			cfg.Log.Error("sync failed; retrying", zap.String("node", cfg.Node), zap.Duration("backoff", backoff), zap.Error(err))
 			a.kick()
 			continue
 		}
+		a.syncErr.Store(nil)
 		backoff = 0
+	}
+}
+
+// scrapeCounters copies the policies' nftables counters into the metrics.
+func (a *agent) scrapeCounters(ctx context.Context) {
+	d, ok := a.cfg.Dataplane.(interface {
+		Dump(context.Context) ([]nft.PolicyCounters, error)
+	})
+	if !ok {
+		return
+	}
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		counters, err := d.Dump(ctx)
+		if err != nil {
+			continue // no table yet, or a transient error: next tick
+		}
+		out := make([]metrics.PolicyCounter, len(counters))
+		for i, c := range counters {
+			out[i] = metrics.PolicyCounter{Policy: c.Policy, Mode: string(c.Mode), Packets: c.Packets, Bytes: c.Bytes}
+		}
+		a.cfg.Metrics.SetPolicyCounters(out)
+	}
+}
+
+// observe records what one apply did.
+func (a *agent) observe(st selector.NodeState) {
+	m := a.cfg.Metrics
+	if m == nil {
+		return
+	}
+	m.FloatingIPs.Set(float64(len(st.FloatingIPs)))
+	sizes := make([]metrics.SetSize, len(st.Policies))
+	for i, p := range st.Policies {
+		sizes[i] = metrics.SetSize{Policy: p.Name, Sources: len(p.Sources), Destinations: len(p.Destinations)}
+	}
+	m.SetSetSizes(sizes)
+	if d, ok := a.cfg.Dataplane.(interface{ LastResult() nft.Result }); ok {
+		r := d.LastResult()
+		m.GARPsSent.Add(float64(len(r.Announced) * nft.GratuitousARPs()))
+		m.ConntrackFlushed.Add(float64(r.ConntrackDeleted))
 	}
 }
 
@@ -203,6 +300,7 @@ func (a *agent) sync(ctx context.Context) error {
 		return fmt.Errorf("apply: %w", err)
 	}
 	a.logChanges(st, time.Since(start))
+	a.observe(st)
 	a.last = &st
 	return nil
 }
@@ -240,18 +338,10 @@ func (a *agent) input() (selector.Input, error) {
 		FallbackToNodeIP: a.cfg.FallbackToNodeIP,
 	}
 	for _, obj := range a.policies.List() {
-		p, err := kube.FromUnstructured[v1.EgressNATPolicy](obj)
-		if err != nil {
-			return in, err
-		}
-		in.Policies = append(in.Policies, p)
+		in.Policies = append(in.Policies, obj.(*v1.EgressNATPolicy))
 	}
 	for _, obj := range a.gateways.List() {
-		g, err := kube.FromUnstructured[v1.NetworkGatewayGroup](obj)
-		if err != nil {
-			return in, err
-		}
-		in.Groups = append(in.Groups, g)
+		in.Groups = append(in.Groups, obj.(*v1.NetworkGatewayGroup))
 	}
 	for _, obj := range a.namespaces.List() {
 		ns := obj.(*corev1.Namespace)
@@ -280,6 +370,21 @@ func (a *agent) input() (selector.Input, error) {
 		return cmpString(x.Name, y.Name)
 	})
 	return in, nil
+}
+
+// slimPod keeps only the fields the agent reads, so that tens of thousands
+// of pods cost little memory.
+func slimPod(obj any) (any, error) {
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return obj, nil
+	}
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace, Labels: p.Labels,
+			ResourceVersion: p.ResourceVersion, UID: p.UID},
+		Spec:   corev1.PodSpec{NodeName: p.Spec.NodeName, HostNetwork: p.Spec.HostNetwork},
+		Status: corev1.PodStatus{Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs},
+	}, nil
 }
 
 func podIPv4(p *corev1.Pod) netip.Addr {

@@ -87,6 +87,15 @@ func FromUnstructured[T any](obj any) (*T, error) {
 	return out, nil
 }
 
+// Typed is an informer transform: it converts a dynamic informer's object
+// to its Go type as it enters the cache, once per change.
+func Typed[T any](obj any) (any, error) {
+	if _, ok := obj.(*unstructured.Unstructured); !ok {
+		return obj, nil // a tombstone, or already converted
+	}
+	return FromUnstructured[T](obj)
+}
+
 // UpdateGatewayStatus writes a NetworkGatewayGroup's status subresource.
 func (c *Clients) UpdateGatewayStatus(ctx context.Context, g *v1.NetworkGatewayGroup) error {
 	u, err := toUnstructured(g, "NetworkGatewayGroup")

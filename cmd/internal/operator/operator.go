@@ -6,6 +6,7 @@ package operator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -13,10 +14,12 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
+	"github.com/egressnat/egressnat/cmd/internal/metrics"
 	"github.com/egressnat/egressnat/gateway"
 	"go.uber.org/zap"
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -43,6 +46,8 @@ type Config struct {
 	Log              *zap.Logger
 	// Probe tunes the health probes of the agents.
 	Probe ProbeConfig
+	// Metrics are updated when set.
+	Metrics *metrics.Operator
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
 }
@@ -62,6 +67,8 @@ type Controller struct {
 	leases   cache.Indexer
 	gateways cache.Indexer
 	policies cache.Indexer
+
+	synced atomic.Bool
 
 	mu sync.Mutex
 	// assignment remembers the last assignment so that an IP keeps its node
@@ -92,7 +99,12 @@ func New(cfg Config) (*Controller, error) {
 		c.dynF.ForResource(kube.GatewayGVR).Informer(),
 		c.dynF.ForResource(kube.PolicyGVR).Informer(),
 	}
-	for _, inf := range infs {
+	for i, inf := range infs {
+		if tf := []cache.TransformFunc{nil, nil, kube.Typed[v1.NetworkGatewayGroup], kube.Typed[v1.EgressNATPolicy]}[i]; tf != nil {
+			if err := inf.SetTransform(tf); err != nil {
+				return nil, fmt.Errorf("set informer transform: %w", err)
+			}
+		}
 		if _, err := inf.AddEventHandler(handler); err != nil {
 			return nil, fmt.Errorf("add event handler: %w", err)
 		}
@@ -124,6 +136,15 @@ func (c *Controller) Start(ctx context.Context) error {
 		}
 	}
 	c.cfg.Log.Info("operator caches synced")
+	c.synced.Store(true)
+	return nil
+}
+
+// Ready reports whether the caches are synced (for /readyz).
+func (c *Controller) Ready() error {
+	if !c.synced.Load() {
+		return errors.New("caches not synced")
+	}
 	return nil
 }
 
@@ -132,6 +153,10 @@ func (c *Controller) Lead(ctx context.Context) {
 	c.mu.Lock()
 	c.assignment = nil // a new term starts from the statuses
 	c.mu.Unlock()
+	if m := c.cfg.Metrics; m != nil {
+		m.Leader.Set(1)
+		defer m.Leader.Set(0)
+	}
 	c.kick()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -142,7 +167,11 @@ func (c *Controller) Lead(ctx context.Context) {
 		case <-c.trigger:
 		case <-timer.C:
 		}
+		start := time.Now()
 		next, err := c.reconcile(ctx)
+		if c.cfg.Metrics != nil {
+			c.cfg.Metrics.ReconcileDuration.Observe(time.Since(start).Seconds())
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -165,10 +194,8 @@ func (c *Controller) Lead(ctx context.Context) {
 func (c *Controller) probeTargets() []probeTarget {
 	holders := map[string]bool{}
 	for _, obj := range c.gateways.List() {
-		if g, err := kube.FromUnstructured[v1.NetworkGatewayGroup](obj); err == nil {
-			for _, n := range g.Status.FloatingIPs {
-				holders[n] = true
-			}
+		for _, n := range obj.(*v1.NetworkGatewayGroup).Status.FloatingIPs {
+			holders[n] = true
 		}
 	}
 	c.mu.Lock()
@@ -219,11 +246,7 @@ func (c *Controller) reconcile(ctx context.Context) (time.Duration, error) {
 		}
 	}
 	for _, obj := range c.policies.List() {
-		p, err := kube.FromUnstructured[v1.EgressNATPolicy](obj)
-		if err != nil {
-			errs = append(errs, err.Error())
-			continue
-		}
+		p := obj.(*v1.EgressNATPolicy).DeepCopy()
 		if err := c.writePolicyStatus(ctx, p, byKey, assignment, now); err != nil {
 			errs = append(errs, err.Error())
 		}
@@ -264,11 +287,7 @@ func (c *Controller) currentNodes(now time.Time) ([]gateway.Node, time.Duration)
 func (c *Controller) currentGroups() ([]gateway.Group, []*v1.NetworkGatewayGroup, error) {
 	var objs []*v1.NetworkGatewayGroup
 	for _, obj := range c.gateways.List() {
-		g, err := kube.FromUnstructured[v1.NetworkGatewayGroup](obj)
-		if err != nil {
-			return nil, nil, err
-		}
-		objs = append(objs, g)
+		objs = append(objs, obj.(*v1.NetworkGatewayGroup).DeepCopy())
 	}
 	slices.SortFunc(objs, func(a, b *v1.NetworkGatewayGroup) int {
 		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
@@ -350,6 +369,12 @@ func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGate
 			continue
 		}
 		st.RecentMoves = append([]v1.FloatingIPMove{m}, st.RecentMoves...)
+		if om := c.cfg.Metrics; om != nil {
+			om.IPMoves.WithLabelValues(obj.Namespace + "/" + obj.Name).Inc()
+			if m.DetectionMilliseconds > 0 {
+				om.FailoverDuration.Observe(float64(m.DetectionMilliseconds) / 1000)
+			}
+		}
 		c.recorder.Eventf(ref, corev1.EventTypeWarning, "FloatingIPMoved", "%s moved from %s to %s: %s", m.IP, m.From, m.To, m.Reason)
 	}
 	if len(st.RecentMoves) > v1.MaxRecentMoves {
@@ -359,7 +384,11 @@ func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGate
 	st.ObservedGeneration = obj.Generation
 	cond := metav1.Condition{Type: "Ready", Status: metav1.ConditionTrue, Reason: "AllAssigned",
 		Message: fmt.Sprintf("all %d floating IPs are held by Up nodes", len(g.FloatingIPs)), ObservedGeneration: obj.Generation}
-	if missing := unassigned(g, assignment); len(missing) > 0 {
+	missing := unassigned(g, assignment)
+	if c.cfg.Metrics != nil {
+		c.cfg.Metrics.UnassignedIPs.WithLabelValues(obj.Namespace + "/" + obj.Name).Set(float64(len(missing)))
+	}
+	if len(missing) > 0 {
 		cond.Status, cond.Reason = metav1.ConditionFalse, "Unassigned"
 		cond.Message = fmt.Sprintf("%d of %d floating IPs have no Up node in their subnet: %s", len(missing), len(g.FloatingIPs), strings.Join(missing, ", "))
 	}

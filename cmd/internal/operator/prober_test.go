@@ -47,7 +47,9 @@ func TestProberTransitions(t *testing.T) {
 	i := 0
 	changes := 0
 	p := newProber(ProbeConfig{Port: 1, Interval: time.Millisecond, SlowInterval: time.Millisecond, Timeout: time.Millisecond, Misses: 3},
-		zaptest.NewLogger(t), func() []probeTarget { return []probeTarget{{name: "n1", ip: netip.MustParseAddr("192.0.2.11"), fast: true}} },
+		zaptest.NewLogger(t), func() []probeTarget {
+			return []probeTarget{{name: "n1", ip: netip.MustParseAddr("192.0.2.11"), fast: true}}
+		},
 		func() { mu.Lock(); changes++; mu.Unlock() })
 	p.dial = func(context.Context, netip.Addr, int, time.Duration) bool {
 		mu.Lock()

@@ -1,0 +1,251 @@
+package ctl
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"slices"
+	"text/tabwriter"
+
+	v1 "github.com/egressnat/egressnat/api/v1"
+	"github.com/egressnat/egressnat/selector"
+	apimeta "k8s.io/apimachinery/pkg/api/meta"
+	"sigs.k8s.io/yaml"
+)
+
+// StatusReport is what `egressnatctl status` shows.
+type StatusReport struct {
+	Gateways []GatewayReport `json:"gateways"`
+	Policies []PolicyReport  `json:"policies"`
+}
+
+// GatewayReport is one NetworkGatewayGroup as the operator reports it.
+type GatewayReport struct {
+	Namespace   string             `json:"namespace"`
+	Name        string             `json:"name"`
+	Ready       string             `json:"ready"` // True, False or Unknown
+	Reason      string             `json:"reason,omitempty"`
+	Message     string             `json:"message,omitempty"`
+	FloatingIPs []FloatingIPReport `json:"floatingIPs"`
+	Nodes       []NodeReport       `json:"nodes"`
+}
+
+// FloatingIPReport is one floating IP and the node holding it ("" when
+// none). Egress marks the first one: the egress IP of the gateway's
+// policies.
+type FloatingIPReport struct {
+	IP           string `json:"ip"`
+	Egress       bool   `json:"egress"`
+	Holder       string `json:"holder,omitempty"`
+	HolderHealth string `json:"holderHealth,omitempty"`
+}
+
+// NodeReport is a node's health as the operator reported it for a gateway.
+type NodeReport struct {
+	Node   string `json:"node"`
+	Health string `json:"health"`
+}
+
+// PolicyReport is one EgressNATPolicy with its status and how many pods it
+// selects now.
+type PolicyReport struct {
+	Name     string `json:"name"`
+	Gateway  string `json:"gateway"`
+	EgressIP string `json:"egressIP,omitempty"`
+	Node     string `json:"node,omitempty"`
+	Ready    string `json:"ready"` // True, False or Unknown
+	Reason   string `json:"reason,omitempty"`
+	Message  string `json:"message,omitempty"`
+	// SelectedPods counts eligible pods (IPv4, not hostNetwork, not
+	// terminated) that a source selects. -1 when the policy is invalid.
+	SelectedPods int    `json:"selectedPods"`
+	Invalid      string `json:"invalid,omitempty"`
+}
+
+// BuildStatus computes the status report of a snapshot. It is pure.
+func BuildStatus(s *Snapshot) StatusReport {
+	r := StatusReport{Gateways: []GatewayReport{}, Policies: []PolicyReport{}}
+	for _, g := range s.Gateways {
+		gr := GatewayReport{Namespace: g.Namespace, Name: g.Name, Ready: "Unknown",
+			FloatingIPs: []FloatingIPReport{}, Nodes: []NodeReport{}}
+		if c := apimeta.FindStatusCondition(g.Status.Conditions, "Ready"); c != nil {
+			gr.Ready, gr.Reason, gr.Message = string(c.Status), c.Reason, c.Message
+		}
+		for i, ip := range g.Spec.FloatingIPs {
+			fr := FloatingIPReport{IP: ip, Egress: i == 0, Holder: holderOf(g, ip)}
+			if fr.Holder != "" {
+				fr.HolderHealth = "Unknown"
+				if h, ok := g.Status.Nodes[fr.Holder]; ok {
+					fr.HolderHealth = string(h)
+				}
+			}
+			gr.FloatingIPs = append(gr.FloatingIPs, fr)
+		}
+		for _, n := range sortedKeys(g.Status.Nodes) {
+			gr.Nodes = append(gr.Nodes, NodeReport{Node: n, Health: string(g.Status.Nodes[n])})
+		}
+		r.Gateways = append(r.Gateways, gr)
+	}
+	for _, p := range s.Policies {
+		pr := PolicyReport{Name: p.Name, Gateway: p.Spec.GatewayRef.Namespace + "/" + p.Spec.GatewayRef.Name,
+			EgressIP: p.Status.EgressIP, Node: p.Status.GatewayNode, Ready: "Unknown"}
+		if c := apimeta.FindStatusCondition(p.Status.Conditions, v1.ConditionReady); c != nil {
+			pr.Ready, pr.Reason, pr.Message = string(c.Status), c.Reason, c.Message
+		}
+		cp, err := selector.Compile(p)
+		if err != nil {
+			pr.SelectedPods, pr.Invalid = -1, err.Error()
+		} else {
+			for _, pod := range s.Pods {
+				nsLabels, ok := s.Namespaces[pod.Namespace]
+				if ok && cp.Selects(pod, nsLabels) {
+					pr.SelectedPods++
+				}
+			}
+		}
+		r.Policies = append(r.Policies, pr)
+	}
+	return r
+}
+
+// holderOf reads status.floatingIPs, whose keys the operator writes in
+// canonical form.
+func holderOf(g *v1.NetworkGatewayGroup, ip string) string {
+	if h, ok := g.Status.FloatingIPs[ip]; ok {
+		return h
+	}
+	if a, err := parseAddr(ip); err == nil {
+		return g.Status.FloatingIPs[a.String()]
+	}
+	return ""
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// Output formats.
+const (
+	FormatTable = "table"
+	FormatJSON  = "json"
+	FormatYAML  = "yaml"
+)
+
+// WriteStatus writes the report as aligned tables, JSON or YAML.
+func WriteStatus(w io.Writer, r StatusReport, format string) error {
+	switch format {
+	case FormatJSON:
+		b, err := json.MarshalIndent(r, "", "  ")
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(w, "%s\n", b)
+		return err
+	case FormatYAML:
+		b, err := yaml.Marshal(r)
+		if err != nil {
+			return err
+		}
+		_, err = w.Write(b)
+		return err
+	case FormatTable, "":
+		return writeStatusTables(w, r)
+	}
+	return fmt.Errorf("unknown output format %q: want table, json or yaml", format)
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func readyText(status, reason string) string {
+	if reason == "" {
+		return status
+	}
+	return status + " (" + reason + ")"
+}
+
+func writeStatusTables(w io.Writer, r StatusReport) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
+	if len(r.Gateways) == 0 {
+		fmt.Fprintln(tw, "No NetworkGatewayGroups.")
+	} else {
+		fmt.Fprintln(tw, "GATEWAY\tREADY\tFLOATING IP\tEGRESS\tHOLDER\tHOLDER HEALTH")
+		for _, g := range r.Gateways {
+			key := g.Namespace + "/" + g.Name
+			for _, f := range g.FloatingIPs {
+				egress := ""
+				if f.Egress {
+					egress = "yes"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", key, readyText(g.Ready, g.Reason), f.IP, dash(egress),
+					orNone(f.Holder), dash(f.HolderHealth))
+			}
+		}
+		fmt.Fprintln(tw)
+		fmt.Fprintln(tw, "GATEWAY\tNODE\tHEALTH")
+		for _, g := range r.Gateways {
+			if len(g.Nodes) == 0 {
+				fmt.Fprintf(tw, "%s/%s\t%s\t%s\n", g.Namespace, g.Name, "<none reported>", "-")
+			}
+			for _, n := range g.Nodes {
+				fmt.Fprintf(tw, "%s/%s\t%s\t%s\n", g.Namespace, g.Name, n.Node, n.Health)
+			}
+		}
+	}
+	fmt.Fprintln(tw)
+	if len(r.Policies) == 0 {
+		fmt.Fprintln(tw, "No EgressNATPolicies.")
+	} else {
+		fmt.Fprintln(tw, "POLICY\tGATEWAY\tEGRESS IP\tNODE\tREADY\tPODS")
+		for _, p := range r.Policies {
+			pods := fmt.Sprint(p.SelectedPods)
+			ready := readyText(p.Ready, p.Reason)
+			if p.Invalid != "" {
+				pods, ready = "-", "Invalid"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.Gateway, dash(p.EgressIP), orNone(p.Node), ready, pods)
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	// Reasons for what is not ready, below the tables where they do not
+	// stretch the columns.
+	var notes []string
+	for _, g := range r.Gateways {
+		if g.Ready != "True" && g.Message != "" {
+			notes = append(notes, fmt.Sprintf("gateway %s/%s: %s", g.Namespace, g.Name, g.Message))
+		}
+	}
+	for _, p := range r.Policies {
+		switch {
+		case p.Invalid != "":
+			notes = append(notes, fmt.Sprintf("policy %s: invalid: %s", p.Name, p.Invalid))
+		case p.Ready != "True" && p.Message != "":
+			notes = append(notes, fmt.Sprintf("policy %s: %s", p.Name, p.Message))
+		}
+	}
+	if len(notes) > 0 {
+		fmt.Fprintln(w)
+		for _, n := range notes {
+			fmt.Fprintln(w, n)
+		}
+	}
+	return nil
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "<none>"
+	}
+	return s
+}

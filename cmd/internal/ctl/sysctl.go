@@ -1,0 +1,77 @@
+package ctl
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+)
+
+// SysctlWrite is one value to write under the net sysctl directory.
+type SysctlWrite struct {
+	Path  string // relative to the directory, e.g. ipv4/conf/all/send_redirects
+	Value string
+}
+
+// GatewaySysctls lists what a gateway node needs, given the interfaces
+// under ipv4/conf (all and default included): no ICMP redirects anywhere
+// (they would send pods' traffic past the gateway) and liberal TCP window
+// tracking (a flow picked up mid-stream after a failover is not marked
+// invalid). It is pure.
+func GatewaySysctls(interfaces []string) []SysctlWrite {
+	ifs := append([]string{"all", "default"}, interfaces...)
+	slices.Sort(ifs[2:])
+	ifs = slices.Compact(ifs)
+	var out []SysctlWrite
+	for _, i := range ifs {
+		out = append(out, SysctlWrite{Path: filepath.Join("ipv4", "conf", i, "send_redirects"), Value: "0"})
+	}
+	return append(out, SysctlWrite{Path: filepath.Join("netfilter", "nf_conntrack_tcp_be_liberal"), Value: "1"})
+}
+
+// PrepareNode writes the gateway sysctls under dir (the host's
+// /proc/sys/net) where they differ and reports each change to w. The agent
+// container's own /proc/sys is read-only, so its init container runs this;
+// the agent then finds the values set and writes nothing.
+func PrepareNode(dir string, w io.Writer) error {
+	entries, err := os.ReadDir(filepath.Join(dir, "ipv4", "conf"))
+	if err != nil {
+		return fmt.Errorf("list interfaces: %w", err)
+	}
+	var ifs []string
+	for _, e := range entries {
+		if e.IsDir() && e.Name() != "all" && e.Name() != "default" {
+			ifs = append(ifs, e.Name())
+		}
+	}
+	conntrackLoaded := false
+	var errs []error
+	for _, s := range GatewaySysctls(ifs) {
+		path := filepath.Join(dir, s.Path)
+		cur, err := os.ReadFile(path)
+		if errors.Is(err, fs.ErrNotExist) && filepath.Dir(s.Path) == "netfilter" && !conntrackLoaded {
+			// nf_conntrack is not loaded yet: a conntrack netlink request
+			// makes the kernel load it; then the file exists.
+			conntrackLoaded = true
+			_, _ = ReadFlows(-1)
+			cur, err = os.ReadFile(path)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("read %s: %w", path, err))
+			continue
+		}
+		if string(bytes.TrimSpace(cur)) == s.Value {
+			continue
+		}
+		if err := os.WriteFile(path, []byte(s.Value+"\n"), 0o644); err != nil {
+			errs = append(errs, fmt.Errorf("write %s: %w", path, err))
+			continue
+		}
+		fmt.Fprintf(w, "set %s = %s (was %s)\n", s.Path, s.Value, bytes.TrimSpace(cur))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,253 @@
+// Package metrics holds the Prometheus metrics of the egressnat agent and
+// operator and serves them with the health endpoints: /metrics, /healthz
+// (200 while the process runs) and /readyz (200 when ready, 503 with the
+// reason otherwise). docs/metrics.md documents every metric.
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Registry is the registry Serve exposes. It holds the Go runtime and
+// process collectors; NewAgent and NewOperator register on it when given a
+// nil Registerer.
+var Registry = NewRegistry()
+
+// NewRegistry returns a registry with the Go runtime and process collectors.
+func NewRegistry() *prometheus.Registry {
+	r := prometheus.NewRegistry()
+	r.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return r
+}
+
+// Buckets for durations of one sync or reconcile (milliseconds to seconds)
+// and of a failover (hundreds of milliseconds to a minute).
+var (
+	SyncBuckets     = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+	FailoverBuckets = []float64{.25, .5, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 30, 60}
+)
+
+// Agent holds the metrics of egressnat-agent.
+type Agent struct {
+	// SyncDuration: one computation and apply of the node's state.
+	SyncDuration prometheus.Histogram
+	// SyncErrors counts syncs that failed (and are retried).
+	SyncErrors prometheus.Counter
+	// SetElements: elements of each policy's nftables set; labels policy
+	// and kind ("src" pod addresses, "dst" destination intervals).
+	SetElements *prometheus.GaugeVec
+	// FloatingIPs held by this node.
+	FloatingIPs prometheus.Gauge
+	// GARPsSent counts gratuitous ARP frames sent for floating IPs.
+	GARPsSent prometheus.Counter
+	// ConntrackFlushed counts conntrack entries deleted after a change.
+	ConntrackFlushed prometheus.Counter
+	// PolicyPackets and PolicyBytes mirror the nftables counters of each
+	// policy's rule on this node; labels policy and mode.
+	PolicyPackets, PolicyBytes *prometheus.GaugeVec
+}
+
+// NewAgent creates the agent's metrics and registers them on reg (Registry
+// when nil). It panics when they are already registered there.
+func NewAgent(reg prometheus.Registerer) *Agent {
+	if reg == nil {
+		reg = Registry
+	}
+	a := &Agent{
+		SyncDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "egressnat_agent_sync_duration_seconds",
+			Help:    "Time to compute this node's desired state and apply it to the kernel (one nftables transaction, routes, addresses).",
+			Buckets: SyncBuckets,
+		}),
+		SyncErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressnat_agent_sync_errors_total",
+			Help: "Syncs that failed and were retried with backoff.",
+		}),
+		SetElements: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "egressnat_agent_set_elements",
+			Help: "Elements of a policy's nftables set on this node: kind=src pod addresses, kind=dst destination networks.",
+		}, []string{"policy", "kind"}),
+		FloatingIPs: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "egressnat_agent_floating_ips",
+			Help: "Floating IPs this node holds on its uplink.",
+		}),
+		GARPsSent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressnat_agent_gratuitous_arps_total",
+			Help: "Gratuitous ARP frames sent to announce floating IPs this node took.",
+		}),
+		ConntrackFlushed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressnat_agent_conntrack_entries_flushed_total",
+			Help: "Conntrack entries deleted after an apply changed the path of their flow.",
+		}),
+		PolicyPackets: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "egressnat_agent_policy_packets",
+			Help: "Packets matched by a policy's rule on this node (the nftables counter; it restarts at 0 when the rule is rebuilt).",
+		}, []string{"policy", "mode"}),
+		PolicyBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "egressnat_agent_policy_bytes",
+			Help: "Bytes matched by a policy's rule on this node (the nftables counter; it restarts at 0 when the rule is rebuilt).",
+		}, []string{"policy", "mode"}),
+	}
+	reg.MustRegister(a.SyncDuration, a.SyncErrors, a.SetElements, a.FloatingIPs, a.GARPsSent,
+		a.ConntrackFlushed, a.PolicyPackets, a.PolicyBytes)
+	return a
+}
+
+// PolicyCounter is the counter of one policy's rule, as read from nftables.
+type PolicyCounter struct {
+	Policy  string
+	Mode    string // Gateway, Reroute or Drop
+	Packets uint64
+	Bytes   uint64
+}
+
+// SetPolicyCounters replaces the per-policy packet and byte gauges with
+// counters: policies no longer present disappear. Counters of one policy
+// and mode are added up.
+func (a *Agent) SetPolicyCounters(counters []PolicyCounter) {
+	a.PolicyPackets.Reset()
+	a.PolicyBytes.Reset()
+	for _, c := range counters {
+		a.PolicyPackets.WithLabelValues(c.Policy, c.Mode).Add(float64(c.Packets))
+		a.PolicyBytes.WithLabelValues(c.Policy, c.Mode).Add(float64(c.Bytes))
+	}
+}
+
+// SetSize is the size of one policy's source and destination sets.
+type SetSize struct {
+	Policy       string
+	Sources      int
+	Destinations int
+}
+
+// SetSetSizes replaces the set size gauges: policies no longer present
+// disappear.
+func (a *Agent) SetSetSizes(sizes []SetSize) {
+	a.SetElements.Reset()
+	for _, s := range sizes {
+		a.SetElements.WithLabelValues(s.Policy, "src").Set(float64(s.Sources))
+		a.SetElements.WithLabelValues(s.Policy, "dst").Set(float64(s.Destinations))
+	}
+}
+
+// Operator holds the metrics of egressnat-operator.
+type Operator struct {
+	// ReconcileDuration: one assignment of every floating IP and the
+	// status writes that follow.
+	ReconcileDuration prometheus.Histogram
+	// IPMoves counts floating IPs that changed node; label gateway
+	// (namespace/name).
+	IPMoves *prometheus.CounterVec
+	// FailoverDuration: from the last answered health probe of a floating
+	// IP's old holder to the status write that gives the IP to another node.
+	FailoverDuration prometheus.Histogram
+	// Leader is 1 while this replica leads, 0 otherwise.
+	Leader prometheus.Gauge
+	// UnassignedIPs: floating IPs no Up node can hold; label gateway.
+	UnassignedIPs *prometheus.GaugeVec
+}
+
+// NewOperator creates the operator's metrics and registers them on reg
+// (Registry when nil). It panics when they are already registered there.
+func NewOperator(reg prometheus.Registerer) *Operator {
+	if reg == nil {
+		reg = Registry
+	}
+	o := &Operator{
+		ReconcileDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "egressnat_operator_reconcile_duration_seconds",
+			Help:    "Time to assign every floating IP and write the statuses that changed.",
+			Buckets: SyncBuckets,
+		}),
+		IPMoves: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egressnat_operator_floating_ip_moves_total",
+			Help: "Floating IPs given to a different node than the one holding them (first assignments are not counted).",
+		}, []string{"gateway"}),
+		FailoverDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "egressnat_operator_failover_duration_seconds",
+			Help:    "Time from the old holder's last answered health probe to the status write that moves its floating IP to another node.",
+			Buckets: FailoverBuckets,
+		}),
+		Leader: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "egressnat_operator_leader",
+			Help: "1 while this replica holds the leader lease and writes status, 0 otherwise.",
+		}),
+		UnassignedIPs: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "egressnat_operator_unassigned_floating_ips",
+			Help: "Floating IPs of a gateway that no Up node in their subnet can hold.",
+		}, []string{"gateway"}),
+	}
+	reg.MustRegister(o.ReconcileDuration, o.IPMoves, o.FailoverDuration, o.Leader, o.UnassignedIPs)
+	return o
+}
+
+// Handler serves /metrics from g, /healthz (200 while the process runs) and
+// /readyz (200 when ready returns nil or is nil; 503 with the error's text
+// otherwise).
+func Handler(g prometheus.Gatherer, ready func() error) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if ready != nil {
+			if err := ready(); err != nil {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				fmt.Fprintln(w, "not ready:", err)
+				return
+			}
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	return mux
+}
+
+// Serve serves Registry and the health endpoints on addr (e.g. ":9796")
+// until ctx ends; it then shuts the server down and returns nil. It returns
+// an error when it cannot listen or the server fails.
+func Serve(ctx context.Context, addr string, ready func() error) error {
+	return ServeRegistry(ctx, addr, Registry, ready)
+}
+
+// ServeRegistry is Serve with another registry.
+func ServeRegistry(ctx context.Context, addr string, g prometheus.Gatherer, ready func() error) error {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics: listen on %s: %w", addr, err)
+	}
+	return ServeListener(ctx, l, g, ready)
+}
+
+// ServeListener is ServeRegistry on an open listener, which it closes.
+func ServeListener(ctx context.Context, l net.Listener, g prometheus.Gatherer, ready func() error) error {
+	srv := &http.Server{Handler: Handler(g, ready), ReadHeaderTimeout: 5 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(l) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("metrics: serve on %s: %w", l.Addr(), err)
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		err := srv.Shutdown(sctx)
+		if e := <-errc; e != nil && !errors.Is(e, http.ErrServerClosed) && err == nil {
+			err = e
+		}
+		if err != nil {
+			return fmt.Errorf("metrics: shut down: %w", err)
+		}
+		return nil
+	}
+}

@@ -1,0 +1,353 @@
+package deploy
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egressnat/egressnat/test/cluster"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/utils/ptr"
+)
+
+// saClients mints a token for a manifests' ServiceAccount with
+// cluster.ServiceAccountKubeconfig and returns the clients the binaries
+// would build from that kubeconfig.
+func saClients(t *testing.T, sa string) *clients {
+	t.Helper()
+	admin, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), sa+".kubeconfig")
+	if err := cluster.ServiceAccountKubeconfig(ctxT(t), admin, srv.URL, systemNS, sa, path); err != nil {
+		t.Fatal(err)
+	}
+	return newClients(t, path)
+}
+
+// fixtures creates, as admin, a node, a gateway, a policy and Secrets.
+func fixtures(t *testing.T) (gw, pol *unstructured.Unstructured) {
+	t.Helper()
+	ctx := ctxT(t)
+	admin, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	apply := func(yaml string) {
+		t.Helper()
+		if out, errOut, err := srv.Kubectl(ctx, strings.NewReader(yaml), "apply", "-f", "-"); err != nil {
+			t.Fatalf("apply: %v\n%s%s", err, out, errOut)
+		}
+	}
+	apply(`apiVersion: networking.gke.io/v1
+kind: NetworkGatewayGroup
+metadata: {namespace: kube-system, name: rbac-gw}
+spec: {floatingIPs: [192.0.2.100]}
+---
+apiVersion: networking.gke.io/v1
+kind: EgressNATPolicy
+metadata: {name: rbac-policy}
+spec:
+  sources: [{namespaceSelector: {}, podSelector: {}}]
+  action: SNAT
+  destinations: [{cidr: 203.0.113.0/24}]
+  gatewayRef: {name: rbac-gw, namespace: kube-system}
+---
+apiVersion: v1
+kind: Secret
+metadata: {namespace: egressnat-system, name: rbac-secret}
+stringData: {password: hunter2}
+---
+apiVersion: v1
+kind: Secret
+metadata: {namespace: kube-system, name: rbac-secret}
+stringData: {password: hunter2}
+`)
+	if _, err := admin.CoreV1().Nodes().Get(ctx, "rbac-node", metav1.GetOptions{}); apierrors.IsNotFound(err) {
+		if _, err := admin.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "rbac-node"}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := newClients(t, srv.Kubeconfig)
+	if gw, err = c.Dynamic.Resource(gatewayGVR).Namespace("kube-system").Get(ctx, "rbac-gw", metav1.GetOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if pol, err = c.Dynamic.Resource(policyGVR).Get(ctx, "rbac-policy", metav1.GetOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return gw, pol
+}
+
+func allowed(t *testing.T, what string, err error) {
+	t.Helper()
+	if err != nil {
+		t.Errorf("%s: want allowed, got %v", what, err)
+	}
+}
+
+func forbidden(t *testing.T, what string, err error) {
+	t.Helper()
+	if !apierrors.IsForbidden(err) {
+		t.Errorf("%s: want Forbidden, got %v", what, err)
+	}
+}
+
+func withStatus(u *unstructured.Unstructured, node string) *unstructured.Unstructured {
+	u = u.DeepCopy()
+	u.Object["status"] = map[string]any{"gatewayNode": node, "floatingIPs": map[string]any{"192.0.2.100": node}}
+	return u
+}
+
+func lease(name, holder string) *coordinationv1.Lease {
+	now := metav1.NewMicroTime(time.Now())
+	return &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: systemNS},
+		Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(holder), LeaseDurationSeconds: ptr.To(int32(90)), RenewTime: &now}}
+}
+
+func event(ns string) *corev1.Event {
+	return &corev1.Event{ObjectMeta: metav1.ObjectMeta{GenerateName: "egressnat-", Namespace: ns},
+		InvolvedObject: corev1.ObjectReference{Kind: "NetworkGatewayGroup", Namespace: ns, Name: "rbac-gw", APIVersion: "networking.gke.io/v1"},
+		Reason:         "Test", Message: "rbac test", Type: corev1.EventTypeNormal, Source: corev1.EventSource{Component: "egressnat-test"}}
+}
+
+// TestAgentRBAC: with a token of the manifests' egressnat-agent
+// ServiceAccount, the agent reads what it watches and keeps its Lease, and
+// is refused status writes, spec writes, Secrets and other Leases.
+func TestAgentRBAC(t *testing.T) {
+	gw, pol := fixtures(t)
+	c := saClients(t, "egressnat-agent")
+	ctx := ctxT(t)
+	all := metav1.ListOptions{}
+
+	_, err := c.Core.CoreV1().Pods("").List(ctx, all)
+	allowed(t, "list pods", err)
+	w, err := c.Core.CoreV1().Pods("").Watch(ctx, metav1.ListOptions{TimeoutSeconds: ptr.To(int64(1))})
+	allowed(t, "watch pods", err)
+	if w != nil {
+		w.Stop()
+	}
+	_, err = c.Core.CoreV1().Namespaces().List(ctx, all)
+	allowed(t, "list namespaces", err)
+	_, err = c.Core.CoreV1().Nodes().Get(ctx, "rbac-node", metav1.GetOptions{})
+	allowed(t, "get node", err)
+	_, err = c.Dynamic.Resource(gatewayGVR).List(ctx, all)
+	allowed(t, "list gateways", err)
+	_, err = c.Dynamic.Resource(policyGVR).List(ctx, all)
+	allowed(t, "list policies", err)
+
+	leases := c.Core.CoordinationV1().Leases(systemNS)
+	l, err := leases.Create(ctx, lease("egressnat-agent-rbac-node", "rbac-node"), metav1.CreateOptions{})
+	allowed(t, "create own lease", err)
+	if err == nil {
+		l, err = leases.Get(ctx, l.Name, metav1.GetOptions{})
+		allowed(t, "get own lease", err)
+		l.Spec.RenewTime = ptr.To(metav1.NewMicroTime(time.Now()))
+		_, err = leases.Update(ctx, l, metav1.UpdateOptions{})
+		allowed(t, "update own lease", err)
+		forbidden(t, "delete lease", leases.Delete(ctx, l.Name, metav1.DeleteOptions{}))
+	}
+	_, err = leases.List(ctx, all)
+	forbidden(t, "list leases", err)
+	_, err = c.Core.CoordinationV1().Leases("kube-system").Create(ctx, lease("x", "y"), metav1.CreateOptions{})
+	forbidden(t, "create lease in kube-system", err)
+	_, err = c.Core.CoreV1().Events("kube-system").Create(ctx, event("kube-system"), metav1.CreateOptions{})
+	allowed(t, "create event", err)
+
+	// Only the operator writes status.
+	_, err = c.Dynamic.Resource(gatewayGVR).Namespace("kube-system").UpdateStatus(ctx, withStatus(gw, "rbac-node"), metav1.UpdateOptions{})
+	forbidden(t, "update gateway status", err)
+	_, err = c.Dynamic.Resource(policyGVR).UpdateStatus(ctx, withStatus(pol, "rbac-node"), metav1.UpdateOptions{})
+	forbidden(t, "update policy status", err)
+	_, err = c.Dynamic.Resource(gatewayGVR).Namespace("kube-system").Update(ctx, gw, metav1.UpdateOptions{})
+	forbidden(t, "update gateway spec", err)
+	forbidden(t, "delete policy", c.Dynamic.Resource(policyGVR).Delete(ctx, pol.GetName(), metav1.DeleteOptions{}))
+	// Nobody reads Secrets.
+	_, err = c.Core.CoreV1().Secrets(systemNS).Get(ctx, "rbac-secret", metav1.GetOptions{})
+	forbidden(t, "get secret in egressnat-system", err)
+	_, err = c.Core.CoreV1().Secrets("kube-system").List(ctx, all)
+	forbidden(t, "list secrets", err)
+	_, err = c.Core.CoreV1().Pods("default").Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "x"}}, metav1.CreateOptions{})
+	forbidden(t, "create pod", err)
+	_, err = c.Core.CoreV1().ServiceAccounts(systemNS).CreateToken(ctx, "egressnat-agent", &authenticationv1.TokenRequest{}, metav1.CreateOptions{})
+	forbidden(t, "mint a token", err)
+}
+
+// TestOperatorRBAC: with a token of egressnat-operator, the operator
+// writes gateway and policy status, keeps the leader Lease and reads the
+// agents' Leases, and is refused spec writes, agents' Leases and Secrets.
+func TestOperatorRBAC(t *testing.T) {
+	gw, pol := fixtures(t)
+	c := saClients(t, "egressnat-operator")
+	ctx := ctxT(t)
+	all := metav1.ListOptions{}
+
+	_, err := c.Core.CoreV1().Nodes().List(ctx, all)
+	allowed(t, "list nodes", err)
+	_, err = c.Dynamic.Resource(gatewayGVR).List(ctx, all)
+	allowed(t, "list gateways", err)
+	_, err = c.Dynamic.Resource(policyGVR).List(ctx, all)
+	allowed(t, "list policies", err)
+	_, err = c.Dynamic.Resource(gatewayGVR).Namespace("kube-system").UpdateStatus(ctx, withStatus(gw, "n1"), metav1.UpdateOptions{})
+	allowed(t, "update gateway status", err)
+	_, err = c.Dynamic.Resource(policyGVR).UpdateStatus(ctx, withStatus(pol, "n1"), metav1.UpdateOptions{})
+	allowed(t, "update policy status", err)
+	_, err = c.Dynamic.Resource(gatewayGVR).Namespace("kube-system").Update(ctx, gw, metav1.UpdateOptions{})
+	forbidden(t, "update gateway spec", err)
+
+	leases := c.Core.CoordinationV1().Leases(systemNS)
+	_, err = leases.List(ctx, all)
+	allowed(t, "list leases", err)
+	l, err := leases.Create(ctx, lease("egressnat-operator", "operator-0"), metav1.CreateOptions{})
+	allowed(t, "create leader lease", err)
+	if err == nil {
+		l.Spec.HolderIdentity = ptr.To("operator-1")
+		_, err = leases.Update(ctx, l, metav1.UpdateOptions{})
+		allowed(t, "update leader lease", err)
+	}
+	// An agent's Lease (created by admin): the operator reads it only.
+	admin, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.CoordinationV1().Leases(systemNS).Create(ctx, lease("egressnat-agent-op-test", "op-test"), metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	al, err := leases.Get(ctx, "egressnat-agent-op-test", metav1.GetOptions{})
+	allowed(t, "get agent lease", err)
+	if err == nil {
+		_, err = leases.Update(ctx, al, metav1.UpdateOptions{})
+		forbidden(t, "update agent lease", err)
+	}
+	_, err = c.Core.CoreV1().Events("kube-system").Create(ctx, event("kube-system"), metav1.CreateOptions{})
+	allowed(t, "create event", err)
+	_, err = c.Core.CoreV1().Secrets(systemNS).Get(ctx, "rbac-secret", metav1.GetOptions{})
+	forbidden(t, "get secret", err)
+	_, err = c.Core.CoreV1().Secrets("").List(ctx, all)
+	forbidden(t, "list secrets", err)
+	_, err = c.Core.CoreV1().Pods("").List(ctx, all)
+	forbidden(t, "list pods", err)
+}
+
+// TestAgentOnlyOwnLease: the ValidatingAdmissionPolicy lets an agent whose
+// token is bound to its pod (so it names the pod's node) write only
+// egressnat-agent-<its node>, which RBAC alone cannot express.
+func TestAgentOnlyOwnLease(t *testing.T) {
+	ctx := ctxT(t)
+	admin, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"vap-a", "vap-b"} {
+		if _, err := admin.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			t.Fatal(err)
+		}
+	}
+	pod, err := admin.CoreV1().Pods(systemNS).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "egressnat-agent-vap"},
+		Spec: corev1.PodSpec{NodeName: "vap-a", ServiceAccountName: "egressnat-agent", AutomountServiceAccountToken: ptr.To(false),
+			Containers: []corev1.Container{{Name: "agent", Image: "registry.k8s.io/pause:3.10"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	token, err := cluster.MintToken(ctx, admin, systemNS, "egressnat-agent", time.Hour, &authenticationv1.BoundObjectReference{
+		Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if node := tokenNode(t, token); node != "vap-a" {
+		t.Fatalf("the pod-bound token names node %q, want vap-a (ServiceAccountTokenPodNodeInfo)", node)
+	}
+	cfg := srv.Config()
+	cfg.BearerToken = token
+	agent, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leases := agent.CoordinationV1().Leases(systemNS)
+	own, err := leases.Create(ctx, lease("egressnat-agent-vap-a", "vap-a"), metav1.CreateOptions{})
+	allowed(t, "create own lease with a pod-bound token", err)
+	if err == nil {
+		own.Spec.RenewTime = ptr.To(metav1.NewMicroTime(time.Now()))
+		_, err = leases.Update(ctx, own, metav1.UpdateOptions{})
+		allowed(t, "renew own lease with a pod-bound token", err)
+	}
+	_, err = leases.Create(ctx, lease("egressnat-agent-vap-b", "vap-b"), metav1.CreateOptions{})
+	if err == nil || !strings.Contains(err.Error(), "only write the Lease of its own node: egressnat-agent-vap-a") {
+		t.Errorf("create another node's lease with a pod-bound token: %v", err)
+	}
+	// Another node's existing Lease cannot be renewed either.
+	other, err := admin.CoordinationV1().Leases(systemNS).Create(ctx, lease("egressnat-agent-vap-c", "vap-c"), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = leases.Update(ctx, other, metav1.UpdateOptions{})
+	if err == nil || !strings.Contains(err.Error(), "only write the Lease of its own node") {
+		t.Errorf("renew another node's lease with a pod-bound token: %v", err)
+	}
+}
+
+// tokenNode returns the node name a ServiceAccount token carries.
+func tokenNode(t *testing.T, token string) string {
+	t.Helper()
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		t.Fatalf("token is not a JWT")
+	}
+	b, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var claims struct {
+		K8s struct {
+			Node struct {
+				Name string `json:"name"`
+			} `json:"node"`
+		} `json:"kubernetes.io"`
+	}
+	if err := json.Unmarshal(b, &claims); err != nil {
+		t.Fatal(err)
+	}
+	return claims.K8s.Node.Name
+}
+
+// The binaries' clients, as cmd/internal/kube builds them from a kubeconfig.
+type clients struct {
+	Core    kubernetes.Interface
+	Dynamic dynamic.Interface
+}
+
+var (
+	gatewayGVR = schema.GroupVersionResource{Group: "networking.gke.io", Version: "v1", Resource: "networkgatewaygroups"}
+	policyGVR  = schema.GroupVersionResource{Group: "networking.gke.io", Version: "v1", Resource: "egressnatpolicies"}
+)
+
+func newClients(t *testing.T, kubeconfig string) *clients {
+	t.Helper()
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &clients{Core: core, Dynamic: dyn}
+}

@@ -44,10 +44,12 @@ vet:
 test-unit:
 	$(GO) test ./...
 
-# test runs every tier: vet, unit tests, generated-file freshness, the real
-# API server tests, the kernel tests in network namespaces and the lab e2e.
+# test runs every tier, one package at a time (the lab tests measure timing
+# and must not share two cores): vet, unit tests, generated-file freshness,
+# the real API server tests, the kernel tests in network namespaces, the lab
+# end-to-end and failover tests.
 test: deps kube-binaries build vet
-	$(GO) test -count=1 -timeout 30m ./...
+	$(GO) test -count=1 -p 1 -timeout 40m ./...
 
 demo: deps kube-binaries build
 	$(GO) run ./test/cluster/cmd/demo $(DEMO_FLAGS)

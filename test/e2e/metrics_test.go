@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -59,24 +60,35 @@ func TestMetricsAndHealth(t *testing.T) {
 	if code, _ := get(t, gw, cluster.AgentHealthPort, "/healthz"); code != http.StatusOK {
 		t.Fatalf("agent /healthz: %d", code)
 	}
-	var body string
-	waitFor(t, 15*time.Second, "gateway counters in the agent's metrics", func() bool {
+	want := map[string]float64{
+		`egressnat_agent_policy_packets\{mode="Gateway",policy="egress"\}`: 1,
+		`egressnat_agent_policy_bytes\{mode="Gateway",policy="egress"\}`:   1,
+		`egressnat_agent_sync_duration_seconds_count`:                      1,
+		`egressnat_agent_floating_ips`:                                     2, // 192.0.2.100 and .102
+		`egressnat_agent_set_elements\{kind="src",policy="egress"\}`:       1,
+		`egressnat_agent_set_elements\{kind="dst",policy="egress"\}`:       1,
+		`egressnat_agent_gratuitous_arps_total`:                            1,
+	}
+	// The counters are scraped from nftables every 5 s; poll until every
+	// value is there.
+	var missing []string
+	deadline := time.Now().Add(15 * time.Second)
+	for {
 		c.Source(ctxT(t), p, ext1()) //nolint:errcheck // more traffic
-		_, body = get(t, gw, cluster.AgentHealthPort, "/metrics")
-		v, ok := metric(body, `egressnat_agent_policy_packets\{mode="Gateway",policy="egress"\}`)
-		return ok && v > 0
-	})
-	for re, min := range map[string]float64{
-		`egressnat_agent_sync_duration_seconds_count`:                    1,
-		`egressnat_agent_floating_ips`:                                   2, // 192.0.2.100 and .102
-		`egressnat_agent_set_elements\{kind="src",policy="egress"\}`:     1,
-		`egressnat_agent_set_elements\{kind="dst",policy="egress"\}`:     1,
-		`egressnat_agent_gratuitous_arps_total`:                          1,
-		`egressnat_agent_policy_bytes\{mode="Gateway",policy="egress"\}`: 1,
-	} {
-		if v, ok := metric(body, re); !ok || v < min {
-			t.Errorf("agent metric %s = %v (present %v), want at least %v", re, v, ok, min)
+		_, body := get(t, gw, cluster.AgentHealthPort, "/metrics")
+		missing = missing[:0]
+		for re, min := range want {
+			if v, ok := metric(body, re); !ok || v < min {
+				missing = append(missing, fmt.Sprintf("%s = %v (present %v), want at least %v", re, v, ok, min))
+			}
 		}
+		if len(missing) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent metrics on the gateway:\n%s\n\n%s", strings.Join(missing, "\n"), body)
+		}
+		time.Sleep(250 * time.Millisecond)
 	}
 	_, src := get(t, c.Lab.Node("worker2").NetNS, cluster.AgentHealthPort, "/metrics")
 	if v, ok := metric(src, `egressnat_agent_policy_packets\{mode="Reroute",policy="egress"\}`); !ok || v <= 0 {

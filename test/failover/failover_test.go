@@ -139,6 +139,21 @@ func TestPartitionAndHeal(t *testing.T) {
 	if h := holderOf(t, fip100); h != newHolder {
 		t.Fatalf("192.0.2.100 went back to %s after healing", h)
 	}
+	// The fence and its end are on record as Events on the group (the one
+	// raised while cut off is delivered when the API answers again).
+	for _, reason := range []string{"Unfenced", "Fenced"} {
+		deadline := time.Now().Add(25 * time.Second)
+		for {
+			out, err := c.Kubectl(ctxT(t), "", "get", "events", "-n", "kube-system", "--field-selector", "reason="+reason, "-o", "jsonpath={.items[*].message}")
+			if err == nil && strings.Contains(out, "node "+holder+" ") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no %s event for %s: %q %v", reason, holder, out, err)
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+	}
 	if src, err := c.Source(ctxT(t), p, ext1()); err != nil || src.Addr() != fip100 {
 		t.Fatalf("after healing: %v %v, want %s", src, err, fip100)
 	}

@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -27,9 +28,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/dynamic/dynamicinformer"
-	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/ptr"
 )
 
@@ -89,6 +91,8 @@ type agent struct {
 	pods, namespaces, nodes, gateways, policies cache.Indexer
 	last                                        *selector.NodeState
 	fence                                       *fence
+	recorder                                    record.EventRecorder
+	fencedGroups                                map[*corev1.ObjectReference][]string // only the fence goroutine
 	holding, synced                             atomic.Bool
 	syncErr                                     atomic.Pointer[string]
 }
@@ -111,6 +115,11 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 	// may, from before a restart): a node that starts cut off must fence.
 	a.holding.Store(true)
 	a.fence = newFence(cfg, cfg.Log, a.kick, a.holding.Load)
+	a.fence.event = a.fenceEvent
+	bc := record.NewBroadcaster()
+	bc.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: cfg.Clients.Core.CoreV1().Events("")})
+	defer bc.Shutdown()
+	a.recorder = bc.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "egressnat-agent", Host: cfg.Node})
 	a.fence.releaseEarly = func(ctx context.Context) {
 		if a.synced.Load() {
 			return // the sync loop applies the fence
@@ -123,23 +132,18 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 	if err != nil {
 		return fmt.Errorf("listen for health probes: %w", err)
 	}
-	go a.fence.serveProbes(ctx, l)
-	go a.fence.watch(ctx)
-	go a.renewLease(ctx)
 
-	coreF := informers.NewSharedInformerFactory(cfg.Clients.Core, 0)
-	dynF := dynamicinformer.NewDynamicSharedInformerFactory(cfg.Clients.Dynamic, 0)
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { a.kick() },
 		UpdateFunc: func(any, any) { a.kick() },
 		DeleteFunc: func(any) { a.kick() },
 	}
 	infs := []cache.SharedIndexInformer{
-		coreF.Core().V1().Pods().Informer(),
-		coreF.Core().V1().Namespaces().Informer(),
-		coreF.Core().V1().Nodes().Informer(),
-		dynF.ForResource(kube.GatewayGVR).Informer(),
-		dynF.ForResource(kube.PolicyGVR).Informer(),
+		cfg.Clients.PodInformer(),
+		cfg.Clients.NamespaceInformer(),
+		cfg.Clients.NodeInformer(),
+		cfg.Clients.DynamicInformer(kube.GatewayGVR),
+		cfg.Clients.DynamicInformer(kube.PolicyGVR),
 	}
 	// Store only what the agent reads: typed gateways and policies
 	// (converted once per change, not on every sync) and slim pods.
@@ -156,19 +160,16 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 	}
 	a.pods, a.namespaces, a.nodes = infs[0].GetIndexer(), infs[1].GetIndexer(), infs[2].GetIndexer()
 	a.gateways, a.policies = infs[3].GetIndexer(), infs[4].GetIndexer()
-	coreF.Start(ctx.Done())
-	dynF.Start(ctx.Done())
+	// The fence runs from the start, before the caches sync: a node that
+	// starts cut off must release its floating IPs.
+	go a.fence.serveProbes(ctx, l)
+	go a.fence.watch(ctx)
+	go a.renewLease(ctx)
+	kube.RunInformers(ctx, infs...)
 	// Nothing is applied before every cache is complete: an agent that
 	// restarts must not act on a partial view and remove working state.
-	for typ, ok := range coreF.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return fmt.Errorf("sync %v cache: %w", typ, ctx.Err())
-		}
-	}
-	for gvr, ok := range dynF.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return fmt.Errorf("sync %s cache (are the CRDs installed?): %w", gvr.Resource, ctx.Err())
-		}
+	if !kube.WaitForSync(ctx, infs...) {
+		return fmt.Errorf("sync caches (are the CRDs installed?): %w", ctx.Err())
 	}
 	cfg.Log.Info("agent caches synced", zap.String("node", cfg.Node))
 	a.synced.Store(true)
@@ -214,6 +215,50 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 		a.syncErr.Store(nil)
 		backoff = 0
 	}
+}
+
+// fenceEvent records a Fenced Event on every gateway group with a floating
+// IP the status gives to this node, and an Unfenced Event on the same groups
+// when the fence lifts. Events raised while cut off reach the API server
+// when it answers again (the broadcaster retries).
+func (a *agent) fenceEvent(fenced bool, detail string) {
+	reason, typ, what := "Unfenced", corev1.EventTypeNormal, "holds its floating IPs again as the API confirms"
+	if fenced {
+		reason, typ, what = "Fenced", corev1.EventTypeWarning, "released its floating IPs"
+		a.fencedGroups = a.heldGroups()
+	}
+	for ref, held := range a.fencedGroups {
+		a.recorder.Eventf(ref, typ, reason, "node %s %s (%s): %s", a.cfg.Node, what, strings.Join(held, ", "), detail)
+	}
+	if !fenced {
+		a.fencedGroups = nil
+	}
+}
+
+// heldGroups returns the groups whose status gives floating IPs to this
+// node, with those IPs.
+func (a *agent) heldGroups() map[*corev1.ObjectReference][]string {
+	out := map[*corev1.ObjectReference][]string{}
+	if a.gateways == nil {
+		return out
+	}
+	for _, obj := range a.gateways.List() {
+		g, ok := obj.(*v1.NetworkGatewayGroup)
+		if !ok {
+			continue
+		}
+		var held []string
+		for ip, node := range g.Status.FloatingIPs {
+			if node == a.cfg.Node {
+				held = append(held, ip)
+			}
+		}
+		if len(held) > 0 {
+			slices.Sort(held)
+			out[&corev1.ObjectReference{APIVersion: v1.GroupVersion.String(), Kind: "NetworkGatewayGroup", Namespace: g.Namespace, Name: g.Name, UID: g.UID}] = held
+		}
+	}
+	return out
 }
 
 // scrapeCounters copies the policies' nftables counters into the metrics.

@@ -31,6 +31,8 @@ type fence struct {
 	// releaseEarly drops the floating IPs when the fence rises before the
 	// agent could compute its state (it started cut off).
 	releaseEarly func(ctx context.Context)
+	// event reports a fence rising (true) or lifting (false).
+	event func(fenced bool, detail string)
 
 	mu           sync.Mutex
 	lastProbe    time.Time
@@ -109,6 +111,9 @@ func (f *fence) evaluate(ctx context.Context) {
 		f.log.Warn("cut off from the operators and the API server: releasing floating IPs",
 			zap.String("node", f.cfg.Node), zap.Duration("sinceProbe", sinceProbe))
 		f.kick()
+		if f.event != nil {
+			f.event(true, fmt.Sprintf("no health probe for %v and the API server does not answer", sinceProbe.Round(time.Millisecond)))
+		}
 		if f.releaseEarly != nil {
 			f.releaseEarly(ctx)
 		}
@@ -125,6 +130,9 @@ func (f *fence) lift(why string) {
 	f.mu.Unlock()
 	f.log.Info("no longer cut off; holding floating IPs again only as the API confirms", zap.String("node", f.cfg.Node),
 		zap.String("why", why), zap.Duration("fencedFor", time.Since(since)))
+	if f.event != nil {
+		f.event(false, fmt.Sprintf("%s after %v", why, time.Since(since).Round(time.Millisecond)))
+	}
 	f.kick()
 	time.AfterFunc(f.cfg.RecoveryPeriod, f.kick)
 }

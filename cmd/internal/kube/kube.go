@@ -11,6 +11,7 @@ import (
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -103,6 +104,9 @@ func (c *Clients) UpdateGatewayStatus(ctx context.Context, g *v1.NetworkGatewayG
 		return err
 	}
 	_, err = c.Dynamic.Resource(GatewayGVR).Namespace(g.Namespace).UpdateStatus(ctx, u, metav1.UpdateOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil // deleted meanwhile: no status to write
+	}
 	if err != nil {
 		return fmt.Errorf("update status of gateway %s/%s: %w", g.Namespace, g.Name, err)
 	}
@@ -116,6 +120,9 @@ func (c *Clients) UpdatePolicyStatus(ctx context.Context, p *v1.EgressNATPolicy)
 		return err
 	}
 	_, err = c.Dynamic.Resource(PolicyGVR).UpdateStatus(ctx, u, metav1.UpdateOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil // deleted meanwhile: no status to write
+	}
 	if err != nil {
 		return fmt.Errorf("update status of policy %s: %w", p.Name, err)
 	}

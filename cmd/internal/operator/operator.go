@@ -26,8 +26,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/dynamic/dynamicinformer"
-	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
@@ -59,9 +57,7 @@ type Controller struct {
 	prober   *prober
 	recorder record.EventRecorder
 
-	coreF  informers.SharedInformerFactory
-	leaseF informers.SharedInformerFactory
-	dynF   dynamicinformer.DynamicSharedInformerFactory
+	infs []cache.SharedIndexInformer
 
 	nodes    cache.Indexer
 	leases   cache.Indexer
@@ -85,20 +81,18 @@ func New(cfg Config) (*Controller, error) {
 		cfg.Probe = DefaultProbeConfig
 	}
 	c := &Controller{cfg: cfg, trigger: make(chan struct{}, 1)}
-	c.coreF = informers.NewSharedInformerFactory(cfg.Clients.Core, 0)
-	c.leaseF = informers.NewSharedInformerFactoryWithOptions(cfg.Clients.Core, 0, informers.WithNamespace(cfg.AgentNamespace))
-	c.dynF = dynamicinformer.NewDynamicSharedInformerFactory(cfg.Clients.Dynamic, 0)
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.kick() },
 		UpdateFunc: func(any, any) { c.kick() },
 		DeleteFunc: func(any) { c.kick() },
 	}
 	infs := []cache.SharedIndexInformer{
-		c.coreF.Core().V1().Nodes().Informer(),
-		c.leaseF.Coordination().V1().Leases().Informer(),
-		c.dynF.ForResource(kube.GatewayGVR).Informer(),
-		c.dynF.ForResource(kube.PolicyGVR).Informer(),
+		cfg.Clients.NodeInformer(),
+		cfg.Clients.LeaseInformer(cfg.AgentNamespace),
+		cfg.Clients.DynamicInformer(kube.GatewayGVR),
+		cfg.Clients.DynamicInformer(kube.PolicyGVR),
 	}
+	c.infs = infs
 	for i, inf := range infs {
 		if tf := []cache.TransformFunc{nil, nil, kube.Typed[v1.NetworkGatewayGroup], kube.Typed[v1.EgressNATPolicy]}[i]; tf != nil {
 			if err := inf.SetTransform(tf); err != nil {
@@ -120,20 +114,13 @@ func New(cfg Config) (*Controller, error) {
 // Start starts the informers and the health prober and waits for the
 // caches. Every replica runs it; only the leader runs Lead.
 func (c *Controller) Start(ctx context.Context) error {
-	c.coreF.Start(ctx.Done())
-	c.leaseF.Start(ctx.Done())
-	c.dynF.Start(ctx.Done())
-	for typ, ok := range c.coreF.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return fmt.Errorf("sync %v cache: %w", typ, ctx.Err())
-		}
+	kube.RunInformers(ctx, c.infs...)
+	if !kube.WaitForSync(ctx, c.infs[0], c.infs[1]) {
+		return fmt.Errorf("sync node and lease caches: %w", ctx.Err())
 	}
-	c.leaseF.WaitForCacheSync(ctx.Done())
 	go c.prober.run(ctx)
-	for gvr, ok := range c.dynF.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return fmt.Errorf("sync %s cache (are the CRDs installed?): %w", gvr.Resource, ctx.Err())
-		}
+	if !kube.WaitForSync(ctx, c.infs...) {
+		return fmt.Errorf("sync gateway and policy caches (are the CRDs installed?): %w", ctx.Err())
 	}
 	c.cfg.Log.Info("operator caches synced")
 	c.synced.Store(true)

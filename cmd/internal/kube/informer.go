@@ -1,0 +1,118 @@
+package kube
+
+import (
+	"context"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/tools/cache"
+)
+
+// listRetry is how often a failed list is retried.
+const listRetry = 250 * time.Millisecond
+
+// newInformer builds a shared informer whose list and watch retry every
+// listRetry while the API server is unreachable, instead of failing.
+// client-go's reflector backs off exponentially (up to 30 s) after failed
+// lists and watches, which
+// would leave the caches stale for up to 30 s after an API server outage;
+// this informer is current again a fraction of a second after it returns.
+// Errors a retry cannot fix (forbidden, unknown resource) fail at once, so
+// the reflector reports them. The informer opts out of streaming lists
+// (WatchList): their retries use that same growing backoff.
+func newInformer(list func(context.Context, metav1.ListOptions) (runtime.Object, error),
+	watchFn func(context.Context, metav1.ListOptions) (watch.Interface, error), obj runtime.Object) cache.SharedIndexInformer {
+	lw := &listWatch{ListWatch: cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			return retry(ctx, func() (runtime.Object, error) { return list(ctx, o) })
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+			return retry(ctx, func() (watch.Interface, error) { return watchFn(ctx, o) })
+		},
+	}}
+	return cache.NewSharedIndexInformer(lw, obj, 0, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+}
+
+// retry calls fn every listRetry until it succeeds, ctx ends, or it fails
+// in a way a retry cannot fix.
+func retry[T any](ctx context.Context, fn func() (T, error)) (T, error) {
+	for {
+		out, err := fn()
+		if err == nil || ctx.Err() != nil || apierrors.IsForbidden(err) || apierrors.IsUnauthorized(err) ||
+			apierrors.IsNotFound(err) || apierrors.IsBadRequest(err) || apierrors.IsGone(err) || apierrors.IsResourceExpired(err) {
+			return out, err
+		}
+		select {
+		case <-ctx.Done():
+			var zero T
+			return zero, ctx.Err()
+		case <-time.After(listRetry):
+		}
+	}
+}
+
+// listWatch is a cache.ListWatch that tells the reflector to list rather
+// than stream (see newInformer).
+type listWatch struct{ cache.ListWatch }
+
+// IsWatchListSemanticsUnSupported makes the reflector use list and watch.
+func (*listWatch) IsWatchListSemanticsUnSupported() bool { return true }
+
+// PodInformer watches every pod.
+func (c *Clients) PodInformer() cache.SharedIndexInformer {
+	pods := c.Core.CoreV1().Pods(metav1.NamespaceAll)
+	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return pods.List(ctx, o) },
+		pods.Watch, &corev1.Pod{})
+}
+
+// NamespaceInformer watches every namespace.
+func (c *Clients) NamespaceInformer() cache.SharedIndexInformer {
+	ns := c.Core.CoreV1().Namespaces()
+	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return ns.List(ctx, o) },
+		ns.Watch, &corev1.Namespace{})
+}
+
+// NodeInformer watches every node.
+func (c *Clients) NodeInformer() cache.SharedIndexInformer {
+	nodes := c.Core.CoreV1().Nodes()
+	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return nodes.List(ctx, o) },
+		nodes.Watch, &corev1.Node{})
+}
+
+// LeaseInformer watches the Leases of one namespace.
+func (c *Clients) LeaseInformer(namespace string) cache.SharedIndexInformer {
+	leases := c.Core.CoordinationV1().Leases(namespace)
+	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return leases.List(ctx, o) },
+		leases.Watch, &coordinationv1.Lease{})
+}
+
+// DynamicInformer watches a custom resource in every namespace.
+func (c *Clients) DynamicInformer(gvr schema.GroupVersionResource) cache.SharedIndexInformer {
+	r := c.Dynamic.Resource(gvr)
+	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return r.List(ctx, o) },
+		r.Watch, &unstructured.Unstructured{})
+}
+
+// RunInformers runs the informers until ctx ends.
+func RunInformers(ctx context.Context, infs ...cache.SharedIndexInformer) {
+	for _, inf := range infs {
+		go inf.RunWithContext(ctx)
+	}
+}
+
+// WaitForSync waits until every informer has synced; false when ctx ended
+// first.
+func WaitForSync(ctx context.Context, infs ...cache.SharedIndexInformer) bool {
+	synced := make([]cache.InformerSynced, len(infs))
+	for i, inf := range infs {
+		synced[i] = inf.HasSynced
+	}
+	return cache.WaitForCacheSync(ctx.Done(), synced...)
+}

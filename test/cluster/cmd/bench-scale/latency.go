@@ -1,0 +1,317 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/egressnat/egressnat/test/lab"
+)
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// latencySynthetic measures, for latencyPods new Pod objects (created
+// without an IP first), the time from their status.podIP update to the
+// address appearing in an element of the node's table, as the kernel's
+// nftables notifications tell it. Updates are paced at latencyRate per
+// second.
+func (s *scale) latencySynthetic(ctx context.Context, watches map[string]*watch) (own, all, fromSend []float64, err error) {
+	n := s.cfg.latencyPods
+	P := s.cfg.policies
+	var pods []*synthPod
+	for j := range n {
+		pods = append(pods, &synthPod{ns: nsName(j % P), name: fmt.Sprintf("lat-%05d", j),
+			node: s.nodes[j%len(s.nodes)], policy: j % P})
+	}
+	if err := parallel(ctx, "latency pods", n, s.cfg.workers, func(ctx context.Context, i int) error {
+		return s.createPod(ctx, pods[i], map[string]string{"app": "bench"})
+	}); err != nil {
+		return nil, nil, nil, err
+	}
+	s.pods = append(s.pods, pods...)
+	if s.holders, err = s.readHolders(ctx); err != nil {
+		return nil, nil, nil, err
+	}
+	time.Sleep(3 * time.Second) // let the agents digest the IP-less pods
+
+	type rec struct {
+		send, done time.Time
+		err        error
+	}
+	recs := make([]rec, n)
+	interval := time.Duration(float64(time.Second) / s.cfg.latencyRate)
+	logf("updating status.podIP of %d pods, one every %v", n, interval)
+	var wg sync.WaitGroup
+	tick := time.NewTicker(interval)
+	for i, p := range pods {
+		if i > 0 {
+			select {
+			case <-ctx.Done():
+				tick.Stop()
+				wg.Wait()
+				return nil, nil, nil, ctx.Err()
+			case <-tick.C:
+			}
+		}
+		p.ip = s.allocIP()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			recs[i].send = time.Now()
+			recs[i].err = retry(ctx, func() error { return s.setPodIP(ctx, p, s.hostIP(p.node)) })
+			recs[i].done = time.Now()
+		}()
+	}
+	tick.Stop()
+	wg.Wait()
+	for i := range recs {
+		if recs[i].err != nil {
+			return nil, nil, nil, fmt.Errorf("set pod IP of %s: %w", pods[i].name, recs[i].err)
+		}
+	}
+	gwNode := func(p *synthPod) string { return s.holders[gatewayName(p.policy%s.cfg.gateways)] }
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		missing := 0
+		for _, p := range pods {
+			_, ok1 := watches[p.node].seenAt(p.ip)
+			_, ok2 := watches[gwNode(p)].seenAt(p.ip)
+			if !ok1 || !ok2 {
+				missing++
+			}
+		}
+		if missing == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			logf("WARNING: %d of %d pod IPs not seen in the kernel 30 s after the last update", missing, n)
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	var api []float64
+	negative := 0
+	for i, p := range pods {
+		api = append(api, ms(recs[i].done.Sub(recs[i].send)))
+		t1, ok1 := watches[p.node].seenAt(p.ip)
+		t2, ok2 := watches[gwNode(p)].seenAt(p.ip)
+		if !ok1 || !ok2 {
+			continue
+		}
+		own = append(own, ms(t1.Sub(recs[i].done)))
+		fromSend = append(fromSend, ms(t1.Sub(recs[i].send)))
+		if t1.Before(recs[i].done) {
+			negative++
+		}
+		all = append(all, ms(later(t1, t2).Sub(recs[i].done)))
+	}
+	logf("API status update itself took %s", dist(api))
+	if negative > 0 {
+		logf("%d pods were in the kernel before the bench got the API response (negative latency kept as is)", negative)
+	}
+	return own, all, fromSend, nil
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// livePod is a real pod (network namespace) sending UDP to ext1 every
+// sendInterval from one socket.
+type livePod struct {
+	idx   int
+	pod   *synthPod
+	lab   *lab.Pod
+	conn  net.Conn
+	stop  chan struct{}
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	early int       // datagrams that arrived before the pod IP update
+	armed time.Time // update sent
+	t0    time.Time // update answered by the API
+	fip   time.Time // first datagram that arrived with the floating IP
+	leak  int       // datagrams with another source after the update was sent, before fip
+	first netip.Addr
+}
+
+type liveResult struct {
+	firstPacket, inSet []float64
+	pods, failed       int
+	leaked, leakedPods int
+}
+
+// latencyReal measures, for realPods real pods spread over the nodes,
+// the time from status.podIP update to the first datagram from the pod that
+// reaches an external listener with the floating IP. Pods send every
+// sendInterval on one UDP flow (so a reply-less conntrack entry made with
+// the node IP before the update must be replaced: the agent's conntrack
+// cleanup is part of the measure); up to realBatch pods are measured at
+// once.
+func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*liveResult, error) {
+	n := s.cfg.realPods
+	ext := s.c.Lab.External("ext1")
+	fip := netip.MustParseAddr(floatingIP(0))
+	pods := make([]*livePod, n)
+	for i := range n {
+		node := s.nodes[i%len(s.nodes)]
+		pods[i] = &livePod{idx: i, pod: &synthPod{ns: liveNamespace, name: fmt.Sprintf("live-%03d", i), node: node}}
+	}
+	logf("creating %d real pods (network namespaces) and their Pod objects without IP", n)
+	if err := parallel(ctx, "real pods", n, 4, func(ctx context.Context, i int) error {
+		p := pods[i]
+		if p.lab == nil {
+			lp, err := s.c.Lab.AddPod(p.pod.node, p.pod.name)
+			if err != nil {
+				return err
+			}
+			p.lab, p.pod.ip = lp, lp.IP
+		}
+		return s.createPod(ctx, p.pod, map[string]string{"egress": "yes"})
+	}); err != nil {
+		return nil, err
+	}
+	pc, err := lab.ListenUDP(ext.NetNS, netip.AddrPortFrom(ext.IP, 9300).String())
+	if err != nil {
+		return nil, err
+	}
+	defer pc.Close()
+	go func() {
+		buf := make([]byte, 256)
+		for {
+			k, from, err := pc.ReadFrom(buf)
+			now := time.Now()
+			if err != nil {
+				return
+			}
+			f := strings.Fields(string(buf[:k]))
+			if len(f) != 2 {
+				continue
+			}
+			i, err := strconv.Atoi(f[0])
+			if err != nil || i < 0 || i >= n {
+				continue
+			}
+			ua, ok := from.(*net.UDPAddr)
+			if !ok {
+				continue
+			}
+			src, _ := netip.AddrFromSlice(ua.IP)
+			src = src.Unmap()
+			p := pods[i]
+			p.mu.Lock()
+			switch {
+			case p.armed.IsZero():
+				p.early++
+				p.first = src
+			case !p.fip.IsZero():
+			case src == fip:
+				p.fip = now
+			default:
+				p.leak++
+			}
+			p.mu.Unlock()
+		}
+	}()
+	res := &liveResult{pods: n}
+	dst := netip.AddrPortFrom(ext.IP, 9300).String()
+	for b := 0; b < n; b += s.cfg.realBatch {
+		batch := pods[b:min(n, b+s.cfg.realBatch)]
+		for _, p := range batch {
+			c, err := lab.DialUDP(ctx, p.lab.NetNS, dst)
+			if err != nil {
+				return nil, err
+			}
+			p.conn, p.stop = c, make(chan struct{})
+			p.wg.Add(1)
+			go func() {
+				defer p.wg.Done()
+				t := time.NewTicker(s.cfg.sendInterval)
+				defer t.Stop()
+				for seq := 0; ; seq++ {
+					fmt.Fprintf(p.conn, "%d %d", p.idx, seq)
+					select {
+					case <-p.stop:
+						return
+					case <-t.C:
+					}
+				}
+			}()
+		}
+		// The path works before the pod has an IP in the API: datagrams
+		// leave masqueraded to the node IP.
+		deadline := time.Now().Add(5 * time.Second)
+		for _, p := range batch {
+			for {
+				p.mu.Lock()
+				e := p.early
+				p.mu.Unlock()
+				if e > 0 || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}
+		for _, p := range batch {
+			p.mu.Lock()
+			p.armed = time.Now()
+			p.mu.Unlock()
+			err := retry(ctx, func() error { return s.setPodIP(ctx, p.pod, s.hostIP(p.pod.node)) })
+			p.mu.Lock()
+			p.t0 = time.Now()
+			p.mu.Unlock()
+			if err != nil {
+				return nil, err
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		deadline = time.Now().Add(15 * time.Second)
+		for _, p := range batch {
+			for {
+				p.mu.Lock()
+				done := !p.fip.IsZero()
+				p.mu.Unlock()
+				if done || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}
+		for _, p := range batch {
+			close(p.stop)
+			p.wg.Wait()
+			p.conn.Close()
+		}
+	}
+	noBaseline := 0
+	for _, p := range pods {
+		p.mu.Lock()
+		if p.early == 0 {
+			noBaseline++
+		}
+		if p.fip.IsZero() {
+			res.failed++
+		} else {
+			res.firstPacket = append(res.firstPacket, ms(p.fip.Sub(p.t0)))
+		}
+		if p.leak > 0 {
+			res.leakedPods++
+			res.leaked += p.leak
+		}
+		p.mu.Unlock()
+		if t, ok := watches[p.pod.node].seenAt(p.pod.ip); ok {
+			res.inSet = append(res.inSet, ms(t.Sub(p.t0)))
+		}
+	}
+	if noBaseline > 0 {
+		logf("WARNING: %d real pods had no datagram arrive before their IP update", noBaseline)
+	}
+	return res, nil
+}

@@ -5,7 +5,6 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"os"
 	"strings"
@@ -28,35 +27,7 @@ var (
 	fip102    = netip.MustParseAddr("192.0.2.102")
 )
 
-func TestMain(m *testing.M) {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "e2e: needs root for network namespaces")
-		os.Exit(1)
-	}
-	os.Exit(run(m))
-}
-
-func run(m *testing.M) int {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	var err error
-	c, err = cluster.Start(ctx, cluster.Options{Prefix: "enat-e2e-", Log: func(f string, a ...any) {
-		fmt.Fprintf(os.Stderr, "e2e: "+f+"\n", a...)
-	}})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "e2e: start cluster:", err)
-		return 1
-	}
-	code := m.Run()
-	if code != 0 {
-		fmt.Fprintln(os.Stderr, c.Logs())
-	}
-	if err := c.Close(); err != nil {
-		fmt.Fprintln(os.Stderr, "e2e: close cluster:", err)
-		return 1
-	}
-	return code
-}
+func TestMain(m *testing.M) { os.Exit(cluster.TestMain(m, "enat-e2e-", &c)) }
 
 func ext1() *lab.External { return c.Lab.External("ext1") } // 203.0.113.10
 func ext2() *lab.External { return c.Lab.External("ext2") } // 198.51.100.10
@@ -143,40 +114,7 @@ func nodeExec(t *testing.T, node string, argv ...string) string {
 	return string(out)
 }
 
-const seedGateway = `apiVersion: networking.gke.io/v1
-kind: NetworkGatewayGroup
-metadata:
-  namespace: kube-system
-  name: default
-spec:
-  floatingIPs:
-  - 192.0.2.100
-  - 192.0.2.101
-  - 192.0.2.102
-`
-
-const seedPolicy = `apiVersion: networking.gke.io/v1
-kind: EgressNATPolicy
-metadata:
-  name: egress
-spec:
-  sources:
-  - namespaceSelector:
-      matchLabels:
-        user: alice
-    podSelector:
-      matchLabels:
-        role: frontend
-  - namespaceSelector:
-      matchLabels:
-        user: paul
-    podSelector:
-      matchLabels:
-        role: frontend
-  action: SNAT
-  destinations:
-  - cidr: 203.0.113.0/24
-  gatewayRef:
-    name: default
-    namespace: kube-system
-`
+const (
+	seedGateway = cluster.SeedGateway
+	seedPolicy  = cluster.SeedPolicy
+)

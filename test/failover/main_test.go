@@ -25,35 +25,7 @@ var (
 	cp1IP  = netip.MustParseAddr("192.0.2.11")
 )
 
-func TestMain(m *testing.M) {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "failover: needs root for network namespaces")
-		os.Exit(1)
-	}
-	os.Exit(run(m))
-}
-
-func run(m *testing.M) int {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	var err error
-	c, err = cluster.Start(ctx, cluster.Options{Prefix: "enat-fo-", Log: func(f string, a ...any) {
-		fmt.Fprintf(os.Stderr, "failover: "+f+"\n", a...)
-	}})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "failover: start cluster:", err)
-		return 1
-	}
-	code := m.Run()
-	if code != 0 {
-		fmt.Fprintln(os.Stderr, c.Logs())
-	}
-	if err := c.Close(); err != nil {
-		fmt.Fprintln(os.Stderr, "failover: close cluster:", err)
-		return 1
-	}
-	return code
-}
+func TestMain(m *testing.M) { os.Exit(cluster.TestMain(m, "enat-fo-", &c)) }
 
 func ext1() *lab.External { return c.Lab.External("ext1") }
 
@@ -63,36 +35,7 @@ func ctxT(t *testing.T) context.Context {
 	return ctx
 }
 
-const scenario = `apiVersion: networking.gke.io/v1
-kind: NetworkGatewayGroup
-metadata:
-  namespace: kube-system
-  name: default
-spec:
-  floatingIPs:
-  - 192.0.2.100
-  - 192.0.2.101
-  - 192.0.2.102
----
-apiVersion: networking.gke.io/v1
-kind: EgressNATPolicy
-metadata:
-  name: egress
-spec:
-  sources:
-  - namespaceSelector:
-      matchLabels:
-        user: alice
-    podSelector:
-      matchLabels:
-        role: frontend
-  action: SNAT
-  destinations:
-  - cidr: 203.0.113.0/24
-  gatewayRef:
-    name: default
-    namespace: kube-system
-`
+const scenario = cluster.SeedScenario
 
 // setup applies the scenario and returns a selected pod on cp1 whose
 // traffic leaves with 192.0.2.100, and the node holding it.

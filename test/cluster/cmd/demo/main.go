@@ -23,42 +23,7 @@ import (
 
 const prefix = "enat-demo-"
 
-const scenario = `apiVersion: networking.gke.io/v1
-kind: NetworkGatewayGroup
-metadata:
-  namespace: kube-system
-  name: default
-spec:
-  floatingIPs:
-  - 192.0.2.100
-  - 192.0.2.101
-  - 192.0.2.102
----
-apiVersion: networking.gke.io/v1
-kind: EgressNATPolicy
-metadata:
-  name: egress
-spec:
-  sources:
-  - namespaceSelector:
-      matchLabels:
-        user: alice
-    podSelector:
-      matchLabels:
-        role: frontend
-  - namespaceSelector:
-      matchLabels:
-        user: paul
-    podSelector:
-      matchLabels:
-        role: frontend
-  action: SNAT
-  destinations:
-  - cidr: 203.0.113.0/24
-  gatewayRef:
-    name: default
-    namespace: kube-system
-`
+const scenario = cluster.SeedScenario
 
 func main() {
 	keep := flag.Bool("keep", false, "leave the lab running after the walkthrough, until Ctrl-C")

@@ -1,0 +1,82 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"testing"
+	"time"
+)
+
+// SeedGateway is the seed's NetworkGatewayGroup on the lab's node subnet.
+const SeedGateway = `apiVersion: networking.gke.io/v1
+kind: NetworkGatewayGroup
+metadata:
+  namespace: kube-system
+  name: default
+spec:
+  floatingIPs:
+  - 192.0.2.100
+  - 192.0.2.101
+  - 192.0.2.102
+`
+
+// SeedPolicy is the seed's EgressNATPolicy (alice's and paul's frontends)
+// toward the lab's external range 203.0.113.0/24.
+const SeedPolicy = `apiVersion: networking.gke.io/v1
+kind: EgressNATPolicy
+metadata:
+  name: egress
+spec:
+  sources:
+  - namespaceSelector:
+      matchLabels:
+        user: alice
+    podSelector:
+      matchLabels:
+        role: frontend
+  - namespaceSelector:
+      matchLabels:
+        user: paul
+    podSelector:
+      matchLabels:
+        role: frontend
+  action: SNAT
+  destinations:
+  - cidr: 203.0.113.0/24
+  gatewayRef:
+    name: default
+    namespace: kube-system
+`
+
+// SeedScenario is the seed's gateway and policy in one document.
+const SeedScenario = SeedGateway + "---\n" + SeedPolicy
+
+// TestMain runs a test package against one lab cluster: it starts the
+// cluster into *c, runs the tests, prints the binaries' logs when a test
+// failed, and tears everything down. It returns the exit code.
+func TestMain(m *testing.M, prefix string, c **Cluster) int {
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, prefix+": needs root for network namespaces")
+		return 1
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	cl, err := Start(ctx, Options{Prefix: prefix, Log: func(f string, a ...any) {
+		fmt.Fprintf(os.Stderr, prefix+": "+f+"\n", a...)
+	}})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, prefix+": start cluster:", err)
+		return 1
+	}
+	*c = cl
+	code := m.Run()
+	if code != 0 {
+		fmt.Fprintln(os.Stderr, cl.Logs())
+	}
+	if err := cl.Close(); err != nil {
+		fmt.Fprintln(os.Stderr, prefix+": close cluster:", err)
+		return 1
+	}
+	return code
+}

@@ -616,13 +616,25 @@ func (d *Dataplane) Dump(ctx context.Context) ([]PolicyCounters, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nftables conn: %w", err)
 	}
-	ks, err := d.readNFT(ctx, c)
+	// Only the rules: reading every set's elements would cost far more.
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyIPv4)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("list chains: %w", err)
 	}
 	var out []PolicyCounters
-	for _, chain := range []string{chainPrerouting, chainPostrouting} {
-		for _, r := range ks.rules[chain] {
+	index := map[PolicyCounters]int{} // by policy and mode (counters zero)
+	for _, ch := range chains {
+		if ch.Table == nil || ch.Table.Name != d.cfg.Table {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		rules, err := c.GetRules(d.table(), ch)
+		if err != nil {
+			return nil, fmt.Errorf("list rules %s: %w", ch.Name, err)
+		}
+		for _, r := range rules {
 			kr, ok := parseRule(r)
 			if !ok {
 				continue
@@ -631,7 +643,17 @@ func (d *Dataplane) Dump(ctx context.Context) ([]PolicyCounters, error) {
 			if !ok {
 				name = commentPolicy(ruleComment(r))
 			}
-			out = append(out, PolicyCounters{Policy: name, Mode: kr.mode, Packets: kr.counter.Packets, Bytes: kr.counter.Bytes})
+			// A Reroute or Drop policy counts in its own chain and in
+			// chainMulti: add them up.
+			k := PolicyCounters{Policy: name, Mode: kr.mode}
+			i, seen := index[k]
+			if !seen {
+				i = len(out)
+				index[k] = i
+				out = append(out, k)
+			}
+			out[i].Packets += kr.counter.Packets
+			out[i].Bytes += kr.counter.Bytes
 		}
 	}
 	return out, nil

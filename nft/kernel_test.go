@@ -226,7 +226,8 @@ func TestSourceRemoval(t *testing.T) {
 
 	mustApply(t, db, gatewayState(podA1))
 	r := mustApply(t, da, rerouteState(podA1))
-	if r.ElementsDeleted != 1 || r.ElementsAdded != 0 {
+	// One element out of the policy's source set, one out of the dispatch map.
+	if r.ElementsDeleted != 2 || r.ElementsAdded != 0 {
 		t.Fatalf("removal: %+v", r)
 	}
 	if r.ConntrackDeleted == 0 {
@@ -429,7 +430,9 @@ func TestLargeSet(t *testing.T) {
 	st := rerouteState()
 	st.Policies[0].Sources = srcs(0, 12000)
 	r := mustApply(t, da, st)
-	if r.Transactions < 2 || r.ElementsAdded != 12000+2 {
+	// Each source of a Reroute or Drop policy is an element of its set and
+	// of the dispatch map; plus the destination interval (2 elements).
+	if r.Transactions < 2 || r.ElementsAdded != 2*12000+2 {
 		t.Fatalf("large apply: %+v", r)
 	}
 	if n := setSize(t, l, "a", "src-web"); n != 12000 {
@@ -441,7 +444,7 @@ func TestLargeSet(t *testing.T) {
 	// Replace 9000 of them: 9000 adds and 9000 deletes, add before delete.
 	st.Policies[0].Sources = srcs(9000, 12000)
 	r = mustApply(t, da, st)
-	if r.ElementsAdded != 9000 || r.ElementsDeleted != 9000 || r.Transactions < 3 {
+	if r.ElementsAdded != 2*9000 || r.ElementsDeleted != 2*9000 || r.Transactions < 3 {
 		t.Fatalf("large diff: %+v", r)
 	}
 	if n := setSize(t, l, "a", "src-web"); n != 12000 {
@@ -450,7 +453,7 @@ func TestLargeSet(t *testing.T) {
 	// A new policy with a big set: filled before its rule references it.
 	st.Policies = append(st.Policies, selector.PolicyState{Name: "big", Sources: srcs(30000, 11000), Destinations: []netip.Prefix{p("198.51.100.0/24")}, Mode: selector.ModeDrop})
 	r = mustApply(t, da, st)
-	if r.ElementsAdded != 11000+2 || r.Transactions < 2 {
+	if r.ElementsAdded != 2*11000+2 || r.Transactions < 2 {
 		t.Fatalf("new big policy: %+v", r)
 	}
 	if n := setSize(t, l, "a", "src-big"); n != 11000 {
@@ -617,5 +620,67 @@ func TestManyPolicies(t *testing.T) {
 	}
 	if n := strings.Count(l.ip("a", "rule", "show"), "fwmark"); n != 10 {
 		t.Fatalf("%d fwmark rules left, want 10", n)
+	}
+}
+
+// TestPodInSeveralPolicies: a pod two Reroute policies select goes through
+// the shared chain, and each destination takes its own policy's path; a pod
+// one policy selects jumps straight to that policy's chain. The dispatch is
+// one map lookup whatever the number of policies.
+func TestPodInSeveralPolicies(t *testing.T) {
+	l := newLab(t)
+	l.build()
+	seen := l.server("ext", serverIP+":8080")
+	da, db := l.dataplane("a"), l.dataplane("b")
+	mustApply(t, db, gatewayState(podA1, podA2))
+	st := rerouteState(podA1, podA2)
+	// "other": podA1 only, another destination, a next hop that does not
+	// exist; listed first by name, so it comes first in the shared chain.
+	st.Policies = append([]selector.PolicyState{{Name: "other", Sources: addrList(podA1), Destinations: []netip.Prefix{p("198.51.100.0/24")},
+		Mode: selector.ModeReroute, NextHop: a("192.0.2.13")}}, st.Policies...)
+	mustApply(t, da, st)
+
+	c, err := nftables.New(nftables.WithNetNSFd(l.fd("a")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks, err := da.readNFT(ctxT(t), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jumps := elemJumps(ks.elems[setPreSrc])
+	if jumps[a(podA1)] != chainMulti || jumps[a(podA2)] != policyChainName("web") || len(jumps) != 2 {
+		t.Fatalf("dispatch map: %v", jumps)
+	}
+	if n := len(ks.rules[chainPrerouting]); n != 2 {
+		t.Fatalf("prerouting has %d rules, want the guard and the dispatch", n)
+	}
+	// podA1 to 203.0.113.10 is policy web's (via B), not other's.
+	expectSource(t, l, "pa1", podA1+":40021", seen, netip.MustParseAddrPort(floatIP+":40021"), true)
+	expectSource(t, l, "pa2", podA2+":40022", seen, netip.MustParseAddrPort(floatIP+":40022"), true)
+	counters, err := da.Dump(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cn := range counters {
+		if cn.Policy == "other" && cn.Packets != 0 {
+			t.Fatalf("policy other matched traffic to another destination: %+v", counters)
+		}
+		if cn.Policy == "web" && cn.Packets == 0 {
+			t.Fatalf("policy web counted nothing: %+v", counters)
+		}
+	}
+	// Dropping the second policy sends podA1 back to web's own chain, and
+	// the unused chain goes away.
+	mustApply(t, da, rerouteState(podA1, podA2))
+	ks, err = da.readNFT(ctxT(t), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j := elemJumps(ks.elems[setPreSrc]); j[a(podA1)] != policyChainName("web") {
+		t.Fatalf("dispatch map after removal: %v", j)
+	}
+	if _, ok := ks.chains[policyChainName("other")]; ok {
+		t.Fatal("the chain of a removed policy is still there")
 	}
 }

@@ -24,6 +24,16 @@ const (
 	setFloating      = "floating"
 	srcPrefix        = "src-"
 	dstPrefix        = "dst-"
+	// setPreSrc maps each source address of this node's Reroute and Drop
+	// policies to the chain that handles it: the policy's own chain, or
+	// chainMulti for an address several policies select. One hash lookup
+	// per packet, whatever the number of policies and pods.
+	setPreSrc = "pre-src"
+	// chainMulti holds, in policy order, the rules of every Reroute and
+	// Drop policy, for addresses several policies select.
+	chainMulti = "multi"
+	// policyChainPrefix names the chain of one Reroute or Drop policy.
+	policyChainPrefix = "pp-"
 
 	// maxSetKey bounds the policy part of a set name; longer names are
 	// shortened to a prefix plus a hash of the full name.
@@ -66,6 +76,28 @@ func setKey(policy string) string {
 }
 
 func srcSetName(policy string) string { return srcPrefix + setKey(policy) }
+
+// policyChainName is the chain of one Reroute or Drop policy.
+func policyChainName(policy string) string { return policyChainPrefix + setKey(policy) }
+
+// preSrcTargets maps every source address of the Reroute and Drop policies
+// to the chain its packets jump to.
+func preSrcTargets(st selector.NodeState) map[netip.Addr]string {
+	out := map[netip.Addr]string{}
+	for _, p := range st.Policies {
+		if p.Mode != selector.ModeReroute && p.Mode != selector.ModeDrop {
+			continue
+		}
+		for _, a := range p.Sources {
+			if _, dup := out[a]; dup {
+				out[a] = chainMulti
+			} else {
+				out[a] = policyChainName(p.Name)
+			}
+		}
+	}
+	return out
+}
 func dstSetName(policy string) string { return dstPrefix + setKey(policy) }
 
 // policyComment is the readable rule comment naming the policy.
@@ -133,14 +165,14 @@ func loadAddr(offset uint32) *expr.Payload {
 	}
 }
 
-// matchSets: ip saddr @src ip daddr @dst.
+// matchSets: ip saddr @src ip daddr @dst; without src (a policy's own
+// chain, reached for its sources only) just ip daddr @dst.
 func matchSets(src, dst *nftables.Set) []expr.Any {
-	return []expr.Any{
-		loadAddr(12),
-		&expr.Lookup{SourceRegister: 1, SetName: src.Name, SetID: src.ID},
-		loadAddr(16),
-		&expr.Lookup{SourceRegister: 1, SetName: dst.Name, SetID: dst.ID},
+	var out []expr.Any
+	if src != nil {
+		out = append(out, loadAddr(12), &expr.Lookup{SourceRegister: 1, SetName: src.Name, SetID: src.ID})
 	}
+	return append(out, loadAddr(16), &expr.Lookup{SourceRegister: 1, SetName: dst.Name, SetID: dst.ID})
 }
 
 func ifname(name string) []byte {
@@ -211,25 +243,44 @@ func nullBindingRule(mask uint32) []expr.Any {
 	}
 }
 
-// desiredRules builds both chains' rules, in policy order.
-func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, sets map[string]*nftables.Set) (pre, post []ruleSpec) {
+// desiredRules builds every chain's rules, in policy order: the base
+// chains, one chain per Reroute or Drop policy, and chainMulti.
+func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, sets map[string]*nftables.Set) map[string][]ruleSpec {
+	out := map[string][]ruleSpec{chainPrerouting: nil, chainPostrouting: nil, chainMulti: nil}
 	if f := sets[setFloating]; f != nil {
-		pre = append(pre, ruleSpec{comment: floatingGuardComment, exprs: floatingGuardRule(f)})
+		out[chainPrerouting] = append(out[chainPrerouting], ruleSpec{comment: floatingGuardComment, exprs: floatingGuardRule(f)})
+	}
+	if m := sets[setPreSrc]; m != nil {
+		out[chainPrerouting] = append(out[chainPrerouting], ruleSpec{comment: dispatchComment, exprs: dispatchRule(m)})
 	}
 	for _, p := range st.Policies {
 		src, dst := sets[srcSetName(p.Name)], sets[dstSetName(p.Name)]
 		switch p.Mode {
 		case selector.ModeReroute:
 			mark := selector.MarkValue(cfg.MarkMask, marks[p.NextHop])
-			pre = append(pre, ruleSpec{policy: p.Name, comment: policyComment(p, mark), exprs: rerouteRule(src, dst, cfg.MarkMask, mark)})
+			c := policyComment(p, mark)
+			out[policyChainName(p.Name)] = []ruleSpec{{policy: p.Name, comment: c, exprs: rerouteRule(nil, dst, cfg.MarkMask, mark)}}
+			out[chainMulti] = append(out[chainMulti], ruleSpec{policy: p.Name, comment: c, exprs: rerouteRule(src, dst, cfg.MarkMask, mark)})
 		case selector.ModeDrop:
-			pre = append(pre, ruleSpec{policy: p.Name, comment: policyComment(p, 0), exprs: dropRule(src, dst)})
+			c := policyComment(p, 0)
+			out[policyChainName(p.Name)] = []ruleSpec{{policy: p.Name, comment: c, exprs: dropRule(nil, dst)}}
+			out[chainMulti] = append(out[chainMulti], ruleSpec{policy: p.Name, comment: c, exprs: dropRule(src, dst)})
 		case selector.ModeGateway:
-			post = append(post, ruleSpec{policy: p.Name, comment: policyComment(p, 0), exprs: gatewayRule(src, dst, cfg.Uplink, p.EgressIP)})
+			out[chainPostrouting] = append(out[chainPostrouting], ruleSpec{policy: p.Name, comment: policyComment(p, 0), exprs: gatewayRule(src, dst, cfg.Uplink, p.EgressIP)})
 		}
 	}
-	post = append(post, ruleSpec{comment: nullBindingComment, exprs: nullBindingRule(cfg.MarkMask)})
-	return pre, post
+	out[chainPostrouting] = append(out[chainPostrouting], ruleSpec{comment: nullBindingComment, exprs: nullBindingRule(cfg.MarkMask)})
+	return out
+}
+
+const dispatchComment = "sources of reroute and drop policies: jump to their chain"
+
+// dispatchRule: ip saddr vmap @pre-src.
+func dispatchRule(m *nftables.Set) []expr.Any {
+	return []expr.Any{
+		loadAddr(12),
+		&expr.Lookup{SourceRegister: 1, DestRegister: 0, IsDestRegSet: true, SetName: m.Name, SetID: m.ID},
+	}
 }
 
 // normalize returns a copy of exprs comparable with what the kernel returns:
@@ -317,10 +368,16 @@ func parseRule(r *nftables.Rule) (kr kernelRule, ok bool) {
 			}
 		}
 	}
-	if len(lookups) != 2 || kr.mode == "" {
+	switch {
+	case kr.mode == "":
+		return kernelRule{}, false
+	case len(lookups) == 2:
+		kr.srcSet, kr.dstSet = lookups[0], lookups[1]
+	case len(lookups) == 1 && kr.mode != selector.ModeGateway && strings.HasPrefix(lookups[0], dstPrefix):
+		kr.dstSet = lookups[0] // a policy's own chain
+	default:
 		return kernelRule{}, false
 	}
-	kr.srcSet, kr.dstSet = lookups[0], lookups[1]
 	return kr, true
 }
 

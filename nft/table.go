@@ -2,12 +2,17 @@ package nft
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/egressnat/egressnat/selector"
 )
@@ -100,7 +105,21 @@ func (d *Dataplane) readNFT(ctx context.Context, c *nftables.Conn) (*nftState, e
 	return ks, nil
 }
 
-func (d *Dataplane) chainDefs() map[string]*nftables.Chain {
+// chainDefs returns the chains the state needs: the two base chains,
+// chainMulti and one regular chain per Reroute or Drop policy.
+func (d *Dataplane) chainDefs(st selector.NodeState) map[string]*nftables.Chain {
+	out := d.baseChains()
+	out[chainMulti] = &nftables.Chain{Name: chainMulti, Table: d.table()}
+	for _, p := range st.Policies {
+		if p.Mode == selector.ModeReroute || p.Mode == selector.ModeDrop {
+			name := policyChainName(p.Name)
+			out[name] = &nftables.Chain{Name: name, Table: d.table()}
+		}
+	}
+	return out
+}
+
+func (d *Dataplane) baseChains() map[string]*nftables.Chain {
 	accept := nftables.ChainPolicyAccept
 	return map[string]*nftables.Chain{
 		chainPrerouting: {
@@ -115,6 +134,9 @@ func (d *Dataplane) chainDefs() map[string]*nftables.Chain {
 }
 
 func chainMatches(have, want *nftables.Chain) bool {
+	if want.Hooknum == nil { // a regular chain
+		return have.Hooknum == nil
+	}
 	return have.Type == want.Type &&
 		have.Hooknum != nil && *have.Hooknum == *want.Hooknum &&
 		have.Priority != nil && *have.Priority == *want.Priority &&
@@ -123,14 +145,85 @@ func chainMatches(have, want *nftables.Chain) bool {
 
 // setSpec is one set we want.
 type setSpec struct {
-	name     string
-	interval bool
-	comment  string
+	name       string
+	interval   bool
+	verdictMap bool // address -> verdict (setPreSrc)
+	comment    string
+}
+
+func (spec setSpec) set(t *nftables.Table) *nftables.Set {
+	s := &nftables.Set{Table: t, Name: spec.name, KeyType: nftables.TypeIPAddr, Interval: spec.interval, Comment: spec.comment}
+	if spec.verdictMap {
+		s.IsMap, s.DataType = true, nftables.TypeVerdict
+	}
+	return s
 }
 
 func setMatches(s *nftables.Set, spec setSpec) bool {
+	if spec.verdictMap {
+		// google/nftables v0.3.0 reads a verdict map's key and data types
+		// back wrongly (the key as "verdict"); the flags are reliable.
+		return s.IsMap && !s.Interval && !s.Constant && !s.Anonymous && !s.HasTimeout && !s.Concatenation
+	}
 	return s.KeyType.Name == nftables.TypeIPAddr.Name && s.Interval == spec.interval &&
 		!s.IsMap && !s.Constant && !s.Anonymous && !s.HasTimeout && !s.Concatenation
+}
+
+// jumpElems are the elements of the setPreSrc map.
+func jumpElems(targets map[netip.Addr]string) []nftables.SetElement {
+	addrs := slices.SortedFunc(maps.Keys(targets), netip.Addr.Compare)
+	out := make([]nftables.SetElement, len(addrs))
+	for i, a := range addrs {
+		b := a.As4()
+		out[i] = nftables.SetElement{Key: b[:], VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: targets[a]}}
+	}
+	return out
+}
+
+// elemJumps reads the setPreSrc map's elements back.
+func elemJumps(elems []nftables.SetElement) map[netip.Addr]string {
+	out := make(map[netip.Addr]string, len(elems))
+	for _, e := range elems {
+		a, ok := netip.AddrFromSlice(e.Key)
+		if !ok {
+			continue
+		}
+		switch {
+		case e.VerdictData != nil:
+			out[a.Unmap()] = e.VerdictData.Chain
+		default:
+			if chain, ok := jumpChain(e.Val); ok {
+				out[a.Unmap()] = chain
+			}
+		}
+	}
+	return out
+}
+
+// jumpChain decodes a jump verdict as the kernel returns it in a map
+// element's data (google/nftables v0.3.0 leaves it raw): netlink attributes
+// NFTA_VERDICT_CODE (1, big-endian int32, NFT_JUMP = -3) and
+// NFTA_VERDICT_CHAIN (2, a NUL-terminated name).
+func jumpChain(b []byte) (string, bool) {
+	code, chain, isJump := int32(0), "", false
+	for len(b) >= 4 {
+		l := int(binary.NativeEndian.Uint16(b[0:2]))
+		typ := binary.NativeEndian.Uint16(b[2:4]) &^ unix.NLA_F_NESTED
+		if l < 4 || l > len(b) {
+			return "", false
+		}
+		v := b[4:l]
+		switch typ {
+		case unix.NFTA_VERDICT_CODE:
+			if len(v) == 4 {
+				code, isJump = int32(binary.BigEndian.Uint32(v)), true
+			}
+		case unix.NFTA_VERDICT_CHAIN:
+			chain = strings.TrimRight(string(v), "\x00")
+		}
+		b = b[min((l+3)&^3, len(b)):]
+	}
+	return chain, isJump && code == unix.NFT_JUMP && chain != ""
 }
 
 // op is one step of an nftables plan. Ops run in order; consecutive ops share
@@ -230,7 +323,7 @@ func (p *nftPlan) after(d *Dataplane, want desiredNFT, floating []netip.Addr) *n
 		exists: true,
 		sets:   make(map[string]*nftables.Set, len(p.sets)),
 		elems:  make(map[string][]nftables.SetElement, len(p.sets)),
-		chains: d.chainDefs(),
+		chains: d.chainDefs(want.state),
 		rules:  map[string][]*nftables.Rule{},
 	}
 	for name, s := range p.sets {
@@ -238,6 +331,8 @@ func (p *nftPlan) after(d *Dataplane, want desiredNFT, floating []netip.Addr) *n
 		switch {
 		case name == setFloating:
 			ks.elems[name] = addrElems(floating)
+		case s.IsMap:
+			ks.elems[name] = jumpElems(preSrcTargets(want.state))
 		case s.Interval:
 			var el []nftables.SetElement
 			for _, r := range want.dests[name] {
@@ -248,8 +343,7 @@ func (p *nftPlan) after(d *Dataplane, want desiredNFT, floating []netip.Addr) *n
 			ks.elems[name] = addrElems(want.sources[name])
 		}
 	}
-	pre, post := desiredRules(d.cfg, want.state, want.marks, p.sets)
-	for name, specs := range map[string][]ruleSpec{chainPrerouting: pre, chainPostrouting: post} {
+	for name, specs := range desiredRules(d.cfg, want.state, want.marks, p.sets) {
 		for _, r := range specs {
 			ks.rules[name] = append(ks.rules[name], &nftables.Rule{Table: d.table(), Chain: ks.chains[name], Exprs: r.exprs, UserData: r.userData()})
 		}
@@ -283,7 +377,8 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			setSpec{name: srcSetName(pol.Name), comment: "sources of policy " + pol.Name},
 			setSpec{name: dstSetName(pol.Name), interval: true, comment: "destinations of policy " + pol.Name})
 	}
-	specs = append(specs, setSpec{name: setFloating, comment: "floating IPs added by egressnat"})
+	specs = append(specs, setSpec{name: setFloating, comment: "floating IPs added by egressnat"},
+		setSpec{name: setPreSrc, verdictMap: true, comment: "sources of reroute and drop policies -> their chain"})
 
 	// Phase 1: table and missing sets. Sets of the wrong kind are recreated
 	// with the chains (phase 4).
@@ -292,7 +387,7 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 	}
 	var recreate []setSpec
 	for _, spec := range specs {
-		s := &nftables.Set{Table: t, Name: spec.name, KeyType: nftables.TypeIPAddr, Interval: spec.interval, Comment: spec.comment}
+		s := spec.set(t)
 		p.sets[spec.name] = s
 		have, ok := ks.sets[spec.name]
 		switch {
@@ -322,6 +417,8 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			haveElems = ks.elems[spec.name]
 		}
 		switch {
+		case spec.verdictMap:
+			continue // after the chains it jumps to exist: see mapOps
 		case spec.name == setFloating:
 			added, removed := diffAddrs(elemAddrs(haveElems), want.floating)
 			p.elemsAdded += len(added)
@@ -413,26 +510,27 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 	p.ops = append(p.ops, adds...)
 	p.ops = append(p.ops, mixed...)
 
-	// Phase 4: chains. Rebuilt only when they differ from the kernel.
-	defs := d.chainDefs()
-	pre, post := desiredRules(d.cfg, want.state, want.marks, p.sets)
-	wantRules := map[string][]ruleSpec{chainPrerouting: pre, chainPostrouting: post}
+	// Phase 4: chains. Rebuilt only when they differ from the kernel. Chains
+	// no longer wanted are deleted last (phase 5b), once no map element
+	// jumps to them.
+	defs := d.chainDefs(want.state)
+	wantRules := desiredRules(d.cfg, want.state, want.marks, p.sets)
 	var rebuild []string
-	for _, name := range []string{chainPrerouting, chainPostrouting} {
+	for _, name := range slices.Sorted(maps.Keys(defs)) {
 		have, ok := ks.chains[name]
 		if len(recreate) > 0 || !ok || !chainMatches(have, defs[name]) || !rulesMatch(ks.rules[name], wantRules[name]) {
 			rebuild = append(rebuild, name)
 		}
 	}
 	var unknown []*nftables.Chain
-	for name, ch := range ks.chains {
+	for _, name := range slices.Sorted(maps.Keys(ks.chains)) {
 		if _, ok := defs[name]; !ok {
-			unknown = append(unknown, ch)
+			unknown = append(unknown, ks.chains[name])
 		}
 	}
-	if len(rebuild) > 0 || len(unknown) > 0 {
+	if len(rebuild) > 0 {
 		p.chainsRebuilt = rebuild
-		o := op{bytes: bytesSetOrObj * (len(rebuild) + len(unknown)), msgs: 2 * (len(rebuild) + len(unknown))}
+		o := op{bytes: bytesSetOrObj * len(rebuild), msgs: 2 * len(rebuild)}
 		for _, name := range rebuild {
 			o.bytes += bytesRule * len(wantRules[name])
 			o.msgs += len(wantRules[name])
@@ -446,6 +544,8 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 				}
 			} else if spec.name == setFloating {
 				el = addrElems(want.floating)
+			} else if spec.verdictMap {
+				el = jumpElems(preSrcTargets(want.state))
 			} else {
 				el = addrElems(want.sources[spec.name])
 			}
@@ -466,11 +566,6 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 					c.AddChain(defs[name])
 				}
 			}
-			for _, ch := range unknown {
-				ch.Table = t
-				c.FlushChain(ch)
-				c.DelChain(ch)
-			}
 			for i, spec := range recreate {
 				c.DelSet(&nftables.Set{Table: t, Name: spec.name})
 				s := p.sets[spec.name]
@@ -485,8 +580,7 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			}
 			// Rules are built now so that sets created in this transaction
 			// are referenced by ID as well as by name.
-			pre, post := desiredRules(d.cfg, want.state, want.marks, p.sets)
-			byChain := map[string][]ruleSpec{chainPrerouting: pre, chainPostrouting: post}
+			byChain := desiredRules(d.cfg, want.state, want.marks, p.sets)
 			for _, name := range rebuild {
 				for _, r := range byChain[name] {
 					c.AddRule(&nftables.Rule{Table: t, Chain: defs[name], Exprs: r.exprs, UserData: r.userData()})
@@ -497,7 +591,44 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 		p.add(o)
 	}
 
+	// Phase 5: the source dispatch map, now that its chains exist: changed
+	// and stale entries out, new ones in.
+	if !recreated[setPreSrc] {
+		m := p.sets[setPreSrc]
+		have := elemJumps(ks.elems[setPreSrc])
+		targets := preSrcTargets(want.state)
+		var out, in []nftables.SetElement
+		for _, a := range slices.SortedFunc(maps.Keys(have), netip.Addr.Compare) {
+			if targets[a] != have[a] {
+				b := a.As4()
+				out = append(out, nftables.SetElement{Key: b[:]})
+			}
+		}
+		for _, e := range jumpElems(targets) {
+			a, _ := netip.AddrFromSlice(e.Key)
+			if have[a] != targets[a] {
+				in = append(in, e)
+			}
+		}
+		p.elemsDeleted += len(out)
+		p.elemsAdded += len(in)
+		p.ops = append(p.ops, elemOps(m, out, true)...)
+		p.ops = append(p.ops, elemOps(m, in, false)...)
+	}
+
 	p.ops = append(p.ops, dels...)
+
+	// Phase 5b: chains no longer wanted, once nothing jumps to them.
+	if len(unknown) > 0 {
+		p.add(op{bytes: bytesSetOrObj * len(unknown), msgs: 2 * len(unknown), run: func(c *nftables.Conn) error {
+			for _, ch := range unknown {
+				ch.Table = t
+				c.FlushChain(ch)
+				c.DelChain(ch)
+			}
+			return nil
+		}})
+	}
 
 	// Phase 6: stale sets, after no rule references them.
 	for _, name := range stale {

@@ -300,7 +300,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	}
 
 	// 2. nftables: sets, chains, floating record.
-	want := desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, floating: floatingSet}
+	want := desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, floating: floatingSet, jumps: preSrcTargets(st)}
 	plan := d.planNFT(ks, want)
 	res.Transactions, err = d.runOps(ctx, plan.ops)
 	if err != nil {
@@ -365,7 +365,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 			return err
 		}
 	}
-	d.nftCache = plan.after(d, want, slices.DeleteFunc(slices.Clone(floatingSet), func(a netip.Addr) bool { return slices.Contains(givenUp, a) }))
+	d.nftCache = plan.after(d, ks, want, slices.DeleteFunc(slices.Clone(floatingSet), func(a netip.Addr) bool { return slices.Contains(givenUp, a) }))
 	if err := d.removeStaleRoutes(h, rs, marks, uplinkIndex, res); err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 
 	"github.com/google/nftables"
@@ -307,6 +308,36 @@ func normalize(exprs []expr.Any) []expr.Any {
 			out[i] = &c
 		default:
 			out[i] = e
+		}
+	}
+	return out
+}
+
+// sameRules reports whether a chain of ks holds exactly want. Rules we
+// wrote ourselves are compared by what determines them: the comment (policy,
+// mode, next hop, mark, egress IP) and the sets they look up; a kernel read
+// is compared expression by expression.
+func sameRules(ks *nftState, chain string, want []ruleSpec) bool {
+	have := ks.rules[chain]
+	if !ks.ours {
+		return rulesMatch(have, want)
+	}
+	if len(have) != len(want) {
+		return false
+	}
+	for i := range want {
+		if string(have[i].UserData) != string(want[i].userData()) || !slices.Equal(lookupSets(have[i].Exprs), lookupSets(want[i].exprs)) {
+			return false
+		}
+	}
+	return true
+}
+
+func lookupSets(exprs []expr.Any) []string {
+	var out []string
+	for _, e := range exprs {
+		if l, ok := e.(*expr.Lookup); ok {
+			out = append(out, l.SetName)
 		}
 	}
 	return out

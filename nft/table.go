@@ -46,6 +46,10 @@ type nftState struct {
 	elems  map[string][]nftables.SetElement
 	chains map[string]*nftables.Chain
 	rules  map[string][]*nftables.Rule
+	// ours: the state is what our last Apply wrote (Dataplane.nftCache),
+	// not a read of the kernel, so rules can be compared by their comment
+	// and sets (see sameRules).
+	ours bool
 }
 
 func (d *Dataplane) table() *nftables.Table {
@@ -242,6 +246,8 @@ type nftPlan struct {
 	setsCreated, setsDeleted int
 	chainsRebuilt            []string
 	sets                     map[string]*nftables.Set
+	wantRules                map[string][]ruleSpec // by chain
+	jumpsChanged             bool                  // the setPreSrc map changes
 	// For conntrack: source and destination changes by set name, and the
 	// egress IP of each gateway rule before the change, by source set name.
 	sourceChanges map[string]srcChange
@@ -318,13 +324,22 @@ func clusterOp(s *nftables.Set, cls []rangeCluster) op {
 // after returns the table as the kernel holds it once the plan ran, with
 // floating as the content of the floating set, for the next Apply to diff
 // against (see Dataplane.nftCache).
-func (p *nftPlan) after(d *Dataplane, want desiredNFT, floating []netip.Addr) *nftState {
+func (p *nftPlan) after(d *Dataplane, prev *nftState, want desiredNFT, floating []netip.Addr) *nftState {
 	ks := &nftState{
 		exists: true,
+		ours:   true,
 		sets:   make(map[string]*nftables.Set, len(p.sets)),
 		elems:  make(map[string][]nftables.SetElement, len(p.sets)),
 		chains: d.chainDefs(want.state),
-		rules:  map[string][]*nftables.Rule{},
+		rules:  make(map[string][]*nftables.Rule, len(p.wantRules)),
+	}
+	// What the plan did not touch is as it was: reuse it.
+	reuse := func(name string, unchanged bool) bool {
+		el, ok := prev.elems[name]
+		if unchanged && ok {
+			ks.elems[name] = el
+		}
+		return unchanged && ok
 	}
 	for name, s := range p.sets {
 		ks.sets[name] = s
@@ -332,18 +347,32 @@ func (p *nftPlan) after(d *Dataplane, want desiredNFT, floating []netip.Addr) *n
 		case name == setFloating:
 			ks.elems[name] = addrElems(floating)
 		case s.IsMap:
-			ks.elems[name] = jumpElems(preSrcTargets(want.state))
-		case s.Interval:
-			var el []nftables.SetElement
-			for _, r := range want.dests[name] {
-				el = append(el, r.elems()...)
+			if !reuse(name, !p.jumpsChanged) {
+				ks.elems[name] = jumpElems(want.jumps)
 			}
-			ks.elems[name] = el
+		case s.Interval:
+			if _, changed := p.destChanges[name]; !reuse(name, !changed) {
+				var el []nftables.SetElement
+				for _, r := range want.dests[name] {
+					el = append(el, r.elems()...)
+				}
+				ks.elems[name] = el
+			}
 		default:
-			ks.elems[name] = addrElems(want.sources[name])
+			if _, changed := p.sourceChanges[name]; !reuse(name, !changed) {
+				ks.elems[name] = addrElems(want.sources[name])
+			}
 		}
 	}
-	for name, specs := range desiredRules(d.cfg, want.state, want.marks, p.sets) {
+	rebuilt := map[string]bool{}
+	for _, name := range p.chainsRebuilt {
+		rebuilt[name] = true
+	}
+	for name, specs := range p.wantRules {
+		if r, ok := prev.rules[name]; ok && !rebuilt[name] {
+			ks.rules[name] = r
+			continue
+		}
 		for _, r := range specs {
 			ks.rules[name] = append(ks.rules[name], &nftables.Rule{Table: d.table(), Chain: ks.chains[name], Exprs: r.exprs, UserData: r.userData()})
 		}
@@ -358,6 +387,7 @@ type desiredNFT struct {
 	sources  map[string][]netip.Addr // by src set name
 	dests    map[string][]ipRange    // by dst set name
 	floating []netip.Addr            // target content of the floating set
+	jumps    map[netip.Addr]string   // target content of the setPreSrc map
 }
 
 // planNFT computes the ordered nftables changes: new sets, additions, mixed
@@ -515,10 +545,11 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 	// jumps to them.
 	defs := d.chainDefs(want.state)
 	wantRules := desiredRules(d.cfg, want.state, want.marks, p.sets)
+	p.wantRules = wantRules
 	var rebuild []string
 	for _, name := range slices.Sorted(maps.Keys(defs)) {
 		have, ok := ks.chains[name]
-		if len(recreate) > 0 || !ok || !chainMatches(have, defs[name]) || !rulesMatch(ks.rules[name], wantRules[name]) {
+		if len(recreate) > 0 || !ok || !chainMatches(have, defs[name]) || !sameRules(ks, name, wantRules[name]) {
 			rebuild = append(rebuild, name)
 		}
 	}
@@ -545,9 +576,12 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			} else if spec.name == setFloating {
 				el = addrElems(want.floating)
 			} else if spec.verdictMap {
-				el = jumpElems(preSrcTargets(want.state))
+				el = jumpElems(want.jumps)
 			} else {
 				el = addrElems(want.sources[spec.name])
+			}
+			if spec.verdictMap {
+				p.jumpsChanged = true
 			}
 			recreateElems = append(recreateElems, el)
 			o.elems += len(el)
@@ -596,20 +630,21 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 	if !recreated[setPreSrc] {
 		m := p.sets[setPreSrc]
 		have := elemJumps(ks.elems[setPreSrc])
-		targets := preSrcTargets(want.state)
-		var out, in []nftables.SetElement
+		var out []nftables.SetElement
 		for _, a := range slices.SortedFunc(maps.Keys(have), netip.Addr.Compare) {
-			if targets[a] != have[a] {
+			if want.jumps[a] != have[a] {
 				b := a.As4()
 				out = append(out, nftables.SetElement{Key: b[:]})
 			}
 		}
-		for _, e := range jumpElems(targets) {
-			a, _ := netip.AddrFromSlice(e.Key)
-			if have[a] != targets[a] {
-				in = append(in, e)
+		changed := map[netip.Addr]string{}
+		for a, chain := range want.jumps {
+			if have[a] != chain {
+				changed[a] = chain
 			}
 		}
+		in := jumpElems(changed)
+		p.jumpsChanged = len(out)+len(in) > 0
 		p.elemsDeleted += len(out)
 		p.elemsAdded += len(in)
 		p.ops = append(p.ops, elemOps(m, out, true)...)

@@ -398,7 +398,10 @@ func (a *agent) input() (selector.Input, error) {
 			in.NodeIPs[n.Name] = ip
 		}
 	}
-	for _, obj := range a.pods.List() {
+	// No sorting: selector.Desired is independent of the input order.
+	pods := a.pods.List()
+	in.Pods = make([]selector.Pod, 0, len(pods))
+	for _, obj := range pods {
 		p := obj.(*corev1.Pod)
 		sp := selector.Pod{
 			Namespace: p.Namespace, Name: p.Name, Node: p.Spec.NodeName, Labels: p.Labels,
@@ -408,12 +411,6 @@ func (a *agent) input() (selector.Input, error) {
 		sp.IP = podIPv4(p)
 		in.Pods = append(in.Pods, sp)
 	}
-	slices.SortFunc(in.Pods, func(x, y selector.Pod) int {
-		if c := cmpString(x.Namespace, y.Namespace); c != 0 {
-			return c
-		}
-		return cmpString(x.Name, y.Name)
-	})
 	return in, nil
 }
 
@@ -439,16 +436,6 @@ func podIPv4(p *corev1.Pod) netip.Addr {
 		}
 	}
 	return netip.Addr{}
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // renewLease keeps the node's liveness Lease fresh; the operator declares

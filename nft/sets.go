@@ -188,6 +188,20 @@ func elemRanges(elems []nftables.SetElement) []ipRange {
 	return out
 }
 
+// Intervals returns the intervals an interval set's elements describe, as
+// their first and last address, in order (as the kernel dumps them or as
+// the agent writes them).
+func Intervals(elems []nftables.SetElement) [][2]netip.Addr {
+	var out [][2]netip.Addr
+	for _, r := range elemRanges(elems) {
+		if !r.open && r.start == r.end {
+			continue // a lone end element holds no address
+		}
+		out = append(out, [2]netip.Addr{r.start, r.last()})
+	}
+	return out
+}
+
 func (r ipRange) elemsForDelete() []nftables.SetElement {
 	if !r.open && r.start == r.end { // lone end element
 		e := r.end.As4()

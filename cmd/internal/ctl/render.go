@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/egressnat/egressnat/nft"
+
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
@@ -297,48 +299,9 @@ func RenderElements(elems []nftables.SetElement, interval bool) []string {
 		}
 		return append(out, other...)
 	}
-	type point struct {
-		a   netip.Addr
-		end bool
-	}
-	var pts []point
-	for _, e := range elems {
-		if a, ok := netip.AddrFromSlice(e.Key); ok && a.Is4() {
-			pts = append(pts, point{a, e.IntervalEnd})
-		}
-	}
-	// At one address an end closes the previous interval before a start
-	// opens the next.
-	slices.SortFunc(pts, func(x, y point) int {
-		if c := x.a.Compare(y.a); c != 0 {
-			return c
-		}
-		if x.end == y.end {
-			return 0
-		}
-		if x.end {
-			return -1
-		}
-		return 1
-	})
 	var out []string
-	var start *netip.Addr
-	for _, p := range pts {
-		switch {
-		case !p.end:
-			if start != nil {
-				out = append(out, renderRange(*start, netip.AddrFrom4([4]byte{255, 255, 255, 255})))
-			}
-			a := p.a
-			start = &a
-		case start != nil:
-			out = append(out, renderRange(*start, p.a.Prev()))
-			start = nil
-		}
-		// An end without a start (nft's leading 0.0.0.0 end) opens nothing.
-	}
-	if start != nil {
-		out = append(out, renderRange(*start, netip.AddrFrom4([4]byte{255, 255, 255, 255})))
+	for _, r := range nft.Intervals(elems) {
+		out = append(out, renderRange(r[0], r[1]))
 	}
 	return out
 }

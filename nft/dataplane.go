@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
@@ -357,13 +359,8 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	if err := d.removeFloating(h, link, addrs, slices.Concat(givenUp, foreign), res); err != nil {
 		return err
 	}
-	if len(givenUp) > 0 {
-		s := &nftables.Set{Table: d.table(), Name: setFloating, KeyType: nftables.TypeIPAddr}
-		t, err := d.runOps(ctx, elemOps(s, addrElems(givenUp), true))
-		res.Transactions += t
-		if err != nil {
-			return err
-		}
+	if err := d.unrecordFloating(ctx, givenUp, res); err != nil {
+		return err
 	}
 	d.nftCache = plan.after(d, ks, want, slices.DeleteFunc(slices.Clone(floatingSet), func(a netip.Addr) bool { return slices.Contains(givenUp, a) }))
 	if err := d.removeStaleRoutes(h, rs, marks, uplinkIndex, res); err != nil {
@@ -398,10 +395,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 
 // conntrackMatcher derives the conntrack entries an Apply invalidated.
 func (d *Dataplane) conntrackMatcher(plan *nftPlan, n *normalized, givenUp []netip.Addr) *ctMatcher {
-	m := &ctMatcher{replyDst: map[netip.Addr]bool{}}
-	for _, a := range givenUp {
-		m.replyDst[a] = true
-	}
+	m := snatMatcher(givenUp)
 	keys := map[string]bool{}
 	for name := range plan.sourceChanges {
 		keys[name[len(srcPrefix):]] = true
@@ -521,11 +515,7 @@ func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
 	}
 	d.announced = map[netip.Addr]bool{}
 	if len(recorded) > 0 {
-		m := &ctMatcher{replyDst: map[netip.Addr]bool{}}
-		for _, a := range recorded {
-			m.replyDst[a] = true
-		}
-		n, err := d.flushConntrack(ctx, m)
+		n, err := d.flushConntrack(ctx, snatMatcher(recorded))
 		res.ConntrackDeleted = n
 		if err != nil {
 			errs = append(errs, err)
@@ -561,13 +551,11 @@ func (d *Dataplane) ReleaseFloating(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("nftables conn: %w", err)
 	}
-	ks, err := d.readNFT(ctx, c)
-	if err != nil {
+	// Only the floating set: the fence must act fast, whatever the number
+	// of policies.
+	recorded, err := d.readFloating(c)
+	if err != nil || len(recorded) == 0 {
 		return err
-	}
-	recorded := elemAddrs(ks.elems[setFloating])
-	if len(recorded) == 0 {
-		return nil
 	}
 	link, err := h.LinkByName(d.cfg.Uplink)
 	if err != nil {
@@ -580,21 +568,52 @@ func (d *Dataplane) ReleaseFloating(ctx context.Context) error {
 	if err := d.removeFloating(h, link, addrs, recorded, &res); err != nil {
 		return err
 	}
-	s := &nftables.Set{Table: d.table(), Name: setFloating, KeyType: nftables.TypeIPAddr}
-	t, err := d.runOps(ctx, elemOps(s, addrElems(recorded), true))
-	res.Transactions += t
-	if err != nil {
+	if err := d.unrecordFloating(ctx, recorded, &res); err != nil {
 		return err
 	}
 	for _, a := range recorded {
 		delete(d.announced, a)
 	}
-	m := &ctMatcher{replyDst: map[netip.Addr]bool{}}
-	for _, a := range recorded {
+	res.ConntrackDeleted, err = d.flushConntrack(ctx, snatMatcher(recorded))
+	return err
+}
+
+// readFloating returns the floating IPs recorded in the table, sorted;
+// none when there is no table.
+func (d *Dataplane) readFloating(c *nftables.Conn) ([]netip.Addr, error) {
+	s, err := c.GetSetByName(d.table(), setFloating)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("get set %s: %w", setFloating, err)
+	}
+	el, err := c.GetSetElements(s)
+	if err != nil {
+		return nil, fmt.Errorf("list set %s: %w", setFloating, err)
+	}
+	return elemAddrs(el), nil
+}
+
+// unrecordFloating deletes addresses from the floating set after they left
+// the uplink.
+func (d *Dataplane) unrecordFloating(ctx context.Context, ips []netip.Addr, res *Result) error {
+	if len(ips) == 0 {
+		return nil
+	}
+	s := &nftables.Set{Table: d.table(), Name: setFloating, KeyType: nftables.TypeIPAddr}
+	t, err := d.runOps(ctx, elemOps(s, addrElems(ips), true))
+	res.Transactions += t
+	return err
+}
+
+// snatMatcher matches the conntrack entries SNATed to one of ips.
+func snatMatcher(ips []netip.Addr) *ctMatcher {
+	m := &ctMatcher{replyDst: make(map[netip.Addr]bool, len(ips))}
+	for _, a := range ips {
 		m.replyDst[a] = true
 	}
-	res.ConntrackDeleted, err = d.flushConntrack(ctx, m)
-	return err
+	return m
 }
 
 // PolicyCounters are the packet and byte counters of one policy's rule.

@@ -684,3 +684,31 @@ func TestPodInSeveralPolicies(t *testing.T) {
 		t.Fatal("the chain of a removed policy is still there")
 	}
 }
+
+// TestReleaseFloating: without a table it does nothing; on a gateway it
+// removes the recorded floating IPs from the uplink and the record, and
+// keeps the rest of the table.
+func TestReleaseFloating(t *testing.T) {
+	l := newLab(t)
+	l.build()
+	db := l.dataplane("b")
+	if err := db.ReleaseFloating(ctxT(t)); err != nil {
+		t.Fatalf("no table: %v", err)
+	}
+	mustApply(t, db, gatewayState(podA1))
+	if !strings.Contains(l.ip("b", "-4", "addr", "show", "dev", "eth0"), floatIP+"/") {
+		t.Fatal("gateway does not hold the floating IP")
+	}
+	if err := db.ReleaseFloating(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(l.ip("b", "-4", "addr", "show", "dev", "eth0"), floatIP+"/") {
+		t.Fatal("floating IP still on the uplink")
+	}
+	if n := setSize(t, l, "b", setFloating); n != 0 {
+		t.Fatalf("floating set holds %d elements", n)
+	}
+	if n := setSize(t, l, "b", "src-web"); n != 1 {
+		t.Fatalf("the policy's set was touched: %d elements", n)
+	}
+}

@@ -35,6 +35,12 @@ func elemAddrs(elems []nftables.SetElement) []netip.Addr {
 // diffAddrs returns want minus have and have minus want; both inputs sorted
 // and without duplicates.
 func diffAddrs(have, want []netip.Addr) (added, removed []netip.Addr) {
+	return diffSorted(have, want, netip.Addr.Compare)
+}
+
+// diffSorted returns want minus have and have minus want, both inputs
+// sorted by cmp and without duplicates.
+func diffSorted[T any](have, want []T, cmp func(a, b T) int) (added, removed []T) {
 	i, j := 0, 0
 	for i < len(have) || j < len(want) {
 		switch {
@@ -45,7 +51,7 @@ func diffAddrs(have, want []netip.Addr) (added, removed []netip.Addr) {
 			removed = append(removed, have[i])
 			i++
 		default:
-			switch c := have[i].Compare(want[j]); {
+			switch c := cmp(have[i], want[j]); {
 			case c == 0:
 				i++
 				j++
@@ -211,30 +217,7 @@ func (r ipRange) elemsForDelete() []nftables.SetElement {
 }
 
 func diffRanges(have, want []ipRange) (added, removed []ipRange) {
-	i, j := 0, 0
-	for i < len(have) || j < len(want) {
-		switch {
-		case i == len(have):
-			added = append(added, want[j])
-			j++
-		case j == len(want):
-			removed = append(removed, have[i])
-			i++
-		default:
-			switch c := compareRange(have[i], want[j]); {
-			case c == 0:
-				i++
-				j++
-			case c < 0:
-				removed = append(removed, have[i])
-				i++
-			default:
-				added = append(added, want[j])
-				j++
-			}
-		}
-	}
-	return added, removed
+	return diffSorted(have, want, compareRange)
 }
 
 // rangeCluster is a group of removed and added ranges that overlap one

@@ -86,63 +86,42 @@ func literal(addr string) error {
 	return nil
 }
 
-// DialTCP connects to addr (literal "ip:port") from inside namespace ns.
-func DialTCP(ctx context.Context, ns, addr string) (net.Conn, error) {
+// socketIn opens a socket for the literal "ip:port" addr inside namespace
+// ns; the socket stays in ns.
+func socketIn[T any](ns, addr string, open func() (T, error)) (T, error) {
+	var out T
 	if err := literal(addr); err != nil {
-		return nil, err
+		return out, err
 	}
-	var c net.Conn
 	err := Do(ns, func() error {
-		var d net.Dialer
 		var err error
-		c, err = d.DialContext(ctx, "tcp4", addr)
+		out, err = open()
 		return err
 	})
-	return c, err
+	return out, err
+}
+
+// DialTCP connects to addr (literal "ip:port") from inside namespace ns.
+func DialTCP(ctx context.Context, ns, addr string) (net.Conn, error) {
+	var d net.Dialer
+	return socketIn(ns, addr, func() (net.Conn, error) { return d.DialContext(ctx, "tcp4", addr) })
 }
 
 // DialUDP returns a connected UDP socket to addr inside namespace ns.
 func DialUDP(ctx context.Context, ns, addr string) (net.Conn, error) {
-	if err := literal(addr); err != nil {
-		return nil, err
-	}
-	var c net.Conn
-	err := Do(ns, func() error {
-		var d net.Dialer
-		var err error
-		c, err = d.DialContext(ctx, "udp4", addr)
-		return err
-	})
-	return c, err
+	var d net.Dialer
+	return socketIn(ns, addr, func() (net.Conn, error) { return d.DialContext(ctx, "udp4", addr) })
 }
 
 // ListenTCP listens on addr (literal "ip:port", port may be 0) inside
 // namespace ns. Accepted connections belong to ns as well.
 func ListenTCP(ns, addr string) (net.Listener, error) {
-	if err := literal(addr); err != nil {
-		return nil, err
-	}
-	var l net.Listener
-	err := Do(ns, func() error {
-		var err error
-		l, err = net.Listen("tcp4", addr)
-		return err
-	})
-	return l, err
+	return socketIn(ns, addr, func() (net.Listener, error) { return net.Listen("tcp4", addr) })
 }
 
 // ListenUDP opens a UDP socket bound to addr inside namespace ns.
 func ListenUDP(ns, addr string) (net.PacketConn, error) {
-	if err := literal(addr); err != nil {
-		return nil, err
-	}
-	var pc net.PacketConn
-	err := Do(ns, func() error {
-		var err error
-		pc, err = net.ListenPacket("udp4", addr)
-		return err
-	})
-	return pc, err
+	return socketIn(ns, addr, func() (net.PacketConn, error) { return net.ListenPacket("udp4", addr) })
 }
 
 // EchoTCP dials the echo server at addr from namespace ns, sends one line

@@ -4,22 +4,23 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
 )
 
+// GatewayYAML is a NetworkGatewayGroup in kube-system with floatingIPs.
+func GatewayYAML(name string, floatingIPs ...string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "apiVersion: networking.gke.io/v1\nkind: NetworkGatewayGroup\nmetadata:\n  namespace: kube-system\n  name: %s\nspec:\n  floatingIPs:\n", name)
+	for _, ip := range floatingIPs {
+		fmt.Fprintf(&b, "  - %s\n", ip)
+	}
+	return b.String()
+}
+
 // SeedGateway is the seed's NetworkGatewayGroup on the lab's node subnet.
-const SeedGateway = `apiVersion: networking.gke.io/v1
-kind: NetworkGatewayGroup
-metadata:
-  namespace: kube-system
-  name: default
-spec:
-  floatingIPs:
-  - 192.0.2.100
-  - 192.0.2.101
-  - 192.0.2.102
-`
+var SeedGateway = GatewayYAML("default", "192.0.2.100", "192.0.2.101", "192.0.2.102")
 
 // SeedPolicy is the seed's EgressNATPolicy (alice's and paul's frontends)
 // toward the lab's external range 203.0.113.0/24.
@@ -50,7 +51,7 @@ spec:
 `
 
 // SeedScenario is the seed's gateway and policy in one document.
-const SeedScenario = SeedGateway + "---\n" + SeedPolicy
+var SeedScenario = SeedGateway + "---\n" + SeedPolicy
 
 // TestMain runs a test package against one lab cluster: it starts the
 // cluster into *c, runs the tests, prints the binaries' logs when a test

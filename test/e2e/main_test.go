@@ -114,7 +114,7 @@ func nodeExec(t *testing.T, node string, argv ...string) string {
 	return string(out)
 }
 
-const (
+var (
 	seedGateway = cluster.SeedGateway
 	seedPolicy  = cluster.SeedPolicy
 )

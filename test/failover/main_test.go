@@ -35,7 +35,7 @@ func ctxT(t *testing.T) context.Context {
 	return ctx
 }
 
-const scenario = cluster.SeedScenario
+var scenario = cluster.SeedScenario
 
 // setup applies the scenario and returns a selected pod on cp1 whose
 // traffic leaves with 192.0.2.100, and the node holding it.

@@ -27,34 +27,8 @@ import (
 	"github.com/egressnat/egressnat/test/lab"
 )
 
-const scenario = `apiVersion: networking.gke.io/v1
-kind: NetworkGatewayGroup
-metadata:
-  namespace: kube-system
-  name: default
-spec:
-  floatingIPs:
-  - 192.0.2.100
----
-apiVersion: networking.gke.io/v1
-kind: EgressNATPolicy
-metadata:
-  name: egress
-spec:
-  sources:
-  - namespaceSelector:
-      matchLabels:
-        user: alice
-    podSelector:
-      matchLabels:
-        role: frontend
-  action: SNAT
-  destinations:
-  - cidr: 203.0.113.0/24
-  gatewayRef:
-    name: default
-    namespace: kube-system
-`
+// scenario: the seed's policy with a single floating IP.
+var scenario = cluster.GatewayYAML("default", "192.0.2.100") + "---\n" + cluster.SeedPolicy
 
 var egressIP = netip.MustParseAddr("192.0.2.100")
 

@@ -23,7 +23,7 @@ import (
 
 const prefix = "enat-demo-"
 
-const scenario = cluster.SeedScenario
+var scenario = cluster.SeedScenario
 
 func main() {
 	keep := flag.Bool("keep", false, "leave the lab running after the walkthrough, until Ctrl-C")

@@ -55,8 +55,11 @@ type Result struct {
 	SysctlsChanged   int
 	Announced        []netip.Addr // floating IPs gratuitous ARP was sent for
 	ConntrackDeleted int
-	// Marks is the mark value used for each next hop.
+	// Marks is the mark value used for each next hop (full path only).
 	Marks map[netip.Addr]uint32
+	// Incremental: only policies' sources changed, and only their elements
+	// and dispatch map entries were touched (see applySources).
+	Incremental bool
 }
 
 // Changed reports whether the kernel state was modified (gratuitous ARP and
@@ -187,7 +190,10 @@ func (d *Dataplane) Apply(ctx context.Context, st selector.NodeState) error {
 	defer d.mu.Unlock()
 	res := Result{}
 	cached := d.nftCache != nil
-	err := d.apply(ctx, st, &res)
+	handled, err := d.applySources(ctx, st, &res)
+	if !handled {
+		err = d.apply(ctx, st, &res)
+	}
 	if err != nil && cached && ctx.Err() == nil {
 		// The table changed behind our back (another process, an admin):
 		// read it back and try once more.

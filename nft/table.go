@@ -50,6 +50,29 @@ type nftState struct {
 	// not a read of the kernel, so rules can be compared by their comment
 	// and sets (see sameRules).
 	ours bool
+	// In a state that is ours, the source sets' contents (by set name,
+	// sorted) and the setPreSrc map's targets replace their elements; the
+	// state that was applied lets the next Apply take the incremental path
+	// (see applySources).
+	sources map[string][]netip.Addr
+	jumps   map[netip.Addr]string
+	state   *selector.NodeState
+}
+
+// srcAddrs returns the content of a source set, sorted.
+func (ks *nftState) srcAddrs(name string) []netip.Addr {
+	if a, ok := ks.sources[name]; ok {
+		return a
+	}
+	return elemAddrs(ks.elems[name])
+}
+
+// jumpMap returns the setPreSrc map's content, decoded once.
+func (ks *nftState) jumpMap() map[netip.Addr]string {
+	if ks.jumps == nil {
+		ks.jumps = elemJumps(ks.elems[setPreSrc])
+	}
+	return ks.jumps
 }
 
 func (d *Dataplane) table() *nftables.Table {
@@ -326,12 +349,14 @@ func clusterOp(s *nftables.Set, cls []rangeCluster) op {
 // against (see Dataplane.nftCache).
 func (p *nftPlan) after(d *Dataplane, prev *nftState, want desiredNFT, floating []netip.Addr) *nftState {
 	ks := &nftState{
-		exists: true,
-		ours:   true,
-		sets:   make(map[string]*nftables.Set, len(p.sets)),
-		elems:  make(map[string][]nftables.SetElement, len(p.sets)),
-		chains: d.chainDefs(want.state),
-		rules:  make(map[string][]*nftables.Rule, len(p.wantRules)),
+		exists:  true,
+		ours:    true,
+		sets:    make(map[string]*nftables.Set, len(p.sets)),
+		elems:   make(map[string][]nftables.SetElement, len(p.sets)),
+		chains:  d.chainDefs(want.state),
+		rules:   make(map[string][]*nftables.Rule, len(p.wantRules)),
+		sources: make(map[string][]netip.Addr, len(want.sources)),
+		state:   shapeOf(want.state),
 	}
 	// What the plan did not touch is as it was: reuse it.
 	reuse := func(name string, unchanged bool) bool {
@@ -347,8 +372,10 @@ func (p *nftPlan) after(d *Dataplane, prev *nftState, want desiredNFT, floating 
 		case name == setFloating:
 			ks.elems[name] = addrElems(floating)
 		case s.IsMap:
-			if !reuse(name, !p.jumpsChanged) {
-				ks.elems[name] = jumpElems(want.jumps)
+			if p.jumpsChanged {
+				ks.jumps = want.jumps
+			} else {
+				ks.jumps = prev.jumpMap()
 			}
 		case s.Interval:
 			if _, changed := p.destChanges[name]; !reuse(name, !changed) {
@@ -359,8 +386,10 @@ func (p *nftPlan) after(d *Dataplane, prev *nftState, want desiredNFT, floating 
 				ks.elems[name] = el
 			}
 		default:
-			if _, changed := p.sourceChanges[name]; !reuse(name, !changed) {
-				ks.elems[name] = addrElems(want.sources[name])
+			if _, changed := p.sourceChanges[name]; changed {
+				ks.sources[name] = want.sources[name]
+			} else {
+				ks.sources[name] = prev.srcAddrs(name)
 			}
 		}
 	}
@@ -500,7 +529,11 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			adds = append(adds, elemOps(s, pureAdd, false)...)
 			dels = append(dels, elemOps(s, pureDel, true)...)
 		default:
-			added, removed := diffAddrs(elemAddrs(haveElems), want.sources[spec.name])
+			var have []netip.Addr
+			if !recreated[spec.name] {
+				have = ks.srcAddrs(spec.name)
+			}
+			added, removed := diffAddrs(have, want.sources[spec.name])
 			if len(added)+len(removed) > 0 {
 				p.sourceChanges[spec.name] = srcChange{added: added, removed: removed}
 			}
@@ -522,7 +555,7 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 	for _, name := range stale {
 		switch {
 		case strings.HasPrefix(name, srcPrefix):
-			if rm := elemAddrs(ks.elems[name]); len(rm) > 0 {
+			if rm := ks.srcAddrs(name); len(rm) > 0 {
 				p.sourceChanges[name] = srcChange{removed: rm}
 			}
 		case strings.HasPrefix(name, dstPrefix):
@@ -629,7 +662,7 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 	// and stale entries out, new ones in.
 	if !recreated[setPreSrc] {
 		m := p.sets[setPreSrc]
-		have := elemJumps(ks.elems[setPreSrc])
+		have := ks.jumpMap()
 		var out []nftables.SetElement
 		for _, a := range slices.SortedFunc(maps.Keys(have), netip.Addr.Compare) {
 			if want.jumps[a] != have[a] {

@@ -70,8 +70,15 @@ func Desired(in Input) (NodeState, error) {
 //   - otherwise: ModeDrop with the selected pods on this node, or the policy
 //     is left out when FallbackToNodeIP is set.
 func DesiredWithWarnings(in Input) (NodeState, []string, error) {
+	st, warn, _, err := desired(in)
+	return st, warn, err
+}
+
+// desired is DesiredWithWarnings, also returning each applied policy
+// compiled, in the order of st.Policies.
+func desired(in Input) (NodeState, []string, []*CompiledPolicy, error) {
 	if in.Node == "" {
-		return NodeState{}, nil, errors.New("selector: Input.Node is empty")
+		return NodeState{}, nil, nil, errors.New("selector: Input.Node is empty")
 	}
 	var warn []string
 	warnf := func(format string, args ...any) { warn = append(warn, fmt.Sprintf(format, args...)) }
@@ -96,6 +103,7 @@ func DesiredWithWarnings(in Input) (NodeState, []string, error) {
 	slices.SortStableFunc(pols, func(a, b *v1.EgressNATPolicy) int { return cmp.Compare(a.Name, b.Name) })
 
 	ev := newEvaluator(in)
+	var compiled []*CompiledPolicy
 	egress := map[string]gatewayInfo{} // by group key, computed once
 	for i, pol := range pols {
 		if i > 0 && pols[i-1].Name == pol.Name {
@@ -131,8 +139,9 @@ func DesiredWithWarnings(in Input) (NodeState, []string, error) {
 		ps.Destinations = cp.Destinations
 		ps.Sources = ev.sources(cp, local)
 		st.Policies = append(st.Policies, ps)
+		compiled = append(compiled, cp)
 	}
-	return st, warn, nil
+	return st, warn, compiled, nil
 }
 
 type gatewayInfo struct {
@@ -355,6 +364,17 @@ func (c *CompiledPolicy) Selects(p Pod, nsLabels map[string]string) bool {
 	}
 	for _, s := range c.sources {
 		if s.ns.sel.Matches(labels.Set(nsLabels)) && s.pod.sel.Matches(labels.Set(p.Labels)) {
+			return true
+		}
+	}
+	return false
+}
+
+// selectsNamespace reports whether one of the policy's namespace selectors
+// matches a namespace with labels nsLabels.
+func (c *CompiledPolicy) selectsNamespace(nsLabels map[string]string) bool {
+	for _, s := range c.sources {
+		if s.ns.sel.Matches(labels.Set(nsLabels)) {
 			return true
 		}
 	}

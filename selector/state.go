@@ -1,6 +1,9 @@
 package selector
 
-import "net/netip"
+import (
+	"net/netip"
+	"slices"
+)
 
 // Mode says what a node does with the traffic one policy selects.
 type Mode string
@@ -48,4 +51,14 @@ type PolicyState struct {
 	EgressIP netip.Addr
 	// NextHop is the IP of the node holding EgressIP (ModeReroute only).
 	NextHop netip.Addr
+}
+
+// Equal reports whether two states hold the same (a nil and an empty list
+// are the same).
+func (s NodeState) Equal(o NodeState) bool {
+	return slices.Equal(s.FloatingIPs, o.FloatingIPs) && slices.Equal(s.Released, o.Released) &&
+		slices.EqualFunc(s.Policies, o.Policies, func(a, b PolicyState) bool {
+			return a.Name == b.Name && a.Mode == b.Mode && a.EgressIP == b.EgressIP && a.NextHop == b.NextHop &&
+				slices.Equal(a.Sources, b.Sources) && slices.Equal(a.Destinations, b.Destinations)
+		})
 }

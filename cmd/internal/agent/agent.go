@@ -1,8 +1,11 @@
 // Package agent is the egressnat node agent's controller: it watches
-// policies, gateways, pods, namespaces and nodes, computes this node's
-// desired state with the pure selector.Desired, and hands it to the
-// dataplane, which applies it in one transaction. It also renews the node's
-// liveness Lease, which carries the uplink subnets the operator needs.
+// policies, gateways, pods, namespaces and nodes, keeps this node's desired
+// state with the pure selector.Tracker, and hands it to the dataplane,
+// which applies it in one transaction. A pod event updates only the
+// policies the pod belongs to (and the dataplane touches only their
+// elements); any other change recomputes the node's state. It also renews
+// the node's liveness Lease, which carries the uplink subnets the operator
+// needs.
 package agent
 
 import (
@@ -12,9 +15,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"reflect"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -90,11 +93,17 @@ type agent struct {
 
 	pods, namespaces, nodes, gateways, policies cache.Indexer
 	last                                        *selector.NodeState
-	fence                                       *fence
-	recorder                                    record.EventRecorder
-	fencedGroups                                map[*corev1.ObjectReference][]string // only the fence goroutine
-	holding, synced                             atomic.Bool
-	syncErr                                     atomic.Pointer[string]
+	// tracker holds the desired state between syncs. Pod events mark their
+	// pod dirty; every other event asks for a full recomputation.
+	tracker         *selector.Tracker
+	full            atomic.Bool
+	dirtyMu         sync.Mutex
+	dirty           map[string]struct{}
+	fence           *fence
+	recorder        record.EventRecorder
+	fencedGroups    map[*corev1.ObjectReference][]string // only the fence goroutine
+	holding, synced atomic.Bool
+	syncErr         atomic.Pointer[string]
 }
 
 // Run runs the agent until ctx ends. It leaves the kernel as it is on
@@ -106,7 +115,7 @@ func Run(ctx context.Context, cfg Config) error {
 // RunWithReady is Run, handing the agent's readiness check to ready first
 // (for /readyz).
 func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) error {
-	a := &agent{cfg: cfg, trigger: make(chan struct{}, 1)}
+	a := &agent{cfg: cfg, trigger: make(chan struct{}, 1), dirty: map[string]struct{}{}}
 	ready(a.Ready)
 	if cfg.Metrics != nil {
 		go a.scrapeCounters(ctx)
@@ -134,9 +143,14 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 	}
 
 	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { a.kick() },
-		UpdateFunc: func(any, any) { a.kick() },
-		DeleteFunc: func(any) { a.kick() },
+		AddFunc:    func(any) { a.recompute() },
+		UpdateFunc: func(any, any) { a.recompute() },
+		DeleteFunc: func(any) { a.recompute() },
+	}
+	podHandler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    a.podChanged,
+		UpdateFunc: func(_, obj any) { a.podChanged(obj) },
+		DeleteFunc: a.podChanged,
 	}
 	infs := []cache.SharedIndexInformer{
 		cfg.Clients.PodInformer(),
@@ -154,7 +168,11 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 				return fmt.Errorf("set informer transform: %w", err)
 			}
 		}
-		if _, err := inf.AddEventHandler(handler); err != nil {
+		h := handler
+		if i == 0 {
+			h = podHandler
+		}
+		if _, err := inf.AddEventHandler(h); err != nil {
 			return fmt.Errorf("add event handler: %w", err)
 		}
 	}
@@ -185,6 +203,7 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 		case <-a.trigger:
 		case <-resync.C:
 			a.last = nil // force a full apply, read back from the kernel
+			a.full.Store(true)
 			if inv, ok := cfg.Dataplane.(interface{ Invalidate() }); ok {
 				inv.Invalidate()
 			}
@@ -308,6 +327,34 @@ func (a *agent) observe(st selector.NodeState) {
 	}
 }
 
+// recompute asks the sync loop for a full recomputation of the state.
+func (a *agent) recompute() {
+	a.full.Store(true)
+	a.kick()
+}
+
+// podChanged marks a pod for the sync loop, which reads it from the cache.
+func (a *agent) podChanged(obj any) {
+	key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
+	if err != nil {
+		a.recompute()
+		return
+	}
+	a.dirtyMu.Lock()
+	a.dirty[key] = struct{}{}
+	a.dirtyMu.Unlock()
+	a.kick()
+}
+
+// takeDirty returns the pods changed since the last call.
+func (a *agent) takeDirty() map[string]struct{} {
+	a.dirtyMu.Lock()
+	defer a.dirtyMu.Unlock()
+	out := a.dirty
+	a.dirty = map[string]struct{}{}
+	return out
+}
+
 func (a *agent) kick() {
 	select {
 	case a.trigger <- struct{}{}:
@@ -315,24 +362,34 @@ func (a *agent) kick() {
 	}
 }
 
-// sync computes the desired state and applies it when it changed.
+// sync brings the desired state up to date and applies it when it
+// changed: the changed pods only, or everything after any other change.
 func (a *agent) sync(ctx context.Context) error {
-	in, err := a.input()
-	if err != nil {
-		return err
+	// Taken before the caches are read: a pod changing meanwhile is marked
+	// again and handled next time.
+	dirty := a.takeDirty()
+	if a.full.Swap(false) || a.tracker == nil {
+		tr, warnings, err := selector.NewTracker(a.input())
+		if err != nil {
+			a.full.Store(true)
+			return fmt.Errorf("compute desired state: %w", err)
+		}
+		for _, w := range warnings {
+			a.cfg.Log.Warn(w, zap.String("node", a.cfg.Node))
+		}
+		a.tracker = tr
+	} else {
+		for key := range dirty {
+			a.updatePod(key)
+		}
 	}
-	st, warnings, err := selector.DesiredWithWarnings(in)
-	if err != nil {
-		return fmt.Errorf("compute desired state: %w", err)
-	}
-	for _, w := range warnings {
-		a.cfg.Log.Warn(w, zap.String("node", a.cfg.Node))
-	}
+	st := a.tracker.State()
 	a.holding.Store(len(st.FloatingIPs) > 0)
-	if st, err = a.fence.restrict(ctx, st); err != nil {
+	st, err := a.fence.restrict(ctx, st)
+	if err != nil {
 		return err
 	}
-	if a.last != nil && reflect.DeepEqual(*a.last, st) {
+	if a.last != nil && a.last.Equal(st) {
 		return nil
 	}
 	start := time.Now()
@@ -373,8 +430,24 @@ func (a *agent) logChanges(st selector.NodeState, took time.Duration) {
 		zap.Int("policies", len(st.Policies)), zap.Int("floatingIPs", len(st.FloatingIPs)))
 }
 
+// updatePod hands one pod, as the cache has it now, to the tracker.
+func (a *agent) updatePod(key string) {
+	obj, exists, err := a.pods.GetByKey(key)
+	if err == nil && exists {
+		if p, ok := obj.(*corev1.Pod); ok {
+			a.tracker.SetPod(selectorPod(p))
+			return
+		}
+	}
+	ns, name, err := cache.SplitMetaNamespaceKey(key)
+	if err != nil {
+		return
+	}
+	a.tracker.DeletePod(ns, name)
+}
+
 // input gathers the caches into the selector's input.
-func (a *agent) input() (selector.Input, error) {
+func (a *agent) input() selector.Input {
 	in := selector.Input{
 		Node:             a.cfg.Node,
 		Namespaces:       map[string]map[string]string{},
@@ -402,16 +475,18 @@ func (a *agent) input() (selector.Input, error) {
 	pods := a.pods.List()
 	in.Pods = make([]selector.Pod, 0, len(pods))
 	for _, obj := range pods {
-		p := obj.(*corev1.Pod)
-		sp := selector.Pod{
-			Namespace: p.Namespace, Name: p.Name, Node: p.Spec.NodeName, Labels: p.Labels,
-			HostNetwork: p.Spec.HostNetwork,
-			Terminated:  p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed,
-		}
-		sp.IP = podIPv4(p)
-		in.Pods = append(in.Pods, sp)
+		in.Pods = append(in.Pods, selectorPod(obj.(*corev1.Pod)))
 	}
-	return in, nil
+	return in
+}
+
+func selectorPod(p *corev1.Pod) selector.Pod {
+	return selector.Pod{
+		Namespace: p.Namespace, Name: p.Name, Node: p.Spec.NodeName, Labels: p.Labels,
+		HostNetwork: p.Spec.HostNetwork,
+		Terminated:  p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed,
+		IP:          podIPv4(p),
+	}
 }
 
 // slimPod keeps only the fields the agent reads, so that tens of thousands

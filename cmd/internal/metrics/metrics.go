@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -54,6 +55,9 @@ type Agent struct {
 	// PolicyPackets and PolicyBytes mirror the nftables counters of each
 	// policy's rule on this node; labels policy and mode.
 	PolicyPackets, PolicyBytes *prometheus.GaugeVec
+
+	sizesMu sync.Mutex
+	sizes   map[string]SetSize // of the last SetSetSizes, by policy
 }
 
 // NewAgent creates the agent's metrics and registers them on reg (Registry
@@ -131,12 +135,27 @@ type SetSize struct {
 
 // SetSetSizes replaces the set size gauges: policies no longer present
 // disappear.
+// Only what changed since the last call is written: a pod event changes
+// one or two of thousands.
 func (a *Agent) SetSetSizes(sizes []SetSize) {
-	a.SetElements.Reset()
+	a.sizesMu.Lock()
+	defer a.sizesMu.Unlock()
+	now := make(map[string]SetSize, len(sizes))
 	for _, s := range sizes {
+		now[s.Policy] = s
+		if old, ok := a.sizes[s.Policy]; ok && old == s {
+			continue
+		}
 		a.SetElements.WithLabelValues(s.Policy, "src").Set(float64(s.Sources))
 		a.SetElements.WithLabelValues(s.Policy, "dst").Set(float64(s.Destinations))
 	}
+	for policy := range a.sizes {
+		if _, ok := now[policy]; !ok {
+			a.SetElements.DeleteLabelValues(policy, "src")
+			a.SetElements.DeleteLabelValues(policy, "dst")
+		}
+	}
+	a.sizes = now
 }
 
 // Operator holds the metrics of egressnat-operator.

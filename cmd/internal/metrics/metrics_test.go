@@ -3,6 +3,7 @@ package metrics
 import (
 	"context"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 )
 
 func get(t *testing.T, url string) (int, string) {
@@ -248,5 +250,37 @@ func TestDocumented(t *testing.T) {
 		if !slices.Contains(names, m[1]) {
 			t.Errorf("docs/metrics.md documents %s, which does not exist", m[1])
 		}
+	}
+}
+
+// TestSetSetSizes: values follow the last call; policies no longer listed
+// disappear.
+func TestSetSetSizes(t *testing.T) {
+	a := NewAgent(prometheus.NewRegistry())
+	a.SetSetSizes([]SetSize{{Policy: "egress", Sources: 3, Destinations: 1}, {Policy: "web", Sources: 1, Destinations: 2}})
+	a.SetSetSizes([]SetSize{{Policy: "web", Sources: 5, Destinations: 2}, {Policy: "new", Sources: 0, Destinations: 1}})
+	got := map[string]float64{}
+	ch := make(chan prometheus.Metric, 16)
+	a.SetElements.Collect(ch)
+	close(ch)
+	for m := range ch {
+		var pb dto.Metric
+		if err := m.Write(&pb); err != nil {
+			t.Fatal(err)
+		}
+		var policy, kind string
+		for _, l := range pb.GetLabel() {
+			switch l.GetName() {
+			case "policy":
+				policy = l.GetValue()
+			case "kind":
+				kind = l.GetValue()
+			}
+		}
+		got[policy+"/"+kind] = pb.GetGauge().GetValue()
+	}
+	want := map[string]float64{"web/src": 5, "web/dst": 2, "new/src": 0, "new/dst": 1}
+	if !maps.Equal(got, want) {
+		t.Fatalf("set sizes %v, want %v", got, want)
 	}
 }

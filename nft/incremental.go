@@ -1,0 +1,235 @@
+package nft
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+
+	"go.uber.org/zap"
+
+	"github.com/egressnat/egressnat/selector"
+)
+
+// The incremental path. A pod event changes only the sources of some
+// policies; Apply then touches only those sets and the dispatch map entries
+// of the changed addresses, in one transaction, instead of planning the
+// whole table (see applySources). Everything else takes the full path.
+
+// shapeOf copies what the incremental path compares of a state: all but the
+// policies' sources, whose content the cache holds (nftState.sources).
+func shapeOf(st selector.NodeState) *selector.NodeState {
+	out := &selector.NodeState{
+		Policies:    make([]selector.PolicyState, len(st.Policies)),
+		FloatingIPs: slices.Clone(st.FloatingIPs),
+		Released:    slices.Clone(st.Released),
+	}
+	for i, p := range st.Policies {
+		p.Sources = nil
+		p.Destinations = slices.Clone(p.Destinations)
+		out.Policies[i] = p
+	}
+	return out
+}
+
+// sameShape reports whether st differs from the applied shape at most in
+// its policies' sources.
+func sameShape(applied *selector.NodeState, st selector.NodeState) bool {
+	if len(applied.Policies) != len(st.Policies) ||
+		!slices.Equal(applied.FloatingIPs, st.FloatingIPs) || !slices.Equal(applied.Released, st.Released) {
+		return false
+	}
+	for i, p := range st.Policies {
+		a := applied.Policies[i]
+		if a.Name != p.Name || a.Mode != p.Mode || a.EgressIP != p.EgressIP || a.NextHop != p.NextHop ||
+			!slices.Equal(a.Destinations, p.Destinations) {
+			return false
+		}
+	}
+	return true
+}
+
+// normalizeSources returns a policy's sources sorted, without duplicates,
+// as IPv4 addresses; it copies only when they are not so already.
+func normalizeSources(p selector.PolicyState) ([]netip.Addr, error) {
+	clean := true
+	for i, a := range p.Sources {
+		if !a.Is4() || (i > 0 && p.Sources[i-1].Compare(a) >= 0) {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return p.Sources, nil
+	}
+	out := make([]netip.Addr, 0, len(p.Sources))
+	for _, a := range p.Sources {
+		a = a.Unmap()
+		if !a.Is4() {
+			return nil, fmt.Errorf("policy %q: source %s is not ipv4", p.Name, a)
+		}
+		out = append(out, a)
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return slices.Compact(out), nil
+}
+
+// applySources applies st through the incremental path when the cached
+// table was written by this process from a state of the same shape. It
+// reports whether it handled st; when not, the caller takes the full path.
+// On an error the cache is dropped, so the full path reads the kernel.
+func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res *Result) (bool, error) {
+	ks := d.nftCache
+	if ks == nil || ks.state == nil || ks.sources == nil || !sameShape(ks.state, st) {
+		return false, nil
+	}
+	type change struct {
+		policy         selector.PolicyState
+		set            string
+		now            []netip.Addr
+		added, removed []netip.Addr
+	}
+	var changes []change
+	for _, p := range st.Policies {
+		name := srcSetName(p.Name)
+		have, ok := ks.sources[name]
+		if !ok {
+			return false, nil
+		}
+		if slices.Equal(have, p.Sources) {
+			continue
+		}
+		now, err := normalizeSources(p)
+		if err != nil {
+			return true, fmt.Errorf("invalid state: %w", err)
+		}
+		added, removed := diffAddrs(have, now)
+		if len(added)+len(removed) > 0 {
+			changes = append(changes, change{policy: p, set: name, now: now, added: added, removed: removed})
+		}
+	}
+	res.Incremental = true
+	if len(changes) == 0 {
+		return true, nil
+	}
+
+	// The dispatch map: the new target of every address whose membership
+	// in a Reroute or Drop policy changed.
+	affected := map[netip.Addr]bool{}
+	for _, c := range changes {
+		if c.policy.Mode == selector.ModeGateway {
+			continue
+		}
+		for _, a := range slices.Concat(c.added, c.removed) {
+			affected[a] = true
+		}
+	}
+	now := func(p selector.PolicyState) []netip.Addr { return ks.sources[srcSetName(p.Name)] }
+	for _, c := range changes {
+		ks.sources[c.set] = c.now
+	}
+	jumps := ks.jumpMap()
+	target := func(a netip.Addr) string {
+		out := ""
+		for _, p := range st.Policies {
+			if p.Mode == selector.ModeGateway {
+				continue
+			}
+			if _, in := slices.BinarySearchFunc(now(p), a, netip.Addr.Compare); in {
+				if out != "" {
+					return chainMulti
+				}
+				out = policyChainName(p.Name)
+			}
+		}
+		return out
+	}
+	var all map[netip.Addr]string
+	if len(affected) > 64 { // one pass over every policy beats a search per address
+		all = preSrcTargets(selector.NodeState{Policies: withSources(st.Policies, now)})
+		target = func(a netip.Addr) string { return all[a] }
+	}
+	mapOut, mapIn := map[netip.Addr]string{}, map[netip.Addr]string{}
+	for _, a := range slices.SortedFunc(maps.Keys(affected), netip.Addr.Compare) {
+		old, want := jumps[a], target(a)
+		if old == want {
+			continue
+		}
+		if old != "" {
+			mapOut[a] = old
+		}
+		if want != "" {
+			mapIn[a] = want
+		}
+	}
+
+	// Additions, the map, then removals: one transaction unless the change
+	// is larger than a batch, and then still additions first.
+	var adds, dels []op
+	for _, c := range changes {
+		s := ks.sets[c.set]
+		if s == nil {
+			d.nftCache = nil
+			return false, nil
+		}
+		adds = append(adds, elemOps(s, addrElems(c.added), false)...)
+		dels = append(dels, elemOps(s, addrElems(c.removed), true)...)
+		res.ElementsAdded += len(c.added)
+		res.ElementsDeleted += len(c.removed)
+	}
+	m := ks.sets[setPreSrc]
+	if m == nil && len(mapOut)+len(mapIn) > 0 {
+		d.nftCache = nil
+		return false, nil
+	}
+	var mapOps []op
+	if len(mapOut) > 0 {
+		var out []netip.Addr
+		for a := range mapOut {
+			out = append(out, a)
+		}
+		slices.SortFunc(out, netip.Addr.Compare)
+		mapOps = append(mapOps, elemOps(m, addrElems(out), true)...)
+	}
+	mapOps = append(mapOps, elemOps(m, jumpElems(mapIn), false)...)
+	res.ElementsDeleted += len(mapOut)
+	res.ElementsAdded += len(mapIn)
+
+	d.nftCache = nil // until the transaction succeeded
+	n, err := d.runOps(ctx, slices.Concat(adds, mapOps, dels))
+	res.Transactions = n
+	if err != nil {
+		return true, err
+	}
+	for a := range mapOut {
+		delete(jumps, a)
+	}
+	maps.Copy(jumps, mapIn)
+	ks.state = shapeOf(st)
+	d.nftCache = ks
+
+	// Conntrack: flows of the added and removed addresses to the policy's
+	// destinations were decided by the old rules.
+	ct := &ctMatcher{}
+	for _, c := range changes {
+		dests := newSpanSet(mergeOverlaps(prefixRanges(c.policy.Destinations)))
+		for _, a := range slices.Concat(c.added, c.removed) {
+			ct.addSource(a, dests)
+		}
+		d.log.Info("policy sources changed", zap.String("policy", c.policy.Name),
+			zap.Int("added", len(c.added)), zap.Int("removed", len(c.removed)))
+	}
+	res.ConntrackDeleted, err = d.flushConntrack(ctx, ct)
+	return true, err
+}
+
+// withSources returns policies with the sources given by now.
+func withSources(ps []selector.PolicyState, now func(selector.PolicyState) []netip.Addr) []selector.PolicyState {
+	out := make([]selector.PolicyState, len(ps))
+	for i, p := range ps {
+		p.Sources = now(p)
+		out[i] = p
+	}
+	return out
+}

@@ -34,6 +34,10 @@ type Dataplane struct {
 	// kernel (hundreds of milliseconds at thousands of sets). nil forces a
 	// read: at start, after an error, after Cleanup, and on Invalidate.
 	nftCache *nftState
+	// recheck: the next Apply takes the full path (routes, addresses,
+	// sysctls, the table planned against the cache) even when only
+	// sources changed.
+	recheck bool
 
 	wg        sync.WaitGroup
 	done      chan struct{}
@@ -190,7 +194,11 @@ func (d *Dataplane) Apply(ctx context.Context, st selector.NodeState) error {
 	defer d.mu.Unlock()
 	res := Result{}
 	cached := d.nftCache != nil
-	handled, err := d.applySources(ctx, st, &res)
+	handled := false
+	var err error
+	if !d.recheck {
+		handled, err = d.applySources(ctx, st, &res)
+	}
 	if !handled {
 		err = d.apply(ctx, st, &res)
 	}
@@ -204,6 +212,9 @@ func (d *Dataplane) Apply(ctx context.Context, st selector.NodeState) error {
 	d.last = res
 	if err != nil {
 		return err
+	}
+	if !handled {
+		d.recheck = false
 	}
 	if res.Changed() || res.ConntrackDeleted > 0 {
 		d.log.Info("applied",
@@ -535,6 +546,15 @@ func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
 func (d *Dataplane) Invalidate() {
 	d.mu.Lock()
 	d.nftCache = nil
+	d.mu.Unlock()
+}
+
+// Recheck makes the next Apply take the full path: it repairs routes, ip
+// rules, floating addresses and sysctls, and plans the table against the
+// cached one (see Verify for the table itself).
+func (d *Dataplane) Recheck() {
+	d.mu.Lock()
+	d.recheck = true
 	d.mu.Unlock()
 }
 

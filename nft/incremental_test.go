@@ -1,6 +1,7 @@
 package nft
 
 import (
+	"fmt"
 	"maps"
 	"net/netip"
 	"slices"
@@ -113,4 +114,69 @@ func TestIncrementalSources(t *testing.T) {
 		t.Fatalf("next hop change did not take the full path: %+v", r)
 	}
 	expectKernel(t, l, da, "a", want)
+}
+
+// TestVerify: Verify finds nothing after applies, names what someone else
+// changed in the table, and the next Apply repairs it; Recheck repairs
+// policy routing without a kernel read of the table.
+func TestVerify(t *testing.T) {
+	l := newLab(t)
+	l.build()
+	da := l.dataplane("a")
+	if drift, err := da.Verify(ctxT(t)); drift != "" || err != nil {
+		t.Fatalf("before any apply: %q, %v", drift, err)
+	}
+	st := threePolicies([]string{podA1}, []string{podA2}, []string{podA2})
+	mustApply(t, da, st)
+	st = threePolicies([]string{podA1, podA2}, []string{podA2}, nil)
+	if r := mustApply(t, da, st); !r.Incremental {
+		t.Fatalf("not incremental: %+v", r)
+	}
+	verifyClean := func(when string) {
+		t.Helper()
+		if drift, err := da.Verify(ctxT(t)); drift != "" || err != nil {
+			t.Fatalf("%s: %q, %v", when, drift, err)
+		}
+	}
+	verifyClean("after applies")
+	for _, tc := range []struct {
+		name, want string
+		change     []string
+	}{
+		{"element deleted", "elements of set " + srcSetName("web") + " differ",
+			[]string{"delete", "element", "ip", DefaultTable, srcSetName("web"), "{ " + podA1 + " }"}},
+		{"element added", "elements of set " + srcSetName("dropper") + " differ",
+			[]string{"add", "element", "ip", DefaultTable, srcSetName("dropper"), "{ 10.244.1.99 }"}},
+		{"map entry deleted", "elements of set " + setPreSrc + " differ",
+			[]string{"delete", "element", "ip", DefaultTable, setPreSrc, "{ " + podA2 + " }"}},
+		{"destinations changed", "elements of set " + dstSetName("web") + " differ",
+			[]string{"add", "element", "ip", DefaultTable, dstSetName("web"), "{ 192.0.2.128/25 }"}},
+		{"rules flushed", "rules of chain " + chainPrerouting + " differ",
+			[]string{"flush", "chain", "ip", DefaultTable, chainPrerouting}},
+		{"table deleted", "table " + DefaultTable + " is gone",
+			[]string{"delete", "table", "ip", DefaultTable}},
+	} {
+		l.exec("a", append([]string{"nft"}, tc.change...)...)
+		if drift, err := da.Verify(ctxT(t)); drift != tc.want || err != nil {
+			t.Fatalf("%s: Verify says %q, %v; want %q", tc.name, drift, err, tc.want)
+		}
+		if r := mustApply(t, da, st); r.Incremental || !r.Changed() {
+			t.Fatalf("%s: the apply after did not repair: %+v", tc.name, r)
+		}
+		expectKernel(t, l, da, "a", st)
+		verifyClean(tc.name + ", repaired")
+	}
+
+	// Policy routing is outside the table: Recheck repairs it.
+	l.ip("a", "rule", "del", "priority", fmt.Sprint(DefaultRulePriority))
+	if r := mustApply(t, da, st); r.IPRulesChanged != 0 {
+		t.Fatalf("repaired without Recheck: %+v", r)
+	}
+	da.Recheck()
+	if r := mustApply(t, da, st); r.Incremental || r.IPRulesChanged == 0 {
+		t.Fatalf("Recheck did not repair the ip rule: %+v", r)
+	}
+	if r := mustApply(t, da, threePolicies([]string{podA1}, []string{podA2}, nil)); !r.Incremental {
+		t.Fatalf("not incremental after the recheck: %+v", r)
+	}
 }

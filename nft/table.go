@@ -57,6 +57,8 @@ type nftState struct {
 	sources map[string][]netip.Addr
 	jumps   map[netip.Addr]string
 	state   *selector.NodeState
+	// specs: the rules of each chain as written (for Verify).
+	specs map[string][]ruleSpec
 }
 
 // srcAddrs returns the content of a source set, sorted.
@@ -357,6 +359,7 @@ func (p *nftPlan) after(d *Dataplane, prev *nftState, want desiredNFT, floating 
 		rules:   make(map[string][]*nftables.Rule, len(p.wantRules)),
 		sources: make(map[string][]netip.Addr, len(want.sources)),
 		state:   shapeOf(want.state),
+		specs:   p.wantRules,
 	}
 	// What the plan did not touch is as it was: reuse it.
 	reuse := func(name string, unchanged bool) bool {

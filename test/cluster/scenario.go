@@ -57,15 +57,22 @@ var SeedScenario = SeedGateway + "---\n" + SeedPolicy
 // cluster into *c, runs the tests, prints the binaries' logs when a test
 // failed, and tears everything down. It returns the exit code.
 func TestMain(m *testing.M, prefix string, c **Cluster) int {
+	return TestMainOptions(m, Options{Prefix: prefix}, c)
+}
+
+// TestMainOptions is TestMain with options (Log is set here).
+func TestMainOptions(m *testing.M, opts Options, c **Cluster) int {
+	prefix := opts.Prefix
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, prefix+": needs root for network namespaces")
 		return 1
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	cl, err := Start(ctx, Options{Prefix: prefix, Log: func(f string, a ...any) {
+	opts.Log = func(f string, a ...any) {
 		fmt.Fprintf(os.Stderr, prefix+": "+f+"\n", a...)
-	}})
+	}
+	cl, err := Start(ctx, opts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, prefix+": start cluster:", err)
 		return 1

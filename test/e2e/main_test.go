@@ -27,7 +27,10 @@ var (
 	fip102    = netip.MustParseAddr("192.0.2.102")
 )
 
-func TestMain(m *testing.M) { os.Exit(cluster.TestMain(m, "enat-e2e-", &c)) }
+// The agents check their table every 3 s (TestDriftRepaired).
+func TestMain(m *testing.M) {
+	os.Exit(cluster.TestMainOptions(m, cluster.Options{Prefix: "enat-e2e-", AgentArgs: []string{"--resync=3s"}}, &c))
+}
 
 func ext1() *lab.External { return c.Lab.External("ext1") } // 203.0.113.10
 func ext2() *lab.External { return c.Lab.External("ext2") } // 198.51.100.10

@@ -97,6 +97,7 @@ type agent struct {
 	// pod dirty; every other event asks for a full recomputation.
 	tracker         *selector.Tracker
 	full            atomic.Bool
+	reapply         atomic.Bool // apply even when the state did not change
 	dirtyMu         sync.Mutex
 	dirty           map[string]struct{}
 	fence           *fence
@@ -193,6 +194,7 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 	a.synced.Store(true)
 
 	a.kick()
+	go a.verify(ctx)
 	resync := time.NewTicker(cfg.ResyncPeriod)
 	defer resync.Stop()
 	backoff := time.Duration(0)
@@ -202,10 +204,13 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 			return nil
 		case <-a.trigger:
 		case <-resync.C:
-			a.last = nil // force a full apply, read back from the kernel
+			// Recompute everything and re-apply routes, addresses and
+			// sysctls; the table itself is checked by verify, in the
+			// background.
+			a.last = nil
 			a.full.Store(true)
-			if inv, ok := cfg.Dataplane.(interface{ Invalidate() }); ok {
-				inv.Invalidate()
+			if r, ok := cfg.Dataplane.(interface{ Recheck() }); ok {
+				r.Recheck()
 			}
 		}
 		if backoff > 0 {
@@ -233,6 +238,39 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 		}
 		a.syncErr.Store(nil)
 		backoff = 0
+	}
+}
+
+// verify compares the kernel's table with what was applied every
+// ResyncPeriod, without holding up the sync loop; on a difference (someone
+// else changed the table) the next sync reads the kernel back and repairs.
+func (a *agent) verify(ctx context.Context) {
+	v, ok := a.cfg.Dataplane.(interface {
+		Verify(context.Context) (string, error)
+	})
+	if !ok {
+		return
+	}
+	t := time.NewTicker(a.cfg.ResyncPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		drift, err := v.Verify(ctx)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			a.cfg.Log.Warn("verify the nftables table", zap.String("node", a.cfg.Node), zap.Error(err))
+		case drift != "":
+			a.cfg.Log.Warn("nftables table changed outside egressnat; repairing", zap.String("node", a.cfg.Node), zap.String("drift", drift))
+			if a.cfg.Metrics != nil {
+				a.cfg.Metrics.Drift.Inc()
+			}
+			a.last = nil
+			a.recompute()
+		}
 	}
 }
 
@@ -368,6 +406,9 @@ func (a *agent) sync(ctx context.Context) error {
 	// Taken before the caches are read: a pod changing meanwhile is marked
 	// again and handled next time.
 	dirty := a.takeDirty()
+	if a.reapply.Swap(false) {
+		a.last = nil
+	}
 	if a.full.Swap(false) || a.tracker == nil {
 		tr, warnings, err := selector.NewTracker(a.input())
 		if err != nil {

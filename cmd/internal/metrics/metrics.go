@@ -43,6 +43,9 @@ type Agent struct {
 	SyncDuration prometheus.Histogram
 	// SyncErrors counts syncs that failed (and are retried).
 	SyncErrors prometheus.Counter
+	// Drift counts differences the periodic check found between the
+	// kernel's table and what the agent applied (then repaired).
+	Drift prometheus.Counter
 	// SetElements: elements of each policy's nftables set; labels policy
 	// and kind ("src" pod addresses, "dst" destination intervals).
 	SetElements *prometheus.GaugeVec
@@ -71,6 +74,10 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 			Name:    "egressnat_agent_sync_duration_seconds",
 			Help:    "Time to compute this node's desired state and apply it to the kernel (one nftables transaction, routes, addresses).",
 			Buckets: SyncBuckets,
+		}),
+		Drift: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressnat_agent_drift_repairs_total",
+			Help: "Times the periodic check found the nftables table changed outside egressnat (it is then read back and repaired).",
 		}),
 		SyncErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "egressnat_agent_sync_errors_total",
@@ -101,7 +108,7 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 			Help: "Bytes matched by a policy's rule on this node (the nftables counter; it restarts at 0 when the rule is rebuilt).",
 		}, []string{"policy", "mode"}),
 	}
-	reg.MustRegister(a.SyncDuration, a.SyncErrors, a.SetElements, a.FloatingIPs, a.GARPsSent,
+	reg.MustRegister(a.SyncDuration, a.SyncErrors, a.Drift, a.SetElements, a.FloatingIPs, a.GARPsSent,
 		a.ConntrackFlushed, a.PolicyPackets, a.PolicyBytes)
 	return a
 }

@@ -4,14 +4,17 @@
 // marked traffic, floating IPs on the uplink with gratuitous ARP, and
 // conntrack clean-up after changes.
 //
-// Everything is read back from the kernel on each Apply, so a restarted agent
-// changes nothing when the state is unchanged. New state is always added
-// before old state is removed.
+// The first Apply reads the table back from the kernel, so a restarted agent
+// changes nothing when the state is unchanged; later ones diff against the
+// table as the last Apply left it, and a change of sources alone touches only
+// those elements. Verify checks the kernel against that cache in the
+// background. New state is always added before old state is removed.
 package nft
 
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"go.uber.org/zap"
 )
@@ -22,6 +25,7 @@ const (
 	DefaultMarkMask       = 0x00003f00 // clear of kube-proxy 0x4000/0x8000 and Calico 0xffff0000
 	DefaultRouteTableBase = 2700
 	DefaultRulePriority   = 29000
+	DefaultVerifyPause    = time.Millisecond
 )
 
 // Config configures a Dataplane.
@@ -43,6 +47,9 @@ type Config struct {
 	NetNSFd int
 	// Logger receives structured logs; nil means no logs.
 	Logger *zap.Logger
+	// VerifyPause is the pause between two reads of Verify, which spreads
+	// its work (thousands of sets) over time; negative means none.
+	VerifyPause time.Duration
 }
 
 func (c Config) withDefaults() (Config, error) {
@@ -60,6 +67,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
+	}
+	if c.VerifyPause == 0 {
+		c.VerifyPause = DefaultVerifyPause
 	}
 	if c.Uplink == "" {
 		return c, errors.New("config: uplink is required")

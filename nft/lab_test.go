@@ -33,7 +33,7 @@ import (
 // masquerade pod traffic leaving the pod network with iptables-nft, as a CNI
 // would.
 type lab struct {
-	t   *testing.T
+	t   testing.TB
 	id  string
 	nss []string
 }
@@ -50,7 +50,7 @@ const (
 	podB1     = "10.244.2.2"
 )
 
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
@@ -60,7 +60,7 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-func newLab(t *testing.T) *lab {
+func newLab(t testing.TB) *lab {
 	t.Helper()
 	requireRoot(t)
 	b := make([]byte, 3)

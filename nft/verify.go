@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"time"
 
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
@@ -128,6 +129,9 @@ func (d *Dataplane) Verify(ctx context.Context) (string, error) {
 // lock. Without a cached table there is nothing to check (the next Apply
 // reads the kernel anyway). On a difference the cache is dropped.
 func (d *Dataplane) verifyStep(check func(ks *nftState) (string, error)) (string, error) {
+	if d.cfg.VerifyPause > 0 {
+		time.Sleep(d.cfg.VerifyPause)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.nftCache == nil {

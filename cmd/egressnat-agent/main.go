@@ -45,7 +45,7 @@ func run() error {
 	serveAddr := fs.String("health-addr", ":9796", "where /metrics, /healthz and /readyz are served")
 	fenceAfter := fs.Duration("fence-after", time.Second, "a node holding floating IPs that has seen no health probe for this long and cannot reach the API server releases them")
 	recovery := fs.Duration("recovery-period", 10*time.Second, "after a fence lifts, hold floating IPs only as a fresh read of the API confirms, for this long")
-	resync := fs.Duration("resync", 30*time.Second, "full re-apply period, repairing drift")
+	resync := fs.Duration("resync", 30*time.Second, "period (jittered) of the full recomputation and re-apply, and of the background check of the nftables table that repairs changes made outside egressnat")
 	fallback := fs.Bool("fallback-to-node-ip", false, "when no node holds a policy's egress IP, let its traffic leave with the node IP instead of dropping it")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
@@ -56,6 +56,9 @@ func run() error {
 	mask, err := strconv.ParseUint(*markMask, 0, 32)
 	if err != nil || mask == 0 {
 		return fmt.Errorf("--mark-mask %q: want a non-zero 32-bit number", *markMask)
+	}
+	if *resync < time.Second {
+		return fmt.Errorf("--resync %s: want at least 1s", *resync)
 	}
 	log, err := logging.New(logOpts)
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"errors"
 
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
@@ -99,7 +100,7 @@ type agent struct {
 	full            atomic.Bool
 	reapply         atomic.Bool // apply even when the state did not change
 	dirtyMu         sync.Mutex
-	dirty           map[string]struct{}
+	dirty           map[string]time.Time // pod key -> when first marked
 	fence           *fence
 	recorder        record.EventRecorder
 	fencedGroups    map[*corev1.ObjectReference][]string // only the fence goroutine
@@ -116,7 +117,7 @@ func Run(ctx context.Context, cfg Config) error {
 // RunWithReady is Run, handing the agent's readiness check to ready first
 // (for /readyz).
 func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) error {
-	a := &agent{cfg: cfg, trigger: make(chan struct{}, 1), dirty: map[string]struct{}{}}
+	a := &agent{cfg: cfg, trigger: make(chan struct{}, 1), dirty: map[string]time.Time{}}
 	ready(a.Ready)
 	if cfg.Metrics != nil {
 		go a.scrapeCounters(ctx)
@@ -195,7 +196,7 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 
 	a.kick()
 	go a.verify(ctx)
-	resync := time.NewTicker(cfg.ResyncPeriod)
+	resync := time.NewTimer(firstTick(cfg.ResyncPeriod))
 	defer resync.Stop()
 	backoff := time.Duration(0)
 	for {
@@ -204,6 +205,7 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 			return nil
 		case <-a.trigger:
 		case <-resync.C:
+			resync.Reset(nextTick(cfg.ResyncPeriod))
 			// Recompute everything and re-apply routes, addresses and
 			// sysctls; the table itself is checked by verify, in the
 			// background.
@@ -251,13 +253,14 @@ func (a *agent) verify(ctx context.Context) {
 	if !ok {
 		return
 	}
-	t := time.NewTicker(a.cfg.ResyncPeriod)
+	t := time.NewTimer(firstTick(a.cfg.ResyncPeriod))
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			t.Reset(nextTick(a.cfg.ResyncPeriod))
 		}
 		drift, err := v.Verify(ctx)
 		switch {
@@ -272,6 +275,17 @@ func (a *agent) verify(ctx context.Context) {
 			a.recompute()
 		}
 	}
+}
+
+// firstTick and nextTick jitter periodic work, so that agents started
+// together (a DaemonSet rollout) do not do it at the same moment: the first
+// tick comes after 0.5 to 1.5 periods, the next ones after 0.9 to 1.1.
+func firstTick(period time.Duration) time.Duration {
+	return period/2 + rand.N(period)
+}
+
+func nextTick(period time.Duration) time.Duration {
+	return period*9/10 + rand.N(period/5+1)
 }
 
 // fenceEvent records a Fenced Event on every gateway group with a floating
@@ -379,17 +393,19 @@ func (a *agent) podChanged(obj any) {
 		return
 	}
 	a.dirtyMu.Lock()
-	a.dirty[key] = struct{}{}
+	if _, ok := a.dirty[key]; !ok {
+		a.dirty[key] = time.Now()
+	}
 	a.dirtyMu.Unlock()
 	a.kick()
 }
 
 // takeDirty returns the pods changed since the last call.
-func (a *agent) takeDirty() map[string]struct{} {
+func (a *agent) takeDirty() map[string]time.Time {
 	a.dirtyMu.Lock()
 	defer a.dirtyMu.Unlock()
 	out := a.dirty
-	a.dirty = map[string]struct{}{}
+	a.dirty = map[string]time.Time{}
 	return out
 }
 
@@ -431,6 +447,7 @@ func (a *agent) sync(ctx context.Context) error {
 		return err
 	}
 	if a.last != nil && a.last.Equal(st) {
+		a.observePods(dirty)
 		return nil
 	}
 	start := time.Now()
@@ -444,8 +461,20 @@ func (a *agent) sync(ctx context.Context) error {
 	}
 	a.logChanges(st, time.Since(start))
 	a.observe(st)
+	a.observePods(dirty)
 	a.last = &st
 	return nil
+}
+
+// observePods records, for each pod event handled, the time from the event
+// reaching the agent to the kernel holding its change.
+func (a *agent) observePods(dirty map[string]time.Time) {
+	if a.cfg.Metrics == nil {
+		return
+	}
+	for _, t := range dirty {
+		a.cfg.Metrics.PodProgramming.Observe(time.Since(t).Seconds())
+	}
 }
 
 func (a *agent) logChanges(st selector.NodeState, took time.Duration) {

@@ -43,6 +43,9 @@ type Agent struct {
 	SyncDuration prometheus.Histogram
 	// SyncErrors counts syncs that failed (and are retried).
 	SyncErrors prometheus.Counter
+	// PodProgramming: from a pod event reaching the agent to the kernel
+	// holding its change.
+	PodProgramming prometheus.Histogram
 	// Drift counts differences the periodic check found between the
 	// kernel's table and what the agent applied (then repaired).
 	Drift prometheus.Counter
@@ -73,6 +76,11 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 		SyncDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "egressnat_agent_sync_duration_seconds",
 			Help:    "Time to compute this node's desired state and apply it to the kernel (one nftables transaction, routes, addresses).",
+			Buckets: SyncBuckets,
+		}),
+		PodProgramming: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "egressnat_agent_pod_programming_seconds",
+			Help:    "Time from a pod event (add, update, delete) reaching the agent to the kernel holding its change.",
 			Buckets: SyncBuckets,
 		}),
 		Drift: prometheus.NewCounter(prometheus.CounterOpts{
@@ -108,7 +116,7 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 			Help: "Bytes matched by a policy's rule on this node (the nftables counter; it restarts at 0 when the rule is rebuilt).",
 		}, []string{"policy", "mode"}),
 	}
-	reg.MustRegister(a.SyncDuration, a.SyncErrors, a.Drift, a.SetElements, a.FloatingIPs, a.GARPsSent,
+	reg.MustRegister(a.SyncDuration, a.SyncErrors, a.Drift, a.PodProgramming, a.SetElements, a.FloatingIPs, a.GARPsSent,
 		a.ConntrackFlushed, a.PolicyPackets, a.PolicyBytes)
 	return a
 }

@@ -1,7 +1,7 @@
 // Package manifests_test checks the install manifests without a cluster:
-// the kustomization lists every file, and no Role grants Secrets, wildcards
-// or the verbs that escalate. test/deploy proves the rest against a real
-// API server.
+// the kustomization lists every file, no Role grants Secrets, wildcards or
+// the verbs that escalate, and the agent learns its memory limit.
+// test/deploy proves the rest against a real API server.
 package manifests_test
 
 import (
@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	appsv1 "k8s.io/api/apps/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"sigs.k8s.io/yaml"
 )
@@ -114,4 +115,37 @@ func TestLeastPrivilege(t *testing.T) {
 	if roles != 4 {
 		t.Errorf("found %d Roles and ClusterRoles, want 4", roles)
 	}
+}
+
+// TestAgentMemoryLimit: the agent reads its container's memory limit
+// (MEMORY_LIMIT, from the downward API) to set the Go runtime's soft
+// limit below it, and that limit is set.
+func TestAgentMemoryLimit(t *testing.T) {
+	var ds appsv1.DaemonSet
+	b, err := os.ReadFile("agent-daemonset.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.Unmarshal(b, &ds); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		if c.Name != "agent" {
+			continue
+		}
+		if c.Resources.Limits.Memory().IsZero() {
+			t.Error("agent: no memory limit")
+		}
+		for _, e := range c.Env {
+			if e.Name == "MEMORY_LIMIT" {
+				if e.ValueFrom == nil || e.ValueFrom.ResourceFieldRef == nil || e.ValueFrom.ResourceFieldRef.Resource != "limits.memory" ||
+					!e.ValueFrom.ResourceFieldRef.Divisor.IsZero() && e.ValueFrom.ResourceFieldRef.Divisor.Value() != 1 {
+					t.Errorf("agent: MEMORY_LIMIT must be the container's limits.memory in bytes, got %+v", e.ValueFrom)
+				}
+				return
+			}
+		}
+		t.Fatal("agent: no MEMORY_LIMIT env")
+	}
+	t.Fatal("no container named agent")
 }

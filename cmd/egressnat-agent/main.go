@@ -60,6 +60,10 @@ func run() error {
 	if *resync < time.Second {
 		return fmt.Errorf("--resync %s: want at least 1s", *resync)
 	}
+	memLimit, err := setMemoryLimit(os.Getenv)
+	if err != nil {
+		return err
+	}
 	log, err := logging.New(logOpts)
 	if err != nil {
 		return err
@@ -83,7 +87,8 @@ func run() error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	log.Info("starting", zap.String("node", *node), zap.String("uplink", upName), zap.String("subnets", kube.FormatSubnets(subnets)))
+	log.Info("starting", zap.String("node", *node), zap.String("uplink", upName), zap.String("subnets", kube.FormatSubnets(subnets)),
+		zap.Int64("goMemoryLimitMiB", memLimit>>20))
 	m := metrics.NewAgent(nil)
 	ready := make(chan func() error, 1)
 	go func() {

@@ -2,11 +2,13 @@ package kube
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metainternalversion "k8s.io/apimachinery/pkg/apis/meta/internalversion"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -65,11 +67,95 @@ type listWatch struct{ cache.ListWatch }
 // IsWatchListSemanticsUnSupported makes the reflector use list and watch.
 func (*listWatch) IsWatchListSemanticsUnSupported() bool { return true }
 
-// PodInformer watches every pod.
+// PodInformer watches every pod and keeps them whole. Callers that keep
+// only a few fields should use SlimPodInformer: this one holds every full
+// pod of a list at once before a transform can run.
 func (c *Clients) PodInformer() cache.SharedIndexInformer {
 	pods := c.Core.CoreV1().Pods(metav1.NamespaceAll)
 	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return pods.List(ctx, o) },
 		pods.Watch, &corev1.Pod{})
+}
+
+// listPageSize is how many pods one list request of SlimPodInformer asks
+// for (client-go's pager uses the same).
+var listPageSize int64 = 500
+
+// SlimPodInformer watches every pod and stores slim(pod) for each. It lists
+// in pages of listPageSize and slims each page as it arrives, so that only
+// one page of full pods is alive at a time: client-go's reflector gathers a
+// whole list before an informer's transform runs, and the full pods of a
+// list of tens of thousands made the agent's peak memory.
+//
+// slim is the informer's transform too, for the pods that arrive by watch.
+// It must pass any other object (a tombstone) through, and should drop the
+// containers: the transform then knows a pod without containers for one
+// the list slimmed already (the API serves none without) and keeps it as
+// it is instead of copying all of them once more. Setting slim again with
+// SetTransform works, at the cost of that copy.
+//
+// Its lists ask for the most recent state (resourceVersion ""), whatever
+// resource version the reflector asks for: that is never older than what
+// the reflector has seen, and it is the state an API server pages (it
+// answers resourceVersion "0" in one piece from its cache).
+func (c *Clients) SlimPodInformer(slim cache.TransformFunc) cache.SharedIndexInformer {
+	pods := c.Core.CoreV1().Pods(metav1.NamespaceAll)
+	inf := newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+		return listSlim(ctx, func(o metav1.ListOptions) (*corev1.PodList, error) { return pods.List(ctx, o) }, o, slim)
+	}, pods.Watch, &corev1.Pod{})
+	_ = inf.SetTransform(func(obj any) (any, error) { // fails only once the informer runs
+		if p, ok := obj.(*corev1.Pod); ok && len(p.Spec.Containers) == 0 {
+			return obj, nil // slimmed by listSlim
+		}
+		return slim(obj)
+	})
+	return inf
+}
+
+// listSlim lists every pod page by page and returns slim(pod) of each. The
+// list holds pointers, which the reflector hands on as they are (it would
+// copy every item of a []corev1.Pod).
+func listSlim(ctx context.Context, list func(metav1.ListOptions) (*corev1.PodList, error),
+	o metav1.ListOptions, slim cache.TransformFunc) (*metainternalversion.List, error) {
+	o.ResourceVersion, o.ResourceVersionMatch, o.Continue, o.Limit = "", "", "", listPageSize
+	out := &metainternalversion.List{}
+	for {
+		page, err := retry(ctx, func() (*corev1.PodList, error) { return list(o) })
+		if (apierrors.IsResourceExpired(err) || apierrors.IsGone(err)) && o.Continue != "" {
+			// The continue token outlived the server's history:
+			// start again from the current state.
+			o.Continue, out = "", &metainternalversion.List{}
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if out.Items == nil {
+			n := int64(len(page.Items))
+			if page.RemainingItemCount != nil {
+				n += *page.RemainingItemCount
+			}
+			out.Items = make([]runtime.Object, 0, n)
+		}
+		for i := range page.Items {
+			obj, err := slim(&page.Items[i])
+			if err != nil {
+				return nil, fmt.Errorf("slim pod %s/%s: %w", page.Items[i].Namespace, page.Items[i].Name, err)
+			}
+			p, ok := obj.(*corev1.Pod)
+			if !ok {
+				return nil, fmt.Errorf("slim pod %s/%s: got %T", page.Items[i].Namespace, page.Items[i].Name, obj)
+			}
+			if p == &page.Items[i] {
+				p = p.DeepCopy() // do not keep the page alive
+			}
+			out.Items = append(out.Items, p)
+		}
+		out.ResourceVersion = page.ResourceVersion
+		if page.Continue == "" {
+			return out, nil
+		}
+		o.Continue = page.Continue
+	}
 }
 
 // NamespaceInformer watches every namespace.

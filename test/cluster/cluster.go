@@ -194,13 +194,18 @@ func (c *Cluster) StartOperator(i int) error {
 	return nil
 }
 
+// AgentMemoryLimit is the agent container's memory limit in
+// manifests/agent-daemonset.yaml (256Mi), passed as MEMORY_LIMIT.
+const AgentMemoryLimit = "268435456"
+
 // StartAgent starts (or starts again) the agent of a node.
 func (c *Cluster) StartAgent(node string) error {
 	n := c.Lab.Node(node)
 	if n == nil {
 		return fmt.Errorf("no node %s", node)
 	}
-	args := append([]string{filepath.Join(c.binDir, "egressnat-agent"),
+	// The environment of the DaemonSet: MEMORY_LIMIT is its limits.memory.
+	args := append([]string{"env", "MEMORY_LIMIT=" + AgentMemoryLimit, filepath.Join(c.binDir, "egressnat-agent"),
 		"--kubeconfig=" + c.agentKubeconfig, "--node-name=" + node, "--namespace=" + SystemNamespace,
 		"--uplink=" + n.Uplink, fmt.Sprintf("--health-addr=:%d", AgentHealthPort), "--log-format=console"}, c.opts.AgentArgs...)
 	p, err := c.Lab.Start(n.NetNS, filepath.Join(c.Lab.WorkDir(), "agent-"+node+".log"), args...)

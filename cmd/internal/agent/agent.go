@@ -155,15 +155,16 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 		DeleteFunc: a.podChanged,
 	}
 	infs := []cache.SharedIndexInformer{
-		cfg.Clients.PodInformer(),
+		cfg.Clients.SlimPodInformer(slimPod),
 		cfg.Clients.NamespaceInformer(),
 		cfg.Clients.NodeInformer(),
 		cfg.Clients.DynamicInformer(kube.GatewayGVR),
 		cfg.Clients.DynamicInformer(kube.PolicyGVR),
 	}
 	// Store only what the agent reads: typed gateways and policies
-	// (converted once per change, not on every sync) and slim pods.
-	transforms := []cache.TransformFunc{slimPod, nil, nil, kube.Typed[v1.NetworkGatewayGroup], kube.Typed[v1.EgressNATPolicy]}
+	// (converted once per change, not on every sync) and slim pods (the
+	// pod informer slims each page of its list and each watch event).
+	transforms := []cache.TransformFunc{nil, nil, nil, kube.Typed[v1.NetworkGatewayGroup], kube.Typed[v1.EgressNATPolicy]}
 	for i, inf := range infs {
 		if transforms[i] != nil {
 			if err := inf.SetTransform(transforms[i]); err != nil {

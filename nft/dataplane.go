@@ -136,16 +136,11 @@ func normalizeState(st selector.NodeState) (*normalized, error) {
 		default:
 			return nil, fmt.Errorf("policy %q: unknown mode %q", p.Name, p.Mode)
 		}
-		srcs := make([]netip.Addr, 0, len(p.Sources))
-		for _, a := range p.Sources {
-			a = a.Unmap()
-			if !a.Is4() {
-				return nil, fmt.Errorf("policy %q: source %s is not ipv4", p.Name, a)
-			}
-			srcs = append(srcs, a)
+		srcs, err := normalizeSources(p)
+		if err != nil {
+			return nil, err
 		}
-		slices.SortFunc(srcs, netip.Addr.Compare)
-		n.sources[key] = slices.Compact(srcs)
+		n.sources[key] = srcs
 		var dsts []netip.Prefix
 		for _, d := range p.Destinations {
 			if !d.IsValid() || !d.Addr().Unmap().Is4() {

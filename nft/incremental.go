@@ -50,26 +50,24 @@ func sameShape(applied *selector.NodeState, st selector.NodeState) bool {
 	return true
 }
 
-// normalizeSources returns a policy's sources sorted, without duplicates,
-// as IPv4 addresses; it copies only when they are not so already.
+// normalizeSources returns a copy of a policy's sources, sorted, without
+// duplicates, as IPv4 addresses. The copy is the dataplane's own: the
+// cache keeps it whatever the caller does with the state later.
 func normalizeSources(p selector.PolicyState) ([]netip.Addr, error) {
-	clean := true
-	for i, a := range p.Sources {
-		if !a.Is4() || (i > 0 && p.Sources[i-1].Compare(a) >= 0) {
-			clean = false
-			break
-		}
-	}
-	if clean {
-		return p.Sources, nil
-	}
 	out := make([]netip.Addr, 0, len(p.Sources))
-	for _, a := range p.Sources {
+	sorted := true
+	for i, a := range p.Sources {
 		a = a.Unmap()
 		if !a.Is4() {
 			return nil, fmt.Errorf("policy %q: source %s is not ipv4", p.Name, a)
 		}
+		if i > 0 && out[i-1].Compare(a) >= 0 {
+			sorted = false
+		}
 		out = append(out, a)
+	}
+	if sorted {
+		return out, nil
 	}
 	slices.SortFunc(out, netip.Addr.Compare)
 	return slices.Compact(out), nil

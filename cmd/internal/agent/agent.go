@@ -155,7 +155,7 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 		DeleteFunc: a.podChanged,
 	}
 	infs := []cache.SharedIndexInformer{
-		cfg.Clients.SlimPodInformer(slimPod),
+		cfg.Clients.SlimPodInformer(kube.SlimPod),
 		cfg.Clients.NamespaceInformer(),
 		cfg.Clients.NodeInformer(),
 		cfg.Clients.DynamicInformer(kube.GatewayGVR),
@@ -558,21 +558,6 @@ func selectorPod(p *corev1.Pod) selector.Pod {
 		Terminated:  p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed,
 		IP:          podIPv4(p),
 	}
-}
-
-// slimPod keeps only the fields the agent reads, so that tens of thousands
-// of pods cost little memory.
-func slimPod(obj any) (any, error) {
-	p, ok := obj.(*corev1.Pod)
-	if !ok {
-		return obj, nil
-	}
-	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace, Labels: p.Labels,
-			ResourceVersion: p.ResourceVersion, UID: p.UID},
-		Spec:   corev1.PodSpec{NodeName: p.Spec.NodeName, HostNetwork: p.Spec.HostNetwork},
-		Status: corev1.PodStatus{Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs},
-	}, nil
 }
 
 func podIPv4(p *corev1.Pod) netip.Addr {

@@ -204,3 +204,20 @@ func WaitForSync(ctx context.Context, infs ...cache.SharedIndexInformer) bool {
 	}
 	return cache.WaitForCacheSync(ctx.Done(), synced...)
 }
+
+// SlimPod keeps only the fields the agent reads (name, namespace, labels,
+// node, host network, phase and addresses), so that tens of thousands of
+// pods cost little memory. It drops the containers (see SlimPodInformer)
+// and passes any other object through.
+func SlimPod(obj any) (any, error) {
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return obj, nil
+	}
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace, Labels: p.Labels,
+			ResourceVersion: p.ResourceVersion, UID: p.UID},
+		Spec:   corev1.PodSpec{NodeName: p.Spec.NodeName, HostNetwork: p.Spec.HostNetwork},
+		Status: corev1.PodStatus{Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs},
+	}, nil
+}

@@ -67,20 +67,6 @@ func run(m *testing.M) int {
 	return m.Run()
 }
 
-// slimPod is the agent's transform: the fields it reads.
-func slimPod(obj any) (any, error) {
-	p, ok := obj.(*corev1.Pod)
-	if !ok {
-		return obj, nil
-	}
-	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace, Labels: p.Labels,
-			ResourceVersion: p.ResourceVersion, UID: p.UID},
-		Spec:   corev1.PodSpec{NodeName: p.Spec.NodeName, HostNetwork: p.Spec.HostNetwork},
-		Status: corev1.PodStatus{Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs},
-	}, nil
-}
-
 // writer is a client for creating many objects fast.
 func writer(t testing.TB) kubernetes.Interface {
 	rc := srv.Config()
@@ -221,9 +207,9 @@ func testSlimPodInformer(t *testing.T, n int, setTransform bool, late, gone stri
 		t.Fatal(err)
 	}
 	c := &kube.Clients{Config: rc, Core: cs}
-	inf := c.SlimPodInformer(slimPod)
+	inf := c.SlimPodInformer(kube.SlimPod)
 	if setTransform {
-		if err := inf.SetTransform(slimPod); err != nil {
+		if err := inf.SetTransform(kube.SlimPod); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -292,8 +278,8 @@ type memResult struct {
 
 // TestPodInformerMemory measures a first sync of a pod informer that keeps
 // the agent's slim pods, each in a fresh process: "plain" is PodInformer
-// with slimPod set as transform (the agent until now), "slim+transform"
-// SlimPodInformer with the caller setting slimPod again, "slim"
+// with kube.SlimPod set as transform (the agent until now), "slim+transform"
+// SlimPodInformer with the caller setting kube.SlimPod again, "slim"
 // SlimPodInformer alone. EGRESSNAT_MEM_PODS sets the size (1,000
 // namespaces from 20,000 pods on, like the bench) and makes 3 runs;
 // EGRESSNAT_MEM_RUNS, EGRESSNAT_MEM_MODES (comma-separated) and
@@ -360,12 +346,12 @@ func memChild(mode string) int {
 	case "plain":
 		inf = c.PodInformer()
 	case "slim", "slim+transform":
-		inf = c.SlimPodInformer(slimPod)
+		inf = c.SlimPodInformer(kube.SlimPod)
 	default:
 		return fail(fmt.Errorf("unknown mode %q", mode))
 	}
 	if mode != "slim" {
-		if err := inf.SetTransform(slimPod); err != nil {
+		if err := inf.SetTransform(kube.SlimPod); err != nil {
 			return fail(err)
 		}
 	}

@@ -206,6 +206,9 @@ func (d *Dataplane) Apply(ctx context.Context, st selector.NodeState) error {
 	}
 	d.last = res
 	if err != nil {
+		// Whatever failed (a route, a sysctl, conntrack) is done again by
+		// the next Apply, even when its state has the same shape.
+		d.recheck = true
 		return err
 	}
 	if !handled {

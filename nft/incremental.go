@@ -107,6 +107,15 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 			changes = append(changes, change{policy: p, set: name, now: now, added: added, removed: removed})
 		}
 	}
+	total := 0
+	for _, c := range changes {
+		total += len(c.added) + len(c.removed)
+	}
+	if total > maxBatchElements/2 {
+		// More than a transaction: the full path orders big changes
+		// (sets filled before rules read them, map entries moved in place).
+		return false, nil
+	}
 	res.Incremental = true
 	if len(changes) == 0 {
 		return true, nil
@@ -148,17 +157,13 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		all = preSrcTargets(selector.NodeState{Policies: withSources(st.Policies, now)})
 		target = func(a netip.Addr) string { return all[a] }
 	}
-	mapOut, mapIn := map[netip.Addr]string{}, map[netip.Addr]string{}
-	for _, a := range slices.SortedFunc(maps.Keys(affected), netip.Addr.Compare) {
-		old, want := jumps[a], target(a)
-		if old == want {
-			continue
+	mapHave, mapWant := map[netip.Addr]string{}, map[netip.Addr]string{}
+	for a := range affected {
+		if old, ok := jumps[a]; ok {
+			mapHave[a] = old
 		}
-		if old != "" {
-			mapOut[a] = old
-		}
-		if want != "" {
-			mapIn[a] = want
+		if want := target(a); want != "" {
+			mapWant[a] = want
 		}
 	}
 
@@ -177,33 +182,24 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		res.ElementsDeleted += len(c.removed)
 	}
 	m := ks.sets[setPreSrc]
-	if m == nil && len(mapOut)+len(mapIn) > 0 {
+	mops, added, deleted := mapOps(m, mapHave, mapWant)
+	if m == nil && len(mops) > 0 {
 		d.nftCache = nil
 		return false, nil
 	}
-	var mapOps []op
-	if len(mapOut) > 0 {
-		var out []netip.Addr
-		for a := range mapOut {
-			out = append(out, a)
-		}
-		slices.SortFunc(out, netip.Addr.Compare)
-		mapOps = append(mapOps, elemOps(m, addrElems(out), true)...)
-	}
-	mapOps = append(mapOps, elemOps(m, jumpElems(mapIn), false)...)
-	res.ElementsDeleted += len(mapOut)
-	res.ElementsAdded += len(mapIn)
+	res.ElementsAdded += added
+	res.ElementsDeleted += deleted
 
 	d.nftCache = nil // until the transaction succeeded
-	n, err := d.runOps(ctx, slices.Concat(adds, mapOps, dels))
+	n, err := d.runOps(ctx, slices.Concat(adds, mops, dels))
 	res.Transactions = n
 	if err != nil {
 		return true, err
 	}
-	for a := range mapOut {
+	for a := range affected {
 		delete(jumps, a)
 	}
-	maps.Copy(jumps, mapIn)
+	maps.Copy(jumps, mapWant)
 	ks.state = shapeOf(st)
 	d.nftCache = ks
 

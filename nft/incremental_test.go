@@ -39,8 +39,8 @@ func expectKernel(t *testing.T, l *lab, d *Dataplane, role string, st selector.N
 			t.Fatalf("set of policy %s holds %v, want %v", pol.Name, got, pol.Sources)
 		}
 	}
-	if got, want := elemJumps(ks.elems[setPreSrc]), preSrcTargets(st); !maps.Equal(got, want) {
-		t.Fatalf("dispatch map %v, want %v", got, want)
+	if got, want := elemJumps(ks.elems[setPreSrc]), preSrcTargets(st); !maps.Equal(got, want) || len(ks.elems[setPreSrc]) != len(want) {
+		t.Fatalf("dispatch map %v (%d elements), want %v", got, len(ks.elems[setPreSrc]), want)
 	}
 }
 
@@ -149,6 +149,8 @@ func TestVerify(t *testing.T) {
 			[]string{"add", "element", "ip", DefaultTable, srcSetName("dropper"), "{ 10.244.1.99 }"}},
 		{"map entry deleted", "elements of set " + setPreSrc + " differ",
 			[]string{"delete", "element", "ip", DefaultTable, setPreSrc, "{ " + podA2 + " }"}},
+		{"map entry with another verdict", "elements of set " + setPreSrc + " differ",
+			[]string{"add", "element", "ip", DefaultTable, setPreSrc, "{ 10.244.1.99 : accept }"}},
 		{"destinations changed", "elements of set " + dstSetName("web") + " differ",
 			[]string{"add", "element", "ip", DefaultTable, dstSetName("web"), "{ 192.0.2.128/25 }"}},
 		{"rules flushed", "rules of chain " + chainPrerouting + " differ",

@@ -444,9 +444,16 @@ func TestLargeSet(t *testing.T) {
 	// Replace 9000 of them: 9000 adds and 9000 deletes, add before delete.
 	st.Policies[0].Sources = srcs(9000, 12000)
 	r = mustApply(t, da, st)
-	if r.ElementsAdded != 2*9000 || r.ElementsDeleted != 2*9000 || r.Transactions < 3 {
-		t.Fatalf("large diff: %+v", r)
+	if r.ElementsAdded != 2*9000 || r.ElementsDeleted != 2*9000 || r.Transactions < 3 || r.Incremental {
+		t.Fatalf("large diff (more than a batch: the full path): %+v", r)
 	}
+	// A small change of the same large state is incremental again.
+	st.Policies[0].Sources = srcs(9001, 12000)
+	if r := mustApply(t, da, st); !r.Incremental || r.ElementsAdded != 2 || r.ElementsDeleted != 2 {
+		t.Fatalf("small change: %+v", r)
+	}
+	st.Policies[0].Sources = srcs(9000, 12000)
+	mustApply(t, da, st)
 	if n := setSize(t, l, "a", "src-web"); n != 12000 {
 		t.Fatalf("set holds %d elements after diff", n)
 	}

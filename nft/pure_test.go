@@ -250,3 +250,103 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatal("default mask collides with kube-proxy or Calico")
 	}
 }
+
+// planFor plans st against ks (no kernel: planNFT only computes).
+func planFor(t *testing.T, ks *nftState, st selector.NodeState) (*Dataplane, *nftPlan) {
+	t.Helper()
+	d, err := New(Config{Uplink: "eth0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := normalizeState(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	marks, err := selector.AllocateMarks(d.cfg.MarkMask, selector.NextHops(st), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, d.planNFT(ks, desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, jumps: preSrcTargets(st)})
+}
+
+func opIndex(p *nftPlan, prefix string) (first, last int) {
+	first, last = -1, -1
+	for i, o := range p.ops {
+		if strings.HasPrefix(o.what, prefix) || strings.Contains(o.what, ", "+prefix) {
+			if first < 0 {
+				first = i
+			}
+			last = i
+		}
+	}
+	return first, last
+}
+
+// TestPlanOrder: from an empty kernel every set and the dispatch map are
+// filled before the rules that read them are written (a huge resync is
+// several transactions; none shows a partly filled set through a rule),
+// and a map entry that changes chain is deleted and added in the same op.
+func TestPlanOrder(t *testing.T) {
+	big := make([]netip.Addr, 20000)
+	for i := range big {
+		big[i] = netip.AddrFrom4([4]byte{10, 128, byte(i >> 8), byte(i)})
+	}
+	st := selector.NodeState{Policies: []selector.PolicyState{
+		{Name: "a", Sources: big[:12000], Destinations: []netip.Prefix{netip.MustParsePrefix("203.0.113.0/24")}, Mode: selector.ModeReroute, NextHop: netip.MustParseAddr("192.0.2.12")},
+		{Name: "b", Sources: big[8000:], Destinations: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}, Mode: selector.ModeDrop},
+		{Name: "g", Sources: big, Destinations: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}, Mode: selector.ModeGateway, EgressIP: netip.MustParseAddr("192.0.2.100")},
+	}}
+	_, p := planFor(t, &nftState{}, st)
+	_, lastFill := opIndex(p, "add src-")
+	_, lastMap := opIndex(p, "add "+setPreSrc)
+	rebuildChains, _ := opIndex(p, "rebuild "+chainMulti)
+	rebuildPre, _ := opIndex(p, "rebuild "+chainPrerouting)
+	if lastFill < 0 || lastMap < 0 || rebuildChains < 0 || rebuildPre < 0 {
+		t.Fatalf("missing ops: %v", opNames(p))
+	}
+	if lastFill > rebuildChains {
+		t.Fatalf("a source set is filled after the rules reading it: %v", opNames(p))
+	}
+	if rebuildChains > lastMap || lastMap > rebuildPre {
+		t.Fatalf("want policy chains, then the map, then the dispatch rule: %v", opNames(p))
+	}
+	// Transactions: the elements alone need several.
+	tx, elems := 1, 0
+	for _, o := range p.ops {
+		if elems+o.elems > maxBatchElements {
+			tx, elems = tx+1, 0
+		}
+		elems += o.elems
+	}
+	if tx < 3 {
+		t.Fatalf("%d transactions for %d elements", tx, p.elemsAdded)
+	}
+
+	// Moving addresses from a's chain to b's: each moved entry's delete
+	// and add are in one op.
+	have := map[netip.Addr]string{}
+	for _, a := range big[:5000] {
+		have[a] = policyChainName("a")
+	}
+	want := map[netip.Addr]string{}
+	for _, a := range big[:5000] {
+		want[a] = policyChainName("b")
+	}
+	ops, added, deleted := mapOps(&nftables.Set{Name: setPreSrc}, have, want)
+	if added != 5000 || deleted != 5000 {
+		t.Fatalf("added %d, deleted %d", added, deleted)
+	}
+	for _, o := range ops {
+		if !strings.HasPrefix(o.what, "delete "+setPreSrc) || !strings.Contains(o.what, "add "+setPreSrc) {
+			t.Fatalf("a chain change split over ops: %q", o.what)
+		}
+	}
+}
+
+func opNames(p *nftPlan) []string {
+	var out []string
+	for _, o := range p.ops {
+		out = append(out, o.what)
+	}
+	return out
+}

@@ -258,7 +258,8 @@ func jumpChain(b []byte) (string, bool) {
 // op is one step of an nftables plan. Ops run in order; consecutive ops share
 // a transaction as long as the batch bounds allow.
 type op struct {
-	elems int // set elements carried
+	what  string // for tests and errors: "add <set>", "rebuild <chains>"...
+	elems int    // set elements carried
 	bytes int // estimated message bytes
 	msgs  int // netlink messages
 	run   func(c *nftables.Conn) error
@@ -273,6 +274,7 @@ type nftPlan struct {
 	sets                     map[string]*nftables.Set
 	wantRules                map[string][]ruleSpec // by chain
 	jumpsChanged             bool                  // the setPreSrc map changes
+	recreated                map[string]bool       // sets of the wrong kind, recreated
 	// For conntrack: source and destination changes by set name, and the
 	// egress IP of each gateway rule before the change, by source set name.
 	sourceChanges map[string]srcChange
@@ -300,7 +302,11 @@ func elemOps(s *nftables.Set, elems []nftables.SetElement, del bool) []op {
 				b += bytesElem
 			}
 		}
-		out = append(out, op{elems: len(chunk), bytes: b, msgs: 1, run: func(c *nftables.Conn) error {
+		what := "add " + s.Name
+		if del {
+			what = "delete " + s.Name
+		}
+		out = append(out, op{what: what, elems: len(chunk), bytes: b, msgs: 1, run: func(c *nftables.Conn) error {
 			if del {
 				if err := c.SetDeleteElements(s, chunk); err != nil {
 					return fmt.Errorf("delete elements of set %s: %w", s.Name, err)
@@ -328,22 +334,7 @@ func clusterOp(s *nftables.Set, cls []rangeCluster) op {
 			add = append(add, r.elems()...)
 		}
 	}
-	delOps, addOps := elemOps(s, del, true), elemOps(s, add, false)
-	o := op{}
-	for _, sub := range slices.Concat(delOps, addOps) {
-		o.elems += sub.elems
-		o.bytes += sub.bytes
-		o.msgs += sub.msgs
-	}
-	o.run = func(c *nftables.Conn) error {
-		for _, sub := range slices.Concat(delOps, addOps) {
-			if err := sub.run(c); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	return o
+	return joinOps(slices.Concat(elemOps(s, del, true), elemOps(s, add, false)))
 }
 
 // after returns the table as the kernel holds it once the plan ran, with
@@ -381,7 +372,7 @@ func (p *nftPlan) after(d *Dataplane, prev *nftState, want desiredNFT, floating 
 				ks.jumps = prev.jumpMap()
 			}
 		case s.Interval:
-			if _, changed := p.destChanges[name]; !reuse(name, !changed) {
+			if _, changed := p.destChanges[name]; !reuse(name, !changed && !p.recreated[name]) {
 				var el []nftables.SetElement
 				for _, r := range want.dests[name] {
 					el = append(el, r.elems()...)
@@ -389,7 +380,7 @@ func (p *nftPlan) after(d *Dataplane, prev *nftState, want desiredNFT, floating 
 				ks.elems[name] = el
 			}
 		default:
-			if _, changed := p.sourceChanges[name]; changed {
+			if _, changed := p.sourceChanges[name]; changed || p.recreated[name] {
 				ks.sources[name] = want.sources[name]
 			} else {
 				ks.sources[name] = prev.srcAddrs(name)
@@ -463,12 +454,17 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			}})
 		case !setMatches(have, spec):
 			recreate = append(recreate, spec)
+		case spec.verdictMap && !ks.ours && len(ks.elems[spec.name]) != len(ks.jumpMap()):
+			// Elements that are not our jumps (another verdict): the map
+			// is rebuilt, since they cannot be diffed.
+			recreate = append(recreate, spec)
 		}
 	}
 	recreated := map[string]bool{}
 	for _, spec := range recreate {
 		recreated[spec.name] = true
 	}
+	p.recreated = recreated
 
 	// Element diffs.
 	var adds, mixed, dels []op
@@ -595,96 +591,33 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			unknown = append(unknown, ks.chains[name])
 		}
 	}
+	var lateRebuild []string
 	if len(rebuild) > 0 {
 		p.chainsRebuilt = rebuild
-		o := op{bytes: bytesSetOrObj * len(rebuild), msgs: 2 * len(rebuild)}
-		for _, name := range rebuild {
-			o.bytes += bytesRule * len(wantRules[name])
-			o.msgs += len(wantRules[name])
+		// The dispatch rule is written after the map it reads has its new
+		// entries (a new table: the map is filled first, then referenced),
+		// unless sets are recreated: those leave every chain at once.
+		first := rebuild
+		if len(recreate) == 0 && slices.Contains(rebuild, chainPrerouting) {
+			first = slices.DeleteFunc(slices.Clone(rebuild), func(n string) bool { return n == chainPrerouting })
+			lateRebuild = []string{chainPrerouting}
 		}
-		var recreateElems [][]nftables.SetElement
-		for _, spec := range recreate {
-			var el []nftables.SetElement
-			if spec.interval {
-				for _, r := range want.dests[spec.name] {
-					el = append(el, r.elems()...)
-				}
-			} else if spec.name == setFloating {
-				el = addrElems(want.floating)
-			} else if spec.verdictMap {
-				el = jumpElems(want.jumps)
-			} else {
-				el = addrElems(want.sources[spec.name])
-			}
-			if spec.verdictMap {
-				p.jumpsChanged = true
-			}
-			recreateElems = append(recreateElems, el)
-			o.elems += len(el)
-			o.bytes += bytesSetOrObj + len(el)*bytesEndElem
-			o.msgs += 2 + len(el)/maxMsgElements + 1
+		if len(first) > 0 {
+			p.add(d.rebuildOp(p, ks, want, defs, wantRules, first, recreate))
 		}
-		o.run = func(c *nftables.Conn) error {
-			for _, name := range rebuild {
-				if have, ok := ks.chains[name]; ok {
-					c.FlushChain(have)
-					if !chainMatches(have, defs[name]) {
-						c.DelChain(have)
-						c.AddChain(defs[name])
-					}
-				} else {
-					c.AddChain(defs[name])
-				}
-			}
-			for i, spec := range recreate {
-				c.DelSet(&nftables.Set{Table: t, Name: spec.name})
-				s := p.sets[spec.name]
-				if err := c.AddSet(s, nil); err != nil {
-					return fmt.Errorf("add set %s: %w", s.Name, err)
-				}
-				for _, sub := range elemOps(s, recreateElems[i], false) {
-					if err := sub.run(c); err != nil {
-						return err
-					}
-				}
-			}
-			// Rules are built now so that sets created in this transaction
-			// are referenced by ID as well as by name.
-			byChain := desiredRules(d.cfg, want.state, want.marks, p.sets)
-			for _, name := range rebuild {
-				for _, r := range byChain[name] {
-					c.AddRule(&nftables.Rule{Table: t, Chain: defs[name], Exprs: r.exprs, UserData: r.userData()})
-				}
-			}
-			return nil
-		}
-		p.add(o)
 	}
 
-	// Phase 5: the source dispatch map, now that its chains exist: changed
-	// and stale entries out, new ones in.
+	// Phase 5: the source dispatch map, now that its chains exist (see
+	// mapOps), then the chain that reads it when it changed.
 	if !recreated[setPreSrc] {
-		m := p.sets[setPreSrc]
-		have := ks.jumpMap()
-		var out []nftables.SetElement
-		for _, a := range slices.SortedFunc(maps.Keys(have), netip.Addr.Compare) {
-			if want.jumps[a] != have[a] {
-				b := a.As4()
-				out = append(out, nftables.SetElement{Key: b[:]})
-			}
-		}
-		changed := map[netip.Addr]string{}
-		for a, chain := range want.jumps {
-			if have[a] != chain {
-				changed[a] = chain
-			}
-		}
-		in := jumpElems(changed)
-		p.jumpsChanged = len(out)+len(in) > 0
-		p.elemsDeleted += len(out)
-		p.elemsAdded += len(in)
-		p.ops = append(p.ops, elemOps(m, out, true)...)
-		p.ops = append(p.ops, elemOps(m, in, false)...)
+		ops, added, deleted := mapOps(p.sets[setPreSrc], ks.jumpMap(), want.jumps)
+		p.jumpsChanged = added+deleted > 0
+		p.elemsAdded += added
+		p.elemsDeleted += deleted
+		p.ops = append(p.ops, ops...)
+	}
+	if len(lateRebuild) > 0 {
+		p.add(d.rebuildOp(p, ks, want, defs, wantRules, lateRebuild, nil))
 	}
 
 	p.ops = append(p.ops, dels...)
@@ -750,4 +683,133 @@ func (d *Dataplane) runOps(ctx context.Context, ops []op) (int, error) {
 		msgs += o.msgs
 	}
 	return flushes, flush()
+}
+
+// rebuildOp flushes and refills the chains names, recreating the sets
+// recreate (of the wrong kind) in the same step.
+func (d *Dataplane) rebuildOp(p *nftPlan, ks *nftState, want desiredNFT, defs map[string]*nftables.Chain,
+	wantRules map[string][]ruleSpec, names []string, recreate []setSpec) op {
+	t := d.table()
+	o := op{what: "rebuild " + strings.Join(names, " "), bytes: bytesSetOrObj * len(names), msgs: 2 * len(names)}
+	for _, name := range names {
+		o.bytes += bytesRule * len(wantRules[name])
+		o.msgs += len(wantRules[name])
+	}
+	var recreateElems [][]nftables.SetElement
+	for _, spec := range recreate {
+		var el []nftables.SetElement
+		if spec.interval {
+			for _, r := range want.dests[spec.name] {
+				el = append(el, r.elems()...)
+			}
+		} else if spec.name == setFloating {
+			el = addrElems(want.floating)
+		} else if spec.verdictMap {
+			el = jumpElems(want.jumps)
+		} else {
+			el = addrElems(want.sources[spec.name])
+		}
+		if spec.verdictMap {
+			p.jumpsChanged = true
+		}
+		recreateElems = append(recreateElems, el)
+		o.elems += len(el)
+		o.bytes += bytesSetOrObj + len(el)*bytesEndElem
+		o.msgs += 2 + len(el)/maxMsgElements + 1
+	}
+	o.run = func(c *nftables.Conn) error {
+		for _, name := range names {
+			if have, ok := ks.chains[name]; ok {
+				c.FlushChain(have)
+				if !chainMatches(have, defs[name]) {
+					c.DelChain(have)
+					c.AddChain(defs[name])
+				}
+			} else {
+				c.AddChain(defs[name])
+			}
+		}
+		for i, spec := range recreate {
+			c.DelSet(&nftables.Set{Table: t, Name: spec.name})
+			s := p.sets[spec.name]
+			if err := c.AddSet(s, nil); err != nil {
+				return fmt.Errorf("add set %s: %w", s.Name, err)
+			}
+			for _, sub := range elemOps(s, recreateElems[i], false) {
+				if err := sub.run(c); err != nil {
+					return err
+				}
+			}
+		}
+		// Rules are built now so that sets created in this transaction
+		// are referenced by ID as well as by name.
+		byChain := desiredRules(d.cfg, want.state, want.marks, p.sets)
+		for _, name := range names {
+			for _, r := range byChain[name] {
+				c.AddRule(&nftables.Rule{Table: t, Chain: defs[name], Exprs: r.exprs, UserData: r.userData()})
+			}
+		}
+		return nil
+	}
+	return o
+}
+
+// mapOps changes the dispatch map m from have to want: new addresses first,
+// then addresses whose chain changes (each one's delete and add in the same
+// transaction, so that it is never missing from the map), then addresses
+// no longer wanted. It returns the ops and the elements added and deleted.
+func mapOps(m *nftables.Set, have, want map[netip.Addr]string) (ops []op, added, deleted int) {
+	fresh, retarget := map[netip.Addr]string{}, map[netip.Addr]string{}
+	var gone []netip.Addr
+	for a, chain := range want {
+		switch old, ok := have[a]; {
+		case !ok:
+			fresh[a] = chain
+		case old != chain:
+			retarget[a] = chain
+		}
+	}
+	for a := range have {
+		if _, ok := want[a]; !ok {
+			gone = append(gone, a)
+		}
+	}
+	slices.SortFunc(gone, netip.Addr.Compare)
+	ops = append(ops, elemOps(m, jumpElems(fresh), false)...)
+	keys := slices.SortedFunc(maps.Keys(retarget), netip.Addr.Compare)
+	for len(keys) > 0 {
+		n := min(len(keys), maxMsgElements)
+		chunk := map[netip.Addr]string{}
+		for _, a := range keys[:n] {
+			chunk[a] = retarget[a]
+		}
+		del, add := elemOps(m, addrElems(keys[:n]), true), elemOps(m, jumpElems(chunk), false)
+		ops = append(ops, joinOps(slices.Concat(del, add)))
+		keys = keys[n:]
+	}
+	ops = append(ops, elemOps(m, addrElems(gone), true)...)
+	return ops, len(fresh) + len(retarget), len(retarget) + len(gone)
+}
+
+// joinOps makes one op of several, so that they share a transaction.
+func joinOps(subs []op) op {
+	o := op{}
+	for i, sub := range subs {
+		if i > 0 {
+			o.what += ", "
+		}
+		o.what += sub.what
+		o.elems += sub.elems
+		o.bytes += sub.bytes
+		o.msgs += sub.msgs
+	}
+	o.run = func(c *nftables.Conn) error {
+		for _, sub := range subs {
+			if err := sub.run(c); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	return o
 }

@@ -38,6 +38,9 @@ func (d *Dataplane) Verify(ctx context.Context) (string, error) {
 		}
 		for _, s := range have {
 			sets = append(sets, s.Name)
+			if want := ks.sets[s.Name]; want != nil && !setMatches(s, setSpec{name: s.Name, interval: want.Interval, verdictMap: want.IsMap}) {
+				return "set " + s.Name + " is of another kind", nil
+			}
 		}
 		slices.Sort(sets)
 		if want := slices.Sorted(maps.Keys(ks.sets)); !slices.Equal(sets, want) {
@@ -50,6 +53,9 @@ func (d *Dataplane) Verify(ctx context.Context) (string, error) {
 		for _, ch := range all {
 			if ch.Table != nil && ch.Table.Name == d.cfg.Table {
 				chains = append(chains, ch.Name)
+				if want := ks.chains[ch.Name]; want != nil && !chainMatches(ch, want) {
+					return "chain " + ch.Name + " has another type, hook, priority or policy", nil
+				}
 			}
 		}
 		slices.Sort(chains)
@@ -80,7 +86,9 @@ func (d *Dataplane) Verify(ctx context.Context) (string, error) {
 			same := false
 			switch {
 			case s.IsMap:
-				same = maps.Equal(elemJumps(el), ks.jumpMap())
+				// Every element must be one of our jumps: an element with
+				// another verdict does not decode and would go unseen.
+				same = len(el) == len(ks.jumpMap()) && maps.Equal(elemJumps(el), ks.jumpMap())
 			case s.Interval:
 				same = slices.Equal(elemRanges(el), elemRanges(ks.elems[name]))
 			case name == setFloating:

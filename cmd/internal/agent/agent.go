@@ -272,7 +272,7 @@ func (a *agent) verify(ctx context.Context) {
 			if a.cfg.Metrics != nil {
 				a.cfg.Metrics.Drift.Inc()
 			}
-			a.last = nil
+			a.reapply.Store(true)
 			a.recompute()
 		}
 	}
@@ -388,6 +388,9 @@ func (a *agent) recompute() {
 
 // podChanged marks a pod for the sync loop, which reads it from the cache.
 func (a *agent) podChanged(obj any) {
+	if !a.synced.Load() {
+		return // the initial list: the first sync computes everything
+	}
 	key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
 	if err != nil {
 		a.recompute()

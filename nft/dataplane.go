@@ -51,6 +51,9 @@ type Result struct {
 	ElementsDeleted  int
 	SetsCreated      int
 	SetsDeleted      int
+	// SetsSwapped: source sets changed by more than a batch, through a
+	// filled copy the rules switch to and back in one transaction each.
+	SetsSwapped int
 	ChainsRebuilt    []string
 	RoutesChanged    int
 	IPRulesChanged   int
@@ -324,7 +327,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		return err
 	}
 	res.ElementsAdded, res.ElementsDeleted = plan.elemsAdded, plan.elemsDeleted
-	res.SetsCreated, res.SetsDeleted = plan.setsCreated, plan.setsDeleted
+	res.SetsCreated, res.SetsDeleted, res.SetsSwapped = plan.setsCreated, plan.setsDeleted, plan.setsSwapped
 	res.ChainsRebuilt = plan.chainsRebuilt
 	d.policies = map[string]string{}
 	for _, p := range st.Policies {

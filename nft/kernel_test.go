@@ -444,8 +444,17 @@ func TestLargeSet(t *testing.T) {
 	// Replace 9000 of them: 9000 adds and 9000 deletes, add before delete.
 	st.Policies[0].Sources = srcs(9000, 12000)
 	r = mustApply(t, da, st)
-	if r.ElementsAdded != 2*9000 || r.ElementsDeleted != 2*9000 || r.Transactions < 3 || r.Incremental {
-		t.Fatalf("large diff (more than a batch: the full path): %+v", r)
+	if r.ElementsAdded != 2*9000 || r.ElementsDeleted != 2*9000 || r.Transactions < 3 || r.Incremental || r.SetsSwapped != 1 {
+		t.Fatalf("large diff (more than a batch: the full path, the set swapped): %+v", r)
+	}
+	if n := setSize(t, l, "a", "src-web"); n != 12000 {
+		t.Fatalf("set holds %d elements after the swap", n)
+	}
+	if out := l.exec("a", "nft", "list", "sets", "ip"); strings.Contains(out, "-swap") {
+		t.Fatalf("the swap copy is left:\n%s", out)
+	}
+	if drift, err := da.Verify(ctxT(t)); drift != "" || err != nil {
+		t.Fatalf("after the swap: %q, %v", drift, err)
 	}
 	// A small change of the same large state is incremental again.
 	st.Policies[0].Sources = srcs(9001, 12000)

@@ -253,6 +253,11 @@ func TestConfigDefaults(t *testing.T) {
 
 // planFor plans st against ks (no kernel: planNFT only computes).
 func planFor(t *testing.T, ks *nftState, st selector.NodeState) (*Dataplane, *nftPlan) {
+	d, p, _ := planWant(t, ks, st)
+	return d, p
+}
+
+func planWant(t *testing.T, ks *nftState, st selector.NodeState) (*Dataplane, *nftPlan, desiredNFT) {
 	t.Helper()
 	d, err := New(Config{Uplink: "eth0"})
 	if err != nil {
@@ -266,7 +271,8 @@ func planFor(t *testing.T, ks *nftState, st selector.NodeState) (*Dataplane, *nf
 	if err != nil {
 		t.Fatal(err)
 	}
-	return d, d.planNFT(ks, desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, jumps: preSrcTargets(st)})
+	want := desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, jumps: preSrcTargets(st)}
+	return d, d.planNFT(ks, want), want
 }
 
 func opIndex(p *nftPlan, prefix string) (first, last int) {
@@ -349,4 +355,47 @@ func opNames(p *nftPlan) []string {
 		out = append(out, o.what)
 	}
 	return out
+}
+
+// TestPlanSwap: a source set changing by more than a batch is swapped: its
+// copy is filled before the rules switch to it, the set changes while no
+// rule reads it, the rules switch back, the copy goes.
+func TestPlanSwap(t *testing.T) {
+	addrs := func(from, n int) []netip.Addr {
+		out := make([]netip.Addr, n)
+		for i := range out {
+			out[i] = netip.AddrFrom4([4]byte{10, 128, byte((from + i) >> 8), byte(from + i)})
+		}
+		return out
+	}
+	st := selector.NodeState{Policies: []selector.PolicyState{
+		{Name: "g", Sources: addrs(0, 12000), Destinations: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}, Mode: selector.ModeGateway, EgressIP: netip.MustParseAddr("192.0.2.100")},
+	}}
+	d, p1, want1 := planWant(t, &nftState{}, st)
+	ks := p1.after(d, &nftState{}, want1, nil)
+	st.Policies[0].Sources = addrs(20000, 12000) // all new
+	_, p := planFor(t, ks, st)
+	if p.setsSwapped != 1 || len(p.chainsRebuilt) > 0 {
+		t.Fatalf("swapped %d, rebuilt %v", p.setsSwapped, p.chainsRebuilt)
+	}
+	var steps []string
+	for _, o := range p.ops {
+		step := strings.Fields(o.what)
+		steps = append(steps, step[0]+" "+step[1])
+	}
+	steps = slices.Compact(steps)
+	want := []string{"create src-g-swap", "add src-g-swap", "swap to", "add src-g", "delete src-g", "swap back", "delete src-g-swap"}
+	if !slices.Equal(steps, want) {
+		t.Fatalf("steps %v, want %v (ops %v)", steps, want, opNames(p))
+	}
+	for _, o := range p.ops {
+		if strings.HasPrefix(o.what, "swap") && !strings.HasSuffix(o.what, " in postrouting") {
+			t.Fatalf("%q: the gateway rule is in postrouting", o.what)
+		}
+	}
+	// A change within a batch is no swap.
+	st.Policies[0].Sources = addrs(0, 12000)[:11000]
+	if _, p := planFor(t, ks, st); p.setsSwapped != 0 {
+		t.Fatal("a small change swapped")
+	}
 }

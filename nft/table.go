@@ -270,6 +270,7 @@ type nftPlan struct {
 	ops                      []op
 	elemsAdded, elemsDeleted int
 	setsCreated, setsDeleted int
+	setsSwapped              int
 	chainsRebuilt            []string
 	sets                     map[string]*nftables.Set
 	wantRules                map[string][]ruleSpec // by chain
@@ -468,6 +469,7 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 
 	// Element diffs.
 	var adds, mixed, dels []op
+	var swaps []swapSet
 	for _, spec := range specs {
 		s := p.sets[spec.name]
 		var haveElems []nftables.SetElement
@@ -538,6 +540,10 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			}
 			p.elemsAdded += len(added)
 			p.elemsDeleted += len(removed)
+			if _, exists := ks.sets[spec.name]; exists && !recreated[spec.name] && len(added)+len(removed) > maxBatchElements {
+				swaps = append(swaps, swapSet{set: s, added: added, removed: removed})
+				continue // see Phase 4b
+			}
 			adds = append(adds, elemOps(s, addrElems(added), false)...)
 			dels = append(dels, elemOps(s, addrElems(removed), true)...)
 		}
@@ -591,6 +597,22 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			unknown = append(unknown, ks.chains[name])
 		}
 	}
+	// Phase 4b: source sets changing by more than a batch. Alone, each is
+	// swapped: a copy with the new content is filled over several
+	// transactions, the rules switch to it in one, the set is brought to
+	// the new content while unused, the rules switch back in one, and the
+	// copy goes. With chains to rebuild anyway, additions come first and
+	// removals last (the set holds a superset meanwhile).
+	for _, sw := range swaps {
+		if len(rebuild) > 0 {
+			p.ops = append(p.ops, elemOps(sw.set, addrElems(sw.added), false)...)
+			dels = append(dels, elemOps(sw.set, addrElems(sw.removed), true)...)
+			continue
+		}
+		p.ops = append(p.ops, d.swapOps(ks, want, p.sets, wantRules, sw)...)
+		p.setsSwapped++
+	}
+
 	var lateRebuild []string
 	if len(rebuild) > 0 {
 		p.chainsRebuilt = rebuild
@@ -812,4 +834,69 @@ func joinOps(subs []op) op {
 		return nil
 	}
 	return o
+}
+
+// swapSet is a source set whose content changes by more than a batch.
+type swapSet struct {
+	set            *nftables.Set
+	added, removed []netip.Addr
+}
+
+// swapTemp names the temporary copy of a swapped set. A copy left behind
+// (a crash in between) is a set no state wants: the next full apply
+// deletes it.
+func swapTemp(name string) string { return name + "-swap" }
+
+// swapOps are the steps of a swap (see Phase 4b of planNFT).
+func (d *Dataplane) swapOps(ks *nftState, want desiredNFT, sets map[string]*nftables.Set,
+	wantRules map[string][]ruleSpec, sw swapSet) []op {
+	t := d.table()
+	name := sw.set.Name
+	tmp := &nftables.Set{Table: t, Name: swapTemp(name), KeyType: nftables.TypeIPAddr, Comment: "egressnat: new content of " + name}
+	var readers []string
+	for _, chain := range slices.Sorted(maps.Keys(wantRules)) {
+		for _, r := range wantRules[chain] {
+			if slices.Contains(lookupSets(r.exprs), name) {
+				readers = append(readers, chain)
+				break
+			}
+		}
+	}
+	point := func(target *nftables.Set, what string) op {
+		use := maps.Clone(sets)
+		use[name] = target
+		o := op{what: what + " " + strings.Join(readers, " "), msgs: 2 * len(readers), bytes: bytesSetOrObj * len(readers)}
+		for _, chain := range readers {
+			o.msgs += len(wantRules[chain])
+			o.bytes += bytesRule * len(wantRules[chain])
+		}
+		o.run = func(c *nftables.Conn) error {
+			rules := desiredRules(d.cfg, want.state, want.marks, use)
+			for _, chain := range readers {
+				ch := ks.chains[chain]
+				c.FlushChain(ch)
+				for _, r := range rules[chain] {
+					c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: r.exprs, UserData: r.userData()})
+				}
+			}
+			return nil
+		}
+		return o
+	}
+	ops := []op{{what: "create " + tmp.Name, msgs: 1, bytes: bytesSetOrObj, run: func(c *nftables.Conn) error {
+		if err := c.AddSet(tmp, nil); err != nil {
+			return fmt.Errorf("add set %s: %w", tmp.Name, err)
+		}
+		return nil
+	}}}
+	ops = append(ops, elemOps(tmp, addrElems(want.sources[name]), false)...)
+	ops = append(ops, point(tmp, "swap to "+tmp.Name+" in"))
+	ops = append(ops, elemOps(sw.set, addrElems(sw.added), false)...)
+	ops = append(ops, elemOps(sw.set, addrElems(sw.removed), true)...)
+	ops = append(ops, point(sw.set, "swap back to "+name+" in"))
+	ops = append(ops, op{what: "delete " + tmp.Name, msgs: 1, bytes: bytesSetOrObj, run: func(c *nftables.Conn) error {
+		c.DelSet(tmp)
+		return nil
+	}})
+	return ops
 }

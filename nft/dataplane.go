@@ -46,14 +46,14 @@ type Dataplane struct {
 
 // Result tells what one Apply or Cleanup changed.
 type Result struct {
-	Transactions     int // nftables transactions (Flush calls)
-	ElementsAdded    int
-	ElementsDeleted  int
-	SetsCreated      int
-	SetsDeleted      int
+	Transactions    int // nftables transactions (Flush calls)
+	ElementsAdded   int
+	ElementsDeleted int
+	SetsCreated     int
+	SetsDeleted     int
 	// SetsSwapped: source sets changed by more than a batch, through a
 	// filled copy the rules switch to and back in one transaction each.
-	SetsSwapped int
+	SetsSwapped      int
 	ChainsRebuilt    []string
 	RoutesChanged    int
 	IPRulesChanged   int

@@ -260,8 +260,8 @@ func jumpChain(b []byte) (string, bool) {
 type op struct {
 	what  string // for tests and errors: "add <set>", "rebuild <chains>"...
 	elems int    // set elements carried
-	bytes int // estimated message bytes
-	msgs  int // netlink messages
+	bytes int    // estimated message bytes
+	msgs  int    // netlink messages
 	run   func(c *nftables.Conn) error
 }
 

@@ -609,7 +609,7 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			dels = append(dels, elemOps(sw.set, addrElems(sw.removed), true)...)
 			continue
 		}
-		p.ops = append(p.ops, d.swapOps(ks, want, p.sets, wantRules, sw)...)
+		p.ops = append(p.ops, d.swapOps(p, ks, want, defs, wantRules, sw)...)
 		p.setsSwapped++
 	}
 
@@ -625,7 +625,7 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 			lateRebuild = []string{chainPrerouting}
 		}
 		if len(first) > 0 {
-			p.add(d.rebuildOp(p, ks, want, defs, wantRules, first, recreate))
+			p.add(d.rebuildOp(p, ks, want, defs, wantRules, first, recreate, p.sets))
 		}
 	}
 
@@ -639,7 +639,7 @@ func (d *Dataplane) planNFT(ks *nftState, want desiredNFT) *nftPlan {
 		p.ops = append(p.ops, ops...)
 	}
 	if len(lateRebuild) > 0 {
-		p.add(d.rebuildOp(p, ks, want, defs, wantRules, lateRebuild, nil))
+		p.add(d.rebuildOp(p, ks, want, defs, wantRules, lateRebuild, nil, p.sets))
 	}
 
 	p.ops = append(p.ops, dels...)
@@ -707,10 +707,11 @@ func (d *Dataplane) runOps(ctx context.Context, ops []op) (int, error) {
 	return flushes, flush()
 }
 
-// rebuildOp flushes and refills the chains names, recreating the sets
-// recreate (of the wrong kind) in the same step.
+// rebuildOp flushes and refills the chains names, their rules reading the
+// sets sets, recreating the sets recreate (of the wrong kind) in the same
+// step.
 func (d *Dataplane) rebuildOp(p *nftPlan, ks *nftState, want desiredNFT, defs map[string]*nftables.Chain,
-	wantRules map[string][]ruleSpec, names []string, recreate []setSpec) op {
+	wantRules map[string][]ruleSpec, names []string, recreate []setSpec, sets map[string]*nftables.Set) op {
 	t := d.table()
 	o := op{what: "rebuild " + strings.Join(names, " "), bytes: bytesSetOrObj * len(names), msgs: 2 * len(names)}
 	for _, name := range names {
@@ -765,7 +766,7 @@ func (d *Dataplane) rebuildOp(p *nftPlan, ks *nftState, want desiredNFT, defs ma
 		}
 		// Rules are built now so that sets created in this transaction
 		// are referenced by ID as well as by name.
-		byChain := desiredRules(d.cfg, want.state, want.marks, p.sets)
+		byChain := desiredRules(d.cfg, want.state, want.marks, sets)
 		for _, name := range names {
 			for _, r := range byChain[name] {
 				c.AddRule(&nftables.Rule{Table: t, Chain: defs[name], Exprs: r.exprs, UserData: r.userData()})
@@ -848,7 +849,7 @@ type swapSet struct {
 func swapTemp(name string) string { return name + "-swap" }
 
 // swapOps are the steps of a swap (see Phase 4b of planNFT).
-func (d *Dataplane) swapOps(ks *nftState, want desiredNFT, sets map[string]*nftables.Set,
+func (d *Dataplane) swapOps(p *nftPlan, ks *nftState, want desiredNFT, defs map[string]*nftables.Chain,
 	wantRules map[string][]ruleSpec, sw swapSet) []op {
 	t := d.table()
 	name := sw.set.Name
@@ -863,24 +864,10 @@ func (d *Dataplane) swapOps(ks *nftState, want desiredNFT, sets map[string]*nfta
 		}
 	}
 	point := func(target *nftables.Set, what string) op {
-		use := maps.Clone(sets)
+		use := maps.Clone(p.sets)
 		use[name] = target
-		o := op{what: what + " " + strings.Join(readers, " "), msgs: 2 * len(readers), bytes: bytesSetOrObj * len(readers)}
-		for _, chain := range readers {
-			o.msgs += len(wantRules[chain])
-			o.bytes += bytesRule * len(wantRules[chain])
-		}
-		o.run = func(c *nftables.Conn) error {
-			rules := desiredRules(d.cfg, want.state, want.marks, use)
-			for _, chain := range readers {
-				ch := ks.chains[chain]
-				c.FlushChain(ch)
-				for _, r := range rules[chain] {
-					c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: r.exprs, UserData: r.userData()})
-				}
-			}
-			return nil
-		}
+		o := d.rebuildOp(p, ks, want, defs, wantRules, readers, nil, use)
+		o.what = what + " " + strings.Join(readers, " ")
 		return o
 	}
 	ops := []op{{what: "create " + tmp.Name, msgs: 1, bytes: bytesSetOrObj, run: func(c *nftables.Conn) error {

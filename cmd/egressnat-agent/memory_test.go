@@ -35,8 +35,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -220,7 +218,7 @@ func (w *world) create(ctx context.Context, t *testing.T, policies, pods int) {
 			t.Fatal(err)
 		}
 	}
-	parallel(ctx, t, policies, func(ctx context.Context, i int) error {
+	apiserver.Parallel(t, ctx, policies, 16, func(ctx context.Context, i int) error {
 		_, err := w.cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{
 			Name: nsName(i), Labels: map[string]string{"bench": "scale", "bench-ns": nsName(i)}}}, metav1.CreateOptions{})
 		if err != nil && !apierrors.IsAlreadyExists(err) {
@@ -269,7 +267,7 @@ func (w *world) create(ctx context.Context, t *testing.T, policies, pods int) {
 		return err
 	})
 	w.pods = make([]*corev1.Pod, pods)
-	parallel(ctx, t, pods, func(ctx context.Context, j int) error {
+	apiserver.Parallel(t, ctx, pods, 16, func(ctx context.Context, j int) error {
 		f := false
 		ns := nsName(j % policies)
 		node := (j / policies) % memNodes
@@ -293,7 +291,7 @@ func (w *world) create(ctx context.Context, t *testing.T, policies, pods int) {
 // churn gives every pod its next IP, as fast as the API takes it.
 func (w *world) churn(ctx context.Context, t *testing.T) {
 	w.round++
-	parallel(ctx, t, len(w.pods), func(ctx context.Context, j int) error {
+	apiserver.Parallel(t, ctx, len(w.pods), 16, func(ctx context.Context, j int) error {
 		p := w.pods[j].DeepCopy()
 		p.Status.PodIP = podIP(j, w.round)
 		p.Status.PodIPs = []corev1.PodIP{{IP: p.Status.PodIP}}
@@ -304,38 +302,6 @@ func (w *world) churn(ctx context.Context, t *testing.T) {
 		w.pods[j] = out
 		return nil
 	})
-}
-
-// parallel runs fn(0..n-1) on 16 goroutines (bench-scale's writers).
-func parallel(ctx context.Context, t *testing.T, n int, fn func(ctx context.Context, i int) error) {
-	t.Helper()
-	var next atomic.Int64
-	var mu sync.Mutex
-	var first error
-	var wg sync.WaitGroup
-	for range 16 {
-		wg.Go(func() {
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= n {
-					return
-				}
-				if err := fn(ctx, i); err != nil {
-					mu.Lock()
-					if first == nil {
-						first = err
-					}
-					mu.Unlock()
-					next.Store(int64(n))
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	if first != nil {
-		t.Fatal(first)
-	}
 }
 
 type agentResult struct {

@@ -90,7 +90,7 @@ func createPods(t testing.TB, prefix string, n, namespaces int) {
 	defer cancel()
 	cs := writer(t)
 	nsName := func(i int) string { return fmt.Sprintf("%s-ns-%04d", prefix, i) }
-	parallel(t, ctx, namespaces, func(ctx context.Context, i int) error {
+	apiserver.Parallel(t, ctx, namespaces, 32, func(ctx context.Context, i int) error {
 		_, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{
 			Name: nsName(i), Labels: map[string]string{"bench": "scale", "bench-ns": nsName(i)}}}, metav1.CreateOptions{})
 		if err != nil && !apierrors.IsAlreadyExists(err) {
@@ -106,7 +106,7 @@ func createPods(t testing.TB, prefix string, n, namespaces int) {
 	})
 	nodes := []string{"cp1", "w1", "w2", "w3"}
 	start := time.Now()
-	parallel(t, ctx, n, func(ctx context.Context, j int) error {
+	apiserver.Parallel(t, ctx, n, 32, func(ctx context.Context, j int) error {
 		f := false
 		ns := nsName(j % namespaces)
 		node := nodes[(j/namespaces)%len(nodes)]
@@ -128,39 +128,6 @@ func createPods(t testing.TB, prefix string, n, namespaces int) {
 		return err
 	})
 	t.Logf("created %d pods in %d namespaces in %.1fs", n, namespaces, time.Since(start).Seconds())
-}
-
-// parallel runs fn(0..n-1) on 32 goroutines and fails the test on the
-// first error.
-func parallel(t testing.TB, ctx context.Context, n int, fn func(ctx context.Context, i int) error) {
-	t.Helper()
-	var next atomic.Int64
-	var mu sync.Mutex
-	var first error
-	var wg sync.WaitGroup
-	for range 32 {
-		wg.Go(func() {
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= n {
-					return
-				}
-				if err := fn(ctx, i); err != nil {
-					mu.Lock()
-					if first == nil {
-						first = err
-					}
-					mu.Unlock()
-					next.Store(int64(n))
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	if first != nil {
-		t.Fatal(first)
-	}
 }
 
 // countingTransport counts the pod list requests and their limits.

@@ -152,9 +152,8 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		}
 		return out
 	}
-	var all map[netip.Addr]string
 	if len(affected) > 64 { // one pass over every policy beats a search per address
-		all = preSrcTargets(selector.NodeState{Policies: withSources(st.Policies, now)})
+		all := preSrcTargets(selector.NodeState{Policies: withSources(st.Policies, now)})
 		target = func(a netip.Addr) string { return all[a] }
 	}
 	mapHave, mapWant := map[netip.Addr]string{}, map[netip.Addr]string{}
@@ -167,8 +166,8 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		}
 	}
 
-	// Additions, the map, then removals: one transaction unless the change
-	// is larger than a batch, and then still additions first.
+	// Additions, the map, then removals: usually one transaction (the
+	// change is at most half a batch), and additions first in any case.
 	var adds, dels []op
 	for _, c := range changes {
 		s := ks.sets[c.set]
@@ -200,8 +199,7 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		delete(jumps, a)
 	}
 	maps.Copy(jumps, mapWant)
-	ks.state = shapeOf(st)
-	d.nftCache = ks
+	d.nftCache = ks // ks.state stays: the shape is the same
 
 	// Conntrack: flows of the added and removed addresses to the policy's
 	// destinations were decided by the old rules.

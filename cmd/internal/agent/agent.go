@@ -272,8 +272,10 @@ func (a *agent) verify(ctx context.Context) {
 			if a.cfg.Metrics != nil {
 				a.cfg.Metrics.Drift.Inc()
 			}
+			// The state did not change, the kernel did: apply it again
+			// (the dataplane dropped its cache and reads the kernel back).
 			a.reapply.Store(true)
-			a.recompute()
+			a.kick()
 		}
 	}
 }

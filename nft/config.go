@@ -17,15 +17,14 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/egressnat/egressnat/selector"
 )
 
 // Defaults for Config fields left zero.
 const (
-	DefaultTable          = "egressnat"
-	DefaultMarkMask       = 0x00003f00 // clear of kube-proxy 0x4000/0x8000 and Calico 0xffff0000
-	DefaultRouteTableBase = 2700
-	DefaultRulePriority   = 29000
-	DefaultVerifyPause    = time.Millisecond
+	DefaultTable       = "egressnat"
+	DefaultVerifyPause = time.Millisecond
 )
 
 // Config configures a Dataplane.
@@ -57,13 +56,13 @@ func (c Config) withDefaults() (Config, error) {
 		c.Table = DefaultTable
 	}
 	if c.MarkMask == 0 {
-		c.MarkMask = DefaultMarkMask
+		c.MarkMask = selector.DefaultMarkMask
 	}
 	if c.RouteTableBase == 0 {
-		c.RouteTableBase = DefaultRouteTableBase
+		c.RouteTableBase = selector.DefaultRouteTableBase
 	}
 	if c.RulePriority == 0 {
-		c.RulePriority = DefaultRulePriority
+		c.RulePriority = selector.DefaultRulePriority
 	}
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()

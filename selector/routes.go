@@ -7,6 +7,18 @@ import (
 	"slices"
 )
 
+// Defaults of the agent's kernel settings, shared by the agent, the dataplane
+// and egressnatctl (one place).
+const (
+	// DefaultMarkMask holds the fwmark bits egressnat uses: clear of
+	// kube-proxy (0x4000, 0x8000) and Calico (0xffff0000).
+	DefaultMarkMask uint32 = 0x00003f00
+	// DefaultRouteTableBase: next hop index i is routed by table base+i.
+	DefaultRouteTableBase = 2700
+	// DefaultRulePriority of the fwmark ip rules, before main (32766).
+	DefaultRulePriority = 29000
+)
+
 // MaxMarks bounds the number of next hops one mark mask can address, so that
 // route table numbers (base + index) stay in a small, predictable range even
 // when an operator configures a wide mask.

@@ -170,7 +170,7 @@ func TestVerify(t *testing.T) {
 	}
 
 	// Policy routing is outside the table: Recheck repairs it.
-	l.ip("a", "rule", "del", "priority", fmt.Sprint(DefaultRulePriority))
+	l.ip("a", "rule", "del", "priority", fmt.Sprint(selector.DefaultRulePriority))
 	if r := mustApply(t, da, st); r.IPRulesChanged != 0 {
 		t.Fatalf("repaired without Recheck: %+v", r)
 	}

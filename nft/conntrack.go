@@ -8,7 +8,7 @@ import (
 
 	"github.com/mdlayher/netlink"
 	"github.com/ti-mo/conntrack"
-	"github.com/ti-mo/netfilter"
+	tinetfilter "github.com/ti-mo/netfilter"
 	"golang.org/x/sys/unix"
 )
 
@@ -66,25 +66,31 @@ func (m *ctMatcher) match(f *conntrack.Flow) bool {
 	return false
 }
 
-func (d *Dataplane) conntrackConn() (*conntrack.Conn, error) {
+// conntrackCleaner owns the clean-up of conntrack entries a change made
+// wrong; it runs only after the change succeeded.
+type conntrackCleaner struct {
+	cfg Config
+}
+
+func (ct conntrackCleaner) dial() (*conntrack.Conn, error) {
 	cfg := &netlink.Config{}
-	if !d.cfg.inCurrentNetNS() {
-		cfg.NetNS = d.cfg.NetNSFd
+	if !ct.cfg.inCurrentNetNS() {
+		cfg.NetNS = ct.cfg.NetNSFd
 	}
 	return conntrack.Dial(cfg)
 }
 
 // flushConntrack deletes the IPv4 entries m matches and returns how many.
-func (d *Dataplane) flushConntrack(ctx context.Context, m *ctMatcher) (int, error) {
+func (ct conntrackCleaner) flush(ctx context.Context, m *ctMatcher) (int, error) {
 	if m.empty() {
 		return 0, nil
 	}
-	c, err := d.conntrackConn()
+	c, err := ct.dial()
 	if err != nil {
 		return 0, fmt.Errorf("conntrack dial: %w", err)
 	}
 	defer c.Close()
-	flows, err := c.DumpFilter(conntrack.NewFilter().Family(netfilter.ProtoIPv4), nil)
+	flows, err := c.DumpFilter(conntrack.NewFilter().Family(tinetfilter.ProtoIPv4), nil)
 	if err != nil {
 		return 0, fmt.Errorf("conntrack dump: %w", err)
 	}

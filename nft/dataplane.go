@@ -10,30 +10,28 @@ import (
 	"strings"
 	"sync"
 
-	"golang.org/x/sys/unix"
-
-	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 
 	"github.com/egressnat/egressnat/selector"
 )
 
-// Dataplane programs one node's kernel. Its methods are safe for concurrent
-// use; calls are serialized.
+// Dataplane programs one node's kernel. It is split by kernel object, each
+// with one owner: netfilter (the table: sets, maps, chains, rules),
+// routing (marks, ip rules, route tables, gateway sysctls), addresses
+// (floating IPs on the uplink and their gratuitous ARP) and conntrack; Apply
+// only orders them. Its methods are safe for concurrent use; calls are
+// serialized.
 type Dataplane struct {
-	cfg Config
-	log *zap.Logger
+	cfg  Config
+	log  *zap.Logger
+	nf   *netfilter
+	rt   routing
+	addr *addresses
+	ct   conntrackCleaner
 
-	mu        sync.Mutex
-	announced map[netip.Addr]bool // floating IPs announced by this process
-	last      Result
-	policies  map[string]string // src set name -> policy name, of the last Apply
-	// nftCache is the table as the last successful Apply left it: the next
-	// Apply diffs against it instead of reading every set back from the
-	// kernel (hundreds of milliseconds at thousands of sets). nil forces a
-	// read: at start, after an error, after Cleanup, and on Invalidate.
-	nftCache *nftState
+	mu   sync.Mutex
+	last Result
 	// recheck: the next Apply takes the full path (routes, addresses,
 	// sysctls, the table planned against the cache) even when only
 	// sources changed.
@@ -82,12 +80,18 @@ func New(cfg Config) (*Dataplane, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Dataplane{
-		cfg:       cfg,
-		log:       cfg.Logger,
-		announced: map[netip.Addr]bool{},
-		done:      make(chan struct{}),
-	}, nil
+	d := &Dataplane{cfg: cfg, log: cfg.Logger, done: make(chan struct{})}
+	d.nf = &netfilter{cfg: cfg, exec: kernelExec{conn: cfg.nftConn}, read: func(ctx context.Context) (*nftState, error) {
+		c, err := cfg.nftConn()
+		if err != nil {
+			return nil, fmt.Errorf("nftables conn: %w", err)
+		}
+		return tableReader{c: c, name: cfg.Table}.all(ctx)
+	}}
+	d.rt = routing{cfg: cfg, log: cfg.Logger}
+	d.addr = &addresses{cfg: cfg, log: cfg.Logger, announced: map[netip.Addr]bool{}, wg: &d.wg, done: d.done}
+	d.ct = conntrackCleaner{cfg: cfg}
+	return d, nil
 }
 
 // Close stops background gratuitous ARP and waits for it. It leaves the
@@ -191,7 +195,7 @@ func (d *Dataplane) Apply(ctx context.Context, st selector.NodeState) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	res := Result{}
-	cached := d.nftCache != nil
+	cached := d.nf.cache != nil
 	handled := false
 	var err error
 	if !d.recheck {
@@ -231,12 +235,13 @@ func (d *Dataplane) Apply(ctx context.Context, st selector.NodeState) error {
 	return nil
 }
 
+// apply is the full path: it orders the owners' changes.
 func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Result) error {
 	n, err := normalizeState(st)
 	if err != nil {
 		return fmt.Errorf("invalid state: %w", err)
 	}
-	h, err := d.netlinkHandle()
+	h, err := d.cfg.netlinkHandle()
 	if err != nil {
 		return fmt.Errorf("netlink handle: %w", err)
 	}
@@ -247,18 +252,14 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	}
 	uplinkIndex := link.Attrs().Index
 
-	c, err := d.nftConn()
-	if err != nil {
-		return fmt.Errorf("nftables conn: %w", err)
-	}
-	ks := d.nftCache
-	d.nftCache = nil // until this Apply succeeds
+	ks := d.nf.cache
+	d.nf.cache = nil // until this Apply succeeds
 	if ks == nil {
-		if ks, err = d.readNFT(ctx, c); err != nil {
+		if ks, err = d.nf.read(ctx); err != nil {
 			return err
 		}
 	}
-	rs, err := d.readRoutes(h, uplinkIndex)
+	rs, err := d.rt.read(h, uplinkIndex)
 	if err != nil {
 		return err
 	}
@@ -315,26 +316,26 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	floatingSet = slices.Compact(floatingSet)
 
 	// 1. Policy routing for new marks, before any rule sets them.
-	if err := d.addRoutes(h, rs, marks, uplinkIndex, res); err != nil {
+	if err := d.rt.add(h, rs, marks, uplinkIndex, res); err != nil {
 		return err
 	}
 
 	// 2. nftables: sets, chains, floating record.
 	want := desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, floating: floatingSet, jumps: preSrcTargets(st)}
-	plan := d.planNFT(ks, want)
-	res.Transactions, err = d.runOps(ctx, plan.ops)
+	plan := d.nf.plan(ks, want)
+	res.Transactions, err = d.nf.exec.run(ctx, &plan.Plan)
 	if err != nil {
 		return err
 	}
 	res.ElementsAdded, res.ElementsDeleted = plan.elemsAdded, plan.elemsDeleted
 	res.SetsCreated, res.SetsDeleted, res.SetsSwapped = plan.setsCreated, plan.setsDeleted, plan.setsSwapped
 	res.ChainsRebuilt = plan.chainsRebuilt
-	d.policies = map[string]string{}
+	d.nf.policies = map[string]string{}
 	for _, p := range st.Policies {
-		d.policies[srcSetName(p.Name)] = p.Name
+		d.nf.policies[srcSetName(p.Name)] = p.Name
 	}
 	for _, name := range slices.Sorted(maps.Keys(plan.sourceChanges)) {
-		policy, ok := d.policies[name]
+		policy, ok := d.nf.policies[name]
 		if !ok {
 			policy = strings.TrimPrefix(name, srcPrefix) // removed policy: its set key
 		}
@@ -350,38 +351,38 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 			wantPrefixes = append(wantPrefixes, p)
 		}
 	}
-	if _, err := d.addFloating(h, link, addrs, wantPrefixes, res); err != nil {
+	if _, err := d.addr.add(h, link, addrs, wantPrefixes, res); err != nil {
 		return err
 	}
 	var announce []netip.Addr
 	for _, p := range n.floating {
-		if !d.announced[p.Addr()] {
+		if !d.addr.announced[p.Addr()] {
 			announce = append(announce, p.Addr())
 		}
 	}
-	if err := d.announce(ctx, link, announce); err != nil {
+	if err := d.addr.announce(ctx, link, announce); err != nil {
 		return err
 	}
 	for _, a := range announce {
-		d.announced[a] = true
+		d.addr.announced[a] = true
 	}
-	for a := range d.announced {
+	for a := range d.addr.announced {
 		if !wantFloat[a] {
-			delete(d.announced, a)
+			delete(d.addr.announced, a)
 		}
 	}
 	res.Announced = announce
 
 	// 4. Remove what is no longer wanted: floating IPs given up (then their
 	// record), stale routing.
-	if err := d.removeFloating(h, link, addrs, slices.Concat(givenUp, foreign), res); err != nil {
+	if err := d.addr.remove(h, link, addrs, slices.Concat(givenUp, foreign), res); err != nil {
 		return err
 	}
 	if err := d.unrecordFloating(ctx, givenUp, res); err != nil {
 		return err
 	}
-	d.nftCache = plan.after(d, ks, want, slices.DeleteFunc(slices.Clone(floatingSet), func(a netip.Addr) bool { return slices.Contains(givenUp, a) }))
-	if err := d.removeStaleRoutes(h, rs, marks, uplinkIndex, res); err != nil {
+	d.nf.cache = plan.after(d.nf, ks, want, slices.DeleteFunc(slices.Clone(floatingSet), func(a netip.Addr) bool { return slices.Contains(givenUp, a) }))
+	if err := d.rt.removeStale(h, rs, marks, uplinkIndex, res); err != nil {
 		return err
 	}
 
@@ -391,7 +392,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		gateway = gateway || p.Mode == selector.ModeGateway
 	}
 	if gateway {
-		changed, err := d.disableRedirects()
+		changed, err := d.rt.gatewaySettings()
 		res.SysctlsChanged = changed
 		if err != nil {
 			return err
@@ -399,8 +400,8 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	}
 
 	// 6. Conntrack, only after everything above succeeded.
-	m := d.conntrackMatcher(plan, n, slices.Concat(givenUp, foreign))
-	flushed, err := d.flushConntrack(ctx, m)
+	m := conntrackMatcher(plan, n, slices.Concat(givenUp, foreign))
+	flushed, err := d.ct.flush(ctx, m)
 	res.ConntrackDeleted = flushed
 	if err != nil {
 		return err
@@ -412,7 +413,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 }
 
 // conntrackMatcher derives the conntrack entries an Apply invalidated.
-func (d *Dataplane) conntrackMatcher(plan *nftPlan, n *normalized, givenUp []netip.Addr) *ctMatcher {
+func conntrackMatcher(plan *nftPlan, n *normalized, givenUp []netip.Addr) *ctMatcher {
 	m := snatMatcher(givenUp)
 	keys := map[string]bool{}
 	for name := range plan.sourceChanges {
@@ -485,27 +486,22 @@ func (d *Dataplane) Cleanup(ctx context.Context) error {
 }
 
 func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
-	d.nftCache = nil
-	h, err := d.netlinkHandle()
+	d.nf.cache = nil
+	h, err := d.cfg.netlinkHandle()
 	if err != nil {
 		return fmt.Errorf("netlink handle: %w", err)
 	}
 	defer h.Close()
-	c, err := d.nftConn()
-	if err != nil {
-		return fmt.Errorf("nftables conn: %w", err)
-	}
-	ks, err := d.readNFT(ctx, c)
+	ks, err := d.nf.read(ctx)
 	if err != nil {
 		return err
 	}
 	var errs []error
 	if ks.exists {
-		c.DelTable(d.table())
-		if err := c.Flush(); err != nil {
+		del := &Plan{table: d.cfg.Table, steps: []step{{ops: []Op{{Verb: VerbDelete, table: true}}, msgs: 1}}}
+		if res.Transactions, err = d.nf.exec.run(ctx, del); err != nil {
 			return fmt.Errorf("delete table %s: %w", d.cfg.Table, err)
 		}
-		res.Transactions++
 		d.log.Info("table deleted", zap.String("table", d.cfg.Table))
 	}
 	recorded := elemAddrs(ks.elems[setFloating])
@@ -517,37 +513,29 @@ func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
 			addrs, err := uplinkAddrs(h, link)
 			if err != nil {
 				errs = append(errs, err)
-			} else if err := d.removeFloating(h, link, addrs, recorded, res); err != nil {
+			} else if err := d.addr.remove(h, link, addrs, recorded, res); err != nil {
 				errs = append(errs, err)
 			}
 		}
 	} else if _, notFound := err.(netlink.LinkNotFoundError); !notFound {
 		errs = append(errs, fmt.Errorf("uplink %s: %w", d.cfg.Uplink, err))
 	}
-	rs, err := d.readRoutes(h, uplinkIndex)
+	rs, err := d.rt.read(h, uplinkIndex)
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}
-	if err := d.removeStaleRoutes(h, rs, nil, uplinkIndex, res); err != nil {
+	if err := d.rt.removeStale(h, rs, nil, uplinkIndex, res); err != nil {
 		errs = append(errs, err)
 	}
-	d.announced = map[netip.Addr]bool{}
+	clear(d.addr.announced)
 	if len(recorded) > 0 {
-		n, err := d.flushConntrack(ctx, snatMatcher(recorded))
+		n, err := d.ct.flush(ctx, snatMatcher(recorded))
 		res.ConntrackDeleted = n
 		if err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// Invalidate makes the next Apply read the table back from the kernel and
-// repair any drift (someone else changed the table).
-func (d *Dataplane) Invalidate() {
-	d.mu.Lock()
-	d.nftCache = nil
-	d.mu.Unlock()
 }
 
 // Recheck makes the next Apply take the full path: it repairs routes, ip
@@ -568,21 +556,33 @@ func (d *Dataplane) ReleaseFloating(ctx context.Context) error {
 	defer d.mu.Unlock()
 	res := Result{}
 	defer func() { d.last = res }()
-	d.nftCache = nil
-	h, err := d.netlinkHandle()
+	d.nf.cache = nil
+	h, err := d.cfg.netlinkHandle()
 	if err != nil {
 		return fmt.Errorf("netlink handle: %w", err)
 	}
 	defer h.Close()
-	c, err := d.nftConn()
+	c, err := d.cfg.nftConn()
 	if err != nil {
 		return fmt.Errorf("nftables conn: %w", err)
 	}
 	// Only the floating set: the fence must act fast, whatever the number
 	// of policies.
-	recorded, err := d.readFloating(c)
-	if err != nil || len(recorded) == 0 {
+	r := tableReader{c: c, name: d.cfg.Table}
+	s, err := r.set(setFloating)
+	if errors.Is(err, errNotFound) {
+		return nil
+	}
+	if err != nil {
 		return err
+	}
+	el, err := r.elements(s)
+	if err != nil && !errors.Is(err, errNotFound) {
+		return err
+	}
+	recorded := elemAddrs(el)
+	if len(recorded) == 0 {
+		return nil
 	}
 	link, err := h.LinkByName(d.cfg.Uplink)
 	if err != nil {
@@ -592,34 +592,17 @@ func (d *Dataplane) ReleaseFloating(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := d.removeFloating(h, link, addrs, recorded, &res); err != nil {
+	if err := d.addr.remove(h, link, addrs, recorded, &res); err != nil {
 		return err
 	}
 	if err := d.unrecordFloating(ctx, recorded, &res); err != nil {
 		return err
 	}
 	for _, a := range recorded {
-		delete(d.announced, a)
+		delete(d.addr.announced, a)
 	}
-	res.ConntrackDeleted, err = d.flushConntrack(ctx, snatMatcher(recorded))
+	res.ConntrackDeleted, err = d.ct.flush(ctx, snatMatcher(recorded))
 	return err
-}
-
-// readFloating returns the floating IPs recorded in the table, sorted;
-// none when there is no table.
-func (d *Dataplane) readFloating(c *nftables.Conn) ([]netip.Addr, error) {
-	s, err := c.GetSetByName(d.table(), setFloating)
-	if err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return nil, nil
-		}
-		return nil, fmt.Errorf("get set %s: %w", setFloating, err)
-	}
-	el, err := c.GetSetElements(s)
-	if err != nil {
-		return nil, fmt.Errorf("list set %s: %w", setFloating, err)
-	}
-	return elemAddrs(el), nil
 }
 
 // unrecordFloating deletes addresses from the floating set after they left
@@ -628,8 +611,8 @@ func (d *Dataplane) unrecordFloating(ctx context.Context, ips []netip.Addr, res 
 	if len(ips) == 0 {
 		return nil
 	}
-	s := &nftables.Set{Table: d.table(), Name: setFloating, KeyType: nftables.TypeIPAddr}
-	t, err := d.runOps(ctx, elemOps(s, addrElems(ips), true))
+	p := &Plan{table: d.cfg.Table, steps: elemSteps(setDef{name: setFloating}, addrElements(ips), true)}
+	t, err := d.nf.exec.run(ctx, p)
 	res.Transactions += t
 	return err
 }
@@ -656,29 +639,30 @@ type PolicyCounters struct {
 // rule comment otherwise.
 func (d *Dataplane) Dump(ctx context.Context) ([]PolicyCounters, error) {
 	d.mu.Lock()
-	names := d.policies
+	names := d.nf.policies
 	d.mu.Unlock()
-	c, err := d.nftConn()
+	c, err := d.cfg.nftConn()
 	if err != nil {
 		return nil, fmt.Errorf("nftables conn: %w", err)
 	}
 	// Only the rules: reading every set's elements would cost far more.
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyIPv4)
+	r := tableReader{c: c, name: d.cfg.Table}
+	chains, err := r.chains()
 	if err != nil {
-		return nil, fmt.Errorf("list chains: %w", err)
+		return nil, err
 	}
 	var out []PolicyCounters
 	index := map[PolicyCounters]int{} // by policy and mode (counters zero)
 	for _, ch := range chains {
-		if ch.Table == nil || ch.Table.Name != d.cfg.Table {
-			continue
-		}
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		rules, err := c.GetRules(d.table(), ch)
+		rules, err := r.rules(ch)
+		if errors.Is(err, errNotFound) {
+			continue
+		}
 		if err != nil {
-			return nil, fmt.Errorf("list rules %s: %w", ch.Name, err)
+			return nil, err
 		}
 		for _, r := range rules {
 			kr, ok := parseRule(r)

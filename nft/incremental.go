@@ -78,7 +78,7 @@ func normalizeSources(p selector.PolicyState) ([]netip.Addr, error) {
 // reports whether it handled st; when not, the caller takes the full path.
 // On an error the cache is dropped, so the full path reads the kernel.
 func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res *Result) (bool, error) {
-	ks := d.nftCache
+	ks := d.nf.cache
 	if ks == nil || ks.state == nil || ks.sources == nil || !sameShape(ks.state, st) {
 		return false, nil
 	}
@@ -168,29 +168,28 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 
 	// Additions, the map, then removals: usually one transaction (the
 	// change is at most half a batch), and additions first in any case.
-	var adds, dels []op
+	var adds, dels []step
 	for _, c := range changes {
-		s := ks.sets[c.set]
-		if s == nil {
-			d.nftCache = nil
+		if ks.sets[c.set] == nil {
+			d.nf.cache = nil
 			return false, nil
 		}
-		adds = append(adds, elemOps(s, addrElems(c.added), false)...)
-		dels = append(dels, elemOps(s, addrElems(c.removed), true)...)
+		def := setDef{name: c.set}
+		adds = append(adds, elemSteps(def, addrElements(c.added), false)...)
+		dels = append(dels, elemSteps(def, addrElements(c.removed), true)...)
 		res.ElementsAdded += len(c.added)
 		res.ElementsDeleted += len(c.removed)
 	}
-	m := ks.sets[setPreSrc]
-	mops, added, deleted := mapOps(m, mapHave, mapWant)
-	if m == nil && len(mops) > 0 {
-		d.nftCache = nil
+	msteps, added, deleted := mapSteps(setDef{name: setPreSrc, kind: kindVerdict}, mapHave, mapWant)
+	if ks.sets[setPreSrc] == nil && len(msteps) > 0 {
+		d.nf.cache = nil
 		return false, nil
 	}
 	res.ElementsAdded += added
 	res.ElementsDeleted += deleted
 
-	d.nftCache = nil // until the transaction succeeded
-	n, err := d.runOps(ctx, slices.Concat(adds, mops, dels))
+	d.nf.cache = nil // until the transaction succeeded
+	n, err := d.nf.exec.run(ctx, &Plan{table: d.cfg.Table, steps: slices.Concat(adds, msteps, dels)})
 	res.Transactions = n
 	if err != nil {
 		return true, err
@@ -199,7 +198,7 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		delete(jumps, a)
 	}
 	maps.Copy(jumps, mapWant)
-	d.nftCache = ks // ks.state stays: the shape is the same
+	d.nf.cache = ks // ks.state stays: the shape is the same
 
 	// Conntrack: flows of the added and removed addresses to the policy's
 	// destinations were decided by the old rules.
@@ -212,7 +211,7 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		d.log.Info("policy sources changed", zap.String("policy", c.policy.Name),
 			zap.Int("added", len(c.added)), zap.Int("removed", len(c.removed)))
 	}
-	res.ConntrackDeleted, err = d.flushConntrack(ctx, ct)
+	res.ConntrackDeleted, err = d.ct.flush(ctx, ct)
 	return true, err
 }
 

@@ -30,7 +30,7 @@ func expectKernel(t *testing.T, l *lab, d *Dataplane, role string, st selector.N
 	if err != nil {
 		t.Fatal(err)
 	}
-	ks, err := d.readNFT(ctxT(t), c)
+	ks, err := tableReader{c: c, name: d.cfg.Table}.all(ctxT(t))
 	if err != nil {
 		t.Fatal(err)
 	}

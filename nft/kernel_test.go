@@ -11,7 +11,7 @@ import (
 	"github.com/google/nftables"
 	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/ti-mo/conntrack"
-	"github.com/ti-mo/netfilter"
+	tinetfilter "github.com/ti-mo/netfilter"
 
 	"github.com/egressnat/egressnat/selector"
 )
@@ -318,7 +318,7 @@ func dumpFlows(t *testing.T, l *lab, role string) []conntrack.Flow {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	flows, err := c.DumpFilter(conntrack.NewFilter().Family(netfilter.ProtoIPv4), nil)
+	flows, err := c.DumpFilter(conntrack.NewFilter().Family(tinetfilter.ProtoIPv4), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -660,7 +660,7 @@ func TestPodInSeveralPolicies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ks, err := da.readNFT(ctxT(t), c)
+	ks, err := tableReader{c: c, name: da.cfg.Table}.all(ctxT(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -689,7 +689,7 @@ func TestPodInSeveralPolicies(t *testing.T) {
 	// Dropping the second policy sends podA1 back to web's own chain, and
 	// the unused chain goes away.
 	mustApply(t, da, rerouteState(podA1, podA2))
-	ks, err = da.readNFT(ctxT(t), c)
+	ks, err = tableReader{c: c, name: da.cfg.Table}.all(ctxT(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -52,6 +52,9 @@ const (
 
 func requireRoot(t testing.TB) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("needs root, network namespaces and kernel nftables (skipped under -short)")
+	}
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}

@@ -14,8 +14,8 @@ import (
 // inNetNS runs fn on an OS thread that has entered the configured network
 // namespace (or directly, for the current namespace). Sockets created in fn
 // stay in that namespace; files under /proc/sys/net opened in fn belong to it.
-func (d *Dataplane) inNetNS(fn func() error) error {
-	if d.cfg.inCurrentNetNS() {
+func (cfg Config) inNetNS(fn func() error) error {
+	if cfg.inCurrentNetNS() {
 		return fn()
 	}
 	runtime.LockOSThread()
@@ -24,7 +24,7 @@ func (d *Dataplane) inNetNS(fn func() error) error {
 		runtime.UnlockOSThread()
 		return fmt.Errorf("get netns: %w", err)
 	}
-	if err := netns.Set(netns.NsHandle(d.cfg.NetNSFd)); err != nil {
+	if err := netns.Set(netns.NsHandle(cfg.NetNSFd)); err != nil {
 		_ = orig.Close()
 		runtime.UnlockOSThread()
 		return fmt.Errorf("enter netns: %w", err)
@@ -43,11 +43,11 @@ func (d *Dataplane) inNetNS(fn func() error) error {
 	return fn()
 }
 
-func (d *Dataplane) netlinkHandle() (*netlink.Handle, error) {
-	if d.cfg.inCurrentNetNS() {
+func (cfg Config) netlinkHandle() (*netlink.Handle, error) {
+	if cfg.inCurrentNetNS() {
 		return netlink.NewHandle()
 	}
-	return netlink.NewHandleAt(netns.NsHandle(d.cfg.NetNSFd))
+	return netlink.NewHandleAt(netns.NsHandle(cfg.NetNSFd))
 }
 
 // nftSocketBuffer is the send and receive buffer asked for on nftables
@@ -68,10 +68,10 @@ func forceBuffers(c *mdnetlink.Conn) error {
 	return nil
 }
 
-func (d *Dataplane) nftConn() (*nftables.Conn, error) {
+func (cfg Config) nftConn() (*nftables.Conn, error) {
 	opts := []nftables.ConnOption{nftables.WithSockOptions(forceBuffers)}
-	if !d.cfg.inCurrentNetNS() {
-		opts = append(opts, nftables.WithNetNSFd(d.cfg.NetNSFd))
+	if !cfg.inCurrentNetNS() {
+		opts = append(opts, nftables.WithNetNSFd(cfg.NetNSFd))
 	}
 	return nftables.New(opts...)
 }

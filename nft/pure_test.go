@@ -223,14 +223,33 @@ func TestGARPFrame(t *testing.T) {
 }
 
 func TestBatching(t *testing.T) {
-	s := &nftables.Set{Name: "src-x"}
 	addrs := make([]netip.Addr, 2500)
 	for i := range addrs {
 		addrs[i] = netip.AddrFrom4([4]byte{10, 244, byte(i >> 8), byte(i)})
 	}
-	ops := elemOps(s, addrElems(addrs), false)
-	if len(ops) != 3 || ops[0].elems != maxMsgElements || ops[2].elems != 2500-2*maxMsgElements {
-		t.Fatalf("ops %+v", ops)
+	steps := elemSteps(setDef{name: "src-x"}, addrElements(addrs), false)
+	if len(steps) != 3 || steps[0].elems != maxMsgElements || steps[2].elems != 2500-2*maxMsgElements {
+		t.Fatalf("steps %+v", steps)
+	}
+	// Steps share a transaction up to the bounds, and one step is never
+	// split.
+	big := elemSteps(setDef{name: "src-x"}, addrElements(make([]netip.Addr, 3*maxBatchElements)), false)
+	tx := transactions(&Plan{steps: big})
+	if len(tx) != 3*maxBatchElements/(maxBatchElements/maxMsgElements*maxMsgElements)+1 && len(tx) < 3 {
+		t.Fatalf("%d transactions", len(tx))
+	}
+	for _, steps := range tx {
+		n := 0
+		for _, s := range steps {
+			n += s.elems
+		}
+		if n > maxBatchElements {
+			t.Fatalf("a transaction carries %d elements", n)
+		}
+	}
+	joined := join(big[:9]...)
+	if got := transactions(&Plan{steps: []step{joined}}); len(got) != 1 {
+		t.Fatalf("a joined step split over %d transactions", len(got))
 	}
 }
 
@@ -248,154 +267,5 @@ func TestConfigDefaults(t *testing.T) {
 	}
 	if c.MarkMask&(0x4000|0x8000|0xffff0000) != 0 {
 		t.Fatal("default mask collides with kube-proxy or Calico")
-	}
-}
-
-// planFor plans st against ks (no kernel: planNFT only computes).
-func planFor(t *testing.T, ks *nftState, st selector.NodeState) (*Dataplane, *nftPlan) {
-	d, p, _ := planWant(t, ks, st)
-	return d, p
-}
-
-func planWant(t *testing.T, ks *nftState, st selector.NodeState) (*Dataplane, *nftPlan, desiredNFT) {
-	t.Helper()
-	d, err := New(Config{Uplink: "eth0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	n, err := normalizeState(st)
-	if err != nil {
-		t.Fatal(err)
-	}
-	marks, err := selector.AllocateMarks(d.cfg.MarkMask, selector.NextHops(st), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, jumps: preSrcTargets(st)}
-	return d, d.planNFT(ks, want), want
-}
-
-func opIndex(p *nftPlan, prefix string) (first, last int) {
-	first, last = -1, -1
-	for i, o := range p.ops {
-		if strings.HasPrefix(o.what, prefix) || strings.Contains(o.what, ", "+prefix) {
-			if first < 0 {
-				first = i
-			}
-			last = i
-		}
-	}
-	return first, last
-}
-
-// TestPlanOrder: from an empty kernel every set and the dispatch map are
-// filled before the rules that read them are written (a huge resync is
-// several transactions; none shows a partly filled set through a rule),
-// and a map entry that changes chain is deleted and added in the same op.
-func TestPlanOrder(t *testing.T) {
-	big := make([]netip.Addr, 20000)
-	for i := range big {
-		big[i] = netip.AddrFrom4([4]byte{10, 128, byte(i >> 8), byte(i)})
-	}
-	st := selector.NodeState{Policies: []selector.PolicyState{
-		{Name: "a", Sources: big[:12000], Destinations: []netip.Prefix{netip.MustParsePrefix("203.0.113.0/24")}, Mode: selector.ModeReroute, NextHop: netip.MustParseAddr("192.0.2.12")},
-		{Name: "b", Sources: big[8000:], Destinations: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}, Mode: selector.ModeDrop},
-		{Name: "g", Sources: big, Destinations: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}, Mode: selector.ModeGateway, EgressIP: netip.MustParseAddr("192.0.2.100")},
-	}}
-	_, p := planFor(t, &nftState{}, st)
-	_, lastFill := opIndex(p, "add src-")
-	_, lastMap := opIndex(p, "add "+setPreSrc)
-	rebuildChains, _ := opIndex(p, "rebuild "+chainMulti)
-	rebuildPre, _ := opIndex(p, "rebuild "+chainPrerouting)
-	if lastFill < 0 || lastMap < 0 || rebuildChains < 0 || rebuildPre < 0 {
-		t.Fatalf("missing ops: %v", opNames(p))
-	}
-	if lastFill > rebuildChains {
-		t.Fatalf("a source set is filled after the rules reading it: %v", opNames(p))
-	}
-	if rebuildChains > lastMap || lastMap > rebuildPre {
-		t.Fatalf("want policy chains, then the map, then the dispatch rule: %v", opNames(p))
-	}
-	// Transactions: the elements alone need several.
-	tx, elems := 1, 0
-	for _, o := range p.ops {
-		if elems+o.elems > maxBatchElements {
-			tx, elems = tx+1, 0
-		}
-		elems += o.elems
-	}
-	if tx < 3 {
-		t.Fatalf("%d transactions for %d elements", tx, p.elemsAdded)
-	}
-
-	// Moving addresses from a's chain to b's: each moved entry's delete
-	// and add are in one op.
-	have := map[netip.Addr]string{}
-	for _, a := range big[:5000] {
-		have[a] = policyChainName("a")
-	}
-	want := map[netip.Addr]string{}
-	for _, a := range big[:5000] {
-		want[a] = policyChainName("b")
-	}
-	ops, added, deleted := mapOps(&nftables.Set{Name: setPreSrc}, have, want)
-	if added != 5000 || deleted != 5000 {
-		t.Fatalf("added %d, deleted %d", added, deleted)
-	}
-	for _, o := range ops {
-		if !strings.HasPrefix(o.what, "delete "+setPreSrc) || !strings.Contains(o.what, "add "+setPreSrc) {
-			t.Fatalf("a chain change split over ops: %q", o.what)
-		}
-	}
-}
-
-func opNames(p *nftPlan) []string {
-	var out []string
-	for _, o := range p.ops {
-		out = append(out, o.what)
-	}
-	return out
-}
-
-// TestPlanSwap: a source set changing by more than a batch is swapped: its
-// copy is filled before the rules switch to it, the set changes while no
-// rule reads it, the rules switch back, the copy goes.
-func TestPlanSwap(t *testing.T) {
-	addrs := func(from, n int) []netip.Addr {
-		out := make([]netip.Addr, n)
-		for i := range out {
-			out[i] = netip.AddrFrom4([4]byte{10, 128, byte((from + i) >> 8), byte(from + i)})
-		}
-		return out
-	}
-	st := selector.NodeState{Policies: []selector.PolicyState{
-		{Name: "g", Sources: addrs(0, 12000), Destinations: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}, Mode: selector.ModeGateway, EgressIP: netip.MustParseAddr("192.0.2.100")},
-	}}
-	d, p1, want1 := planWant(t, &nftState{}, st)
-	ks := p1.after(d, &nftState{}, want1, nil)
-	st.Policies[0].Sources = addrs(20000, 12000) // all new
-	_, p := planFor(t, ks, st)
-	if p.setsSwapped != 1 || len(p.chainsRebuilt) > 0 {
-		t.Fatalf("swapped %d, rebuilt %v", p.setsSwapped, p.chainsRebuilt)
-	}
-	var steps []string
-	for _, o := range p.ops {
-		step := strings.Fields(o.what)
-		steps = append(steps, step[0]+" "+step[1])
-	}
-	steps = slices.Compact(steps)
-	want := []string{"create src-g-swap", "add src-g-swap", "swap to", "add src-g", "delete src-g", "swap back", "delete src-g-swap"}
-	if !slices.Equal(steps, want) {
-		t.Fatalf("steps %v, want %v (ops %v)", steps, want, opNames(p))
-	}
-	for _, o := range p.ops {
-		if strings.HasPrefix(o.what, "swap") && !strings.HasSuffix(o.what, " in postrouting") {
-			t.Fatalf("%q: the gateway rule is in postrouting", o.what)
-		}
-	}
-	// A change within a batch is no swap.
-	st.Policies[0].Sources = addrs(0, 12000)[:11000]
-	if _, p := planFor(t, ks, st); p.setsSwapped != 0 {
-		t.Fatal("a small change swapped")
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
-	"slices"
 	"strings"
 
 	"github.com/google/nftables"
@@ -126,34 +125,165 @@ const floatingGuardComment = "floating IPs are egress-only: no new inbound flows
 // ctStateNew is the ct state bit of a packet that opens a connection.
 const ctStateNew = 1 << 3
 
-// floatingGuardRule: ip daddr @floating ct state new counter drop.
-//
-// Replies to SNATed flows reach a floating IP in the reply direction. A
-// packet that opens a flow toward a floating IP is either a probe from
-// outside or, right after a failover, a server's retransmission that reached
-// the new holder before the pod's next packet re-created the conntrack entry
-// there; answering it locally would reset the connection, dropping it lets
-// the pod's own retransmission restore the flow.
-func floatingGuardRule(floating *nftables.Set) []expr.Any {
-	return []expr.Any{
-		loadAddr(16),
-		&expr.Lookup{SourceRegister: 1, SetName: floating.Name, SetID: floating.ID},
-		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(ctStateNew)},
-		&expr.Counter{},
-		&expr.Verdict{Kind: expr.VerdictDrop},
-	}
-}
+// ruleKind is what one of our rules does.
+type ruleKind int
 
-// ruleSpec is one desired rule.
-type ruleSpec struct {
-	policy  string // empty for the shared null-binding rule
+const (
+	// ruleGuard: ip daddr @floating ct state new counter drop.
+	//
+	// Replies to SNATed flows reach a floating IP in the reply direction.
+	// A packet that opens a flow toward a floating IP is either a probe
+	// from outside or, right after a failover, a server's retransmission
+	// that reached the new holder before the pod's next packet re-created
+	// the conntrack entry there; answering it locally would reset the
+	// connection, dropping it lets the pod's own retransmission restore
+	// the flow.
+	ruleGuard ruleKind = iota + 1
+	// ruleDispatch: ip saddr vmap @pre-src.
+	ruleDispatch
+	// ruleReroute: [ip saddr @src] ip daddr @dst counter
+	// meta mark set meta mark & ~mask | mark.
+	ruleReroute
+	// ruleDrop: [ip saddr @src] ip daddr @dst counter drop.
+	ruleDrop
+	// ruleGateway: ip saddr @src ip daddr @dst oifname <uplink> counter
+	// snat to <egress>.
+	//
+	// No NAT flag is set: the kernel adds NF_NAT_RANGE_MAP_IPS itself when
+	// an address register is given, and without NF_NAT_RANGE_PROTO_SPECIFIED
+	// (or the random flags) get_unique_tuple keeps the source port when it
+	// is free. This is what `nft add rule ... snat to 192.0.2.10` sends, too.
+	ruleGateway
+	// ruleNullBinding: meta mark & mask != 0 counter snat to ip saddr. The
+	// NAT core stops at the first binding, so the CNI's masquerade at
+	// srcnat (100) is skipped for traffic we reroute.
+	ruleNullBinding
+)
+
+// rule is one rule of our table, as data: what it does and the objects it
+// names. Its expressions are built from it (exprs), so is its nft text.
+type rule struct {
+	chain   string
+	kind    ruleKind
+	policy  string // "" for the shared rules
 	comment string
-	exprs   []expr.Any
+	src     string // source set ("" in a policy's own chain)
+	dst     string // destination set, or the set/map of guard and dispatch
+	mask    uint32 // reroute, null binding
+	mark    uint32 // reroute
+	oif     string // gateway
+	egress  netip.Addr
 }
 
-func (r ruleSpec) userData() []byte {
+func (r rule) userData() []byte {
 	return userdata.AppendString(nil, userdata.TypeComment, r.comment)
+}
+
+// exprs builds the rule's expressions; set returns the set object a
+// lookup refers to (with the ID of a set created in the same transaction).
+func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
+	lookup := func(name string) *expr.Lookup {
+		s := set(name)
+		return &expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID}
+	}
+	match := func() []expr.Any {
+		var out []expr.Any
+		if r.src != "" {
+			out = append(out, loadAddr(12), lookup(r.src))
+		}
+		return append(out, loadAddr(16), lookup(r.dst))
+	}
+	switch r.kind {
+	case ruleGuard:
+		return []expr.Any{
+			loadAddr(16), lookup(r.dst),
+			&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(ctStateNew)},
+			&expr.Counter{},
+			&expr.Verdict{Kind: expr.VerdictDrop},
+		}
+	case ruleDispatch:
+		l := lookup(r.dst)
+		l.IsDestRegSet = true
+		return []expr.Any{loadAddr(12), l}
+	case ruleReroute:
+		return append(match(),
+			&expr.Counter{},
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Bitwise{
+				SourceRegister: 1,
+				DestRegister:   1,
+				Len:            4,
+				Mask:           binaryutil.NativeEndian.PutUint32(^r.mask),
+				Xor:            binaryutil.NativeEndian.PutUint32(r.mark & r.mask),
+			},
+			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+		)
+	case ruleDrop:
+		return append(match(), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
+	case ruleGateway:
+		ip := r.egress.As4()
+		return append(match(),
+			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.oif)},
+			&expr.Counter{},
+			&expr.Immediate{Register: 1, Data: ip[:]},
+			&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1},
+		)
+	case ruleNullBinding:
+		return []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Bitwise{
+				SourceRegister: 1,
+				DestRegister:   1,
+				Len:            4,
+				Mask:           binaryutil.NativeEndian.PutUint32(r.mask),
+				Xor:            binaryutil.NativeEndian.PutUint32(0),
+			},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
+			&expr.Counter{},
+			loadAddr(12),
+			&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1},
+		}
+	}
+	return nil
+}
+
+// sets returns the names of the sets the rule reads.
+func (r rule) sets() []string {
+	if r.kind == ruleNullBinding {
+		return nil
+	}
+	if r.src != "" {
+		return []string{r.src, r.dst}
+	}
+	return []string{r.dst}
+}
+
+// String prints the rule in nft syntax.
+func (r rule) String() string {
+	var b strings.Builder
+	if r.src != "" {
+		fmt.Fprintf(&b, "ip saddr @%s ", r.src)
+	}
+	switch r.kind {
+	case ruleGuard:
+		fmt.Fprintf(&b, "ip daddr @%s ct state new counter drop", r.dst)
+	case ruleDispatch:
+		fmt.Fprintf(&b, "ip saddr vmap @%s", r.dst)
+	case ruleReroute:
+		fmt.Fprintf(&b, "ip daddr @%s counter meta mark set meta mark & %#08x | %#08x", r.dst, ^r.mask, r.mark&r.mask)
+	case ruleDrop:
+		fmt.Fprintf(&b, "ip daddr @%s counter drop", r.dst)
+	case ruleGateway:
+		fmt.Fprintf(&b, "ip daddr @%s oifname %q counter snat to %s", r.dst, r.oif, r.egress)
+	case ruleNullBinding:
+		fmt.Fprintf(&b, "meta mark & %#08x != 0 counter snat to ip saddr", r.mask)
+	}
+	if r.comment != "" {
+		fmt.Fprintf(&b, " comment %q", r.comment)
+	}
+	return b.String()
 }
 
 func loadAddr(offset uint32) *expr.Payload {
@@ -166,123 +296,47 @@ func loadAddr(offset uint32) *expr.Payload {
 	}
 }
 
-// matchSets: ip saddr @src ip daddr @dst; without src (a policy's own
-// chain, reached for its sources only) just ip daddr @dst.
-func matchSets(src, dst *nftables.Set) []expr.Any {
-	var out []expr.Any
-	if src != nil {
-		out = append(out, loadAddr(12), &expr.Lookup{SourceRegister: 1, SetName: src.Name, SetID: src.ID})
-	}
-	return append(out, loadAddr(16), &expr.Lookup{SourceRegister: 1, SetName: dst.Name, SetID: dst.ID})
-}
-
 func ifname(name string) []byte {
 	b := make([]byte, 16)
 	copy(b, name)
 	return b
 }
 
-// rerouteRule: ip saddr @src ip daddr @dst counter
-// meta mark set meta mark & ~mask | value.
-func rerouteRule(src, dst *nftables.Set, mask, value uint32) []expr.Any {
-	return append(matchSets(src, dst),
-		&expr.Counter{},
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{
-			SourceRegister: 1,
-			DestRegister:   1,
-			Len:            4,
-			Mask:           binaryutil.NativeEndian.PutUint32(^mask),
-			Xor:            binaryutil.NativeEndian.PutUint32(value & mask),
-		},
-		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
-	)
-}
-
-// dropRule: ip saddr @src ip daddr @dst counter drop.
-func dropRule(src, dst *nftables.Set) []expr.Any {
-	return append(matchSets(src, dst),
-		&expr.Counter{},
-		&expr.Verdict{Kind: expr.VerdictDrop},
-	)
-}
-
-// gatewayRule: ip saddr @src ip daddr @dst oifname <uplink> counter snat to <egress>.
-//
-// No NAT flag is set: the kernel adds NF_NAT_RANGE_MAP_IPS itself when an
-// address register is given, and without NF_NAT_RANGE_PROTO_SPECIFIED (or the
-// random flags) get_unique_tuple keeps the source port when it is free. This
-// is what `nft add rule ... snat to 192.0.2.10` sends, too.
-func gatewayRule(src, dst *nftables.Set, uplink string, egress netip.Addr) []expr.Any {
-	ip := egress.As4()
-	return append(matchSets(src, dst),
-		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(uplink)},
-		&expr.Counter{},
-		&expr.Immediate{Register: 1, Data: ip[:]},
-		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1},
-	)
-}
-
-// nullBindingRule: meta mark & mask != 0 counter snat to ip saddr. The NAT
-// core stops at the first binding, so the CNI's masquerade at srcnat (100)
-// is skipped for traffic we reroute.
-func nullBindingRule(mask uint32) []expr.Any {
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{
-			SourceRegister: 1,
-			DestRegister:   1,
-			Len:            4,
-			Mask:           binaryutil.NativeEndian.PutUint32(mask),
-			Xor:            binaryutil.NativeEndian.PutUint32(0),
-		},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
-		&expr.Counter{},
-		loadAddr(12),
-		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1},
-	}
-}
-
 // desiredRules builds every chain's rules, in policy order: the base
 // chains, one chain per Reroute or Drop policy, and chainMulti.
-func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, sets map[string]*nftables.Set) map[string][]ruleSpec {
-	out := map[string][]ruleSpec{chainPrerouting: nil, chainPostrouting: nil, chainMulti: nil}
-	if f := sets[setFloating]; f != nil {
-		out[chainPrerouting] = append(out[chainPrerouting], ruleSpec{comment: floatingGuardComment, exprs: floatingGuardRule(f)})
-	}
-	if m := sets[setPreSrc]; m != nil {
-		out[chainPrerouting] = append(out[chainPrerouting], ruleSpec{comment: dispatchComment, exprs: dispatchRule(m)})
-	}
+func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int) map[string][]rule {
+	out := map[string][]rule{chainPrerouting: nil, chainPostrouting: nil, chainMulti: nil}
+	out[chainPrerouting] = append(out[chainPrerouting],
+		rule{chain: chainPrerouting, kind: ruleGuard, comment: floatingGuardComment, dst: setFloating},
+		rule{chain: chainPrerouting, kind: ruleDispatch, comment: dispatchComment, dst: setPreSrc})
 	for _, p := range st.Policies {
-		src, dst := sets[srcSetName(p.Name)], sets[dstSetName(p.Name)]
+		src, dst := srcSetName(p.Name), dstSetName(p.Name)
+		own := policyChainName(p.Name)
 		switch p.Mode {
 		case selector.ModeReroute:
 			mark := selector.MarkValue(cfg.MarkMask, marks[p.NextHop])
-			c := policyComment(p, mark)
-			out[policyChainName(p.Name)] = []ruleSpec{{policy: p.Name, comment: c, exprs: rerouteRule(nil, dst, cfg.MarkMask, mark)}}
-			out[chainMulti] = append(out[chainMulti], ruleSpec{policy: p.Name, comment: c, exprs: rerouteRule(src, dst, cfg.MarkMask, mark)})
+			r := rule{kind: ruleReroute, policy: p.Name, comment: policyComment(p, mark), dst: dst, mask: cfg.MarkMask, mark: mark}
+			out[own] = []rule{withChain(r, own, "")}
+			out[chainMulti] = append(out[chainMulti], withChain(r, chainMulti, src))
 		case selector.ModeDrop:
-			c := policyComment(p, 0)
-			out[policyChainName(p.Name)] = []ruleSpec{{policy: p.Name, comment: c, exprs: dropRule(nil, dst)}}
-			out[chainMulti] = append(out[chainMulti], ruleSpec{policy: p.Name, comment: c, exprs: dropRule(src, dst)})
+			r := rule{kind: ruleDrop, policy: p.Name, comment: policyComment(p, 0), dst: dst}
+			out[own] = []rule{withChain(r, own, "")}
+			out[chainMulti] = append(out[chainMulti], withChain(r, chainMulti, src))
 		case selector.ModeGateway:
-			out[chainPostrouting] = append(out[chainPostrouting], ruleSpec{policy: p.Name, comment: policyComment(p, 0), exprs: gatewayRule(src, dst, cfg.Uplink, p.EgressIP)})
+			out[chainPostrouting] = append(out[chainPostrouting], rule{chain: chainPostrouting, kind: ruleGateway, policy: p.Name,
+				comment: policyComment(p, 0), src: src, dst: dst, oif: cfg.Uplink, egress: p.EgressIP})
 		}
 	}
-	out[chainPostrouting] = append(out[chainPostrouting], ruleSpec{comment: nullBindingComment, exprs: nullBindingRule(cfg.MarkMask)})
+	out[chainPostrouting] = append(out[chainPostrouting], rule{chain: chainPostrouting, kind: ruleNullBinding, comment: nullBindingComment, mask: cfg.MarkMask})
 	return out
 }
 
-const dispatchComment = "sources of reroute and drop policies: jump to their chain"
-
-// dispatchRule: ip saddr vmap @pre-src.
-func dispatchRule(m *nftables.Set) []expr.Any {
-	return []expr.Any{
-		loadAddr(12),
-		&expr.Lookup{SourceRegister: 1, DestRegister: 0, IsDestRegSet: true, SetName: m.Name, SetID: m.ID},
-	}
+func withChain(r rule, chain, src string) rule {
+	r.chain, r.src = chain, src
+	return r
 }
+
+const dispatchComment = "sources of reroute and drop policies: jump to their chain"
 
 // normalize returns a copy of exprs comparable with what the kernel returns:
 // counters zeroed, set IDs dropped, NAT max registers defaulted.
@@ -313,46 +367,17 @@ func normalize(exprs []expr.Any) []expr.Any {
 	return out
 }
 
-// sameRules reports whether a chain of ks holds exactly want. Rules we
-// wrote ourselves are compared by what determines them: the comment (policy,
-// mode, next hop, mark, egress IP) and the sets they look up; a kernel read
-// is compared expression by expression.
-func sameRules(ks *nftState, chain string, want []ruleSpec) bool {
-	have := ks.rules[chain]
-	if !ks.ours {
-		return rulesMatch(have, want)
-	}
-	if len(have) != len(want) {
-		return false
-	}
-	for i := range want {
-		if string(have[i].UserData) != string(want[i].userData()) || !slices.Equal(lookupSets(have[i].Exprs), lookupSets(want[i].exprs)) {
-			return false
-		}
-	}
-	return true
-}
-
-func lookupSets(exprs []expr.Any) []string {
-	var out []string
-	for _, e := range exprs {
-		if l, ok := e.(*expr.Lookup); ok {
-			out = append(out, l.SetName)
-		}
-	}
-	return out
-}
-
 // rulesMatch reports whether the kernel rules of a chain are exactly want.
-func rulesMatch(have []*nftables.Rule, want []ruleSpec) bool {
+func rulesMatch(have []*nftables.Rule, want []rule) bool {
 	if len(have) != len(want) {
 		return false
 	}
+	byName := func(name string) *nftables.Set { return &nftables.Set{Name: name} }
 	for i := range want {
 		if string(have[i].UserData) != string(want[i].userData()) {
 			return false
 		}
-		if !reflect.DeepEqual(normalize(have[i].Exprs), normalize(want[i].exprs)) {
+		if !reflect.DeepEqual(normalize(have[i].Exprs), normalize(want[i].exprs(byName))) {
 			return false
 		}
 	}

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/google/nftables"
-	"golang.org/x/sys/unix"
 )
 
 // Verify compares the table in the kernel with the one this process last
@@ -19,77 +18,74 @@ import (
 // reads the kernel back and repairs it) and returns what differs; "" means
 // the kernel holds what was applied, or there is nothing to compare yet.
 func (d *Dataplane) Verify(ctx context.Context) (string, error) {
-	c, err := d.nftConn()
+	c, err := d.cfg.nftConn()
 	if err != nil {
 		return "", fmt.Errorf("nftables conn: %w", err)
 	}
-	var sets, chains []string
+	r := tableReader{c: c, name: d.cfg.Table}
+	var sets []*nftables.Set
+	var chains []*nftables.Chain
 	drift, err := d.verifyStep(func(ks *nftState) (string, error) {
-		tables, err := c.ListTablesOfFamily(nftables.TableFamilyIPv4)
-		if err != nil {
-			return "", fmt.Errorf("list tables: %w", err)
+		exists, err := r.exists()
+		if err != nil || !exists {
+			return "table " + d.cfg.Table + " is gone", err
 		}
-		if !slices.ContainsFunc(tables, func(t *nftables.Table) bool { return t.Name == d.cfg.Table }) {
-			return "table " + d.cfg.Table + " is gone", nil
+		if sets, err = r.sets(); err != nil {
+			return "", err
 		}
-		have, err := c.GetSets(d.table())
-		if err != nil {
-			return "", fmt.Errorf("list sets: %w", err)
-		}
-		for _, s := range have {
-			sets = append(sets, s.Name)
-			if want := ks.sets[s.Name]; want != nil && !setMatches(s, setSpec{name: s.Name, interval: want.Interval, verdictMap: want.IsMap}) {
+		var names []string
+		for _, s := range sets {
+			names = append(names, s.Name)
+			if want := ks.sets[s.Name]; want != nil && !setMatches(s, setDef{name: s.Name, kind: kindOf(want)}) {
 				return "set " + s.Name + " is of another kind", nil
 			}
 		}
-		slices.Sort(sets)
-		if want := slices.Sorted(maps.Keys(ks.sets)); !slices.Equal(sets, want) {
-			return fmt.Sprintf("sets differ: %d in the kernel, %d applied", len(sets), len(want)), nil
+		slices.Sort(names)
+		if want := slices.Sorted(maps.Keys(ks.sets)); !slices.Equal(names, want) {
+			return fmt.Sprintf("sets differ: %d in the kernel, %d applied", len(names), len(want)), nil
 		}
-		all, err := c.ListChainsOfTableFamily(nftables.TableFamilyIPv4)
-		if err != nil {
-			return "", fmt.Errorf("list chains: %w", err)
+		if chains, err = r.chains(); err != nil {
+			return "", err
 		}
-		for _, ch := range all {
-			if ch.Table != nil && ch.Table.Name == d.cfg.Table {
-				chains = append(chains, ch.Name)
-				if want := ks.chains[ch.Name]; want != nil && !chainMatches(ch, want) {
-					return "chain " + ch.Name + " has another type, hook, priority or policy", nil
-				}
+		names = nil
+		for _, ch := range chains {
+			names = append(names, ch.Name)
+			if want, ok := ks.defs[ch.Name]; ok && !chainMatches(ch, want) {
+				return "chain " + ch.Name + " has another type, hook, priority or policy", nil
 			}
 		}
-		slices.Sort(chains)
-		if want := slices.Sorted(maps.Keys(ks.chains)); !slices.Equal(chains, want) {
-			return fmt.Sprintf("chains differ: %v in the kernel, %v applied", chains, want), nil
+		if want := slices.Sorted(maps.Keys(ks.chains)); !slices.Equal(names, want) {
+			return fmt.Sprintf("chains differ: %v in the kernel, %v applied", names, want), nil
 		}
 		return "", nil
 	})
 	if drift != "" || err != nil {
 		return drift, err
 	}
-	for _, name := range sets {
+	for _, s := range sets {
 		if err := ctx.Err(); err != nil {
 			return "", err
 		}
 		drift, err := d.verifyStep(func(ks *nftState) (string, error) {
-			s := ks.sets[name]
-			if s == nil {
+			name := s.Name
+			want := ks.sets[name]
+			if want == nil {
 				return "", nil // removed by an apply meanwhile
 			}
-			el, err := c.GetSetElements(s)
-			if errors.Is(err, unix.ENOENT) {
+			el, err := r.elements(s)
+			if errors.Is(err, errNotFound) {
 				return "set " + name + " is gone", nil
 			}
 			if err != nil {
-				return "", fmt.Errorf("list set %s: %w", name, err)
+				return "", err
 			}
 			same := false
 			switch {
-			case s.IsMap:
+			case want.IsMap:
 				// Every element must be one of our jumps: an element with
 				// another verdict does not decode and would go unseen.
 				same = len(el) == len(ks.jumpMap()) && maps.Equal(elemJumps(el), ks.jumpMap())
-			case s.Interval:
+			case want.Interval:
 				same = slices.Equal(elemRanges(el), elemRanges(ks.elems[name]))
 			case name == setFloating:
 				same = slices.Equal(elemAddrs(el), elemAddrs(ks.elems[name]))
@@ -105,24 +101,23 @@ func (d *Dataplane) Verify(ctx context.Context) (string, error) {
 			return drift, err
 		}
 	}
-	for _, name := range chains {
+	for _, ch := range chains {
 		if err := ctx.Err(); err != nil {
 			return "", err
 		}
 		drift, err := d.verifyStep(func(ks *nftState) (string, error) {
-			ch := ks.chains[name]
-			if ch == nil || ks.specs == nil {
+			if _, ok := ks.chains[ch.Name]; !ok || ks.specs == nil {
 				return "", nil
 			}
-			rules, err := c.GetRules(d.table(), ch)
-			if errors.Is(err, unix.ENOENT) {
-				return "chain " + name + " is gone", nil
+			rules, err := r.rules(ch)
+			if errors.Is(err, errNotFound) {
+				return "chain " + ch.Name + " is gone", nil
 			}
 			if err != nil {
-				return "", fmt.Errorf("list rules %s: %w", name, err)
+				return "", err
 			}
-			if !rulesMatch(rules, ks.specs[name]) {
-				return "rules of chain " + name + " differ", nil
+			if !rulesMatch(rules, ks.specs[ch.Name]) {
+				return "rules of chain " + ch.Name + " differ", nil
 			}
 			return "", nil
 		})
@@ -142,12 +137,12 @@ func (d *Dataplane) verifyStep(check func(ks *nftState) (string, error)) (string
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.nftCache == nil {
+	if d.nf.cache == nil {
 		return "", nil
 	}
-	drift, err := check(d.nftCache)
+	drift, err := check(d.nf.cache)
 	if drift != "" {
-		d.nftCache = nil
+		d.nf.cache = nil
 	}
 	return drift, err
 }

@@ -17,9 +17,13 @@ import (
 )
 
 // newNetNS makes a network namespace "enat-ctl-<pid>" with a veth uplink
-// eth0 192.0.2.12/24, removed when the test ends. It skips unless root.
+// eth0 192.0.2.12/24, removed when the test ends. It skips under -short
+// and unless root.
 func newNetNS(t *testing.T) (name string, fd int) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("needs root, a network namespace and kernel nftables (skipped under -short)")
+	}
 	if os.Geteuid() != 0 {
 		t.Skip("needs root for a network namespace")
 	}

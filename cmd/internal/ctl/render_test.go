@@ -161,12 +161,3 @@ func TestPolicyOfComment(t *testing.T) {
 		}
 	}
 }
-
-func TestMarkCapacity(t *testing.T) {
-	if got := markCapacity(0x3f00); got != 63 {
-		t.Errorf("markCapacity(0x3f00) = %d", got)
-	}
-	if got := markCapacity(0xffff0000); got != 255 {
-		t.Errorf("markCapacity(0xffff0000) = %d", got)
-	}
-}

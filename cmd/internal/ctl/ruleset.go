@@ -12,6 +12,8 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/egressnat/egressnat/nft"
+	"github.com/egressnat/egressnat/selector"
 	"github.com/google/nftables"
 	"github.com/google/nftables/userdata"
 	"github.com/vishvananda/netlink"
@@ -79,31 +81,15 @@ type PolicyCounter struct {
 // ReadRuleset reads the agent's table, ip rules and routes from the kernel.
 // It needs CAP_NET_ADMIN.
 func ReadRuleset(ctx context.Context, o RulesetOptions) (*Ruleset, error) {
-	var opts []nftables.ConnOption
-	if o.NetNSFd > 0 {
-		opts = append(opts, nftables.WithNetNSFd(o.NetNSFd))
-	}
-	c, err := nftables.New(opts...)
-	if err != nil {
-		return nil, fmt.Errorf("nftables: %w", err)
-	}
 	rs := &Ruleset{Table: o.Table, Chains: []ChainDump{}, Sets: []SetDump{}, Counters: []PolicyCounter{},
 		IPRules: []string{}, Routes: []string{}, RulePriority: o.RulePriority,
-		FirstTable: o.RouteTableBase + 1, LastTable: o.RouteTableBase + markCapacity(o.MarkMask)}
-	tables, err := c.ListTablesOfFamily(nftables.TableFamilyIPv4)
+		FirstTable: o.RouteTableBase + 1, LastTable: o.RouteTableBase + selector.MarkCapacity(o.MarkMask)}
+	t, err := nft.ReadTable(ctx, o.NetNSFd, o.Table)
 	if err != nil {
-		return nil, permissionHint(fmt.Errorf("list nftables tables: %w", err))
+		return nil, permissionHint(fmt.Errorf("read nftables table %s: %w", o.Table, err))
 	}
-	for _, t := range tables {
-		if t.Name == o.Table {
-			rs.Exists = true
-		}
-	}
-	if rs.Exists {
-		if err := readTable(ctx, c, o.Table, rs); err != nil {
-			return nil, err
-		}
-	}
+	rs.Exists = t.Exists
+	renderTable(t, rs)
 	if err := readRouting(o, rs); err != nil {
 		return nil, err
 	}
@@ -117,18 +103,13 @@ func permissionHint(err error) error {
 	return err
 }
 
-func readTable(ctx context.Context, c *nftables.Conn, name string, rs *Ruleset) error {
-	t := &nftables.Table{Name: name, Family: nftables.TableFamilyIPv4}
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyIPv4)
-	if err != nil {
-		return fmt.Errorf("list chains: %w", err)
-	}
+// renderTable renders a read of the table: chains with their rules, sets
+// with their elements, and the counters of each policy's rules.
+func renderTable(t *nft.Table, rs *Ruleset) {
 	counters := map[[2]string]*PolicyCounter{}
 	var order [][2]string
-	for _, ch := range chains {
-		if ch.Table == nil || ch.Table.Name != name {
-			continue
-		}
+	for _, tc := range t.Chains {
+		ch := tc.Chain
 		cd := ChainDump{Name: ch.Name, Type: string(ch.Type), Rules: []RuleDump{}}
 		if ch.Hooknum != nil {
 			cd.Hook = hookName(*ch.Hooknum)
@@ -142,11 +123,7 @@ func readTable(ctx context.Context, c *nftables.Conn, name string, rs *Ruleset) 
 				cd.Policy = "drop"
 			}
 		}
-		rules, err := c.GetRules(t, ch)
-		if err != nil {
-			return fmt.Errorf("list rules of chain %s: %w", ch.Name, err)
-		}
-		for _, r := range rules {
+		for _, r := range tc.Rules {
 			comment, _ := userdata.GetString(r.UserData, userdata.TypeComment)
 			cd.Rules = append(cd.Rules, RuleDump{Handle: r.Handle, Text: RenderRule(r.Exprs), Comment: comment})
 			if pol, mode, ok := PolicyOfComment(comment); ok {
@@ -162,26 +139,12 @@ func readTable(ctx context.Context, c *nftables.Conn, name string, rs *Ruleset) 
 		}
 		rs.Chains = append(rs.Chains, cd)
 	}
-	slices.SortFunc(rs.Chains, func(a, b ChainDump) int { return strings.Compare(a.Name, b.Name) })
 	for _, k := range order {
 		rs.Counters = append(rs.Counters, *counters[k])
 	}
-	sets, err := c.GetSets(t)
-	if err != nil {
-		return fmt.Errorf("list sets: %w", err)
+	for _, ts := range t.Sets {
+		rs.Sets = append(rs.Sets, SetDump{Name: ts.Set.Name, Interval: ts.Set.Interval, Elements: RenderElements(ts.Elements, ts.Set.Interval)})
 	}
-	for _, s := range sets {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		el, err := c.GetSetElements(s)
-		if err != nil {
-			return fmt.Errorf("list elements of set %s: %w", s.Name, err)
-		}
-		rs.Sets = append(rs.Sets, SetDump{Name: s.Name, Interval: s.Interval, Elements: RenderElements(el, s.Interval)})
-	}
-	slices.SortFunc(rs.Sets, func(a, b SetDump) int { return strings.Compare(a.Name, b.Name) })
-	return nil
 }
 
 func hookName(h nftables.ChainHook) string {
@@ -198,19 +161,6 @@ func hookName(h nftables.ChainHook) string {
 		return "postrouting"
 	}
 	return fmt.Sprintf("hook%d", h)
-}
-
-// markCapacity is how many distinct non-zero values fit in mask's bits
-// (the agent's next hop limit), capped at 255.
-func markCapacity(mask uint32) int {
-	bits := 0
-	for m := mask; m != 0; m &= m - 1 {
-		bits++
-	}
-	if bits >= 8 {
-		return 255
-	}
-	return 1<<bits - 1
 }
 
 func netlinkHandle(fd int) (*netlink.Handle, error) {

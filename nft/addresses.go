@@ -1,14 +1,12 @@
 package nft
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -24,6 +22,16 @@ var (
 
 // GratuitousARPs is how many frames announce one floating IP.
 func GratuitousARPs() int { return garpCount }
+
+// addresses owns the floating IPs on the uplink and their gratuitous ARP.
+type addresses struct {
+	cfg Config
+	log *zap.Logger
+	// announced: floating IPs announced by this process.
+	announced map[netip.Addr]bool
+	wg        *sync.WaitGroup
+	done      <-chan struct{}
+}
 
 // uplinkAddrs lists the IPv4 addresses on the uplink, by address.
 func uplinkAddrs(h *netlink.Handle, link netlink.Link) (map[netip.Addr]netlink.Addr, error) {
@@ -46,7 +54,7 @@ func addrFor(p netip.Prefix) *netlink.Addr {
 
 // addFloating adds the floating IPs that are missing on the uplink and
 // returns the ones it added.
-func (d *Dataplane) addFloating(h *netlink.Handle, link netlink.Link, have map[netip.Addr]netlink.Addr, want []netip.Prefix, res *Result) ([]netip.Addr, error) {
+func (ad *addresses) add(h *netlink.Handle, link netlink.Link, have map[netip.Addr]netlink.Addr, want []netip.Prefix, res *Result) ([]netip.Addr, error) {
 	var added []netip.Addr
 	for _, p := range want {
 		if _, ok := have[p.Addr()]; ok {
@@ -57,13 +65,13 @@ func (d *Dataplane) addFloating(h *netlink.Handle, link netlink.Link, have map[n
 		}
 		added = append(added, p.Addr())
 		res.AddrsAdded++
-		d.log.Info("floating ip added", zap.Stringer("ip", p), zap.String("uplink", link.Attrs().Name))
+		ad.log.Info("floating ip added", zap.Stringer("ip", p), zap.String("uplink", link.Attrs().Name))
 	}
 	return added, nil
 }
 
 // removeFloating deletes the given addresses from the uplink.
-func (d *Dataplane) removeFloating(h *netlink.Handle, link netlink.Link, have map[netip.Addr]netlink.Addr, ips []netip.Addr, res *Result) error {
+func (ad *addresses) remove(h *netlink.Handle, link netlink.Link, have map[netip.Addr]netlink.Addr, ips []netip.Addr, res *Result) error {
 	var errs []error
 	for _, ip := range ips {
 		a, ok := have[ip]
@@ -75,7 +83,7 @@ func (d *Dataplane) removeFloating(h *netlink.Handle, link netlink.Link, have ma
 			continue
 		}
 		res.AddrsDeleted++
-		d.log.Info("floating ip removed", zap.Stringer("ip", ip), zap.String("uplink", link.Attrs().Name))
+		ad.log.Info("floating ip removed", zap.Stringer("ip", ip), zap.String("uplink", link.Attrs().Name))
 	}
 	return errors.Join(errs...)
 }
@@ -105,9 +113,9 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 // garpSocket opens an AF_PACKET socket bound to the uplink, in the
 // configured network namespace.
-func (d *Dataplane) garpSocket(ifindex int) (int, error) {
+func (ad *addresses) garpSocket(ifindex int) (int, error) {
 	fd := -1
-	err := d.inNetNS(func() error {
+	err := ad.cfg.inNetNS(func() error {
 		var err error
 		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(ethPARP)))
 		return err
@@ -133,7 +141,7 @@ func (d *Dataplane) garpSocket(ifindex int) (int, error) {
 // announce sends gratuitous ARP for ips on the uplink: the first round now,
 // the others from a goroutine that stops when ctx ends or the Dataplane
 // closes.
-func (d *Dataplane) announce(ctx context.Context, link netlink.Link, ips []netip.Addr) error {
+func (ad *addresses) announce(ctx context.Context, link netlink.Link, ips []netip.Addr) error {
 	if len(ips) == 0 {
 		return nil
 	}
@@ -141,7 +149,7 @@ func (d *Dataplane) announce(ctx context.Context, link netlink.Link, ips []netip
 	if len(attrs.HardwareAddr) != 6 {
 		return fmt.Errorf("garp on %s: no ethernet address", attrs.Name)
 	}
-	fd, err := d.garpSocket(attrs.Index)
+	fd, err := ad.garpSocket(attrs.Index)
 	if err != nil {
 		return fmt.Errorf("garp socket on %s: %w", attrs.Name, err)
 	}
@@ -165,11 +173,11 @@ func (d *Dataplane) announce(ctx context.Context, link netlink.Link, ips []netip
 		return err
 	}
 	for _, ip := range ips {
-		d.log.Info("gratuitous arp sent", zap.Stringer("ip", ip), zap.String("uplink", attrs.Name))
+		ad.log.Info("gratuitous arp sent", zap.Stringer("ip", ip), zap.String("uplink", attrs.Name))
 	}
-	d.wg.Add(1)
+	ad.wg.Add(1)
 	go func() {
-		defer d.wg.Done()
+		defer ad.wg.Done()
 		defer unix.Close(fd)
 		t := time.NewTicker(garpInterval)
 		defer t.Stop()
@@ -177,49 +185,14 @@ func (d *Dataplane) announce(ctx context.Context, link netlink.Link, ips []netip
 			select {
 			case <-ctx.Done():
 				return
-			case <-d.done:
+			case <-ad.done:
 				return
 			case <-t.C:
 			}
 			if err := send(); err != nil {
-				d.log.Warn("gratuitous arp failed", zap.Error(err))
+				ad.log.Warn("gratuitous arp failed", zap.Error(err))
 			}
 		}
 	}()
 	return nil
-}
-
-// gatewaySysctls are the settings a gateway node needs: no ICMP redirects
-// (they would send pods' traffic past the gateway) and liberal TCP window
-// tracking, so that a flow conntrack picks up mid-stream after a failover is
-// never marked invalid for a window it did not see open.
-func (d *Dataplane) gatewaySysctls() map[string]string {
-	return map[string]string{
-		"/proc/sys/net/ipv4/conf/all/send_redirects":                             "0",
-		filepath.Join("/proc/sys/net/ipv4/conf", d.cfg.Uplink, "send_redirects"): "0",
-		"/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal":                    "1",
-	}
-}
-
-// disableRedirects writes the gateway sysctls that differ and returns how
-// many values it changed.
-func (d *Dataplane) disableRedirects() (int, error) {
-	changed := 0
-	err := d.inNetNS(func() error {
-		for path, want := range d.gatewaySysctls() {
-			cur, err := os.ReadFile(path)
-			if err != nil {
-				return fmt.Errorf("read %s: %w", path, err)
-			}
-			if string(bytes.TrimSpace(cur)) == want {
-				continue
-			}
-			if err := os.WriteFile(path, []byte(want+"\n"), 0o644); err != nil {
-				return fmt.Errorf("write %s: %w", path, err)
-			}
-			changed++
-		}
-		return nil
-	})
-	return changed, err
 }

@@ -1,10 +1,13 @@
 package nft
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 
 	"github.com/vishvananda/netlink"
@@ -14,6 +17,14 @@ import (
 	"github.com/egressnat/egressnat/selector"
 )
 
+// routing owns the policy routing: the fwmark ip rules at our priority and
+// the route tables they point to (one per next hop), and the sysctls a
+// gateway needs.
+type routing struct {
+	cfg Config
+	log *zap.Logger
+}
+
 // routeState is the policy routing egressnat holds in the kernel.
 type routeState struct {
 	rules  []netlink.Rule          // fwmark rules at our priority into our tables
@@ -21,12 +32,12 @@ type routeState struct {
 	owners map[netip.Addr]int      // next hop -> index, from default routes via the uplink
 }
 
-func (d *Dataplane) tableFor(index int) int { return d.cfg.RouteTableBase + index }
+func (rt routing) tableFor(index int) int { return rt.cfg.RouteTableBase + index }
 
 // ourTable reports whether table is one of ours and its index.
-func (d *Dataplane) ourTable(table int) (int, bool) {
-	idx := table - d.cfg.RouteTableBase
-	return idx, idx >= 1 && idx <= selector.MarkCapacity(d.cfg.MarkMask)
+func (rt routing) ourTable(table int) (int, bool) {
+	idx := table - rt.cfg.RouteTableBase
+	return idx, idx >= 1 && idx <= selector.MarkCapacity(rt.cfg.MarkMask)
 }
 
 func retryDump[T any](f func() (T, error)) (T, error) {
@@ -49,16 +60,16 @@ func isDefault(dst *net.IPNet) bool {
 	return ones == 0 && dst.IP.IsUnspecified()
 }
 
-func (d *Dataplane) readRoutes(h *netlink.Handle, uplinkIndex int) (*routeState, error) {
+func (rt routing) read(h *netlink.Handle, uplinkIndex int) (*routeState, error) {
 	rs := &routeState{routes: map[int][]netlink.Route{}, owners: map[netip.Addr]int{}}
 	rules, err := retryDump(func() ([]netlink.Rule, error) {
-		return h.RuleListFiltered(netlink.FAMILY_V4, &netlink.Rule{Priority: d.cfg.RulePriority}, netlink.RT_FILTER_PRIORITY)
+		return h.RuleListFiltered(netlink.FAMILY_V4, &netlink.Rule{Priority: rt.cfg.RulePriority}, netlink.RT_FILTER_PRIORITY)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("list ip rules: %w", err)
 	}
 	for _, r := range rules {
-		if _, ok := d.ourTable(r.Table); ok {
+		if _, ok := rt.ourTable(r.Table); ok {
 			rs.rules = append(rs.rules, r)
 		}
 	}
@@ -69,7 +80,7 @@ func (d *Dataplane) readRoutes(h *netlink.Handle, uplinkIndex int) (*routeState,
 		return nil, fmt.Errorf("list routes: %w", err)
 	}
 	for _, r := range routes {
-		idx, ok := d.ourTable(r.Table)
+		idx, ok := rt.ourTable(r.Table)
 		if !ok {
 			continue
 		}
@@ -85,10 +96,10 @@ func (d *Dataplane) readRoutes(h *netlink.Handle, uplinkIndex int) (*routeState,
 	return rs, nil
 }
 
-func (d *Dataplane) wantRoute(index int, nh netip.Addr, uplinkIndex int) *netlink.Route {
+func (rt routing) wantRoute(index int, nh netip.Addr, uplinkIndex int) *netlink.Route {
 	return &netlink.Route{
 		Family:    netlink.FAMILY_V4,
-		Table:     d.tableFor(index),
+		Table:     rt.tableFor(index),
 		Dst:       &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)},
 		Gw:        net.IP(nh.AsSlice()),
 		LinkIndex: uplinkIndex,
@@ -98,14 +109,14 @@ func (d *Dataplane) wantRoute(index int, nh netip.Addr, uplinkIndex int) *netlin
 	}
 }
 
-func (d *Dataplane) wantRule(index int) *netlink.Rule {
+func (rt routing) wantRule(index int) *netlink.Rule {
 	r := netlink.NewRule()
 	r.Family = netlink.FAMILY_V4
-	r.Priority = d.cfg.RulePriority
-	r.Mark = selector.MarkValue(d.cfg.MarkMask, index)
-	mask := d.cfg.MarkMask
+	r.Priority = rt.cfg.RulePriority
+	r.Mark = selector.MarkValue(rt.cfg.MarkMask, index)
+	mask := rt.cfg.MarkMask
 	r.Mask = &mask
-	r.Table = d.tableFor(index)
+	r.Table = rt.tableFor(index)
 	return r
 }
 
@@ -124,7 +135,7 @@ func ruleMatches(r netlink.Rule, want *netlink.Rule) bool {
 
 // addRoutes adds or repoints the default route of every wanted table and adds
 // the missing fwmark rules. It removes nothing.
-func (d *Dataplane) addRoutes(h *netlink.Handle, rs *routeState, marks map[netip.Addr]int, uplinkIndex int, res *Result) error {
+func (rt routing) add(h *netlink.Handle, rs *routeState, marks map[netip.Addr]int, uplinkIndex int, res *Result) error {
 	nhs := make([]netip.Addr, 0, len(marks))
 	for nh := range marks {
 		nhs = append(nhs, nh)
@@ -132,7 +143,7 @@ func (d *Dataplane) addRoutes(h *netlink.Handle, rs *routeState, marks map[netip
 	slices.SortFunc(nhs, netip.Addr.Compare)
 	for _, nh := range nhs {
 		idx := marks[nh]
-		table := d.tableFor(idx)
+		table := rt.tableFor(idx)
 		ok := false
 		for _, r := range rs.routes[table] {
 			if routeMatches(r, nh, uplinkIndex) {
@@ -140,13 +151,13 @@ func (d *Dataplane) addRoutes(h *netlink.Handle, rs *routeState, marks map[netip
 			}
 		}
 		if !ok {
-			if err := h.RouteReplace(d.wantRoute(idx, nh, uplinkIndex)); err != nil {
+			if err := h.RouteReplace(rt.wantRoute(idx, nh, uplinkIndex)); err != nil {
 				return fmt.Errorf("add route table %d via %s: %w", table, nh, err)
 			}
 			res.RoutesChanged++
-			d.log.Info("route added", zap.Int("table", table), zap.Stringer("gateway", nh))
+			rt.log.Info("route added", zap.Int("table", table), zap.Stringer("gateway", nh))
 		}
-		want := d.wantRule(idx)
+		want := rt.wantRule(idx)
 		found := false
 		for _, r := range rs.rules {
 			if ruleMatches(r, want) {
@@ -158,7 +169,7 @@ func (d *Dataplane) addRoutes(h *netlink.Handle, rs *routeState, marks map[netip
 				return fmt.Errorf("add ip rule fwmark %#x table %d: %w", want.Mark, table, err)
 			}
 			res.IPRulesChanged++
-			d.log.Info("ip rule added", zap.Int("table", table), zap.String("mark", fmt.Sprintf("%#x", want.Mark)), zap.Stringer("gateway", nh))
+			rt.log.Info("ip rule added", zap.Int("table", table), zap.String("mark", fmt.Sprintf("%#x", want.Mark)), zap.Stringer("gateway", nh))
 		}
 	}
 	return nil
@@ -166,15 +177,15 @@ func (d *Dataplane) addRoutes(h *netlink.Handle, rs *routeState, marks map[netip
 
 // removeStaleRoutes deletes our rules and routes that the wanted marks do not
 // use. Call it after the nftables rules stopped producing the stale marks.
-func (d *Dataplane) removeStaleRoutes(h *netlink.Handle, rs *routeState, marks map[netip.Addr]int, uplinkIndex int, res *Result) error {
+func (rt routing) removeStale(h *netlink.Handle, rs *routeState, marks map[netip.Addr]int, uplinkIndex int, res *Result) error {
 	wantTable := map[int]netip.Addr{}
 	for nh, idx := range marks {
-		wantTable[d.tableFor(idx)] = nh
+		wantTable[rt.tableFor(idx)] = nh
 	}
 	var errs []error
 	for _, r := range rs.rules {
-		idx, _ := d.ourTable(r.Table)
-		if _, ok := wantTable[r.Table]; ok && ruleMatches(r, d.wantRule(idx)) {
+		idx, _ := rt.ourTable(r.Table)
+		if _, ok := wantTable[r.Table]; ok && ruleMatches(r, rt.wantRule(idx)) {
 			continue
 		}
 		if err := h.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
@@ -182,7 +193,7 @@ func (d *Dataplane) removeStaleRoutes(h *netlink.Handle, rs *routeState, marks m
 			continue
 		}
 		res.IPRulesChanged++
-		d.log.Info("ip rule deleted", zap.Int("table", r.Table), zap.String("mark", fmt.Sprintf("%#x", r.Mark)))
+		rt.log.Info("ip rule deleted", zap.Int("table", r.Table), zap.String("mark", fmt.Sprintf("%#x", r.Mark)))
 	}
 	tables := make([]int, 0, len(rs.routes))
 	for t := range rs.routes {
@@ -203,8 +214,43 @@ func (d *Dataplane) removeStaleRoutes(h *netlink.Handle, rs *routeState, marks m
 				continue
 			}
 			res.RoutesChanged++
-			d.log.Info("route deleted", zap.Int("table", table), zap.Stringer("route", r))
+			rt.log.Info("route deleted", zap.Int("table", table), zap.Stringer("route", r))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// gatewaySysctls are the settings a gateway node needs: no ICMP redirects
+// (they would send pods' traffic past the gateway) and liberal TCP window
+// tracking, so that a flow conntrack picks up mid-stream after a failover is
+// never marked invalid for a window it did not see open.
+func (rt routing) gatewaySysctls() map[string]string {
+	return map[string]string{
+		"/proc/sys/net/ipv4/conf/all/send_redirects":                              "0",
+		filepath.Join("/proc/sys/net/ipv4/conf", rt.cfg.Uplink, "send_redirects"): "0",
+		"/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal":                     "1",
+	}
+}
+
+// gatewaySettings writes the gateway sysctls that differ and returns how
+// many values it changed.
+func (rt routing) gatewaySettings() (int, error) {
+	changed := 0
+	err := rt.cfg.inNetNS(func() error {
+		for path, want := range rt.gatewaySysctls() {
+			cur, err := os.ReadFile(path)
+			if err != nil {
+				return fmt.Errorf("read %s: %w", path, err)
+			}
+			if string(bytes.TrimSpace(cur)) == want {
+				continue
+			}
+			if err := os.WriteFile(path, []byte(want+"\n"), 0o644); err != nil {
+				return fmt.Errorf("write %s: %w", path, err)
+			}
+			changed++
+		}
+		return nil
+	})
+	return changed, err
 }

@@ -28,9 +28,6 @@ type Group struct {
 	FloatingIPs []netip.Addr
 }
 
-// Key returns "namespace/name", the key ResolvePolicy looks groups up by.
-func (g Group) Key() string { return g.Namespace + "/" + g.Name }
-
 // Assign returns, for every floating IP of every group, the name of the node
 // holding it. An IP that no node can hold is absent.
 //

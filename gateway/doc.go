@@ -1,6 +1,7 @@
 // Package gateway is the operator's pure decision logic: which node holds
 // which floating IP of the NetworkGatewayGroups, whether a node is Up, the
-// status a group reports and how an EgressNATPolicy's gatewayRef resolves.
+// status a group reports and how an EgressNATPolicy's gatewayRef resolves
+// (by selector.Decide, the rule the agents apply too).
 //
 // Nothing here talks to the API server or the kernel; every function is
 // deterministic and its output depends only on its arguments.

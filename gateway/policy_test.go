@@ -9,9 +9,11 @@ import (
 
 func TestResolvePolicy(t *testing.T) {
 	groups := map[string]Group{
-		"kube-system/gw":    seedGroup,
-		"kube-system/empty": {Namespace: "kube-system", Name: "empty"},
-		"kube-system/bad":   {Namespace: "kube-system", Name: "bad", FloatingIPs: []netip.Addr{{}}},
+		"kube-system/gw":     seedGroup,
+		"kube-system/empty":  {Namespace: "kube-system", Name: "empty"},
+		"kube-system/bad":    {Namespace: "kube-system", Name: "bad", FloatingIPs: []netip.Addr{{}}},
+		"kube-system/v6":     {Namespace: "kube-system", Name: "v6", FloatingIPs: ips("2001:db8::1", "192.168.1.100")},
+		"kube-system/mapped": {Namespace: "kube-system", Name: "mapped", FloatingIPs: []netip.Addr{netip.AddrFrom16(ip("192.168.1.100").As16())}},
 	}
 	held := a("192.168.1.100", "worker1")
 	cases := []struct {
@@ -86,8 +88,27 @@ func TestResolvePolicy(t *testing.T) {
 			ref:  v1.GatewayRef{Namespace: "kube-system", Name: "bad"},
 			asg:  held,
 			want: Resolution{
-				AcceptedReason: v1.ReasonNoFloatingIP, AcceptedMessage: "the first floating IP of NetworkGatewayGroup kube-system/bad is not a valid IPv4 address",
-				ReadyReason: v1.ReasonNoFloatingIP, ReadyMessage: "policy is not applied: the first floating IP of NetworkGatewayGroup kube-system/bad is not a valid IPv4 address",
+				AcceptedReason: v1.ReasonNoFloatingIP, AcceptedMessage: `the first floating IP of NetworkGatewayGroup kube-system/bad, "", is not an IPv4 address`,
+				ReadyReason: v1.ReasonNoFloatingIP, ReadyMessage: `policy is not applied: the first floating IP of NetworkGatewayGroup kube-system/bad, "", is not an IPv4 address`,
+			},
+		},
+		{
+			name: "IPv6 first floating IP",
+			ref:  v1.GatewayRef{Namespace: "kube-system", Name: "v6"},
+			asg:  held,
+			want: Resolution{
+				AcceptedReason: v1.ReasonNoFloatingIP, AcceptedMessage: `the first floating IP of NetworkGatewayGroup kube-system/v6, "2001:db8::1", is not an IPv4 address`,
+				ReadyReason: v1.ReasonNoFloatingIP, ReadyMessage: `policy is not applied: the first floating IP of NetworkGatewayGroup kube-system/v6, "2001:db8::1", is not an IPv4 address`,
+			},
+		},
+		{
+			name: "IPv4-mapped first floating IP: its IPv4 form is looked up",
+			ref:  v1.GatewayRef{Namespace: "kube-system", Name: "mapped"},
+			asg:  held,
+			want: Resolution{
+				Accepted: true, AcceptedReason: v1.ReasonAccepted, AcceptedMessage: "egress IP 192.168.1.100 of NetworkGatewayGroup kube-system/mapped",
+				Ready: true, ReadyReason: v1.ReasonApplied, ReadyMessage: "node worker1 holds egress IP 192.168.1.100",
+				EgressIP: ip("192.168.1.100"), Node: "worker1",
 			},
 		},
 	}

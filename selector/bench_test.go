@@ -124,7 +124,7 @@ func BenchmarkDesired(b *testing.B) {
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			in := benchInput(bc.held)
-			st, warns, err := DesiredWithWarnings(in)
+			st, warns, err := selDesired(in)
 			if err != nil || len(warns) != 0 || len(st.Policies) != 1000 {
 				b.Fatalf("policies %d, warnings %q, err %v", len(st.Policies), warns, err)
 			}

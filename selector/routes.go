@@ -54,24 +54,6 @@ func MarkValue(mask uint32, index int) uint32 {
 	return v
 }
 
-// MarkIndex is the inverse of MarkValue: it gathers the bits of mark under
-// mask. It returns 0 when mark carries no bit of mask or the index is out of
-// range.
-func MarkIndex(mask, mark uint32) int {
-	var idx, bit uint32 = 0, 1
-	for m := mask; m != 0; m &= m - 1 {
-		low := m & -m
-		if mark&low != 0 {
-			idx |= bit
-		}
-		bit <<= 1
-	}
-	if int(idx) > MarkCapacity(mask) {
-		return 0
-	}
-	return int(idx)
-}
-
 // NextHops returns the distinct next hops of the ModeReroute policies of
 // state, sorted.
 func NextHops(state NodeState) []netip.Addr {

@@ -23,7 +23,7 @@ func assign(kv ...any) map[netip.Addr]int {
 	return m
 }
 
-func TestMarkValueIndex(t *testing.T) {
+func TestMarkValue(t *testing.T) {
 	tests := []struct {
 		mask  uint32
 		index int
@@ -48,17 +48,6 @@ func TestMarkValueIndex(t *testing.T) {
 		if got != tt.want {
 			t.Errorf("MarkValue(%#x, %d) = %#x, want %#x", tt.mask, tt.index, got, tt.want)
 		}
-		if tt.want != 0 {
-			if back := MarkIndex(tt.mask, got); back != tt.index {
-				t.Errorf("MarkIndex(%#x, %#x) = %d, want %d", tt.mask, got, back, tt.index)
-			}
-		}
-	}
-	if got := MarkIndex(0x3f00, 0x4000); got != 0 {
-		t.Errorf("MarkIndex of a bit outside the mask = %d, want 0", got)
-	}
-	if got := MarkIndex(0x3f00, 0xc100); got != 1 {
-		t.Errorf("MarkIndex ignores bits outside the mask: got %d, want 1", got)
 	}
 	for mask, want := range map[uint32]int{0: 0, 0x100: 1, 0x3f00: 63, 0xffff0000: 65535, 0xffffffff: 65535} {
 		if got := MarkCapacity(mask); got != want {

@@ -39,43 +39,31 @@ type Input struct {
 	// LocalSubnets are this node's uplink subnets; a held floating IP is
 	// added with the prefix length of the subnet containing it.
 	LocalSubnets []netip.Prefix
-	// FallbackToNodeIP: when no node holds a policy's egress IP, leave the
-	// policy out (traffic keeps the node IP) instead of ModeDrop.
+	// FallbackToNodeIP: when this node cannot reach a holder of a policy's
+	// egress IP, leave the policy out (traffic keeps the node IP) instead of
+	// ModeDrop; see Decide.
 	FallbackToNodeIP bool
 }
 
-// Desired computes the state this node should apply. It is
-// DesiredWithWarnings without the warnings.
+// Desired computes the state this node should apply. Policies whose spec
+// does not parse, duplicate policy names, gateways whose first floating IP
+// is not IPv4 and floating IPs held by this node that lie in no local subnet
+// are skipped; NewTracker returns warnings about them. The error is only for
+// an unusable Input (no node name). The output depends only on in: the same
+// input gives an equal NodeState.
+//
+// Each policy is decided by Decide, with the holders of its group's
+// status.floatingIPs, NodeIPs as next hops and FallbackToNodeIP. Sources
+// are the selected pods of the whole cluster in ModeGateway (traffic
+// arrives from other nodes), the selected pods on this node otherwise.
 func Desired(in Input) (NodeState, error) {
-	st, _, err := DesiredWithWarnings(in)
+	st, _, _, err := desired(in)
 	return st, err
 }
 
-// DesiredWithWarnings computes the state this node should apply, and
-// warnings about what it skipped: policies whose spec does not parse,
-// duplicate policy names, gateways whose first floating IP does not parse,
-// and floating IPs held by this node that lie in no local subnet. Skipped
-// items do not make an error; the error is only for an unusable Input (no
-// node name). The output depends only on in: the same input gives an equal
-// NodeState and the same warnings, in the same order.
-//
-// A policy is applied when its gatewayRef names a group with at least one
-// floating IP. Its EgressIP is the group's first spec floating IP, held by
-// the node named in the group's status.floatingIPs:
-//
-//   - held by this node: ModeGateway, Sources are the selected pods of the
-//     whole cluster;
-//   - held by another node whose IP is in NodeIPs: ModeReroute with that
-//     NextHop, Sources are the selected pods on this node;
-//   - otherwise: ModeDrop with the selected pods on this node, or the policy
-//     is left out when FallbackToNodeIP is set.
-func DesiredWithWarnings(in Input) (NodeState, []string, error) {
-	st, warn, _, err := desired(in)
-	return st, warn, err
-}
-
-// desired is DesiredWithWarnings, also returning each applied policy
-// compiled, in the order of st.Policies.
+// desired is Desired, also returning the warnings and each applied policy
+// compiled, in the order of st.Policies. The warnings come in a fixed
+// order.
 func desired(in Input) (NodeState, []string, []*CompiledPolicy, error) {
 	if in.Node == "" {
 		return NodeState{}, nil, nil, errors.New("selector: Input.Node is empty")
@@ -104,7 +92,7 @@ func desired(in Input) (NodeState, []string, []*CompiledPolicy, error) {
 
 	ev := newEvaluator(in)
 	var compiled []*CompiledPolicy
-	egress := map[string]gatewayInfo{} // by group key, computed once
+	warned := map[string]bool{} // gateways warned about
 	for i, pol := range pols {
 		if i > 0 && pols[i-1].Name == pol.Name {
 			warnf("EgressNATPolicy %s is listed twice; the second copy is ignored", pol.Name)
@@ -115,68 +103,27 @@ func desired(in Input) (NodeState, []string, []*CompiledPolicy, error) {
 			warnf("EgressNATPolicy %s is not applied: %v", pol.Name, err)
 			continue
 		}
-		ref := pol.Spec.GatewayRef.Namespace + "/" + pol.Spec.GatewayRef.Name
-		gi, ok := egress[ref]
-		if !ok {
-			gi = resolveGateway(byKey[ref], warnf)
-			egress[ref] = gi
+		f := FactsOf(pol, byKey[pol.Spec.GatewayRef.Namespace+"/"+pol.Spec.GatewayRef.Name])
+		f.Node, f.NodeIPs, f.NodeIPsKnown, f.FallbackToNodeIP = in.Node, in.NodeIPs, true, in.FallbackToNodeIP
+		d := Decide(f)
+		if !d.Accepted && len(f.FloatingIPs) > 0 && !warned[f.Gateway] {
+			warned[f.Gateway] = true
+			warnf("%s", d.AcceptedMessage)
 		}
-		if !gi.ip.IsValid() {
-			continue // gateway not found or without a usable floating IP
-		}
-		ps := PolicyState{Name: pol.Name, EgressIP: gi.ip}
-		local := true
-		switch nh, known := in.NodeIPs[gi.holder]; {
-		case gi.holder == in.Node:
-			ps.Mode, local = ModeGateway, false
-		case gi.holder != "" && known && nh.IsValid():
-			ps.Mode, ps.NextHop = ModeReroute, nh.Unmap()
-		case in.FallbackToNodeIP || pol.Status.WhenUnavailable == v1.UnavailableNodeIP:
+		if !d.Applied {
 			continue
-		default:
-			ps.Mode = ModeDrop
 		}
-		ps.Destinations = cp.Destinations
-		ps.Sources = ev.sources(cp, local)
+		ps := PolicyState{Name: pol.Name, Mode: d.Mode, EgressIP: d.EgressIP, NextHop: d.NextHop, Destinations: cp.Destinations}
+		ps.Sources = ev.sources(cp, d.Mode != ModeGateway)
 		st.Policies = append(st.Policies, ps)
 		compiled = append(compiled, cp)
 	}
 	return st, warn, compiled, nil
 }
 
-type gatewayInfo struct {
-	ip     netip.Addr
-	holder string
-}
-
-func resolveGateway(g *v1.NetworkGatewayGroup, warnf func(string, ...any)) gatewayInfo {
-	if g == nil || len(g.Spec.FloatingIPs) == 0 {
-		return gatewayInfo{}
-	}
-	ip, err := EgressIP(g)
-	if err != nil {
-		warnf("%v", err)
-		return gatewayInfo{}
-	}
-	return gatewayInfo{ip: ip, holder: Holder(g, ip)}
-}
-
-// EgressIP returns the group's first spec floating IP, the egress IP of the
-// policies that reference the group.
-func EgressIP(g *v1.NetworkGatewayGroup) (netip.Addr, error) {
-	if len(g.Spec.FloatingIPs) == 0 {
-		return netip.Addr{}, fmt.Errorf("NetworkGatewayGroup %s/%s has no floating IPs", g.Namespace, g.Name)
-	}
-	ip, err := parseIPv4(g.Spec.FloatingIPs[0])
-	if err != nil {
-		return netip.Addr{}, fmt.Errorf("NetworkGatewayGroup %s/%s: first floating IP: %w", g.Namespace, g.Name, err)
-	}
-	return ip, nil
-}
-
-// Holder returns the node that the group's status says holds ip, or "".
+// holder returns the node that the group's status says holds ip, or "".
 // The operator writes the status keys in canonical form (netip.Addr.String).
-func Holder(g *v1.NetworkGatewayGroup, ip netip.Addr) string {
+func holder(g *v1.NetworkGatewayGroup, ip netip.Addr) string {
 	return g.Status.FloatingIPs[ip.String()]
 }
 
@@ -220,7 +167,7 @@ func heldFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup, warnf func(stri
 	for _, g := range groups {
 		for _, s := range g.Spec.FloatingIPs {
 			ip, err := parseIPv4(s)
-			if err != nil || seen[ip] || Holder(g, ip) != in.Node {
+			if err != nil || seen[ip] || holder(g, ip) != in.Node {
 				continue
 			}
 			seen[ip] = true
@@ -247,7 +194,7 @@ func releasedFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup) []netip.Add
 	var out []netip.Addr
 	for _, g := range groups {
 		for _, s := range g.Spec.FloatingIPs {
-			if ip, err := parseIPv4(s); err == nil && Holder(g, ip) != in.Node {
+			if ip, err := parseIPv4(s); err == nil && holder(g, ip) != in.Node {
 				out = append(out, ip)
 			}
 		}
@@ -267,19 +214,29 @@ func comparePrefix(a, b netip.Prefix) int {
 func ParseDestinations(dests []v1.EgressDestination) ([]netip.Prefix, error) {
 	out := make([]netip.Prefix, 0, len(dests))
 	for _, d := range dests {
-		p, err := netip.ParsePrefix(strings.TrimSpace(d.CIDR))
+		p, err := parseDestination(d.CIDR)
 		if err != nil {
-			return nil, fmt.Errorf("destination %q: %w", d.CIDR, err)
+			return nil, err
 		}
-		if p.Addr().Is4In6() && p.Bits() >= 96 {
-			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
-		}
-		if !p.Addr().Is4() {
-			return nil, fmt.Errorf("destination %q: not an IPv4 network", d.CIDR)
-		}
-		out = append(out, p.Masked())
+		out = append(out, p)
 	}
 	return MergePrefixes(out), nil
+}
+
+// parseDestination parses one destination CIDR: IPv4 (or IPv4-mapped),
+// host bits cleared.
+func parseDestination(cidr string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(strings.TrimSpace(cidr))
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("destination %q: %w", cidr, err)
+	}
+	if p.Addr().Is4In6() && p.Bits() >= 96 {
+		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+	}
+	if !p.Addr().Is4() {
+		return netip.Prefix{}, fmt.Errorf("destination %q: not an IPv4 network", cidr)
+	}
+	return p.Masked(), nil
 }
 
 // MergePrefixes sorts prefixes by address and drops every prefix contained
@@ -379,14 +336,6 @@ func (c *CompiledPolicy) selectsNamespace(nsLabels map[string]string) bool {
 		}
 	}
 	return false
-}
-
-// PodSelected reports whether pol selects p (see CompiledPolicy.Selects). A
-// policy that does not compile selects nothing. For many pods, Compile once
-// and call Selects.
-func PodSelected(p Pod, nsLabels map[string]string, pol *v1.EgressNATPolicy) bool {
-	cp, err := Compile(pol)
-	return err == nil && cp.Selects(p, nsLabels)
 }
 
 // compiledSelector is a parsed label selector and the requirements that

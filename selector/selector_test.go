@@ -122,6 +122,12 @@ func selBase() Input {
 	}
 }
 
+// selDesired is Desired with the warnings NewTracker returns.
+func selDesired(in Input) (NodeState, []string, error) {
+	st, warns, _, err := desired(in)
+	return st, warns, err
+}
+
 func TestDesired(t *testing.T) {
 	prodWeb := []v1.EgressSource{selSrc(selMatch("env", "prod"), selMatch("app", "web"))}
 	cases := []struct {
@@ -237,6 +243,20 @@ func TestDesired(t *testing.T) {
 				}
 			},
 			want: NodeState{},
+		},
+		{
+			name: "first floating IP not IPv4: policies not applied, one warning per group",
+			mod: func(in *Input) {
+				in.Groups = []*v1.NetworkGatewayGroup{selGroup("v6", []string{"2001:db8::1", "192.0.2.100"}, "192.0.2.100", "n2")}
+				in.Policies = []*v1.EgressNATPolicy{
+					selPolicy("a", "v6", prodWeb, "203.0.113.0/24"),
+					selPolicy("b", "v6", prodWeb, "203.0.113.0/24"),
+				}
+			},
+			want: NodeState{},
+			warnings: []string{
+				`the first floating IP of NetworkGatewayGroup kube-system/v6, "2001:db8::1", is not an IPv4 address`,
+			},
 		},
 		{
 			name: "group in another namespace does not match the ref",
@@ -432,7 +452,7 @@ func TestDesired(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			in := selBase()
 			tc.mod(&in)
-			got, warns, err := DesiredWithWarnings(in)
+			got, warns, err := selDesired(in)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -468,7 +488,10 @@ func TestDesired(t *testing.T) {
 				r.Shuffle(len(sh.Pods), func(i, j int) { sh.Pods[i], sh.Pods[j] = sh.Pods[j], sh.Pods[i] })
 				r.Shuffle(len(sh.Policies), func(i, j int) { sh.Policies[i], sh.Policies[j] = sh.Policies[j], sh.Policies[i] })
 				r.Shuffle(len(sh.Groups), func(i, j int) { sh.Groups[i], sh.Groups[j] = sh.Groups[j], sh.Groups[i] })
-				again, warns2, _ := DesiredWithWarnings(sh)
+				again, warns2, err := selDesired(sh)
+				if err != nil {
+					t.Fatal(err)
+				}
 				if !reflect.DeepEqual(again, got) || !slices.Equal(warns2, warns) {
 					t.Fatalf("shuffled input gives another result:\n got %+v %q\nwant %+v %q", again, warns2, got, warns)
 				}
@@ -494,7 +517,7 @@ func TestDesiredDuplicatePolicyName(t *testing.T) {
 		selPolicy("p", "gw", []v1.EgressSource{selSrc(selAll, selMatch("app", "db"))}, "203.0.113.0/24"),
 		selPolicy("p", "gw", []v1.EgressSource{selSrc(selAll, selMatch("app", "web"))}, "198.51.100.0/24"),
 	}
-	got, warns, err := DesiredWithWarnings(in)
+	got, warns, err := selDesired(in)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -522,7 +545,7 @@ func TestMergePrefixes(t *testing.T) {
 	}
 }
 
-func TestPodSelected(t *testing.T) {
+func TestSelects(t *testing.T) {
 	pol := selPolicy("p", "gw", []v1.EgressSource{
 		selSrc(selMatch("env", "prod"), selExpr("app", "In", "web", "api")),
 		selSrc(selExpr("team", "Exists"), selExpr("canary", "DoesNotExist")),
@@ -549,34 +572,18 @@ func TestPodSelected(t *testing.T) {
 		{"no IP", selPod("a", "p", "n1", "", "app", "web"), prod, false},
 		{"IPv6", selPod("a", "p", "n1", "fd00::1", "app", "web"), prod, false},
 	}
+	cp, err := Compile(pol)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range cases {
-		if got := PodSelected(tc.pod, tc.ns, pol); got != tc.want {
-			t.Errorf("%s: PodSelected = %v, want %v", tc.name, got, tc.want)
+		if got := cp.Selects(tc.pod, tc.ns); got != tc.want {
+			t.Errorf("%s: Selects = %v, want %v", tc.name, got, tc.want)
 		}
 	}
 	bad := selPolicy("bad", "gw", []v1.EgressSource{selSrc(selAll, selExpr("app", "Equals", "x"))}, "203.0.113.0/24")
-	if PodSelected(selPod("a", "p", "n1", "10.0.0.1", "app", "x"), nil, bad) {
-		t.Error("a policy that does not compile must select nothing")
-	}
-}
-
-func TestEgressIPAndHolder(t *testing.T) {
-	g := selGroup("gw", []string{"192.0.2.100", "192.0.2.101"}, "192.0.2.100", "n2")
-	ip, err := EgressIP(g)
-	if err != nil || ip != netip.MustParseAddr("192.0.2.100") {
-		t.Fatalf("EgressIP = %v, %v", ip, err)
-	}
-	if h := Holder(g, ip); h != "n2" {
-		t.Fatalf("Holder = %q, want n2", h)
-	}
-	if h := Holder(g, netip.MustParseAddr("192.0.2.101")); h != "" {
-		t.Fatalf("Holder of an unassigned IP = %q, want empty", h)
-	}
-	if _, err := EgressIP(selGroup("e", nil)); err == nil {
-		t.Fatal("EgressIP of a group without floating IPs: want an error")
-	}
-	if _, err := EgressIP(selGroup("v6", []string{"2001:db8::1"})); err == nil {
-		t.Fatal("EgressIP of an IPv6 floating IP: want an error")
+	if _, err := Compile(bad); err == nil {
+		t.Error("a selector with an unknown operator compiles")
 	}
 }
 

@@ -30,14 +30,8 @@ type Tracker struct {
 
 type podKey struct{ namespace, name string }
 
-// SourceDelta is what one pod event changed in one policy's sources.
-type SourceDelta struct {
-	Policy         string
-	Added, Removed []netip.Addr
-}
-
-// NewTracker computes the desired state of in (see DesiredWithWarnings) and
-// returns a Tracker holding it, with the warnings.
+// NewTracker computes the desired state of in (see Desired) and returns a
+// Tracker holding it, with the warnings about what Desired skipped.
 func NewTracker(in Input) (*Tracker, []string, error) {
 	st, warn, compiled, err := desired(in)
 	if err != nil {
@@ -74,26 +68,23 @@ func (t *Tracker) State() NodeState {
 	return st
 }
 
-// SetPod adds or updates a pod (by namespace and name) and returns what
-// changed in which policy's sources, in policy order.
-func (t *Tracker) SetPod(p Pod) []SourceDelta {
+// SetPod adds or updates a pod (by namespace and name).
+func (t *Tracker) SetPod(p Pod) {
 	k := podKey{p.Namespace, p.Name}
 	var affected []netip.Addr
 	if old, ok := t.pods[k]; ok {
 		affected = append(affected, t.remove(k, old)...)
 	}
 	affected = append(affected, t.add(p)...)
-	return t.refresh(p.Namespace, affected)
+	t.refresh(p.Namespace, affected)
 }
 
-// DeletePod removes a pod and returns what changed, as SetPod.
-func (t *Tracker) DeletePod(namespace, name string) []SourceDelta {
+// DeletePod removes a pod.
+func (t *Tracker) DeletePod(namespace, name string) {
 	k := podKey{namespace, name}
-	old, ok := t.pods[k]
-	if !ok {
-		return nil
+	if old, ok := t.pods[k]; ok {
+		t.refresh(namespace, t.remove(k, old))
 	}
-	return t.refresh(namespace, t.remove(k, old))
 }
 
 // add records p and returns its address, if it has one.
@@ -128,15 +119,13 @@ func (t *Tracker) remove(k podKey, old Pod) []netip.Addr {
 // A policy lists an address when it selects a pod with that address. Only
 // the changed pod's selection changed, so only policies matching its
 // namespace can change; for those, every pod with the address counts.
-func (t *Tracker) refresh(ns string, ips []netip.Addr) []SourceDelta {
+func (t *Tracker) refresh(ns string, ips []netip.Addr) {
 	slices.SortFunc(ips, netip.Addr.Compare)
 	ips = slices.Compact(ips)
 	if len(ips) == 0 {
-		return nil
+		return
 	}
-	var out []SourceDelta
 	for _, i := range t.policiesOf(ns) {
-		var d SourceDelta
 		for _, ip := range ips {
 			want := false
 			for _, k := range t.byIP[ip] {
@@ -151,21 +140,14 @@ func (t *Tracker) refresh(ns string, ips []netip.Addr) []SourceDelta {
 			case want && !have:
 				// Copy on write: a State returned earlier keeps its slice.
 				ps.Sources = slices.Insert(slices.Clip(ps.Sources), at, ip)
-				d.Added = append(d.Added, ip)
 			case !want && have:
 				ps.Sources = slices.Delete(slices.Clone(ps.Sources), at, at+1)
 				if len(ps.Sources) == 0 {
 					ps.Sources = nil // as Desired has it
 				}
-				d.Removed = append(d.Removed, ip)
 			}
 		}
-		if len(d.Added)+len(d.Removed) > 0 {
-			d.Policy = t.state.Policies[i].Name
-			out = append(out, d)
-		}
 	}
-	return out
 }
 
 // selects reports whether policy i selects pod p as Desired does.

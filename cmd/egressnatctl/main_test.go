@@ -65,6 +65,7 @@ func run(m *testing.M) int {
 
 var gvrs = map[string]schema.GroupVersionResource{
 	"Namespace":           {Version: "v1", Resource: "namespaces"},
+	"Node":                {Version: "v1", Resource: "nodes"},
 	"Pod":                 {Version: "v1", Resource: "pods"},
 	"NetworkGatewayGroup": kube.GatewayGVR,
 	"EgressNATPolicy":     kube.PolicyGVR,
@@ -169,8 +170,11 @@ func TestGolden(t *testing.T) {
 		// Selected by egress and partners; the destination only by
 		// partners, whose egress IP no node holds.
 		{"explain-dropped", []string{"explain", "pod", "alice/web-gw", "--to", "198.51.100.7"}},
-		// Both policies cover the destination: ambiguous.
+		// Both policies cover the destination: the longest prefix applies.
 		{"explain-overlap", []string{"explain", "pod", "alice/web-gw", "--to", "203.0.113.200"}},
+		// No node holds the egress IP, and status.whenUnavailable is
+		// NodeIP: the traffic keeps the node IP.
+		{"explain-fallback", []string{"explain", "pod", "paul/legacy", "--to", "198.51.100.7"}},
 		// Selected on the holder's own node? No: paul/web on cp1 by source
 		// 1; stale-ref also selects it but its gateway is gone.
 		{"explain-stale-ref", []string{"explain", "--to", "192.0.2.200", "pod", "paul/web"}},

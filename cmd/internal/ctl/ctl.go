@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/egressnat/egressnat/cmd/internal/kube"
+	"github.com/egressnat/egressnat/selector"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -121,9 +122,9 @@ type nodeFlags struct {
 
 func (n *nodeFlags) add(fs *flag.FlagSet) {
 	fs.StringVar(&n.table, "table", "egressnat", "the agent's nftables table (--table of the agent)")
-	fs.IntVar(&n.rulePriority, "rule-priority", 29000, "priority of the agent's ip rules (--rule-priority of the agent)")
-	fs.IntVar(&n.routeTableBase, "route-table-base", 2700, "the agent's first routing table (--route-table-base of the agent)")
-	fs.StringVar(&n.markMask, "mark-mask", "0x00003f00", "the agent's fwmark bits (--mark-mask of the agent)")
+	fs.IntVar(&n.rulePriority, "rule-priority", selector.DefaultRulePriority, "priority of the agent's ip rules (--rule-priority of the agent)")
+	fs.IntVar(&n.routeTableBase, "route-table-base", selector.DefaultRouteTableBase, "the agent's first routing table (--route-table-base of the agent)")
+	fs.StringVar(&n.markMask, "mark-mask", fmt.Sprintf("%#08x", selector.DefaultMarkMask), "the agent's fwmark bits (--mark-mask of the agent)")
 	fs.StringVar(&n.netns, "netns", "", "read this network namespace (a name under /run/netns, or a path) instead of the current one")
 }
 

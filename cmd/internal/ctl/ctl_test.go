@@ -3,17 +3,27 @@ package ctl
 import (
 	"bytes"
 	"context"
+	"errors"
 	"flag"
+	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/selector"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	k8sfake "k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 )
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
@@ -51,7 +61,9 @@ func TestGroupFlows(t *testing.T) {
 		t.Errorf("got:\n%s\nwant:\n%s", b.String(), want)
 	}
 	b.Reset()
-	WriteFlowGroups(&b, nil) //nolint:errcheck
+	if err := WriteFlowGroups(&b, nil); err != nil {
+		t.Fatal(err)
+	}
 	if !strings.Contains(b.String(), "holds no floating IP") {
 		t.Errorf("no groups: %q", b.String())
 	}
@@ -82,7 +94,10 @@ func TestPrepareNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	for p := range files {
-		b, _ := os.ReadFile(filepath.Join(dir, p))
+		b, err := os.ReadFile(filepath.Join(dir, p))
+		if err != nil {
+			t.Fatal(err)
+		}
 		want := "0"
 		if strings.HasPrefix(p, "netfilter") {
 			want = "1"
@@ -166,7 +181,7 @@ func policy(name, gw string, dests []string, sources ...v1.EgressSource) *v1.Egr
 }
 
 // TestExplainAgreesWithSelector: for every pod, Explain's verdict per
-// policy is the agents' predicate (selector.PodSelected), and a selected
+// policy is the agents' predicate (CompiledPolicy.Selects), and a selected
 // pod names the first matching source.
 func TestExplainAgreesWithSelector(t *testing.T) {
 	s := &Snapshot{
@@ -201,8 +216,12 @@ func TestExplainAgreesWithSelector(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i, pe := range e.Policies {
+			cp, err := selector.Compile(s.Policies[i])
+			if err != nil {
+				t.Fatal(err)
+			}
 			nsLabels, ok := s.Namespaces[p.Namespace]
-			want := ok && selector.PodSelected(p, nsLabels, s.Policies[i])
+			want := ok && cp.Selects(p, nsLabels)
 			if pe.Selected != want {
 				t.Errorf("%s/%s policy %s: explain says %v, selector %v", p.Namespace, p.Name, pe.Policy, pe.Selected, want)
 			}
@@ -211,15 +230,23 @@ func TestExplainAgreesWithSelector(t *testing.T) {
 			}
 		}
 	}
-	e, _ := Explain(s, "a", "y", netip.Addr{})
-	if e.Policies[0].MatchedSource != 1 || !strings.Contains(e.Policies[0].Effect, "routed from n2 to n1 (which holds it)") {
+	explain := func(ns, name string, to netip.Addr) *Explanation {
+		t.Helper()
+		e, err := Explain(s, ns, name, to)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e
+	}
+	e := explain("a", "y", netip.Addr{})
+	if e.Policies[0].MatchedSource != 1 || !strings.Contains(e.Policies[0].Effect, "routed from n2 to n1 (which holds it) and SNATed there") {
 		t.Errorf("a/y: %+v", e.Policies[0])
 	}
-	e, _ = Explain(s, "b", "y", netip.MustParseAddr("203.0.113.5"))
-	if !strings.Contains(e.ToVerdict, "covered by 2 policies") || !strings.Contains(e.ToVerdict, "not defined") {
+	e = explain("b", "y", netip.MustParseAddr("203.0.113.5"))
+	if !strings.Contains(e.ToVerdict, "covered by 2 policies") || !strings.Contains(e.ToVerdict, "two applies (longest prefix, /25)") {
 		t.Errorf("overlap: %s", e.ToVerdict)
 	}
-	e, _ = Explain(s, "c", "y", netip.Addr{})
+	e = explain("c", "y", netip.Addr{})
 	if !strings.Contains(e.Verdict, "namespace c does not exist") {
 		t.Errorf("missing namespace: %s", e.Verdict)
 	}
@@ -265,5 +292,243 @@ routes in tables 2701-2763
 	}
 	if got := rs.FloatingIPs(); len(got) != 0 {
 		t.Errorf("floating: %v", got)
+	}
+}
+
+// TestExplainAgreesWithAgent: for every pod, on the pod's node, what
+// Explain says of each policy (mode, egress IP, next hop, selection, the
+// effect on the pod's traffic, which of overlapping policies applies) is
+// what the agent of that node computes (selector.Desired) from the same
+// objects: gateways held by the pod's node, by another node, by a node
+// without an InternalIP, by no node with status.whenUnavailable Drop,
+// unset or NodeIP, missing or unusable gateways, overlapping destinations;
+// once with the agents' --fallback-to-node-ip off, once on (with the
+// statuses an operator with the same flag writes).
+func TestExplainAgreesWithAgent(t *testing.T) {
+	t0 := metav1.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	web := v1.EgressSource{NamespaceSelector: sel("team", "a"), PodSelector: sel("app", "web")}
+	group := func(name string, holders map[string]string, fips ...string) *v1.NetworkGatewayGroup {
+		return &v1.NetworkGatewayGroup{ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: name},
+			Spec: v1.NetworkGatewayGroupSpec{FloatingIPs: fips}, Status: v1.NetworkGatewayGroupStatus{FloatingIPs: holders}}
+	}
+	pol := func(name, gw string, when v1.UnavailableAction, minutes int, dests ...string) *v1.EgressNATPolicy {
+		p := policy(name, gw, dests, web)
+		p.CreationTimestamp = metav1.NewTime(t0.Add(time.Duration(minutes) * time.Minute))
+		p.Status.WhenUnavailable = when
+		return p
+	}
+	nodeIPs := map[string]netip.Addr{
+		"n1": netip.MustParseAddr("192.0.2.11"), "n2": netip.MustParseAddr("192.0.2.12"), "n3": netip.MustParseAddr("192.0.2.13"),
+	}
+	base := func() *Snapshot {
+		return &Snapshot{
+			Namespaces: map[string]map[string]string{"a": {"team": "a"}},
+			PodPhases:  map[string]string{},
+			NodeIPs:    nodeIPs,
+			Gateways: []*v1.NetworkGatewayGroup{
+				group("gw-n1", map[string]string{"192.0.2.101": "n1"}, "192.0.2.101"),
+				group("gw-n2", map[string]string{"192.0.2.102": "n2", "192.0.2.112": "n1"}, "192.0.2.102", "192.0.2.112"),
+				group("gw-none", nil, "192.0.2.103"),
+				group("gw-n9", map[string]string{"192.0.2.109": "n9"}, "192.0.2.109"), // n9 has no InternalIP
+				group("gw-empty", nil),
+				group("gw-v6", nil, "2001:db8::1"),
+			},
+			Policies: []*v1.EgressNATPolicy{
+				pol("gateway-n1", "gw-n1", v1.UnavailableDrop, 0, "203.0.113.0/24"),
+				pol("reroute-n2", "gw-n2", v1.UnavailableDrop, 0, "198.51.100.0/24"),
+				pol("drop", "gw-none", v1.UnavailableDrop, 0, "10.0.0.0/8"),
+				pol("drop-unset", "gw-none", "", 0, "10.1.0.0/16"),
+				pol("nodeip", "gw-none", v1.UnavailableNodeIP, 0, "172.16.0.0/12", "10.1.2.0/24"),
+				pol("unreachable", "gw-n9", v1.UnavailableDrop, 0, "100.64.0.0/10"),
+				pol("missing", "removed", v1.UnavailableDrop, 0, "192.168.0.0/16", "198.51.100.0/25"),
+				pol("empty", "gw-empty", v1.UnavailableDrop, 0, "192.168.1.0/24"),
+				pol("v6", "gw-v6", v1.UnavailableDrop, 0, "192.168.2.0/24"),
+				pol("invalid", "gw-n1", v1.UnavailableDrop, 0, "203.0.113.0/33"),
+				// Overlapping 203.0.113.0/24 and gateway-n1: longest prefix,
+				// then oldest, then name.
+				pol("wide", "gw-n2", v1.UnavailableDrop, 0, "203.0.113.0/24"),
+				pol("narrow", "gw-none", v1.UnavailableDrop, 2, "203.0.113.0/25"),
+				pol("twin", "gw-n2", v1.UnavailableDrop, 1, "203.0.113.0/25"),
+				pol("host", "gw-none", v1.UnavailableNodeIP, 0, "203.0.113.200/32"),
+			},
+			Pods: []selector.Pod{
+				{Namespace: "a", Name: "web-1", Node: "n1", IP: netip.MustParseAddr("10.244.1.5"), Labels: map[string]string{"app": "web"}},
+				{Namespace: "a", Name: "web-2", Node: "n2", IP: netip.MustParseAddr("10.244.2.5"), Labels: map[string]string{"app": "web"}},
+				{Namespace: "a", Name: "web-3", Node: "n3", IP: netip.MustParseAddr("10.244.3.5"), Labels: map[string]string{"app": "web"}},
+				{Namespace: "a", Name: "db", Node: "n3", IP: netip.MustParseAddr("10.244.3.6"), Labels: map[string]string{"app": "db"}},
+			},
+		}
+	}
+	destinations := []string{"203.0.113.10", "203.0.113.200", "198.51.100.1", "10.1.2.3", "10.1.3.3", "10.2.0.1",
+		"172.16.0.1", "100.64.0.1", "192.168.1.1", "192.168.2.1", "192.0.2.200"}
+
+	for _, fallback := range []bool{false, true} {
+		s := base()
+		if fallback {
+			for _, p := range s.Policies {
+				p.Status.WhenUnavailable = v1.UnavailableNodeIP
+			}
+		}
+		// What the agents must do, for web-3 on n3 (not a holder): every
+		// case is met.
+		want := map[string]string{"gateway-n1": "Reroute", "reroute-n2": "Reroute", "drop": "Drop", "drop-unset": "Drop",
+			"nodeip": "", "unreachable": "Drop", "missing": "", "empty": "", "v6": "", "invalid": "",
+			"wide": "Reroute", "narrow": "Drop", "twin": "Reroute", "host": ""}
+		if fallback {
+			for _, name := range []string{"drop", "drop-unset", "unreachable", "narrow"} {
+				want[name] = ""
+			}
+		}
+		byName := map[string]*v1.EgressNATPolicy{}
+		for _, p := range s.Policies {
+			byName[p.Name] = p
+		}
+		for _, pod := range s.Pods {
+			in := selector.Input{Node: pod.Node, Policies: s.Policies, Groups: s.Gateways, Namespaces: s.Namespaces,
+				Pods: s.Pods, NodeIPs: nodeIPs, FallbackToNodeIP: fallback}
+			st, err := selector.Desired(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			agent := map[string]selector.PolicyState{}
+			for _, ps := range st.Policies {
+				agent[ps.Name] = ps
+			}
+			where := fmt.Sprintf("fallback %v, pod %s on %s", fallback, pod.Name, pod.Node)
+			e, err := Explain(s, pod.Namespace, pod.Name, netip.Addr{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, pe := range e.Policies {
+				ps, applied := agent[pe.Policy]
+				if pod.Name == "web-3" && pe.Mode != want[pe.Policy] {
+					t.Errorf("%s: policy %s: explain says mode %q, want %q", where, pe.Policy, pe.Mode, want[pe.Policy])
+				}
+				if (pe.Mode != "") != applied {
+					t.Errorf("%s: policy %s: explain says mode %q, agent applies it: %v", where, pe.Policy, pe.Mode, applied)
+					continue
+				}
+				if selected := applied && slices.Contains(ps.Sources, pod.IP); applied && pe.Selected != selected {
+					t.Errorf("%s: policy %s: explain says selected %v, agent %v", where, pe.Policy, pe.Selected, selected)
+				}
+				if applied {
+					nh := ""
+					if ps.NextHop.IsValid() {
+						nh = ps.NextHop.String()
+					}
+					if pe.Mode != string(ps.Mode) || pe.EgressIP != ps.EgressIP.String() || pe.NextHop != nh {
+						t.Errorf("%s: policy %s: explain says %s %s via %q, agent %s %s via %q", where, pe.Policy,
+							pe.Mode, pe.EgressIP, pe.NextHop, ps.Mode, ps.EgressIP, nh)
+					}
+				}
+				if !pe.Selected {
+					continue
+				}
+				var ok bool
+				switch {
+				case !applied:
+					ok = strings.Contains(pe.Effect, "keeps the cluster's normal egress (the node IP)")
+				case ps.Mode == selector.ModeDrop:
+					ok = strings.HasPrefix(pe.Effect, "is dropped: ")
+				default:
+					ok = strings.HasPrefix(pe.Effect, "leaves with "+ps.EgressIP.String()+", ")
+				}
+				if !ok {
+					t.Errorf("%s: policy %s: effect %q, agent applies it %v in mode %q", where, pe.Policy, pe.Effect, applied, ps.Mode)
+				}
+			}
+
+			// Which policy applies to a destination: the winner among the
+			// policies of the agent's state listing the pod and covering it.
+			for _, d := range destinations {
+				to := netip.MustParseAddr(d)
+				e, err := Explain(s, pod.Namespace, pod.Name, to)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var contenders []*v1.EgressNATPolicy
+				for _, ps := range st.Policies {
+					if slices.Contains(ps.Sources, pod.IP) && slices.ContainsFunc(ps.Destinations, func(p netip.Prefix) bool { return p.Contains(to) }) {
+						contenders = append(contenders, byName[ps.Name])
+					}
+				}
+				if len(contenders) == 0 {
+					if !strings.HasSuffix(e.ToVerdict, "keeps the cluster's normal egress (the node IP)") || strings.Contains(e.ToVerdict, " applies (") {
+						t.Errorf("%s, to %s: agent applies no policy, explain: %s", where, d, e.ToVerdict)
+					}
+					continue
+				}
+				w := selector.Winner(contenders, to)
+				name := contenders[w.Index].Name
+				if !strings.Contains(e.ToVerdict, "covered by policy "+name+" (") && !strings.Contains(e.ToVerdict, "; "+name+" applies (") {
+					t.Errorf("%s, to %s: agent's winner is %s, explain: %s", where, d, name, e.ToVerdict)
+				}
+				if dropped := agent[name].Mode == selector.ModeDrop; dropped != strings.Contains(e.ToVerdict, "traffic to it is dropped") {
+					t.Errorf("%s, to %s: winner %s in mode %s, explain: %s", where, d, name, agent[name].Mode, e.ToVerdict)
+				}
+			}
+		}
+	}
+
+	// The overlap texts, for web-3 on n3 without fallback.
+	s := base()
+	for to, want := range map[string]string{
+		"203.0.113.10":  "; twin applies (prefixes tie at /25; created first): traffic to it leaves with 192.0.2.102, routed from n3 to n2 (which holds it, next hop 192.0.2.12) and SNATed there",
+		"203.0.113.200": "gateway-n1 (203.0.113.0/24, egress IP 192.0.2.101), wide (203.0.113.0/24, egress IP 192.0.2.102), host (203.0.113.200/32, egress IP 192.0.2.103, not applied); gateway-n1 applies (prefixes tie at /24, so do creation times; first by name)",
+		"10.1.2.3":      "drop-unset applies (longest prefix, /16): traffic to it is dropped: no node holds the egress IP 192.0.2.103",
+		"198.51.100.1":  "reroute-n2 applies (the only one applied)",
+		"192.168.2.1":   "covered by 2 policies: missing (192.168.0.0/16, egress IP -, not applied), v6 (192.168.2.0/24, egress IP -, not applied); none of them is applied, so traffic to it keeps the cluster's normal egress (the node IP)",
+		"172.16.0.1":    "covered by policy nodeip (172.16.0.0/12); traffic to it is not SNATed: no node holds the egress IP 192.0.2.103 and status.whenUnavailable is NodeIP, so it keeps",
+		"100.64.0.1":    "traffic to it is dropped: n9 holds the egress IP 192.0.2.109 but has no InternalIP, so n3 cannot route to it",
+	} {
+		e, err := Explain(s, "a", "web-3", netip.MustParseAddr(to))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(e.ToVerdict, want) {
+			t.Errorf("to %s: %s\nwant it to contain %s", to, e.ToVerdict, want)
+		}
+	}
+}
+
+// TestLoadNextHops: the InternalIPs of the nodes that status.floatingIPs
+// names, as the agents read them; next hops unknown (nil) without the right
+// to read Nodes.
+func TestLoadNextHops(t *testing.T) {
+	node := func(name string, addrs ...corev1.NodeAddress) *corev1.Node {
+		return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}, Status: corev1.NodeStatus{Addresses: addrs}}
+	}
+	internal := func(ip string) corev1.NodeAddress {
+		return corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip}
+	}
+	s := &Snapshot{Gateways: []*v1.NetworkGatewayGroup{
+		{Status: v1.NetworkGatewayGroupStatus{FloatingIPs: map[string]string{"192.0.2.100": "n1", "192.0.2.101": "n2"}}},
+		{Status: v1.NetworkGatewayGroupStatus{FloatingIPs: map[string]string{"192.0.2.102": "n1", "192.0.2.103": "gone", "192.0.2.104": ""}}},
+	}}
+	core := k8sfake.NewClientset(
+		node("n1", corev1.NodeAddress{Type: corev1.NodeExternalIP, Address: "203.0.113.1"}, internal("192.0.2.11")),
+		node("n2"), // no InternalIP
+		node("n3", internal("192.0.2.13")),
+	)
+	l := &Loader{Core: core, Host: "https://test"}
+	if err := l.loadNextHops(context.Background(), s); err != nil {
+		t.Fatal(err)
+	}
+	if want := map[string]netip.Addr{"n1": netip.MustParseAddr("192.0.2.11")}; !maps.Equal(s.NodeIPs, want) {
+		t.Fatalf("NodeIPs %v, want %v", s.NodeIPs, want)
+	}
+
+	core.PrependReactor("get", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "nodes"}, "n1", errors.New("no"))
+	})
+	s.NodeIPs = nil
+	if err := l.loadNextHops(context.Background(), s); err != nil || s.NodeIPs != nil {
+		t.Fatalf("forbidden: NodeIPs %v, err %v; want nil, nil", s.NodeIPs, err)
+	}
+	core.PrependReactor("get", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewInternalError(errors.New("etcd is down"))
+	})
+	if err := l.loadNextHops(context.Background(), s); err == nil || !strings.Contains(err.Error(), "etcd is down") {
+		t.Fatalf("server error: %v", err)
 	}
 }

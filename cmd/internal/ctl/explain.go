@@ -53,11 +53,19 @@ type PolicyExplanation struct {
 	Ready         string              `json:"ready"`
 	Reason        string              `json:"reason,omitempty"`
 	Destinations  []string            `json:"destinations"`
+	// Mode is how the agent of the pod's node applies the policy
+	// (selector.Decide): Gateway, Reroute or Drop; "" when it leaves the
+	// policy out (invalid, no usable gateway, or no reachable holder and
+	// status.whenUnavailable NodeIP).
+	Mode string `json:"mode,omitempty"`
+	// NextHop is the holder's InternalIP the pod's node routes to (Reroute;
+	// "" when the Nodes could not be read).
+	NextHop string `json:"nextHop,omitempty"`
 	// Effect is what happens to the selected pod's traffic to the
 	// destinations ("" when the policy does not select the pod).
 	Effect string `json:"effect,omitempty"`
-	// Covers is the destination CIDR containing To ("" when none does or
-	// no To was given).
+	// Covers is the longest destination CIDR containing To ("" when none
+	// does or no To was given).
 	Covers string `json:"covers,omitempty"`
 }
 
@@ -110,36 +118,38 @@ func Explain(s *Snapshot, namespace, name string, to netip.Addr) (*Explanation, 
 		gateways[g.Namespace+"/"+g.Name] = g
 	}
 	for _, pol := range s.Policies {
-		e.Policies = append(e.Policies, explainPolicy(pol, pod, nsLabels, nsOK, gateways, to))
+		// The agents' own decision for the pod's node. egressnatctl does not
+		// know the agents' --fallback-to-node-ip; status.whenUnavailable,
+		// which the operator writes from the same flag, says it.
+		f := selector.FactsOf(pol, gateways[pol.Spec.GatewayRef.Namespace+"/"+pol.Spec.GatewayRef.Name])
+		f.Node, f.NodeIPs, f.NodeIPsKnown = pod.Node, s.NodeIPs, s.NodeIPs != nil
+		e.Policies = append(e.Policies, explainPolicy(pol, pod, nsLabels, nsOK, f, to))
 	}
 	e.Verdict = verdict(e, pod)
 	if to.IsValid() {
-		e.ToVerdict = toVerdict(e)
+		e.ToVerdict = toVerdict(e, s.Policies, to)
 	}
 	return e, nil
 }
 
 func explainPolicy(pol *v1.EgressNATPolicy, pod selector.Pod, nsLabels map[string]string, nsOK bool,
-	gateways map[string]*v1.NetworkGatewayGroup, to netip.Addr) PolicyExplanation {
+	f selector.PolicyFacts, to netip.Addr) PolicyExplanation {
 	pe := PolicyExplanation{
 		Policy: pol.Name, MatchedSource: -1, Sources: []SourceExplanation{}, Destinations: []string{},
-		Gateway: pol.Spec.GatewayRef.Namespace + "/" + pol.Spec.GatewayRef.Name, Ready: "Unknown",
+		Gateway: f.Gateway, GatewayFound: f.GatewayFound, Ready: "Unknown",
 	}
 	if c := apimeta.FindStatusCondition(pol.Status.Conditions, v1.ConditionReady); c != nil {
 		pe.Ready, pe.Reason = string(c.Status), c.Reason
 	}
 	for _, d := range pol.Spec.Destinations {
 		pe.Destinations = append(pe.Destinations, d.CIDR)
-		if p, err := netip.ParsePrefix(strings.TrimSpace(d.CIDR)); err == nil && to.IsValid() && pe.Covers == "" && p.Masked().Contains(to) {
-			pe.Covers = d.CIDR
-		}
 	}
-	if g, ok := gateways[pe.Gateway]; ok {
-		pe.GatewayFound = true
-		if ip, err := selector.EgressIP(g); err == nil {
-			pe.EgressIP = ip.String()
-			pe.Holder = selector.Holder(g, ip)
-		}
+	if i := selector.CoveringDestination(pol.Spec.Destinations, to); to.IsValid() && i >= 0 {
+		pe.Covers = pol.Spec.Destinations[i].CIDR
+	}
+	d := selector.Decide(f)
+	if d.Accepted {
+		pe.EgressIP, pe.Holder = d.EgressIP.String(), d.Holder
 	}
 	cp, err := selector.Compile(pol)
 	if err != nil {
@@ -158,10 +168,16 @@ func explainPolicy(pol *v1.EgressNATPolicy, pod selector.Pod, nsLabels map[strin
 		}
 		pe.Sources = append(pe.Sources, se)
 	}
+	if d.Applied {
+		pe.Mode = string(d.Mode)
+	}
+	if d.NextHop.IsValid() {
+		pe.NextHop = d.NextHop.String()
+	}
 	// The agents' own predicate decides; the per-source view explains it.
 	pe.Selected = nsOK && cp.Selects(pod, nsLabels)
 	if pe.Selected {
-		pe.Effect = effect(pe, pod)
+		pe.Effect = effect(pe, d, pod)
 	}
 	return pe
 }
@@ -191,19 +207,32 @@ func evalSelector(s v1.LabelSelector, set map[string]string) (text string, match
 	return text, sel.Matches(labels.Set(set)), failed
 }
 
-func effect(pe PolicyExplanation, pod selector.Pod) string {
+// effect says what happens to the pod's traffic to the destinations of a
+// policy that selects it, following the decision d.
+func effect(pe PolicyExplanation, d selector.Decision, pod selector.Pod) string {
+	keeps := "so it keeps the cluster's normal egress (the node IP)"
 	switch {
 	case !pe.GatewayFound:
-		return fmt.Sprintf("is not SNATed: gateway %s does not exist, so it keeps the cluster's normal egress (the node IP)", pe.Gateway)
-	case pe.EgressIP == "":
-		return fmt.Sprintf("is not SNATed: gateway %s has no usable floating IP, so it keeps the cluster's normal egress (the node IP)", pe.Gateway)
-	case pe.Holder == "":
-		return fmt.Sprintf("is dropped: no node holds the egress IP %s (agents started with --fallback-to-node-ip let it leave with the node IP instead)", pe.EgressIP)
-	case pe.Holder == pod.Node:
-		return fmt.Sprintf("leaves with %s, SNATed on %s (the pod's own node holds it)", pe.EgressIP, pe.Holder)
-	default:
-		return fmt.Sprintf("leaves with %s, routed from %s to %s (which holds it) and SNATed there", pe.EgressIP, dash(pod.Node), pe.Holder)
+		return fmt.Sprintf("is not SNATed: gateway %s does not exist, %s", pe.Gateway, keeps)
+	case !d.Accepted:
+		return fmt.Sprintf("is not SNATed: gateway %s has no usable floating IP, %s", pe.Gateway, keeps)
+	case d.Applied && d.Mode == selector.ModeGateway:
+		return fmt.Sprintf("leaves with %s, SNATed on %s (the pod's own node holds it)", d.EgressIP, d.Holder)
+	case d.Applied && d.Mode == selector.ModeReroute:
+		via := ""
+		if d.NextHop.IsValid() {
+			via = ", next hop " + d.NextHop.String()
+		}
+		return fmt.Sprintf("leaves with %s, routed from %s to %s (which holds it%s) and SNATed there", d.EgressIP, dash(pod.Node), d.Holder, via)
 	}
+	why := fmt.Sprintf("no node holds the egress IP %s", d.EgressIP)
+	if d.Holder != "" {
+		why = fmt.Sprintf("%s holds the egress IP %s but has no InternalIP, so %s cannot route to it", d.Holder, d.EgressIP, dash(pod.Node))
+	}
+	if d.Fallback {
+		return fmt.Sprintf("is not SNATed: %s and status.whenUnavailable is NodeIP, %s", why, keeps)
+	}
+	return fmt.Sprintf("is dropped: %s (agents started with --fallback-to-node-ip let it leave with the node IP instead)", why)
 }
 
 func selectingPolicies(e *Explanation) []PolicyExplanation {
@@ -234,7 +263,10 @@ func verdict(e *Explanation, pod selector.Pod) string {
 	return fmt.Sprintf("pod %s is selected by %s", e.Pod, strings.Join(names, ", "))
 }
 
-func toVerdict(e *Explanation) string {
+// toVerdict says what happens to the pod's traffic to to. Of several
+// policies covering it, the one selector.Winner picks among those the
+// pod's node applies.
+func toVerdict(e *Explanation, policies []*v1.EgressNATPolicy, to netip.Addr) string {
 	var covering []PolicyExplanation
 	for _, p := range selectingPolicies(e) {
 		if p.Covers != "" {
@@ -252,12 +284,41 @@ func toVerdict(e *Explanation) string {
 		p := covering[0]
 		return fmt.Sprintf("%s: covered by policy %s (%s); traffic to it %s", e.To, p.Policy, p.Covers, p.Effect)
 	}
-	var parts []string
-	for _, p := range covering {
-		parts = append(parts, fmt.Sprintf("%s (%s, egress IP %s)", p.Policy, p.Covers, dash(p.EgressIP)))
+	byName := make(map[string]*v1.EgressNATPolicy, len(policies))
+	for _, p := range policies {
+		byName[p.Name] = p
 	}
-	return fmt.Sprintf("%s: covered by %d policies: %s; which one applies is not defined, make their destinations disjoint for this pod",
-		e.To, len(covering), strings.Join(parts, ", "))
+	var parts []string
+	var applied []PolicyExplanation
+	var contenders []*v1.EgressNATPolicy
+	for _, p := range covering {
+		part := fmt.Sprintf("%s (%s, egress IP %s", p.Policy, p.Covers, dash(p.EgressIP))
+		if p.Mode == "" {
+			part += ", not applied"
+		} else {
+			applied = append(applied, p)
+			contenders = append(contenders, byName[p.Policy])
+		}
+		parts = append(parts, part+")")
+	}
+	head := fmt.Sprintf("%s: covered by %d policies: %s", e.To, len(covering), strings.Join(parts, ", "))
+	if len(contenders) == 0 {
+		return head + "; none of them is applied, so traffic to it keeps the cluster's normal egress (the node IP)"
+	}
+	w := selector.Winner(contenders, to)
+	var why string
+	switch w.By {
+	case selector.WonAlone:
+		why = "the only one applied"
+	case selector.WonByPrefix:
+		why = fmt.Sprintf("longest prefix, /%d", w.Prefix.Bits())
+	case selector.WonByAge:
+		why = fmt.Sprintf("prefixes tie at /%d; created first", w.Prefix.Bits())
+	default:
+		why = fmt.Sprintf("prefixes tie at /%d, so do creation times; first by name", w.Prefix.Bits())
+	}
+	win := applied[w.Index]
+	return fmt.Sprintf("%s; %s applies (%s): traffic to it %s", head, win.Policy, why, win.Effect)
 }
 
 // WriteExplanation writes e as text, JSON or YAML.

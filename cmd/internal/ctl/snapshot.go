@@ -31,6 +31,11 @@ type Snapshot struct {
 	Pods []selector.Pod
 	// PodPhases by "namespace/name", for explanations.
 	PodPhases map[string]string
+	// NodeIPs maps the nodes holding floating IPs to their InternalIP, the
+	// next hop the agents route to (a holder whose Node is missing or has
+	// no InternalIP is absent). nil when unknown: the Nodes could not be
+	// read.
+	NodeIPs map[string]netip.Addr
 }
 
 // ErrCRDsMissing: the API server does not serve networking.gke.io.
@@ -140,8 +145,8 @@ func (l *Loader) LoadAll(ctx context.Context) (*Snapshot, error) {
 	return s, nil
 }
 
-// LoadForPod reads one pod, its namespace, and every gateway and policy
-// (for explain).
+// LoadForPod reads one pod, its namespace, every gateway and policy, and
+// the nodes holding floating IPs (for explain).
 func (l *Loader) LoadForPod(ctx context.Context, namespace, name string) (*Snapshot, error) {
 	s := &Snapshot{Namespaces: map[string]map[string]string{}, PodPhases: map[string]string{}}
 	pod, err := l.Core.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
@@ -163,7 +168,42 @@ func (l *Loader) LoadForPod(ctx context.Context, namespace, name string) (*Snaps
 	if err := l.loadEgress(ctx, s); err != nil {
 		return nil, err
 	}
+	if err := l.loadNextHops(ctx, s); err != nil {
+		return nil, err
+	}
 	return s, nil
+}
+
+// loadNextHops reads the InternalIP of every node that status.floatingIPs
+// names, as the agents do. Without the right to read Nodes, NodeIPs stays
+// nil (next hops unknown).
+func (l *Loader) loadNextHops(ctx context.Context, s *Snapshot) error {
+	var holders []string
+	for _, g := range s.Gateways {
+		for _, n := range g.Status.FloatingIPs {
+			if n != "" {
+				holders = append(holders, n)
+			}
+		}
+	}
+	slices.Sort(holders)
+	ips := map[string]netip.Addr{}
+	for _, name := range slices.Compact(holders) {
+		n, err := l.Core.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+		switch {
+		case apierrors.IsNotFound(err):
+		case apierrors.IsForbidden(err):
+			return nil
+		case err != nil:
+			return l.apiError(err)
+		default:
+			if ip, ok := kube.NodeInternalIP(n); ok {
+				ips[name] = ip
+			}
+		}
+	}
+	s.NodeIPs = ips
+	return nil
 }
 
 func (s *Snapshot) addPod(p *corev1.Pod) {

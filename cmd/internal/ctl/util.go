@@ -44,4 +44,6 @@ func writeJSON(w io.Writer, v any) error {
 	return err
 }
 
+// closeFd closes a namespace file descriptor opened read-only: there is
+// nothing to flush, so a failed close loses nothing and is not reported.
 func closeFd(fd int) { _ = unix.Close(fd) }

@@ -15,6 +15,9 @@ import (
 // exactly one leads; when it stops, the other takes over within the lease
 // duration.
 func TestOneLeaderAndTakeover(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs kube-apiserver and etcd (skipped under -short)")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	srv, err := apiserver.Start(ctx, apiserver.Options{})

@@ -57,6 +57,9 @@ const (
 )
 
 func TestAgentMemory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs root, kube-apiserver and etcd (skipped under -short)")
+	}
 	v := os.Getenv("EGRESSNAT_MEM_AGENT")
 	if v == "" {
 		t.Skip("set EGRESSNAT_MEM_AGENT=<pods> to measure the agent's memory")

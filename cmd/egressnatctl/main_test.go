@@ -34,6 +34,10 @@ var srv *apiserver.Server
 
 func TestMain(m *testing.M) {
 	flag.Parse()
+	if testing.Short() {
+		fmt.Println("skipping: needs kube-apiserver, etcd and kubectl")
+		os.Exit(0)
+	}
 	os.Exit(run(m))
 }
 

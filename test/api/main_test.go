@@ -6,6 +6,7 @@ package api_test
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -16,10 +17,23 @@ import (
 	"github.com/egressnat/egressnat/test/apiserver"
 )
 
+// srv is nil under -short: the tests then skip (see needServer).
 var srv *apiserver.Server
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if testing.Short() {
+		os.Exit(m.Run())
+	}
 	os.Exit(run(m))
+}
+
+// needServer skips t when no API server runs (go test -short).
+func needServer(t *testing.T) {
+	t.Helper()
+	if srv == nil {
+		t.Skip("needs kube-apiserver, etcd and kubectl (skipped under -short)")
+	}
 }
 
 func run(m *testing.M) int {
@@ -53,6 +67,7 @@ func repoRoot() string {
 // kubectl runs kubectl with stdin and fails the test on a context timeout.
 func kubectl(t *testing.T, stdin string, args ...string) (string, string, error) {
 	t.Helper()
+	needServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var in *strings.Reader

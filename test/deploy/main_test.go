@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 const systemNS = "egressnat-system"
 
 var (
+	// srv is nil under -short: the tests that need it skip (needServer).
 	srv  *apiserver.Server
 	root string
 	// docs are the rendered manifests (kubectl kustomize manifests/).
@@ -25,7 +27,16 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	flag.Parse()
 	os.Exit(run(m))
+}
+
+// needServer skips t when no API server runs (go test -short).
+func needServer(t *testing.T) {
+	t.Helper()
+	if srv == nil {
+		t.Skip("needs kube-apiserver, etcd and kubectl (skipped under -short)")
+	}
 }
 
 func run(m *testing.M) int {
@@ -35,6 +46,9 @@ func run(m *testing.M) int {
 	if root, err = apiserver.RepoRoot(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
+	}
+	if testing.Short() {
+		return m.Run()
 	}
 	srv, err = apiserver.Start(ctx, apiserver.Options{})
 	if err != nil {
@@ -60,6 +74,7 @@ func run(m *testing.M) int {
 
 func ctxT(t *testing.T) context.Context {
 	t.Helper()
+	needServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
 	return ctx
@@ -68,6 +83,7 @@ func ctxT(t *testing.T) context.Context {
 // rendered returns the one rendered document of kind and name.
 func rendered(t *testing.T, kind, name string) map[string]any {
 	t.Helper()
+	needServer(t)
 	var found []map[string]any
 	for _, d := range docs {
 		md, _ := d["metadata"].(map[string]any)

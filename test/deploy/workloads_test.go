@@ -174,6 +174,7 @@ var pendingFlags = map[string]map[string]bool{}
 // (read from its -h output), and egressnatctl's init container command
 // runs.
 func TestFlagsExist(t *testing.T) {
+	needServer(t) // before the build: the manifests are rendered with kubectl
 	bin := t.TempDir()
 	build := exec.Command("go", "build", "-o", bin+"/", "./cmd/egressnat-agent", "./cmd/egressnat-operator", "./cmd/egressnatctl")
 	build.Dir = root

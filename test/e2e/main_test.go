@@ -5,6 +5,8 @@ package e2e
 
 import (
 	"context"
+	"flag"
+	"fmt"
 	"net/netip"
 	"os"
 	"strings"
@@ -27,8 +29,14 @@ var (
 	fip102    = netip.MustParseAddr("192.0.2.102")
 )
 
-// The agents check their table every 3 s (TestDriftRepaired).
+// The agents check their table every 3 s (TestDriftRepaired). Under
+// -short nothing runs: every test needs the lab cluster.
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if testing.Short() {
+		fmt.Println("skipping: needs root, network namespaces, etcd and kube-apiserver (the lab cluster)")
+		os.Exit(0)
+	}
 	os.Exit(cluster.TestMainOptions(m, cluster.Options{Prefix: "enat-e2e-", AgentArgs: []string{"--resync=3s"}}, &c))
 }
 

@@ -7,6 +7,7 @@ package failover
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"net/netip"
 	"os"
@@ -25,7 +26,16 @@ var (
 	cp1IP  = netip.MustParseAddr("192.0.2.11")
 )
 
-func TestMain(m *testing.M) { os.Exit(cluster.TestMain(m, "enat-fo-", &c)) }
+// TestMain starts the lab cluster; under -short nothing runs, as every
+// test needs it.
+func TestMain(m *testing.M) {
+	flag.Parse()
+	if testing.Short() {
+		fmt.Println("skipping: needs root, network namespaces, etcd and kube-apiserver (the lab cluster)")
+		os.Exit(0)
+	}
+	os.Exit(cluster.TestMain(m, "enat-fo-", &c))
+}
 
 func ext1() *lab.External { return c.Lab.External("ext1") }
 

@@ -3,6 +3,7 @@ package lab
 import (
 	"bufio"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -19,8 +20,11 @@ import (
 
 var echoBin string
 
+// TestMain builds the echo server for the lab tests, which need root; under
+// -short they skip (SkipUnlessRoot) and nothing is built.
 func TestMain(m *testing.M) {
-	if os.Getenv(helperEnv) == "" && os.Geteuid() == 0 {
+	flag.Parse()
+	if os.Getenv(helperEnv) == "" && os.Geteuid() == 0 && !testing.Short() {
 		dir, err := os.MkdirTemp("", "enat-lab-test-")
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)

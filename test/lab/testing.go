@@ -6,9 +6,13 @@ import (
 	"testing"
 )
 
-// SkipUnlessRoot skips t unless the process is root and the ip tool exists.
+// SkipUnlessRoot skips t under go test -short, and unless the process is
+// root and the ip tool exists.
 func SkipUnlessRoot(t testing.TB) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("lab: needs root and network namespaces (skipped under -short)")
+	}
 	if os.Geteuid() != 0 {
 		t.Skip("lab: needs root")
 	}
@@ -17,10 +21,10 @@ func SkipUnlessRoot(t testing.TB) {
 	}
 }
 
-// NewT builds a lab for a test: it skips unless root, fails the test if
-// the lab cannot be built, and registers a cleanup that prints the tail of
-// every process log when the test failed and then closes the lab (also
-// after t.Fatal or a panic in the test).
+// NewT builds a lab for a test: it skips as SkipUnlessRoot does, fails the
+// test if the lab cannot be built, and registers a cleanup that prints the
+// tail of every process log when the test failed and then closes the lab
+// (also after t.Fatal or a panic in the test).
 func NewT(t testing.TB, cfg Config) *Lab {
 	t.Helper()
 	SkipUnlessRoot(t)

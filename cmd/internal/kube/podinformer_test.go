@@ -14,6 +14,7 @@ package kube_test
 import (
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"net/http"
 	"net/netip"
@@ -47,11 +48,26 @@ const (
 	wantEnv       = "EGRESSNAT_MEM_WANT" // pods the cache must hold
 )
 
+// TestMain starts the API server, except in the memory measure's child
+// process and under -short, where the tests that need it skip (needServer)
+// and the package's other tests run.
 func TestMain(m *testing.M) {
 	if mode := os.Getenv(childEnv); mode != "" {
 		os.Exit(memChild(mode))
 	}
+	flag.Parse()
+	if testing.Short() {
+		os.Exit(m.Run())
+	}
 	os.Exit(run(m))
+}
+
+// needServer skips t when no API server runs (go test -short).
+func needServer(t testing.TB) {
+	t.Helper()
+	if srv == nil {
+		t.Skip("needs kube-apiserver and etcd (skipped under -short)")
+	}
 }
 
 func run(m *testing.M) int {
@@ -153,6 +169,7 @@ func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 // Both with the informer's own transform and with the caller setting slim
 // again (as the agent did with PodInformer).
 func TestSlimPodInformer(t *testing.T) {
+	needServer(t)
 	const n = 1200
 	defer kube.SetListPageSize(500)()
 	createPods(t, "slim", n, 12)
@@ -252,6 +269,7 @@ type memResult struct {
 // EGRESSNAT_MEM_RUNS, EGRESSNAT_MEM_MODES (comma-separated) and
 // EGRESSNAT_MEM_CHILD_ENV (e.g. GOMEMLIMIT=150MiB) change them.
 func TestPodInformerMemory(t *testing.T) {
+	needServer(t)
 	n, runs := 2000, 1
 	if v := os.Getenv("EGRESSNAT_MEM_PODS"); v != "" {
 		var err error

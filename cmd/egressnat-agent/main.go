@@ -18,8 +18,12 @@ import (
 	"github.com/egressnat/egressnat/cmd/internal/logging"
 	"github.com/egressnat/egressnat/cmd/internal/metrics"
 	"github.com/egressnat/egressnat/nft"
+	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
 )
+
+// The agent reaches the kernel through its Dataplane interface only.
+var _ agent.Dataplane = (*nft.Dataplane)(nil)
 
 func main() {
 	if err := run(); err != nil {
@@ -36,9 +40,9 @@ func run() error {
 	namespace := fs.String("namespace", envOr("POD_NAMESPACE", "egressnat-system"), "namespace of the agents' liveness Leases")
 	uplink := fs.String("uplink", "", "uplink interface; the interface of the default route when empty")
 	table := fs.String("table", "egressnat", "the nftables table the agent owns (family ip)")
-	markMask := fs.String("mark-mask", "0x00003f00", "fwmark bits the agent may use; clear of kube-proxy (0x4000, 0x8000) and Calico (0xffff0000)")
-	tableBase := fs.Int("route-table-base", 2700, "first routing table number; one table per gateway next hop")
-	rulePriority := fs.Int("rule-priority", 29000, "priority of the agent's ip rules (before main at 32766)")
+	markMask := fs.String("mark-mask", fmt.Sprintf("%#08x", selector.DefaultMarkMask), "fwmark bits the agent may use; clear of kube-proxy (0x4000, 0x8000) and Calico (0xffff0000)")
+	tableBase := fs.Int("route-table-base", selector.DefaultRouteTableBase, "first routing table number; one table per gateway next hop")
+	rulePriority := fs.Int("rule-priority", selector.DefaultRulePriority, "priority of the agent's ip rules (before main at 32766)")
 	leaseDuration := fs.Duration("lease-duration", 90*time.Second, "duration written on the agent's Lease (it carries the uplink subnets; health comes from the operators' probes)")
 	renewInterval := fs.Duration("renew-interval", 30*time.Second, "how often the agent's Lease is renewed")
 	healthAddr := fs.String("health-probe-addr", ":9797", "where the operators' TCP health probes connect")

@@ -4,14 +4,13 @@
 // which applies it in one transaction. A pod event updates only the
 // policies the pod belongs to (and the dataplane touches only their
 // elements); any other change recomputes the node's state. It also renews
-// the node's liveness Lease, which carries the uplink subnets the operator
+// the node's Lease, which registers it and carries the uplink subnets the operator
 // needs.
 package agent
 
 import (
 	"context"
 	"errors"
-
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -36,16 +35,28 @@ import (
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/utils/clock"
 	"k8s.io/utils/ptr"
 )
 
-// Dataplane applies a node state to the kernel.
+// Dataplane applies a node state to the kernel: *nft.Dataplane, or a fake
+// in the tests.
 type Dataplane interface {
 	Apply(ctx context.Context, st selector.NodeState) error
 	Cleanup(ctx context.Context) error
 	// ReleaseFloating drops every floating IP the node recorded, keeping
 	// the rest: the fence's action before the agent knows the desired state.
 	ReleaseFloating(ctx context.Context) error
+	// Verify compares the kernel with what was applied and describes a
+	// difference ("" when none).
+	Verify(ctx context.Context) (drift string, err error)
+	// Dump returns the counters of the policies' rules.
+	Dump(ctx context.Context) ([]nft.PolicyCounters, error)
+	// Recheck makes the next Apply re-apply routes, addresses and sysctls
+	// even when the state did not change.
+	Recheck()
+	// LastResult is what the last Apply or Cleanup did.
+	LastResult() nft.Result
 }
 
 // Config of the agent.
@@ -54,7 +65,7 @@ type Config struct {
 	Node      string
 	Uplink    string
 	Subnets   []netip.Prefix // the uplink's own addresses with their prefix
-	Namespace string         // where the liveness Lease lives
+	Namespace string         // where the agent's Lease lives
 	// LeaseDuration after the last renewal the operator declares the node
 	// Down; RenewInterval is how often the agent renews.
 	LeaseDuration, RenewInterval time.Duration
@@ -89,7 +100,10 @@ func (a *agent) Ready() error {
 }
 
 type agent struct {
-	cfg     Config
+	cfg Config
+	// log carries the node.
+	log     *zap.Logger
+	clock   clock.WithTickerAndDelayedExecution
 	trigger chan struct{}
 
 	pods, namespaces, nodes, gateways, policies cache.Indexer
@@ -108,37 +122,48 @@ type agent struct {
 	syncErr         atomic.Pointer[string]
 }
 
-// Run runs the agent until ctx ends. It leaves the kernel as it is on
-// return: a restarting agent must not disturb traffic.
-func Run(ctx context.Context, cfg Config) error {
-	return RunWithReady(ctx, cfg, func(func() error) {})
+// RunWithReady runs the agent until ctx ends, handing its readiness check
+// to ready first (for /readyz). It leaves the kernel as it is on return: a
+// restarting agent must not disturb traffic.
+func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) error {
+	a := newAgent(cfg, clock.RealClock{})
+	ready(a.Ready)
+	return a.run(ctx)
 }
 
-// RunWithReady is Run, handing the agent's readiness check to ready first
-// (for /readyz).
-func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) error {
-	a := &agent{cfg: cfg, trigger: make(chan struct{}, 1), dirty: map[string]time.Time{}}
-	ready(a.Ready)
-	if cfg.Metrics != nil {
-		go a.scrapeCounters(ctx)
-	}
+// newAgent builds an agent and its fence on the clock clk.
+func newAgent(cfg Config, clk clock.WithTickerAndDelayedExecution) *agent {
+	a := &agent{cfg: cfg, log: cfg.Log.With(zap.String("node", cfg.Node)), clock: clk,
+		trigger: make(chan struct{}, 1), dirty: map[string]time.Time{}}
 	// Until the first sync, assume the node holds floating IPs (its kernel
 	// may, from before a restart): a node that starts cut off must fence.
 	a.holding.Store(true)
-	a.fence = newFence(cfg, cfg.Log, a.kick, a.holding.Load)
+	a.fence = newFence(cfg, a.log, clk, a.kick, a.holding.Load)
 	a.fence.event = a.fenceEvent
+	a.fence.releaseEarly = a.releaseEarly
+	return a
+}
+
+// releaseEarly drops the floating IPs when the fence rises before the first
+// sync; afterwards the sync loop applies the fence.
+func (a *agent) releaseEarly(ctx context.Context) {
+	if a.synced.Load() {
+		return
+	}
+	if err := a.cfg.Dataplane.ReleaseFloating(ctx); err != nil {
+		a.log.Error("release floating IPs while cut off", zap.Error(err))
+	}
+}
+
+func (a *agent) run(ctx context.Context) error {
+	cfg := a.cfg
+	if cfg.Metrics != nil {
+		go a.scrapeCounters(ctx)
+	}
 	bc := record.NewBroadcaster()
 	bc.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: cfg.Clients.Core.CoreV1().Events("")})
 	defer bc.Shutdown()
 	a.recorder = bc.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "egressnat-agent", Host: cfg.Node})
-	a.fence.releaseEarly = func(ctx context.Context) {
-		if a.synced.Load() {
-			return // the sync loop applies the fence
-		}
-		if err := cfg.Dataplane.ReleaseFloating(ctx); err != nil {
-			cfg.Log.Error("release floating IPs while cut off", zap.String("node", cfg.Node), zap.Error(err))
-		}
-	}
 	l, err := net.Listen("tcp", cfg.HealthAddr)
 	if err != nil {
 		return fmt.Errorf("listen for health probes: %w", err)
@@ -192,50 +217,55 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 	if !kube.WaitForSync(ctx, infs...) {
 		return fmt.Errorf("sync caches (are the CRDs installed?): %w", ctx.Err())
 	}
-	cfg.Log.Info("agent caches synced", zap.String("node", cfg.Node))
+	a.log.Info("agent caches synced")
 	a.synced.Store(true)
 
 	a.kick()
 	go a.verify(ctx)
-	resync := time.NewTimer(firstTick(cfg.ResyncPeriod))
+	a.loop(ctx)
+	return nil
+}
+
+// loop syncs on every kick and every ResyncPeriod (jittered) until ctx
+// ends. A failed sync is retried after a backoff: 100 ms, doubling up to 5 s.
+func (a *agent) loop(ctx context.Context) {
+	resync := a.clock.NewTimer(firstTick(a.cfg.ResyncPeriod))
 	defer resync.Stop()
 	backoff := time.Duration(0)
 	for {
 		select {
 		case <-ctx.Done():
-			return nil
+			return
 		case <-a.trigger:
-		case <-resync.C:
-			resync.Reset(nextTick(cfg.ResyncPeriod))
+		case <-resync.C():
+			resync.Reset(nextTick(a.cfg.ResyncPeriod))
 			// Recompute everything and re-apply routes, addresses and
 			// sysctls; the table itself is checked by verify, in the
 			// background.
 			a.last = nil
 			a.full.Store(true)
-			if r, ok := cfg.Dataplane.(interface{ Recheck() }); ok {
-				r.Recheck()
-			}
+			a.cfg.Dataplane.Recheck()
 		}
 		if backoff > 0 {
 			select {
 			case <-ctx.Done():
-				return nil
-			case <-time.After(backoff):
+				return
+			case <-a.clock.After(backoff):
 			}
 		}
-		start := time.Now()
+		start := a.clock.Now()
 		err := a.sync(ctx)
-		if cfg.Metrics != nil {
-			cfg.Metrics.SyncDuration.Observe(time.Since(start).Seconds())
+		if a.cfg.Metrics != nil {
+			a.cfg.Metrics.SyncDuration.Observe(a.clock.Since(start).Seconds())
 		}
 		if err != nil {
 			msg := err.Error()
 			a.syncErr.Store(&msg)
-			if cfg.Metrics != nil {
-				cfg.Metrics.SyncErrors.Inc()
+			if a.cfg.Metrics != nil {
+				a.cfg.Metrics.SyncErrors.Inc()
 			}
 			backoff = min(max(2*backoff, 100*time.Millisecond), 5*time.Second)
-			cfg.Log.Error("sync failed; retrying", zap.String("node", cfg.Node), zap.Duration("backoff", backoff), zap.Error(err))
+			a.log.Error("sync failed; retrying", zap.Duration("backoff", backoff), zap.Error(err))
 			a.kick()
 			continue
 		}
@@ -248,27 +278,21 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 // ResyncPeriod, without holding up the sync loop; on a difference (someone
 // else changed the table) the next sync reads the kernel back and repairs.
 func (a *agent) verify(ctx context.Context) {
-	v, ok := a.cfg.Dataplane.(interface {
-		Verify(context.Context) (string, error)
-	})
-	if !ok {
-		return
-	}
-	t := time.NewTimer(firstTick(a.cfg.ResyncPeriod))
+	t := a.clock.NewTimer(firstTick(a.cfg.ResyncPeriod))
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-t.C():
 			t.Reset(nextTick(a.cfg.ResyncPeriod))
 		}
-		drift, err := v.Verify(ctx)
+		drift, err := a.cfg.Dataplane.Verify(ctx)
 		switch {
 		case err != nil && ctx.Err() == nil:
-			a.cfg.Log.Warn("verify the nftables table", zap.String("node", a.cfg.Node), zap.Error(err))
+			a.log.Warn("verify the nftables table", zap.Error(err))
 		case drift != "":
-			a.cfg.Log.Warn("nftables table changed outside egressnat; repairing", zap.String("node", a.cfg.Node), zap.String("drift", drift))
+			a.log.Warn("nftables table changed outside egressnat; repairing", zap.String("drift", drift))
 			if a.cfg.Metrics != nil {
 				a.cfg.Metrics.Drift.Inc()
 			}
@@ -337,21 +361,15 @@ func (a *agent) heldGroups() map[*corev1.ObjectReference][]string {
 
 // scrapeCounters copies the policies' nftables counters into the metrics.
 func (a *agent) scrapeCounters(ctx context.Context) {
-	d, ok := a.cfg.Dataplane.(interface {
-		Dump(context.Context) ([]nft.PolicyCounters, error)
-	})
-	if !ok {
-		return
-	}
-	t := time.NewTicker(5 * time.Second)
+	t := a.clock.NewTicker(5 * time.Second)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-t.C():
 		}
-		counters, err := d.Dump(ctx)
+		counters, err := a.cfg.Dataplane.Dump(ctx)
 		if err != nil {
 			continue // no table yet, or a transient error: next tick
 		}
@@ -375,11 +393,9 @@ func (a *agent) observe(st selector.NodeState) {
 		sizes[i] = metrics.SetSize{Policy: p.Name, Sources: len(p.Sources), Destinations: len(p.Destinations)}
 	}
 	m.SetSetSizes(sizes)
-	if d, ok := a.cfg.Dataplane.(interface{ LastResult() nft.Result }); ok {
-		r := d.LastResult()
-		m.GARPsSent.Add(float64(len(r.Announced) * nft.GratuitousARPs()))
-		m.ConntrackFlushed.Add(float64(r.ConntrackDeleted))
-	}
+	r := a.cfg.Dataplane.LastResult()
+	m.GARPsSent.Add(float64(len(r.Announced) * nft.GratuitousARPs()))
+	m.ConntrackFlushed.Add(float64(r.ConntrackDeleted))
 }
 
 // recompute asks the sync loop for a full recomputation of the state.
@@ -400,7 +416,7 @@ func (a *agent) podChanged(obj any) {
 	}
 	a.dirtyMu.Lock()
 	if _, ok := a.dirty[key]; !ok {
-		a.dirty[key] = time.Now()
+		a.dirty[key] = a.clock.Now()
 	}
 	a.dirtyMu.Unlock()
 	a.kick()
@@ -424,7 +440,16 @@ func (a *agent) kick() {
 
 // sync brings the desired state up to date and applies it when it
 // changed: the changed pods only, or everything after any other change.
-func (a *agent) sync(ctx context.Context) error {
+// After a failed sync the next one starts over: it recomputes everything
+// from the caches and applies even a state equal to the last one applied
+// (a failed Apply may have left the kernel anywhere in between).
+func (a *agent) sync(ctx context.Context) (err error) {
+	defer func() {
+		if err != nil {
+			a.full.Store(true)
+			a.last = nil
+		}
+	}()
 	// Taken before the caches are read: a pod changing meanwhile is marked
 	// again and handled next time.
 	dirty := a.takeDirty()
@@ -434,11 +459,10 @@ func (a *agent) sync(ctx context.Context) error {
 	if a.full.Swap(false) || a.tracker == nil {
 		tr, warnings, err := selector.NewTracker(a.input())
 		if err != nil {
-			a.full.Store(true)
 			return fmt.Errorf("compute desired state: %w", err)
 		}
 		for _, w := range warnings {
-			a.cfg.Log.Warn(w, zap.String("node", a.cfg.Node))
+			a.log.Warn(w)
 		}
 		a.tracker = tr
 	} else {
@@ -448,15 +472,12 @@ func (a *agent) sync(ctx context.Context) error {
 	}
 	st := a.tracker.State()
 	a.holding.Store(len(st.FloatingIPs) > 0)
-	st, err := a.fence.restrict(ctx, st)
-	if err != nil {
-		return err
-	}
+	st = a.fence.restrict(ctx, st)
 	if a.last != nil && a.last.Equal(st) {
 		a.observePods(dirty)
 		return nil
 	}
-	start := time.Now()
+	start := a.clock.Now()
 	if len(st.Policies) == 0 && len(st.FloatingIPs) == 0 {
 		err = a.cfg.Dataplane.Cleanup(ctx)
 	} else {
@@ -465,7 +486,7 @@ func (a *agent) sync(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("apply: %w", err)
 	}
-	a.logChanges(st, time.Since(start))
+	a.logChanges(st, a.clock.Since(start))
 	a.observe(st)
 	a.observePods(dirty)
 	a.last = &st
@@ -479,7 +500,7 @@ func (a *agent) observePods(dirty map[string]time.Time) {
 		return
 	}
 	for _, t := range dirty {
-		a.cfg.Metrics.PodProgramming.Observe(time.Since(t).Seconds())
+		a.cfg.Metrics.PodProgramming.Observe(a.clock.Since(t).Seconds())
 	}
 }
 
@@ -493,16 +514,16 @@ func (a *agent) logChanges(st selector.NodeState, took time.Duration) {
 	for _, p := range st.Policies {
 		old, ok := prev[p.Name]
 		if !ok || old.Mode != p.Mode || old.NextHop != p.NextHop || old.EgressIP != p.EgressIP || len(old.Sources) != len(p.Sources) {
-			a.cfg.Log.Info("policy applied", zap.String("node", a.cfg.Node), zap.String("policy", p.Name),
+			a.log.Info("policy applied", zap.String("policy", p.Name),
 				zap.String("mode", string(p.Mode)), zap.String("ip", p.EgressIP.String()),
 				zap.String("gateway", p.NextHop.String()), zap.Int("sources", len(p.Sources)))
 		}
 		delete(prev, p.Name)
 	}
 	for name := range prev {
-		a.cfg.Log.Info("policy removed", zap.String("node", a.cfg.Node), zap.String("policy", name))
+		a.log.Info("policy removed", zap.String("policy", name))
 	}
-	a.cfg.Log.Debug("synced", zap.String("node", a.cfg.Node), zap.Duration("took", took),
+	a.log.Debug("synced", zap.Duration("took", took),
 		zap.Int("policies", len(st.Policies)), zap.Int("floatingIPs", len(st.FloatingIPs)))
 }
 
@@ -574,19 +595,19 @@ func podIPv4(p *corev1.Pod) netip.Addr {
 	return netip.Addr{}
 }
 
-// renewLease keeps the node's liveness Lease fresh; the operator declares
-// the node Down when it expires.
+// renewLease keeps the node's Lease (its registration and uplink subnets)
+// fresh. The operator's health probes, not the Lease, decide Up and Down.
 func (a *agent) renewLease(ctx context.Context) {
-	t := time.NewTicker(a.cfg.RenewInterval)
+	t := a.clock.NewTicker(a.cfg.RenewInterval)
 	defer t.Stop()
 	for {
 		if err := a.renewOnce(ctx); err != nil && ctx.Err() == nil {
-			a.cfg.Log.Warn("renew liveness lease", zap.String("node", a.cfg.Node), zap.Error(err))
+			a.log.Warn("renew agent lease", zap.Error(err))
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-t.C():
 		}
 	}
 }
@@ -596,7 +617,7 @@ func (a *agent) renewOnce(ctx context.Context) error {
 	defer cancel()
 	leases := a.cfg.Clients.Core.CoordinationV1().Leases(a.cfg.Namespace)
 	name := kube.AgentLeasePrefix + a.cfg.Node
-	now := metav1.NewMicroTime(time.Now())
+	now := metav1.NewMicroTime(a.clock.Now())
 	annotations := map[string]string{
 		kube.AnnotationSubnets: kube.FormatSubnets(a.cfg.Subnets),
 		kube.AnnotationUplink:  a.cfg.Uplink,

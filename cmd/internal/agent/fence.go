@@ -14,6 +14,7 @@ import (
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/clock"
 )
 
 // fence decides whether this node must give up its floating IPs because it
@@ -22,8 +23,12 @@ import (
 // nothing until a fresh read of the API confirms what it holds (the watch
 // caches may still be stale).
 type fence struct {
-	cfg Config
-	log *zap.Logger
+	cfg   Config
+	log   *zap.Logger
+	clock clock.WithTickerAndDelayedExecution
+	// readyz asks the API server whether it is ready; an error means it
+	// cannot be reached.
+	readyz func(ctx context.Context) error
 	// kick asks for a sync.
 	kick func()
 	// holding reports whether the node currently holds floating IPs.
@@ -43,14 +48,16 @@ type fence struct {
 	fencedSince  time.Time
 }
 
-func newFence(cfg Config, log *zap.Logger, kick func(), holding func() bool) *fence {
-	return &fence{cfg: cfg, log: log, kick: kick, holding: holding, lastProbe: time.Now(), apiReachable: true}
+func newFence(cfg Config, log *zap.Logger, clk clock.WithTickerAndDelayedExecution, kick func(), holding func() bool) *fence {
+	return &fence{cfg: cfg, log: log, clock: clk, readyz: func(ctx context.Context) error {
+		return cfg.Clients.Core.Discovery().RESTClient().Get().AbsPath("/readyz").Do(ctx).Error()
+	}, kick: kick, holding: holding, lastProbe: clk.Now(), apiReachable: true}
 }
 
 // probed records a health probe from an operator replica.
 func (f *fence) probed() {
 	f.mu.Lock()
-	f.lastProbe = time.Now()
+	f.lastProbe = f.clock.Now()
 	f.mu.Unlock()
 }
 
@@ -63,7 +70,7 @@ func (f *fence) serveProbes(ctx context.Context, l net.Listener) {
 			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return
 			}
-			f.log.Warn("accept health probe", zap.String("node", f.cfg.Node), zap.Error(err))
+			f.log.Warn("accept health probe", zap.Error(err))
 			continue
 		}
 		f.probed()
@@ -73,13 +80,13 @@ func (f *fence) serveProbes(ctx context.Context, l net.Listener) {
 
 // watch re-evaluates the fence every tick until ctx ends.
 func (f *fence) watch(ctx context.Context) {
-	t := time.NewTicker(100 * time.Millisecond)
+	t := f.clock.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-t.C():
 		}
 		f.evaluate(ctx)
 	}
@@ -87,7 +94,7 @@ func (f *fence) watch(ctx context.Context) {
 
 func (f *fence) evaluate(ctx context.Context) {
 	f.mu.Lock()
-	sinceProbe := time.Since(f.lastProbe)
+	sinceProbe := f.clock.Since(f.lastProbe)
 	fenced := f.fenced
 	f.mu.Unlock()
 
@@ -106,10 +113,10 @@ func (f *fence) evaluate(ctx context.Context) {
 	switch {
 	case !fenced && !reachable:
 		f.mu.Lock()
-		f.fenced, f.fencedSince = true, time.Now()
+		f.fenced, f.fencedSince = true, f.clock.Now()
 		f.mu.Unlock()
 		f.log.Warn("cut off from the operators and the API server: releasing floating IPs",
-			zap.String("node", f.cfg.Node), zap.Duration("sinceProbe", sinceProbe))
+			zap.Duration("sinceProbe", sinceProbe))
 		f.kick()
 		if f.event != nil {
 			f.event(true, fmt.Sprintf("no health probe for %v and the API server does not answer", sinceProbe.Round(time.Millisecond)))
@@ -125,22 +132,23 @@ func (f *fence) evaluate(ctx context.Context) {
 func (f *fence) lift(why string) {
 	f.mu.Lock()
 	f.fenced = false
-	f.recoverUntil = time.Now().Add(f.cfg.RecoveryPeriod)
-	since := f.fencedSince
+	f.recoverUntil = f.clock.Now().Add(f.cfg.RecoveryPeriod)
+	fencedFor := f.clock.Since(f.fencedSince)
 	f.mu.Unlock()
-	f.log.Info("no longer cut off; holding floating IPs again only as the API confirms", zap.String("node", f.cfg.Node),
-		zap.String("why", why), zap.Duration("fencedFor", time.Since(since)))
+	f.log.Info("no longer cut off; holding floating IPs again only as the API confirms",
+		zap.String("why", why), zap.Duration("fencedFor", fencedFor))
 	if f.event != nil {
-		f.event(false, fmt.Sprintf("%s after %v", why, time.Since(since).Round(time.Millisecond)))
+		f.event(false, fmt.Sprintf("%s after %v", why, fencedFor.Round(time.Millisecond)))
 	}
 	f.kick()
-	time.AfterFunc(f.cfg.RecoveryPeriod, f.kick)
+	// Once the recovery ends, the next sync holds what the caches say.
+	f.clock.AfterFunc(f.cfg.RecoveryPeriod, f.kick)
 }
 
 // apiUp asks the API server's /readyz, at most every 300 ms.
 func (f *fence) apiUp(ctx context.Context) bool {
 	f.mu.Lock()
-	if time.Since(f.lastAPICheck) < 300*time.Millisecond {
+	if f.clock.Since(f.lastAPICheck) < 300*time.Millisecond {
 		r := f.apiReachable
 		f.mu.Unlock()
 		return r
@@ -148,9 +156,9 @@ func (f *fence) apiUp(ctx context.Context) bool {
 	f.mu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 	defer cancel()
-	err := f.cfg.Clients.Core.Discovery().RESTClient().Get().AbsPath("/readyz").Do(ctx).Error()
+	err := f.readyz(ctx)
 	f.mu.Lock()
-	f.lastAPICheck, f.apiReachable = time.Now(), err == nil
+	f.lastAPICheck, f.apiReachable = f.clock.Now(), err == nil
 	f.mu.Unlock()
 	return err == nil
 }
@@ -160,23 +168,23 @@ func (f *fence) apiUp(ctx context.Context) bool {
 func (f *fence) state() (fenced, recovering bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.fenced, time.Now().Before(f.recoverUntil)
+	return f.fenced, f.clock.Now().Before(f.recoverUntil)
 }
 
 // restrict removes from st what this node may not hold: everything while
 // fenced; while recovering, what a fresh read of the groups does not confirm.
 // Policies whose egress IP the node gives up drop their traffic (fail
 // closed) instead of leaving with the node IP.
-func (f *fence) restrict(ctx context.Context, st selector.NodeState) (selector.NodeState, error) {
+func (f *fence) restrict(ctx context.Context, st selector.NodeState) selector.NodeState {
 	fenced, recovering := f.state()
 	if !fenced && !recovering {
-		return st, nil
+		return st
 	}
 	confirmed := map[netip.Addr]bool{}
 	if !fenced {
 		var err error
 		if confirmed, err = f.confirmedHoldings(ctx); err != nil {
-			f.log.Warn("cannot confirm floating IPs; holding none", zap.String("node", f.cfg.Node), zap.Error(err))
+			f.log.Warn("cannot confirm floating IPs; holding none", zap.Error(err))
 			confirmed = map[netip.Addr]bool{}
 		}
 	}
@@ -197,7 +205,7 @@ func (f *fence) restrict(ctx context.Context, st selector.NodeState) (selector.N
 		}
 		out.Policies[i] = p
 	}
-	return out, nil
+	return out
 }
 
 // confirmedHoldings reads the groups from the API server (not the cache)

@@ -1,5 +1,6 @@
 // Package operator is the egressnat operator's controller: it watches
-// gateways, policies, nodes and the agents' liveness leases, assigns every
+// gateways, policies, nodes and the agents' Leases (registration and uplink
+// subnets; Up/Down comes from the health probes), assigns every
 // floating IP to a node with the pure gateway.Assign, and writes the status
 // of gateways and policies. Only the leader runs it.
 package operator
@@ -30,12 +31,13 @@ import (
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/utils/clock"
 )
 
 // Config of the controller.
 type Config struct {
 	Clients *kube.Clients
-	// AgentNamespace holds the agents' liveness leases.
+	// AgentNamespace holds the agents' Leases.
 	AgentNamespace string
 	// FallbackToNodeIP: when no node can hold a policy's egress IP, say the
 	// traffic falls back to node IPs (agents run with the same flag)
@@ -46,13 +48,12 @@ type Config struct {
 	Probe ProbeConfig
 	// Metrics are updated when set.
 	Metrics *metrics.Operator
-	// Now is the clock; time.Now when nil.
-	Now func() time.Time
 }
 
 // Controller reconciles the whole cluster state on every change.
 type Controller struct {
 	cfg      Config
+	clock    clock.Clock
 	trigger  chan struct{}
 	prober   *prober
 	recorder record.EventRecorder
@@ -67,20 +68,31 @@ type Controller struct {
 	synced atomic.Bool
 
 	mu sync.Mutex
-	// assignment remembers the last assignment so that an IP keeps its node
-	// between status writes; only the leader sets it.
+	// assignment remembers what the last reconcile wrote in the groups'
+	// statuses, so that an IP keeps its node while the cache does not show
+	// the write yet; only the leader sets it.
 	assignment map[netip.Addr]string
 }
 
 // New builds the controller: informers, the prober and the event recorder.
 func New(cfg Config) (*Controller, error) {
-	if cfg.Now == nil {
-		cfg.Now = time.Now
+	c, err := newController(cfg, clock.RealClock{})
+	if err != nil {
+		return nil, err
 	}
+	bc := record.NewBroadcaster()
+	bc.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: cfg.Clients.Core.CoreV1().Events("")})
+	c.recorder = bc.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "egressnat-operator"})
+	return c, nil
+}
+
+// newController builds the controller on the clock clk, without its event
+// recorder.
+func newController(cfg Config, clk clock.Clock) (*Controller, error) {
 	if cfg.Probe.Port == 0 {
 		cfg.Probe = DefaultProbeConfig
 	}
-	c := &Controller{cfg: cfg, trigger: make(chan struct{}, 1)}
+	c := &Controller{cfg: cfg, clock: clk, trigger: make(chan struct{}, 1)}
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.kick() },
 		UpdateFunc: func(any, any) { c.kick() },
@@ -105,9 +117,7 @@ func New(cfg Config) (*Controller, error) {
 	}
 	c.nodes, c.leases, c.gateways, c.policies = infs[0].GetIndexer(), infs[1].GetIndexer(), infs[2].GetIndexer(), infs[3].GetIndexer()
 	c.prober = newProber(cfg.Probe, cfg.Log, c.probeTargets, c.kick)
-	bc := record.NewBroadcaster()
-	bc.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: cfg.Clients.Core.CoreV1().Events("")})
-	c.recorder = bc.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "egressnat-operator"})
+	c.prober.now = clk.Now
 	return c, nil
 }
 
@@ -145,20 +155,23 @@ func (c *Controller) Lead(ctx context.Context) {
 		defer m.Leader.Set(0)
 	}
 	c.kick()
-	timer := time.NewTimer(time.Hour)
+	timer := c.clock.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-c.trigger:
-		case <-timer.C:
+		case <-timer.C():
 		}
-		start := time.Now()
-		next, err := c.reconcile(ctx)
+		start := c.clock.Now()
+		err := c.reconcile(ctx)
 		if c.cfg.Metrics != nil {
-			c.cfg.Metrics.ReconcileDuration.Observe(time.Since(start).Seconds())
+			c.cfg.Metrics.ReconcileDuration.Observe(c.clock.Since(start).Seconds())
 		}
+		// Reconcile again every second without an event, after 200 ms when
+		// it failed.
+		next := time.Second
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -168,7 +181,7 @@ func (c *Controller) Lead(ctx context.Context) {
 		}
 		if !timer.Stop() {
 			select {
-			case <-timer.C:
+			case <-timer.C():
 			default:
 			}
 		}
@@ -208,30 +221,38 @@ func (c *Controller) kick() {
 }
 
 // reconcile computes the assignment and writes every status that changed.
-// It returns when it wants to run again without an event (the earliest
-// lease expiry).
-func (c *Controller) reconcile(ctx context.Context) (time.Duration, error) {
-	now := c.cfg.Now()
-	nodes, _ := c.currentNodes(now)
-	groups, groupObjs, err := c.currentGroups()
-	if err != nil {
-		return 0, err
-	}
+func (c *Controller) reconcile(ctx context.Context) error {
+	now := c.clock.Now()
+	nodes := c.currentNodes()
+	groups, groupObjs := c.currentGroups()
 	current := c.currentAssignment(groupObjs)
 	assignment := gateway.Assign(groups, nodes, current)
 	moves := c.moves(current, assignment, nodes, now)
-	c.mu.Lock()
-	c.assignment = assignment
-	c.mu.Unlock()
 
 	var errs []string
+	// Only what was written is remembered. A status refused (409 from a
+	// stale cache) or left as it was stays the truth for the next
+	// reconcile, which decides again from it (and records the moves then).
+	written := map[netip.Addr]string{}
 	byKey := make(map[string]gateway.Group, len(groups))
 	for i, g := range groups {
 		byKey[g.Namespace+"/"+g.Name] = g
-		if err := c.writeGatewayStatus(ctx, groupObjs[i], g, nodes, assignment, moves, now); err != nil {
+		ok, err := c.writeGatewayStatus(ctx, groupObjs[i], g, nodes, assignment, moves, now)
+		if err != nil {
 			errs = append(errs, err.Error())
+			continue
+		}
+		if ok {
+			for _, ip := range g.FloatingIPs {
+				if n, assigned := assignment[ip]; assigned {
+					written[ip] = n
+				}
+			}
 		}
 	}
+	c.mu.Lock()
+	c.assignment = written
+	c.mu.Unlock()
 	for _, obj := range c.policies.List() {
 		p := obj.(*v1.EgressNATPolicy).DeepCopy()
 		if err := c.writePolicyStatus(ctx, p, byKey, assignment, now); err != nil {
@@ -239,14 +260,14 @@ func (c *Controller) reconcile(ctx context.Context) (time.Duration, error) {
 		}
 	}
 	if len(errs) > 0 {
-		return 0, fmt.Errorf("write status: %s", strings.Join(errs, "; "))
+		return fmt.Errorf("write status: %s", strings.Join(errs, "; "))
 	}
-	return time.Second, nil
+	return nil
 }
 
 // currentNodes turns Nodes, agent leases and probe results into
 // gateway.Nodes, sorted by name.
-func (c *Controller) currentNodes(now time.Time) ([]gateway.Node, time.Duration) {
+func (c *Controller) currentNodes() []gateway.Node {
 	var out []gateway.Node
 	for _, obj := range c.nodes.List() {
 		n := obj.(*corev1.Node)
@@ -268,10 +289,12 @@ func (c *Controller) currentNodes(now time.Time) ([]gateway.Node, time.Duration)
 		out = append(out, gn)
 	}
 	slices.SortFunc(out, func(a, b gateway.Node) int { return strings.Compare(a.Name, b.Name) })
-	return out, time.Second
+	return out
 }
 
-func (c *Controller) currentGroups() ([]gateway.Group, []*v1.NetworkGatewayGroup, error) {
+// currentGroups returns the groups, sorted by namespace/name, and copies
+// of their objects in the same order.
+func (c *Controller) currentGroups() ([]gateway.Group, []*v1.NetworkGatewayGroup) {
 	var objs []*v1.NetworkGatewayGroup
 	for _, obj := range c.gateways.List() {
 		objs = append(objs, obj.(*v1.NetworkGatewayGroup).DeepCopy())
@@ -288,11 +311,11 @@ func (c *Controller) currentGroups() ([]gateway.Group, []*v1.NetworkGatewayGroup
 			}
 		}
 	}
-	return groups, objs, nil
+	return groups, objs
 }
 
 // currentAssignment is what the statuses say, overlaid with what this
-// leader decided last (its own writes may not be in the cache yet).
+// leader wrote last (its own writes may not be in the cache yet).
 func (c *Controller) currentAssignment(groups []*v1.NetworkGatewayGroup) map[netip.Addr]string {
 	out := map[netip.Addr]string{}
 	for _, g := range groups {
@@ -347,22 +370,16 @@ func (c *Controller) moves(before, after map[netip.Addr]string, nodes []gateway.
 	return out
 }
 
-func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGatewayGroup, g gateway.Group, nodes []gateway.Node, assignment map[netip.Addr]string, moves map[netip.Addr]v1.FloatingIPMove, now time.Time) error {
+// writeGatewayStatus writes the group's status when it changed, and
+// reports whether it did.
+func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGatewayGroup, g gateway.Group, nodes []gateway.Node, assignment map[netip.Addr]string, moves map[netip.Addr]v1.FloatingIPMove, now time.Time) (bool, error) {
 	st := obj.Status.DeepCopy()
-	ref := &corev1.ObjectReference{APIVersion: v1.GroupVersion.String(), Kind: "NetworkGatewayGroup", Namespace: obj.Namespace, Name: obj.Name, UID: obj.UID}
+	var moved []v1.FloatingIPMove
 	for _, ip := range g.FloatingIPs {
-		m, ok := moves[ip]
-		if !ok {
-			continue
+		if m, ok := moves[ip]; ok {
+			st.RecentMoves = append([]v1.FloatingIPMove{m}, st.RecentMoves...)
+			moved = append(moved, m)
 		}
-		st.RecentMoves = append([]v1.FloatingIPMove{m}, st.RecentMoves...)
-		if om := c.cfg.Metrics; om != nil {
-			om.IPMoves.WithLabelValues(obj.Namespace + "/" + obj.Name).Inc()
-			if m.DetectionMilliseconds > 0 {
-				om.FailoverDuration.Observe(float64(m.DetectionMilliseconds) / 1000)
-			}
-		}
-		c.recorder.Eventf(ref, corev1.EventTypeWarning, "FloatingIPMoved", "%s moved from %s to %s: %s", m.IP, m.From, m.To, m.Reason)
 	}
 	if len(st.RecentMoves) > v1.MaxRecentMoves {
 		st.RecentMoves = st.RecentMoves[:v1.MaxRecentMoves]
@@ -381,10 +398,25 @@ func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGate
 	}
 	setCondition(&st.Conditions, cond, now)
 	if reflect.DeepEqual(normalize(*st), normalize(obj.Status)) {
-		return nil
+		return false, nil
 	}
 	obj.Status = *st
-	return c.cfg.Clients.UpdateGatewayStatus(ctx, obj)
+	if err := c.cfg.Clients.UpdateGatewayStatus(ctx, obj); err != nil {
+		return false, err
+	}
+	// The moves are recorded once the status holds them: a refused write
+	// decides them again.
+	ref := &corev1.ObjectReference{APIVersion: v1.GroupVersion.String(), Kind: "NetworkGatewayGroup", Namespace: obj.Namespace, Name: obj.Name, UID: obj.UID}
+	for _, m := range moved {
+		if om := c.cfg.Metrics; om != nil {
+			om.IPMoves.WithLabelValues(obj.Namespace + "/" + obj.Name).Inc()
+			if m.DetectionMilliseconds > 0 {
+				om.FailoverDuration.Observe(float64(m.DetectionMilliseconds) / 1000)
+			}
+		}
+		c.recorder.Eventf(ref, corev1.EventTypeWarning, "FloatingIPMoved", "%s moved from %s to %s: %s", m.IP, m.From, m.To, m.Reason)
+	}
+	return true, nil
 }
 
 func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolicy, groups map[string]gateway.Group, assignment map[netip.Addr]string, now time.Time) error {

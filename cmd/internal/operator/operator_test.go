@@ -1,0 +1,395 @@
+package operator
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/egressnat/egressnat/api/v1"
+	apimeta "k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// condition returns the condition of type typ, failing the test without.
+func condition(t *testing.T, conds []metav1.Condition, typ string) metav1.Condition {
+	t.Helper()
+	c := apimeta.FindStatusCondition(conds, typ)
+	if c == nil {
+		t.Fatalf("no %s condition in %+v", typ, conds)
+	}
+	return *c
+}
+
+func checkCondition(t *testing.T, what string, got metav1.Condition, status metav1.ConditionStatus, reason, message string, gen int64) {
+	t.Helper()
+	if got.Status != status || got.Reason != reason || got.Message != message || got.ObservedGeneration != gen {
+		t.Errorf("%s: %s %s %q (generation %d), want %s %s %q (generation %d)", what,
+			got.Status, got.Reason, got.Message, got.ObservedGeneration, status, reason, message, gen)
+	}
+}
+
+func checkEvents(t *testing.T, got []string, want ...string) {
+	t.Helper()
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("events\n%q\nwant\n%q", got, want)
+	}
+}
+
+// TestReconcileStatus: the assignment lands in the group's status
+// (floatingIPs, nodes, assignedCount, the Ready condition), each policy
+// gets its egress IP, gateway node, whenUnavailable and conditions, and an
+// unchanged status is not written again.
+func TestReconcileStatus(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	c := cl.controller(t, false)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", true, epoch)
+	c.setHealth("n3", true, epoch)
+	c.mustReconcile(t)
+
+	g := cl.gateway(t, "gw")
+	if want := map[string]string{fip1: "n1", fip2: "n2"}; !mapsEqual(g.Status.FloatingIPs, want) {
+		t.Errorf("status.floatingIPs %v, want %v", g.Status.FloatingIPs, want)
+	}
+	// n3 has no agent: it has no subnet, so it is not a candidate at all.
+	if want := map[string]v1.NodeHealth{"n1": v1.NodeUp, "n2": v1.NodeUp}; !mapsEqual(g.Status.Nodes, want) {
+		t.Errorf("status.nodes %v, want %v", g.Status.Nodes, want)
+	}
+	if g.Status.AssignedCount != 2 || g.Status.ObservedGeneration != gwGen || len(g.Status.RecentMoves) != 0 {
+		t.Errorf("assignedCount %d observedGeneration %d recentMoves %v", g.Status.AssignedCount, g.Status.ObservedGeneration, g.Status.RecentMoves)
+	}
+	checkCondition(t, "gateway Ready", condition(t, g.Status.Conditions, "Ready"), metav1.ConditionTrue, "AllAssigned",
+		"all 2 floating IPs are held by Up nodes", gwGen)
+
+	p1 := cl.policy(t, "p1")
+	if p1.Status.EgressIP != fip1 || p1.Status.GatewayNode != "n1" || p1.Status.WhenUnavailable != v1.UnavailableDrop || p1.Status.ObservedGeneration != 2 {
+		t.Errorf("p1 status %+v", p1.Status)
+	}
+	checkCondition(t, "p1 Accepted", condition(t, p1.Status.Conditions, v1.ConditionAccepted), metav1.ConditionTrue, v1.ReasonAccepted,
+		"egress IP 192.0.2.100 of NetworkGatewayGroup kube-system/gw", 2)
+	checkCondition(t, "p1 Ready", condition(t, p1.Status.Conditions, v1.ConditionReady), metav1.ConditionTrue, v1.ReasonApplied,
+		"node n1 holds egress IP 192.0.2.100", 2)
+	p2 := cl.policy(t, "p2")
+	if p2.Status.EgressIP != "" || p2.Status.GatewayNode != "" || p2.Status.WhenUnavailable != v1.UnavailableDrop {
+		t.Errorf("p2 status %+v", p2.Status)
+	}
+	checkCondition(t, "p2 Accepted", condition(t, p2.Status.Conditions, v1.ConditionAccepted), metav1.ConditionFalse, v1.ReasonGatewayNotFound,
+		"NetworkGatewayGroup kube-system/missing not found", 2)
+	checkCondition(t, "p2 Ready", condition(t, p2.Status.Conditions, v1.ConditionReady), metav1.ConditionFalse, v1.ReasonGatewayNotFound,
+		"policy is not applied: NetworkGatewayGroup kube-system/missing not found", 2)
+	checkEvents(t, c.events(), "Normal GatewayAssigned egress IP 192.0.2.100 is held by node n1")
+	if n, ok := c.remembered(fip1); !ok || n != "n1" {
+		t.Errorf("the controller remembers %s on %q", fip1, n)
+	}
+
+	// Nothing changed: nothing is written, no event.
+	c.waitCaches(t, cl)
+	writes := cl.statusWrites("")
+	cl.clk.Step(time.Minute)
+	c.mustReconcile(t)
+	if n := cl.statusWrites("") - writes; n != 0 {
+		t.Fatalf("%d status writes without a change", n)
+	}
+	checkEvents(t, c.events())
+}
+
+// TestReconcileUnavailable: with no Up node in their subnet the IPs are
+// unassigned; the group says so, and a policy says what happens to its
+// traffic (whenUnavailable NodeIP with the fallback). A node whose kubelet
+// reports NotReady is Down even when it answers probes.
+func TestReconcileUnavailable(t *testing.T) {
+	objs := objects()
+	objs[0] = nodeObj("n1", "192.0.2.11", "False")
+	cl := newCluster(t, objs...)
+	c := cl.controller(t, true)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", false, epoch)
+	c.mustReconcile(t)
+
+	g := cl.gateway(t, "gw")
+	if len(g.Status.FloatingIPs) != 0 || g.Status.AssignedCount != 0 {
+		t.Errorf("floatingIPs %v assignedCount %d, want none", g.Status.FloatingIPs, g.Status.AssignedCount)
+	}
+	if want := map[string]v1.NodeHealth{"n1": v1.NodeDown, "n2": v1.NodeDown}; !mapsEqual(g.Status.Nodes, want) {
+		t.Errorf("status.nodes %v, want %v", g.Status.Nodes, want)
+	}
+	checkCondition(t, "gateway Ready", condition(t, g.Status.Conditions, "Ready"), metav1.ConditionFalse, "Unassigned",
+		"2 of 2 floating IPs have no Up node in their subnet: 192.0.2.100, 192.0.2.101", gwGen)
+	p1 := cl.policy(t, "p1")
+	if p1.Status.EgressIP != fip1 || p1.Status.GatewayNode != "" || p1.Status.WhenUnavailable != v1.UnavailableNodeIP {
+		t.Errorf("p1 status %+v", p1.Status)
+	}
+	ready := condition(t, p1.Status.Conditions, v1.ConditionReady)
+	if ready.Status != metav1.ConditionFalse || ready.Reason != v1.ReasonGatewayUnavailable || !strings.Contains(ready.Message, "leaves with the node IPs") {
+		t.Errorf("p1 Ready %+v", ready)
+	}
+}
+
+// TestReconcileMoves: when a holder goes Down its IP moves; the group's
+// status.recentMoves records the move (newest first, with the detection
+// time) and a FloatingIPMoved event is recorded. The IP does not move back
+// when the node returns.
+func TestReconcileMoves(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	c := cl.controller(t, false)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", true, epoch)
+	c.mustReconcile(t)
+	c.waitCaches(t, cl)
+	c.events()
+
+	c.setHealth("n1", false, epoch)
+	cl.clk.Step(1412 * time.Millisecond)
+	c.mustReconcile(t)
+	g := cl.gateway(t, "gw")
+	if want := map[string]string{fip1: "n2", fip2: "n2"}; !mapsEqual(g.Status.FloatingIPs, want) {
+		t.Fatalf("after n1 went Down: floatingIPs %v, want %v", g.Status.FloatingIPs, want)
+	}
+	if g.Status.Nodes["n1"] != v1.NodeDown {
+		t.Errorf("n1 is %s in the status", g.Status.Nodes["n1"])
+	}
+	wantMove := v1.FloatingIPMove{IP: fip1, From: "n1", To: "n2", Reason: "node n1 Down: no health probe answer for 1412ms",
+		Time: metav1.NewTime(epoch.Add(1412 * time.Millisecond)).Rfc3339Copy(), DetectionMilliseconds: 1412}
+	if len(g.Status.RecentMoves) != 1 || !sameMove(g.Status.RecentMoves[0], wantMove) {
+		t.Fatalf("recentMoves %+v, want [%+v]", g.Status.RecentMoves, wantMove)
+	}
+	checkEvents(t, c.events(),
+		"Warning FloatingIPMoved 192.0.2.100 moved from n1 to n2: node n1 Down: no health probe answer for 1412ms",
+		"Normal GatewayAssigned egress IP 192.0.2.100 is held by node n2")
+	if p1 := cl.policy(t, "p1"); p1.Status.GatewayNode != "n2" {
+		t.Errorf("p1 gateway node %q, want n2", p1.Status.GatewayNode)
+	}
+
+	// n1 returns: it is Up again, the IP stays on n2.
+	c.waitCaches(t, cl)
+	c.setHealth("n1", true, cl.clk.Now())
+	c.mustReconcile(t)
+	g = cl.gateway(t, "gw")
+	if g.Status.FloatingIPs[fip1] != "n2" || g.Status.Nodes["n1"] != v1.NodeUp || len(g.Status.RecentMoves) != 1 {
+		t.Fatalf("after n1 returned: %+v", g.Status)
+	}
+	checkEvents(t, c.events())
+
+	// n2 is deleted: both IPs move to n1, the newest moves first (those of
+	// one reconcile in reverse spec order: each is put in front).
+	c.waitCaches(t, cl)
+	if err := cl.core.CoreV1().Nodes().Delete(context.Background(), "n2", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c.waitCaches(t, cl)
+	c.mustReconcile(t)
+	g = cl.gateway(t, "gw")
+	var got []string
+	for _, m := range g.Status.RecentMoves {
+		got = append(got, m.IP+" "+m.From+">"+m.To+": "+m.Reason)
+	}
+	want := []string{fip2 + " n2>n1: node n2 no longer exists", fip1 + " n2>n1: node n2 no longer exists", wantMove.IP + " n1>n2: " + wantMove.Reason}
+	if !slices.Equal(got, want) {
+		t.Fatalf("recentMoves\n%q\nwant\n%q", got, want)
+	}
+}
+
+// TestRecentMovesBounded: status.recentMoves keeps the MaxRecentMoves
+// newest moves.
+func TestRecentMovesBounded(t *testing.T) {
+	objs := objects()
+	gw := gatewayObj("gw", fip1, fip2)
+	gw.Status.FloatingIPs = map[string]string{fip1: "n1", fip2: "n2"}
+	for i := range v1.MaxRecentMoves {
+		gw.Status.RecentMoves = append(gw.Status.RecentMoves, v1.FloatingIPMove{IP: fip2, From: "n1", To: "n2", Reason: "old " + string(rune('a'+i))})
+	}
+	objs[5] = gw
+	cl := newCluster(t, objs...)
+	c := cl.controller(t, false)
+	c.setHealth("n1", false, time.Time{})
+	c.setHealth("n2", true, epoch)
+	c.mustReconcile(t)
+	moves := cl.gateway(t, "gw").Status.RecentMoves
+	if len(moves) != v1.MaxRecentMoves {
+		t.Fatalf("%d recent moves, want %d", len(moves), v1.MaxRecentMoves)
+	}
+	if moves[0].IP != fip1 || moves[0].Reason != "node n1 Down" || moves[1].Reason != "old a" || moves[len(moves)-1].Reason != "old i" {
+		t.Fatalf("recentMoves %+v", moves)
+	}
+}
+
+// TestReconcileStatusConflict: a status write refused with 409 Conflict
+// fails the reconcile; the next one writes the right status, move included,
+// and the move is recorded once.
+func TestReconcileStatusConflict(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	c := cl.controller(t, false)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", true, epoch)
+	c.mustReconcile(t)
+	c.waitCaches(t, cl)
+	c.events()
+
+	refused := cl.conflictOnce()
+	c.setHealth("n1", false, epoch)
+	cl.clk.Step(500 * time.Millisecond)
+	err := c.reconcile(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "update status of gateway kube-system/gw") || refused() != 1 {
+		t.Fatalf("reconcile with a conflicting status write: %v (%d refused)", err, refused())
+	}
+	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] != "n1" {
+		t.Fatal("the refused write changed the status")
+	}
+
+	c.waitCaches(t, cl)
+	cl.clk.Step(200 * time.Millisecond)
+	c.mustReconcile(t)
+	g := cl.gateway(t, "gw")
+	if g.Status.FloatingIPs[fip1] != "n2" || g.Status.Nodes["n1"] != v1.NodeDown {
+		t.Fatalf("after the retry: %+v", g.Status)
+	}
+	if len(g.Status.RecentMoves) != 1 || g.Status.RecentMoves[0].From != "n1" || g.Status.RecentMoves[0].To != "n2" {
+		t.Fatalf("after the retry: recentMoves %+v, want the move n1>n2", g.Status.RecentMoves)
+	}
+	moved := 0
+	for _, e := range c.events() {
+		if strings.Contains(e, "FloatingIPMoved") {
+			moved++
+		}
+	}
+	if moved != 1 {
+		t.Fatalf("%d FloatingIPMoved events, want 1", moved)
+	}
+}
+
+// TestLeadRetriesConflict: the Lead loop retries a failed reconcile (200 ms
+// later) until the status is written.
+func TestLeadRetriesConflict(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	c := cl.controller(t, false)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", true, epoch)
+	refused := cl.conflictOnce()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { c.Lead(ctx); close(done) }()
+	eventually(t, "the refused write", func() bool { return refused() == 1 })
+	eventually(t, "the retry to write the status", func() bool {
+		cl.clk.Step(100 * time.Millisecond)
+		return cl.gateway(t, "gw").Status.AssignedCount == 2
+	})
+	cancel()
+	<-done
+	if g := cl.gateway(t, "gw"); !mapsEqual(g.Status.FloatingIPs, map[string]string{fip1: "n1", fip2: "n2"}) {
+		t.Fatalf("status after the retry %+v", g.Status)
+	}
+}
+
+// TestLeaderChange: a replica that led before and leads again starts its
+// term from the statuses, not from what it decided in its last term: it
+// does not move back an IP that the leader in between moved and wrote.
+func TestLeaderChange(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	a, b := cl.controller(t, false), cl.controller(t, false)
+	for _, c := range []*testController{a, b} {
+		c.setHealth("n1", true, epoch)
+		c.setHealth("n2", true, epoch)
+	}
+	// b leads first: fip1 on n1.
+	b.mustReconcile(t)
+	a.waitCaches(t, cl)
+
+	// a leads while n1 is Down (for a): fip1 moves to n2.
+	a.setHealth("n1", false, epoch)
+	cl.clk.Step(time.Second)
+	a.mustReconcile(t)
+	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] != "n2" || g.Status.Nodes["n1"] != v1.NodeDown {
+		t.Fatalf("a did not move %s: %+v", fip1, g.Status)
+	}
+
+	// b leads again; n1 is Up (for b), which its first reconcile writes.
+	b.waitCaches(t, cl)
+	b.events()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.Lead(ctx); close(done) }()
+	eventually(t, "b's first status write of its new term", func() bool { return cl.gateway(t, "gw").Status.Nodes["n1"] == v1.NodeUp })
+	cancel()
+	<-done
+	g := cl.gateway(t, "gw")
+	if g.Status.FloatingIPs[fip1] != "n2" || len(g.Status.RecentMoves) != 1 {
+		t.Fatalf("b's new term moved %s back: %+v", fip1, g.Status)
+	}
+	for _, e := range b.events() {
+		if strings.Contains(e, "FloatingIPMoved") {
+			t.Fatalf("b's new term moved an IP: %s", e)
+		}
+	}
+}
+
+// TestLeaderChangeStaleCache: a new leader whose cache has not yet seen the
+// old leader's last write (a move) finds nothing to write in the stale
+// status. Once its cache catches up it must start from the status the old
+// leader wrote, not from what it decided from the stale one: the IP stays
+// where the old leader moved it. The fake API refuses writes from stale
+// caches (resourceVersion), as an API server does.
+func TestLeaderChangeStaleCache(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	cl.optimisticConcurrency(t)
+	a, b := cl.controller(t, false), cl.controller(t, false)
+	for _, c := range []*testController{a, b} {
+		c.setHealth("n1", true, epoch)
+		c.setHealth("n2", true, epoch)
+	}
+	a.mustReconcile(t)
+	a.waitCaches(t, cl)
+	b.waitCaches(t, cl)
+	stale := cl.gateway(t, "gw")
+
+	// a moves fip1 away from n1, which it sees Down, and loses the lead.
+	a.setHealth("n1", false, epoch)
+	cl.clk.Step(time.Second)
+	a.mustReconcile(t)
+	b.waitCaches(t, cl)
+	moved := cl.gateway(t, "gw")
+	if moved.Status.FloatingIPs[fip1] != "n2" {
+		t.Fatalf("a did not move %s: %+v", fip1, moved.Status)
+	}
+
+	// b leads, its watch lagging: its cache still shows the status before
+	// the move, which is what b would write (n1 is Up for b).
+	if err := b.gateways.Update(stale); err != nil {
+		t.Fatal(err)
+	}
+	writes := cl.statusWrites("networkgatewaygroups")
+	b.mustReconcile(t)
+	if n := cl.statusWrites("networkgatewaygroups") - writes; n != 0 {
+		t.Fatalf("b wrote %d gateway statuses from a status it has no change to", n)
+	}
+
+	// b's watch catches up; b reconciles again.
+	if err := b.gateways.Update(moved); err != nil {
+		t.Fatal(err)
+	}
+	b.mustReconcile(t)
+	g := cl.gateway(t, "gw")
+	if g.Status.FloatingIPs[fip1] != "n2" || len(g.Status.RecentMoves) != 1 {
+		t.Fatalf("b moved %s back to n1 (a decision from its stale cache): %+v", fip1, g.Status)
+	}
+}
+
+func sameMove(a, b v1.FloatingIPMove) bool {
+	return a.IP == b.IP && a.From == b.From && a.To == b.To && a.Reason == b.Reason &&
+		a.Time.Equal(&b.Time) && a.DetectionMilliseconds == b.DetectionMilliseconds
+}
+
+func mapsEqual[K comparable, V comparable](a, b map[K]V) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}

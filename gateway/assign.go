@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+
+	"github.com/egressnat/egressnat/selector"
 )
 
 // Node is a node as the assignment sees it.
@@ -38,7 +40,13 @@ type Group struct {
 // comes first by: worker before control-plane node, fewer floating IPs held
 // (over all groups, counting the IPs kept and those assigned earlier in this
 // call), name. An IP listed by several groups is assigned once. Invalid and
-// non-IPv4 addresses are ignored; IPv4-mapped IPv6 addresses are unmapped.
+// non-IPv4 addresses, and those selector.Unusable refuses, are ignored;
+// IPv4-mapped IPv6 addresses are unmapped.
+//
+// Assign does not judge the groups: the operator passes for each only the
+// floating IPs selector.CheckGroups finds usable (none for a group it
+// ignores), so that a node's address, an address in use or an IP an older
+// group keeps is never assigned.
 // Node names are unique; for a repeated name the first node counts.
 func Assign(groups []Group, nodes []Node, current map[netip.Addr]string) map[netip.Addr]string {
 	out := make(map[netip.Addr]string)
@@ -57,7 +65,7 @@ func Assign(groups []Group, nodes []Node, current map[netip.Addr]string) map[net
 	for _, gi := range order {
 		for _, ip := range groups[gi].FloatingIPs {
 			ip = ip.Unmap()
-			if !ip.Is4() || seen[ip] {
+			if !ip.Is4() || seen[ip] || selector.Unusable(ip) != "" {
 				continue
 			}
 			seen[ip] = true

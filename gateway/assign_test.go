@@ -171,6 +171,12 @@ func TestAssign(t *testing.T) {
 			want: a("10.1.2.3", "narrow", "10.1.2.4", "wide", "10.1.9.9", "narrow"),
 		},
 		{
+			name:   "unusable addresses are never assigned, even in a node's subnet",
+			groups: []Group{{Namespace: "ns", Name: "g", FloatingIPs: ips("127.0.0.5", "169.254.1.1", "224.0.0.9", "0.0.0.1", "192.168.1.5")}},
+			nodes:  []Node{worker("n", true, "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "0.0.0.0/8", lan)},
+			want:   a("192.168.1.5", "n"),
+		},
+		{
 			name:   "unmasked subnet reported by an agent still counts",
 			groups: []Group{{Namespace: "ns", Name: "g", FloatingIPs: ips("192.168.1.5")}},
 			nodes:  []Node{{Name: "n", Up: true, Subnets: []netip.Prefix{netip.MustParsePrefix("192.168.1.17/24")}}},

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"net/netip"
+	"strings"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/selector"
@@ -11,9 +12,10 @@ import (
 // and Ready conditions, the egress IP and the node holding it. The fields
 // are those of selector.Decision.
 type Resolution struct {
-	// Accepted: the gatewayRef names an existing group whose first floating
-	// IP is IPv4. AcceptedReason is v1.ReasonAccepted,
-	// v1.ReasonGatewayNotFound or v1.ReasonNoFloatingIP.
+	// Accepted: the gatewayRef names an existing, honoured group whose
+	// first floating IP is IPv4 and not rejected. AcceptedReason is
+	// v1.ReasonAccepted, v1.ReasonGatewayNotFound, v1.ReasonGatewayIgnored,
+	// v1.ReasonNoFloatingIP or v1.ReasonEgressIPRejected.
 	Accepted                        bool
 	AcceptedReason, AcceptedMessage string
 	// Ready: a node holds the egress IP. ReadyReason is v1.ReasonApplied or
@@ -27,27 +29,27 @@ type Resolution struct {
 	Node string
 }
 
-// ResolvePolicy resolves ref against groups (keyed "namespace/name") and the
-// assignment returned by Assign, with selector.Decide: the agents decide
+// ResolvePolicy resolves ref against groups (keyed "namespace/name"), their
+// checks (selector.CheckGroups; a group missing there has no problem) and
+// the assignment returned by Assign, with selector.Decide: the agents decide
 // from the status the operator writes from this, by the same rule.
 // fallbackToNodeIP only changes the message of an unavailable gateway: with
 // it, selected traffic leaves with the node IPs; without it, it is dropped.
-func ResolvePolicy(ref v1.GatewayRef, groups map[string]Group, assignment map[netip.Addr]string, fallbackToNodeIP bool) Resolution {
+func ResolvePolicy(ref v1.GatewayRef, groups map[string]*v1.NetworkGatewayGroup, checks map[string]selector.GroupCheck, assignment map[netip.Addr]string, fallbackToNodeIP bool) Resolution {
 	f := selector.PolicyFacts{Gateway: ref.Namespace + "/" + ref.Name, FallbackToNodeIP: fallbackToNodeIP}
-	if g, ok := groups[f.Gateway]; ok {
+	if g := groups[f.Gateway]; g != nil {
 		f.GatewayFound = true
-		f.Holders = make(map[string]string, len(g.FloatingIPs))
-		for _, ip := range g.FloatingIPs {
-			s := ""
-			if ip.IsValid() {
+		f.FloatingIPs = g.Spec.FloatingIPs
+		f.Holders = make(map[string]string, len(g.Spec.FloatingIPs))
+		for _, s := range g.Spec.FloatingIPs {
+			if ip, err := netip.ParseAddr(strings.TrimSpace(s)); err == nil {
 				ip = ip.Unmap()
-				s = ip.String()
 				if node := assignment[ip]; node != "" {
-					f.Holders[s] = node
+					f.Holders[ip.String()] = node
 				}
 			}
-			f.FloatingIPs = append(f.FloatingIPs, s)
 		}
+		f.SetGatewayCheck(checks)
 	}
 	d := selector.Decide(f)
 	return Resolution{

@@ -5,15 +5,32 @@ import (
 	"testing"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
+	"github.com/egressnat/egressnat/selector"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 func TestResolvePolicy(t *testing.T) {
-	groups := map[string]Group{
-		"kube-system/gw":     seedGroup,
-		"kube-system/empty":  {Namespace: "kube-system", Name: "empty"},
-		"kube-system/bad":    {Namespace: "kube-system", Name: "bad", FloatingIPs: []netip.Addr{{}}},
-		"kube-system/v6":     {Namespace: "kube-system", Name: "v6", FloatingIPs: ips("2001:db8::1", "192.168.1.100")},
-		"kube-system/mapped": {Namespace: "kube-system", Name: "mapped", FloatingIPs: []netip.Addr{netip.AddrFrom16(ip("192.168.1.100").As16())}},
+	group := func(ns, name string, fips ...string) *v1.NetworkGatewayGroup {
+		return &v1.NetworkGatewayGroup{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Spec: v1.NetworkGatewayGroupSpec{FloatingIPs: fips}}
+	}
+	groups := map[string]*v1.NetworkGatewayGroup{
+		"kube-system/gw":       group("kube-system", "gw", "192.168.1.100", "192.168.1.101", "192.168.1.102"),
+		"kube-system/empty":    group("kube-system", "empty"),
+		"kube-system/bad":      group("kube-system", "bad", ""),
+		"kube-system/v6":       group("kube-system", "v6", "2001:db8::1", "192.168.1.100"),
+		"kube-system/mapped":   group("kube-system", "mapped", "::ffff:192.168.1.100"),
+		"kube-system/typo":     group("kube-system", "typo", "192.168.1.11", "192.168.1.100"),
+		"kube-system/second":   group("kube-system", "second", "192.168.1.100", "192.168.1.11"),
+		"team-a/gw":            group("team-a", "gw", "192.168.1.100"),
+		"kube-system/younger":  group("kube-system", "younger", "192.168.1.100"),
+		"kube-system/unlisted": group("kube-system", "unlisted", "192.168.1.100"),
+	}
+	checks := map[string]selector.GroupCheck{
+		"kube-system/gw":      {Usable: ips("192.168.1.100", "192.168.1.101", "192.168.1.102")},
+		"kube-system/typo":    {Usable: ips("192.168.1.100"), EgressRejected: "the InternalIP of node worker1"},
+		"kube-system/second":  {Usable: ips("192.168.1.100")},
+		"team-a/gw":           {Ignored: "namespace team-a is not a gateway namespace"},
+		"kube-system/younger": {EgressRejected: "also listed by NetworkGatewayGroup kube-system/gw, which is older and keeps it"},
 	}
 	held := a("192.168.1.100", "worker1")
 	cases := []struct {
@@ -102,6 +119,57 @@ func TestResolvePolicy(t *testing.T) {
 			},
 		},
 		{
+			name: "first floating IP rejected (a node's address): not accepted, even when held",
+			ref:  v1.GatewayRef{Namespace: "kube-system", Name: "typo"},
+			asg:  a("192.168.1.11", "worker1", "192.168.1.100", "worker2"),
+			want: Resolution{
+				AcceptedReason:  v1.ReasonEgressIPRejected,
+				AcceptedMessage: "egress IP 192.168.1.11 (the first floating IP of NetworkGatewayGroup kube-system/typo) is rejected and never assigned: the InternalIP of node worker1",
+				ReadyReason:     v1.ReasonEgressIPRejected,
+				ReadyMessage:    "policy is not applied: egress IP 192.168.1.11 (the first floating IP of NetworkGatewayGroup kube-system/typo) is rejected and never assigned: the InternalIP of node worker1",
+			},
+		},
+		{
+			name: "a rejected second floating IP does not matter to the policy",
+			ref:  v1.GatewayRef{Namespace: "kube-system", Name: "second"},
+			asg:  held,
+			want: Resolution{
+				Accepted: true, AcceptedReason: v1.ReasonAccepted, AcceptedMessage: "egress IP 192.168.1.100 of NetworkGatewayGroup kube-system/second",
+				Ready: true, ReadyReason: v1.ReasonApplied, ReadyMessage: "node worker1 holds egress IP 192.168.1.100",
+				EgressIP: ip("192.168.1.100"), Node: "worker1",
+			},
+		},
+		{
+			name: "egress IP kept by an older group",
+			ref:  v1.GatewayRef{Namespace: "kube-system", Name: "younger"},
+			asg:  held,
+			want: Resolution{
+				AcceptedReason:  v1.ReasonEgressIPRejected,
+				AcceptedMessage: "egress IP 192.168.1.100 (the first floating IP of NetworkGatewayGroup kube-system/younger) is rejected and never assigned: also listed by NetworkGatewayGroup kube-system/gw, which is older and keeps it",
+				ReadyReason:     v1.ReasonEgressIPRejected,
+				ReadyMessage:    "policy is not applied: egress IP 192.168.1.100 (the first floating IP of NetworkGatewayGroup kube-system/younger) is rejected and never assigned: also listed by NetworkGatewayGroup kube-system/gw, which is older and keeps it",
+			},
+		},
+		{
+			name: "gateway ignored (namespace not honoured)",
+			ref:  v1.GatewayRef{Namespace: "team-a", Name: "gw"},
+			asg:  held,
+			want: Resolution{
+				AcceptedReason: v1.ReasonGatewayIgnored, AcceptedMessage: "NetworkGatewayGroup team-a/gw is ignored: namespace team-a is not a gateway namespace",
+				ReadyReason: v1.ReasonGatewayIgnored, ReadyMessage: "policy is not applied: NetworkGatewayGroup team-a/gw is ignored: namespace team-a is not a gateway namespace",
+			},
+		},
+		{
+			name: "a group without a check has no problem",
+			ref:  v1.GatewayRef{Namespace: "kube-system", Name: "unlisted"},
+			asg:  held,
+			want: Resolution{
+				Accepted: true, AcceptedReason: v1.ReasonAccepted, AcceptedMessage: "egress IP 192.168.1.100 of NetworkGatewayGroup kube-system/unlisted",
+				Ready: true, ReadyReason: v1.ReasonApplied, ReadyMessage: "node worker1 holds egress IP 192.168.1.100",
+				EgressIP: ip("192.168.1.100"), Node: "worker1",
+			},
+		},
+		{
 			name: "IPv4-mapped first floating IP: its IPv4 form is looked up",
 			ref:  v1.GatewayRef{Namespace: "kube-system", Name: "mapped"},
 			asg:  held,
@@ -114,7 +182,7 @@ func TestResolvePolicy(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := ResolvePolicy(tc.ref, groups, tc.asg, tc.fallback); got != tc.want {
+			if got := ResolvePolicy(tc.ref, groups, checks, tc.asg, tc.fallback); got != tc.want {
 				t.Fatalf("ResolvePolicy:\n got %+v\nwant %+v", got, tc.want)
 			}
 		})

@@ -1,18 +1,22 @@
 // Package manifests_test checks the install manifests without a cluster:
 // the kustomization lists every file, no Role grants Secrets, wildcards or
-// the verbs that escalate, and the agent learns its memory limit.
+// the verbs that escalate, the agent learns its memory limit, and the
+// metrics and health servers listen on the node's IP only.
 // test/deploy proves the rest against a real API server.
 package manifests_test
 
 import (
 	"bytes"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"sigs.k8s.io/yaml"
 )
@@ -112,8 +116,8 @@ func TestLeastPrivilege(t *testing.T) {
 			}
 		}
 	}
-	if roles != 4 {
-		t.Errorf("found %d Roles and ClusterRoles, want 4", roles)
+	if roles != 5 {
+		t.Errorf("found %d Roles and ClusterRoles, want 5", roles)
 	}
 }
 
@@ -148,4 +152,104 @@ func TestAgentMemoryLimit(t *testing.T) {
 		t.Fatal("agent: no MEMORY_LIMIT env")
 	}
 	t.Fatal("no container named agent")
+}
+
+// workload returns the first container and the pod spec of a DaemonSet or
+// Deployment manifest.
+func workload(t *testing.T, file string) (corev1.Container, corev1.PodSpec) {
+	t.Helper()
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var w struct {
+		Spec struct {
+			Template corev1.PodTemplateSpec `json:"template"`
+		} `json:"spec"`
+	}
+	if err := yaml.Unmarshal(b, &w); err != nil {
+		t.Fatalf("%s: %v", file, err)
+	}
+	spec := w.Spec.Template.Spec
+	if len(spec.Containers) == 0 {
+		t.Fatalf("%s: no container", file)
+	}
+	return spec.Containers[0], spec
+}
+
+// TestBindAddresses: both workloads share the node's network namespace
+// (hostNetwork), where ":port" or 0.0.0.0 would listen on every address of
+// the node, the floating IPs it holds included. Every --*-addr flag listens
+// on the node's own IP, HOST_IP from the downward API (status.hostIP), on a
+// declared port; the kubelet's probes use the metrics and health port; the
+// operators probe the port the agents listen on.
+func TestBindAddresses(t *testing.T) {
+	ports := map[string]map[string]int{} // file -> flag -> port
+	for _, f := range []string{"agent-daemonset.yaml", "operator-deployment.yaml"} {
+		c, spec := workload(t, f)
+		if !spec.HostNetwork {
+			t.Errorf("%s: not hostNetwork; this test assumes it", f)
+		}
+		hostIP := false
+		for _, e := range c.Env {
+			if e.Name == "HOST_IP" {
+				hostIP = e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "status.hostIP"
+			}
+		}
+		if !hostIP {
+			t.Errorf("%s: no env HOST_IP from fieldRef status.hostIP", f)
+		}
+		ports[f] = map[string]int{}
+		for _, a := range c.Args {
+			flag, value, ok := strings.Cut(strings.TrimLeft(a, "-"), "=")
+			if !ok {
+				continue
+			}
+			if flag == "probe-port" {
+				ports[f][flag], _ = strconv.Atoi(value)
+			}
+			if !strings.HasSuffix(flag, "-addr") {
+				continue
+			}
+			host, port, err := net.SplitHostPort(value)
+			if err != nil {
+				t.Errorf("%s: --%s=%s: %v", f, flag, value, err)
+				continue
+			}
+			if host != "$(HOST_IP)" {
+				t.Errorf("%s: --%s listens on %q, want $(HOST_IP) (the node's IP only)", f, flag, host)
+			}
+			n, _ := strconv.Atoi(port)
+			ports[f][flag] = n
+			if !slices.ContainsFunc(c.Ports, func(p corev1.ContainerPort) bool { return int(p.ContainerPort) == n }) {
+				t.Errorf("%s: --%s port %d is not a declared containerPort", f, flag, n)
+			}
+		}
+		health, ok := ports[f]["health-addr"]
+		if !ok {
+			t.Errorf("%s: no --health-addr", f)
+		}
+		for name, p := range map[string]*corev1.Probe{"liveness": c.LivenessProbe, "readiness": c.ReadinessProbe} {
+			if p == nil || p.HTTPGet == nil {
+				t.Errorf("%s: no HTTP %s probe", f, name)
+				continue
+			}
+			if p.HTTPGet.Host != "" {
+				t.Errorf("%s: %s probe host %q: the kubelet must dial the pod IP (the node IP), where the server listens", f, name, p.HTTPGet.Host)
+			}
+			port := p.HTTPGet.Port.IntValue()
+			for _, cp := range c.Ports {
+				if cp.Name == p.HTTPGet.Port.StrVal && p.HTTPGet.Port.StrVal != "" {
+					port = int(cp.ContainerPort)
+				}
+			}
+			if port != health {
+				t.Errorf("%s: %s probe port %d, want the --health-addr port %d", f, name, port, health)
+			}
+		}
+	}
+	agentProbe, opProbe := ports["agent-daemonset.yaml"]["health-probe-addr"], ports["operator-deployment.yaml"]["probe-port"]
+	if agentProbe == 0 || agentProbe != opProbe {
+		t.Errorf("the operator probes port %d, the agents listen for probes on %d", opProbe, agentProbe)
+	}
 }

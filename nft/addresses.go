@@ -48,8 +48,37 @@ func uplinkAddrs(h *netlink.Handle, link netlink.Link) (map[netip.Addr]netlink.A
 	return out, nil
 }
 
-func addrFor(p netip.Prefix) *netlink.Addr {
-	return &netlink.Addr{IPNet: &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), 32)}}
+// Label is the address label egressnat gives the floating IPs it adds to
+// uplink: "<uplink>:enat", or "egressnat" when that would not fit the
+// kernel's 15 characters. It is how an agent knows, after a restart or a
+// lost table, which addresses are its own: it never removes another.
+func Label(uplink string) string {
+	if l := uplink + ":enat"; len(l) <= 15 {
+		return l
+	}
+	return "egressnat"
+}
+
+func (ad *addresses) addrFor(p netip.Prefix) *netlink.Addr {
+	return &netlink.Addr{IPNet: &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), 32)}, Label: Label(ad.cfg.Uplink)}
+}
+
+// owned returns the addresses on the uplink that are egressnat's: those
+// with its label and those recorded in its table.
+func (ad *addresses) owned(have map[netip.Addr]netlink.Addr, recorded []netip.Addr) map[netip.Addr]bool {
+	label := Label(ad.cfg.Uplink)
+	out := map[netip.Addr]bool{}
+	for a, na := range have {
+		if na.Label == label {
+			out[a] = true
+		}
+	}
+	for _, a := range recorded {
+		if _, present := have[a]; present {
+			out[a] = true
+		}
+	}
+	return out
 }
 
 // addFloating adds the floating IPs that are missing on the uplink and
@@ -60,7 +89,7 @@ func (ad *addresses) add(h *netlink.Handle, link netlink.Link, have map[netip.Ad
 		if _, ok := have[p.Addr()]; ok {
 			continue
 		}
-		if err := h.AddrAdd(link, addrFor(p)); err != nil && !errors.Is(err, unix.EEXIST) {
+		if err := h.AddrAdd(link, ad.addrFor(p)); err != nil && !errors.Is(err, unix.EEXIST) {
 			return added, fmt.Errorf("add address %s to %s: %w", p, link.Attrs().Name, err)
 		}
 		added = append(added, p.Addr())

@@ -60,6 +60,13 @@ type Result struct {
 	SysctlsChanged   int
 	Announced        []netip.Addr // floating IPs gratuitous ARP was sent for
 	ConntrackDeleted int
+	// Unroutable: Reroute policies whose next hop got no mark (more next
+	// hops than the mark mask holds): they drop their traffic on this node.
+	Unroutable []string
+	// Foreign: floating IPs of the cluster (wanted here or not) found on
+	// the uplink that egressnat did not put there (no label, no record):
+	// never managed, reported.
+	Foreign []netip.Addr
 	// Marks is the mark value used for each next hop (full path only).
 	Marks map[netip.Addr]uint32
 	// Incremental: only policies' sources changed, and only their elements
@@ -157,6 +164,14 @@ func normalizeState(st selector.NodeState) (*normalized, error) {
 		}
 		n.dests[dstSetName(p.Name)] = mergeOverlaps(prefixRanges(dsts))
 	}
+	var excluded []netip.Prefix
+	for _, e := range st.Excluded {
+		if !e.IsValid() || !e.Addr().Unmap().Is4() {
+			return nil, fmt.Errorf("excluded destination %s is not ipv4", e)
+		}
+		excluded = append(excluded, netip.PrefixFrom(e.Addr().Unmap(), e.Bits()))
+	}
+	n.dests[setInternal] = mergeOverlaps(prefixRanges(excluded))
 	for _, f := range st.FloatingIPs {
 		if !f.IsValid() || !f.Addr().Unmap().Is4() {
 			return nil, fmt.Errorf("floating ip %s is not ipv4", f)
@@ -268,8 +283,19 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		return err
 	}
 
-	// Marks: stable, read back from the routes we hold.
-	marks, err := selector.AllocateMarks(d.cfg.MarkMask, selector.NextHops(st), rs.owners)
+	// Marks: stable, read back from the routes we hold. Next hops beyond
+	// the mark mask's capacity get none: their policies fail closed here,
+	// reported, and every other policy keeps working.
+	kept, dropped := selector.LimitNextHops(d.cfg.MarkMask, selector.NextHops(st), rs.owners)
+	if len(dropped) > 0 {
+		st, res.Unroutable = failClosed(st, dropped)
+		if n, err = normalizeState(st); err != nil {
+			return fmt.Errorf("invalid state: %w", err)
+		}
+		d.log.Warn("more gateway next hops than marks: their policies drop their traffic on this node",
+			zap.Int("capacity", selector.MarkCapacity(d.cfg.MarkMask)), zap.Strings("policies", res.Unroutable))
+	}
+	marks, err := selector.AllocateMarks(d.cfg.MarkMask, kept, rs.owners)
 	if err != nil {
 		return fmt.Errorf("allocate marks: %w", err)
 	}
@@ -278,37 +304,39 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		res.Marks[nh] = selector.MarkValue(d.cfg.MarkMask, idx)
 	}
 
-	// Floating IPs: ours are the recorded ones and the wanted ones we add.
-	// A wanted address already on the uplink that we never recorded belongs
-	// to someone else: it is left alone and never removed.
+	// Floating IPs. Ours are the addresses on the uplink that carry our
+	// label (it survives a lost table and a restart), the ones recorded in
+	// the table (added by a version without labels), and the wanted ones we
+	// add. A wanted address already on the uplink that is not ours belongs
+	// to someone else: it is left alone, never removed, never announced,
+	// and reported (Result.Foreign). Only ours are ever removed.
 	recorded := elemAddrs(ks.elems[setFloating])
-	isRecorded := map[netip.Addr]bool{}
-	for _, a := range recorded {
-		isRecorded[a] = true
-	}
+	owned := d.addr.owned(addrs, recorded)
 	wantFloat := map[netip.Addr]bool{}
 	var ours []netip.Addr
 	for _, p := range n.floating {
 		wantFloat[p.Addr()] = true
-		if _, present := addrs[p.Addr()]; isRecorded[p.Addr()] || !present {
+		if _, present := addrs[p.Addr()]; owned[p.Addr()] || !present {
 			ours = append(ours, p.Addr())
 		} else {
-			d.log.Info("floating ip already on uplink, not managed", zap.Stringer("ip", p.Addr()))
+			d.log.Warn("floating ip already on the uplink, put there by something else: not managed", zap.Stringer("ip", p.Addr()))
 		}
 	}
+	for _, a := range st.ClusterFloatingIPs {
+		if _, present := addrs[a.Unmap()]; present && !owned[a.Unmap()] {
+			res.Foreign = append(res.Foreign, a.Unmap())
+		}
+	}
+	for _, p := range n.floating {
+		if _, present := addrs[p.Addr()]; present && !owned[p.Addr()] && !slices.Contains(res.Foreign, p.Addr()) {
+			res.Foreign = append(res.Foreign, p.Addr())
+		}
+	}
+	slices.SortFunc(res.Foreign, netip.Addr.Compare)
 	var givenUp []netip.Addr
-	for _, a := range recorded {
+	for _, a := range slices.SortedFunc(maps.Keys(owned), netip.Addr.Compare) {
 		if !wantFloat[a] {
 			givenUp = append(givenUp, a)
-		}
-	}
-	// Floating IPs of the cluster this node does not hold go even when they
-	// were never recorded here (the table was lost, or another program put
-	// them there): a node must not answer for another node's IP.
-	var foreign []netip.Addr
-	for _, a := range st.Released {
-		if _, present := addrs[a]; present && !wantFloat[a] && !isRecorded[a] {
-			foreign = append(foreign, a)
 		}
 	}
 	floatingSet := slices.Concat(recorded, ours)
@@ -355,9 +383,9 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		return err
 	}
 	var announce []netip.Addr
-	for _, p := range n.floating {
-		if !d.addr.announced[p.Addr()] {
-			announce = append(announce, p.Addr())
+	for _, a := range ours {
+		if !d.addr.announced[a] {
+			announce = append(announce, a)
 		}
 	}
 	if err := d.addr.announce(ctx, link, announce); err != nil {
@@ -375,10 +403,10 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 
 	// 4. Remove what is no longer wanted: floating IPs given up (then their
 	// record), stale routing.
-	if err := d.addr.remove(h, link, addrs, slices.Concat(givenUp, foreign), res); err != nil {
+	if err := d.addr.remove(h, link, addrs, givenUp, res); err != nil {
 		return err
 	}
-	if err := d.unrecordFloating(ctx, givenUp, res); err != nil {
+	if err := d.unrecordFloating(ctx, intersect(givenUp, recorded), res); err != nil {
 		return err
 	}
 	d.nf.cache = plan.after(d.nf, ks, want, slices.DeleteFunc(slices.Clone(floatingSet), func(a netip.Addr) bool { return slices.Contains(givenUp, a) }))
@@ -400,7 +428,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	}
 
 	// 6. Conntrack, only after everything above succeeded.
-	m := conntrackMatcher(plan, n, slices.Concat(givenUp, foreign))
+	m := conntrackMatcher(plan, n, givenUp)
 	flushed, err := d.ct.flush(ctx, m)
 	res.ConntrackDeleted = flushed
 	if err != nil {
@@ -412,15 +440,35 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	return nil
 }
 
+// failClosed turns the Reroute policies toward the next hops dropped into
+// Drop policies, and returns their names.
+func failClosed(st selector.NodeState, dropped []netip.Addr) (selector.NodeState, []string) {
+	var names []string
+	out := st
+	out.Policies = slices.Clone(st.Policies)
+	for i, p := range out.Policies {
+		if p.Mode == selector.ModeReroute && slices.Contains(dropped, p.NextHop) {
+			p.Mode, p.NextHop = selector.ModeDrop, netip.Addr{}
+			out.Policies[i] = p
+			names = append(names, p.Name)
+		}
+	}
+	return out, names
+}
+
 // conntrackMatcher derives the conntrack entries an Apply invalidated.
 func conntrackMatcher(plan *nftPlan, n *normalized, givenUp []netip.Addr) *ctMatcher {
 	m := snatMatcher(givenUp)
 	keys := map[string]bool{}
 	for name := range plan.sourceChanges {
-		keys[name[len(srcPrefix):]] = true
+		if key, ok := strings.CutPrefix(name, srcPrefix); ok {
+			keys[key] = true
+		}
 	}
 	for name := range plan.destChanges {
-		keys[name[len(dstPrefix):]] = true
+		if key, ok := strings.CutPrefix(name, dstPrefix); ok {
+			keys[key] = true
+		}
 	}
 	for key := range keys {
 		src, dst := srcPrefix+key, dstPrefix+key
@@ -505,15 +553,17 @@ func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
 		d.log.Info("table deleted", zap.String("table", d.cfg.Table))
 	}
 	recorded := elemAddrs(ks.elems[setFloating])
+	var released []netip.Addr
 	uplinkIndex := -1
 	link, err := h.LinkByName(d.cfg.Uplink)
 	if err == nil {
 		uplinkIndex = link.Attrs().Index
-		if len(recorded) > 0 {
-			addrs, err := uplinkAddrs(h, link)
-			if err != nil {
-				errs = append(errs, err)
-			} else if err := d.addr.remove(h, link, addrs, recorded, res); err != nil {
+		addrs, err := uplinkAddrs(h, link)
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			released = slices.SortedFunc(maps.Keys(d.addr.owned(addrs, recorded)), netip.Addr.Compare)
+			if err := d.addr.remove(h, link, addrs, released, res); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -528,8 +578,8 @@ func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
 		errs = append(errs, err)
 	}
 	clear(d.addr.announced)
-	if len(recorded) > 0 {
-		n, err := d.ct.flush(ctx, snatMatcher(recorded))
+	if gone := union(recorded, released); len(gone) > 0 {
+		n, err := d.ct.flush(ctx, snatMatcher(gone))
 		res.ConntrackDeleted = n
 		if err != nil {
 			errs = append(errs, err)
@@ -566,23 +616,20 @@ func (d *Dataplane) ReleaseFloating(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("nftables conn: %w", err)
 	}
-	// Only the floating set: the fence must act fast, whatever the number
-	// of policies.
+	// Only the floating set and the uplink's addresses: the fence must act
+	// fast, whatever the number of policies.
 	r := tableReader{c: c, name: d.cfg.Table}
+	var recorded []netip.Addr
 	s, err := r.set(setFloating)
-	if errors.Is(err, errNotFound) {
-		return nil
-	}
-	if err != nil {
+	switch {
+	case err == nil:
+		el, err := r.elements(s)
+		if err != nil && !errors.Is(err, errNotFound) {
+			return err
+		}
+		recorded = elemAddrs(el)
+	case !errors.Is(err, errNotFound):
 		return err
-	}
-	el, err := r.elements(s)
-	if err != nil && !errors.Is(err, errNotFound) {
-		return err
-	}
-	recorded := elemAddrs(el)
-	if len(recorded) == 0 {
-		return nil
 	}
 	link, err := h.LinkByName(d.cfg.Uplink)
 	if err != nil {
@@ -592,16 +639,20 @@ func (d *Dataplane) ReleaseFloating(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := d.addr.remove(h, link, addrs, recorded, &res); err != nil {
+	released := slices.SortedFunc(maps.Keys(d.addr.owned(addrs, recorded)), netip.Addr.Compare)
+	if len(released) == 0 {
+		return nil
+	}
+	if err := d.addr.remove(h, link, addrs, released, &res); err != nil {
 		return err
 	}
 	if err := d.unrecordFloating(ctx, recorded, &res); err != nil {
 		return err
 	}
-	for _, a := range recorded {
+	for _, a := range released {
 		delete(d.addr.announced, a)
 	}
-	res.ConntrackDeleted, err = d.ct.flush(ctx, snatMatcher(recorded))
+	res.ConntrackDeleted, err = d.ct.flush(ctx, snatMatcher(released))
 	return err
 }
 

@@ -23,11 +23,14 @@ func shapeOf(st selector.NodeState) *selector.NodeState {
 	out := &selector.NodeState{
 		Policies:    make([]selector.PolicyState, len(st.Policies)),
 		FloatingIPs: slices.Clone(st.FloatingIPs),
-		Released:    slices.Clone(st.Released),
+		Excluded:    slices.Clone(st.Excluded),
+
+		ClusterFloatingIPs: slices.Clone(st.ClusterFloatingIPs),
 	}
 	for i, p := range st.Policies {
 		p.Sources = nil
 		p.Destinations = slices.Clone(p.Destinations)
+		p.Written = slices.Clone(p.Written)
 		out.Policies[i] = p
 	}
 	return out
@@ -37,13 +40,13 @@ func shapeOf(st selector.NodeState) *selector.NodeState {
 // its policies' sources.
 func sameShape(applied *selector.NodeState, st selector.NodeState) bool {
 	if len(applied.Policies) != len(st.Policies) ||
-		!slices.Equal(applied.FloatingIPs, st.FloatingIPs) || !slices.Equal(applied.Released, st.Released) {
+		!slices.Equal(applied.FloatingIPs, st.FloatingIPs) || !slices.Equal(applied.Excluded, st.Excluded) || !slices.Equal(applied.ClusterFloatingIPs, st.ClusterFloatingIPs) {
 		return false
 	}
 	for i, p := range st.Policies {
 		a := applied.Policies[i]
 		if a.Name != p.Name || a.Mode != p.Mode || a.EgressIP != p.EgressIP || a.NextHop != p.NextHop ||
-			!slices.Equal(a.Destinations, p.Destinations) {
+			!slices.Equal(a.Destinations, p.Destinations) || !slices.Equal(a.Written, p.Written) || !a.Created.Equal(p.Created) {
 			return false
 		}
 	}
@@ -116,47 +119,56 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		// (sets filled before rules read them, map entries moved in place).
 		return false, nil
 	}
-	res.Incremental = true
 	if len(changes) == 0 {
+		res.Incremental = true
 		return true, nil
 	}
 
 	// The dispatch map: the new target of every address whose membership
-	// in a Reroute or Drop policy changed.
+	// in a policy changed (a Gateway policy's too: it can make a local
+	// address shared).
 	affected := map[netip.Addr]bool{}
 	for _, c := range changes {
-		if c.policy.Mode == selector.ModeGateway {
-			continue
-		}
 		for _, a := range slices.Concat(c.added, c.removed) {
 			affected[a] = true
 		}
 	}
-	now := func(p selector.PolicyState) []netip.Addr { return ks.sources[srcSetName(p.Name)] }
+	fresh := make(map[string][]netip.Addr, len(changes))
 	for _, c := range changes {
-		ks.sources[c.set] = c.now
+		fresh[c.set] = c.now
+	}
+	old := func(p selector.PolicyState) []netip.Addr { return ks.sources[srcSetName(p.Name)] }
+	now := func(p selector.PolicyState) []netip.Addr {
+		if a, ok := fresh[srcSetName(p.Name)]; ok {
+			return a
+		}
+		return old(p)
 	}
 	jumps := ks.jumpMap()
 	target := func(a netip.Addr) string {
-		out := ""
+		own, n, local := "", 0, false
 		for _, p := range st.Policies {
-			if p.Mode == selector.ModeGateway {
-				continue
-			}
 			if _, in := slices.BinarySearchFunc(now(p), a, netip.Addr.Compare); in {
-				if out != "" {
-					return chainMulti
+				n++
+				if p.Mode != selector.ModeGateway {
+					local, own = true, policyChainName(p.Name)
 				}
-				out = policyChainName(p.Name)
 			}
 		}
-		return out
+		switch {
+		case !local:
+			return ""
+		case n > 1:
+			return chainMulti
+		}
+		return own
 	}
 	if len(affected) > 64 { // one pass over every policy beats a search per address
 		all := preSrcTargets(selector.NodeState{Policies: withSources(st.Policies, now)})
 		target = func(a netip.Addr) string { return all[a] }
 	}
 	mapHave, mapWant := map[netip.Addr]string{}, map[netip.Addr]string{}
+	sharingMayChange := false
 	for a := range affected {
 		if old, ok := jumps[a]; ok {
 			mapHave[a] = old
@@ -164,6 +176,25 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		if want := target(a); want != "" {
 			mapWant[a] = want
 		}
+		sharingMayChange = sharingMayChange || mapHave[a] == chainMulti || mapWant[a] == chainMulti
+	}
+	if sharingMayChange {
+		// chainMulti holds the rules of the policies that share a source:
+		// when they change, the chain is rebuilt on the full path.
+		newJumps := maps.Clone(jumps)
+		for a := range affected {
+			delete(newJumps, a)
+		}
+		maps.Copy(newJumps, mapWant)
+		before := sharingPolicies(selector.NodeState{Policies: withSources(st.Policies, old)}, jumps)
+		after := sharingPolicies(selector.NodeState{Policies: withSources(st.Policies, now)}, newJumps)
+		if !maps.Equal(before, after) {
+			return false, nil
+		}
+	}
+	res.Incremental = true
+	for set, a := range fresh {
+		ks.sources[set] = a
 	}
 
 	// Additions, the map, then removals: usually one transaction (the

@@ -64,21 +64,30 @@ func TestIncrementalSources(t *testing.T) {
 		name             string
 		web, other, drop []string
 		added, deleted   int
+		// shared: the policies sharing a pod change, so the shared chain
+		// (one rule per policy and destination) is rebuilt on the full
+		// path, in one transaction all the same.
+		shared bool
 	}{
 		// web: podA2 added (set and map).
-		{"pod selected", []string{podA1, podA2}, nil, nil, 2, 0},
+		{"pod selected", []string{podA1, podA2}, nil, nil, 2, 0, false},
 		// podA1 in two policies: its map entry now jumps to the shared chain.
-		{"pod in a second policy", []string{podA1, podA2}, []string{podA1}, nil, 2, 1},
+		{"pod in a second policy", []string{podA1, podA2}, []string{podA1}, nil, 2, 1, true},
 		// podA1 back to other's chain alone.
-		{"pod leaves the first policy", []string{podA2}, []string{podA1}, nil, 1, 2},
+		{"pod leaves the first policy", []string{podA2}, []string{podA1}, nil, 1, 2, true},
 		// podA2 moves from web to dropper: the map entry changes target.
-		{"pod moves between policies", nil, []string{podA1}, []string{podA2}, 2, 2},
-		{"everything deselected", nil, nil, nil, 0, 4},
-		{"both back", []string{podA1, podA2}, nil, nil, 4, 0},
+		{"pod moves between policies", nil, []string{podA1}, []string{podA2}, 2, 2, false},
+		{"everything deselected", nil, nil, nil, 0, 4, false},
+		{"both back", []string{podA1, podA2}, nil, nil, 4, 0, false},
 	} {
 		want := threePolicies(step.web, step.other, step.drop)
 		r := mustApply(t, da, want)
-		if !r.Incremental || r.Transactions != 1 || len(r.ChainsRebuilt) > 0 || r.RoutesChanged > 0 || r.SetsCreated > 0 || r.IPRulesChanged > 0 {
+		switch {
+		case step.shared:
+			if r.Incremental || r.Transactions != 1 || !slices.Equal(r.ChainsRebuilt, []string{chainMulti}) || r.RoutesChanged > 0 || r.SetsCreated > 0 {
+				t.Fatalf("%s: not one transaction rebuilding the shared chain: %+v", step.name, r)
+			}
+		case !r.Incremental || r.Transactions != 1 || len(r.ChainsRebuilt) > 0 || r.RoutesChanged > 0 || r.SetsCreated > 0 || r.IPRulesChanged > 0:
 			t.Fatalf("%s: not incremental: %+v", step.name, r)
 		}
 		if r.ElementsAdded != step.added || r.ElementsDeleted != step.deleted {
@@ -102,7 +111,7 @@ func TestIncrementalSources(t *testing.T) {
 	}
 	expectKernel(t, l, da, "a", want)
 	// And the next change is incremental again.
-	want = threePolicies([]string{podA1, podA2}, []string{podA2}, nil)
+	want = threePolicies([]string{podA1}, nil, []string{podA2})
 	if r := mustApply(t, da, want); !r.Incremental {
 		t.Fatalf("not incremental after the repair: %+v", r)
 	}
@@ -128,7 +137,7 @@ func TestVerify(t *testing.T) {
 	}
 	st := threePolicies([]string{podA1}, []string{podA2}, []string{podA2})
 	mustApply(t, da, st)
-	st = threePolicies([]string{podA1, podA2}, []string{podA2}, nil)
+	st = threePolicies(nil, []string{podA2}, []string{podA1, podA2})
 	if r := mustApply(t, da, st); !r.Incremental {
 		t.Fatalf("not incremental: %+v", r)
 	}
@@ -143,8 +152,8 @@ func TestVerify(t *testing.T) {
 		name, want string
 		change     []string
 	}{
-		{"element deleted", "elements of set " + srcSetName("web") + " differ",
-			[]string{"delete", "element", "ip", DefaultTable, srcSetName("web"), "{ " + podA1 + " }"}},
+		{"element deleted", "elements of set " + srcSetName("dropper") + " differ",
+			[]string{"delete", "element", "ip", DefaultTable, srcSetName("dropper"), "{ " + podA1 + " }"}},
 		{"element added", "elements of set " + srcSetName("dropper") + " differ",
 			[]string{"add", "element", "ip", DefaultTable, srcSetName("dropper"), "{ 10.244.1.99 }"}},
 		{"map entry deleted", "elements of set " + setPreSrc + " differ",
@@ -178,7 +187,7 @@ func TestVerify(t *testing.T) {
 	if r := mustApply(t, da, st); r.Incremental || r.IPRulesChanged == 0 {
 		t.Fatalf("Recheck did not repair the ip rule: %+v", r)
 	}
-	if r := mustApply(t, da, threePolicies([]string{podA1}, []string{podA2}, nil)); !r.Incremental {
+	if r := mustApply(t, da, threePolicies(nil, []string{podA2}, []string{podA2})); !r.Incremental {
 		t.Fatalf("not incremental after the recheck: %+v", r)
 	}
 }

@@ -108,7 +108,7 @@ func TestEgressEndToEnd(t *testing.T) {
 	for _, want := range []string{
 		"type filter hook prerouting priority mangle",
 		"type nat hook postrouting priority srcnat - 1",
-		"ip saddr @src-web ip daddr @dst-web",
+		"ip daddr @dst-web",
 		"meta mark set meta mark & 0xffffc1ff | 0x00000100", // nft prints (m & ~0x3f00) | 0x100 this way
 		`comment "policy web: reroute via 192.0.2.12 mark 0x100"`,
 		"meta mark & 0x00003f00 != 0x00000000",
@@ -198,7 +198,7 @@ func TestIdempotent(t *testing.T) {
 		t.Fatalf("kernel changed after restart:\n--- before\n%s\n--- after\n%s", before, after)
 	}
 	// A one-pod change touches one element and no chain.
-	st.Policies[0].Sources = addrList(podA1, podA2, podB1)
+	st.Policies[0].Sources = addrList(podA1, podB1, "10.244.2.3")
 	r := mustApply(t, db, st)
 	if r.ElementsAdded != 1 || r.ElementsDeleted != 0 || len(r.ChainsRebuilt) != 0 || r.Transactions != 1 {
 		t.Fatalf("one pod added: %+v", r)
@@ -668,8 +668,8 @@ func TestPodInSeveralPolicies(t *testing.T) {
 	if jumps[a(podA1)] != chainMulti || jumps[a(podA2)] != policyChainName("web") || len(jumps) != 2 {
 		t.Fatalf("dispatch map: %v", jumps)
 	}
-	if n := len(ks.rules[chainPrerouting]); n != 2 {
-		t.Fatalf("prerouting has %d rules, want the guard and the dispatch", n)
+	if n := len(ks.rules[chainPrerouting]); n != 4 {
+		t.Fatalf("prerouting has %d rules, want the guard, the reply and internal returns, and the dispatch", n)
 	}
 	// podA1 to 203.0.113.10 is policy web's (via B), not other's.
 	expectSource(t, l, "pa1", podA1+":40021", seen, netip.MustParseAddrPort(floatIP+":40021"), true)

@@ -277,6 +277,7 @@ func setDefs(st selector.NodeState) []setDef {
 			setDef{name: dstSetName(pol.Name), kind: kindInterval, comment: "destinations of policy " + pol.Name})
 	}
 	return append(out, setDef{name: setFloating, comment: "floating IPs added by egressnat"},
+		setDef{name: setInternal, kind: kindInterval, comment: "cluster-internal destinations: never steered"},
 		setDef{name: setPreSrc, kind: kindVerdict, comment: "sources of reroute and drop policies -> their chain"})
 }
 
@@ -424,7 +425,7 @@ func (nf *netfilter) plan(ks *nftState, want desiredNFT) *nftPlan {
 	// Chains no longer wanted are deleted last (phase 5b), once no map
 	// element jumps to them.
 	chains := chainDefs(want.state)
-	p.wantRules = desiredRules(nf.cfg, want.state, want.marks)
+	p.wantRules = desiredRules(nf.cfg, want.state, want.marks, want.jumps)
 	var rebuild []string
 	for _, name := range slices.Sorted(maps.Keys(chains)) {
 		have, ok := ks.chains[name]

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -72,10 +73,17 @@ func addrRange(from, n int) []netip.Addr {
 // the dispatch map, then the dispatch rule that reads the map.
 func TestPlanText(t *testing.T) {
 	nf, k := fakeNF(t)
+	// 10.244.1.2 is selected by both policies, whose destinations
+	// overlap: it jumps to the shared chain, whose rules rank each
+	// destination (web's /25 first, then the /24s, gw being older).
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	st := selector.NodeState{Policies: []selector.PolicyState{
-		{Name: "gw", Sources: addrList("10.244.1.2", "10.244.2.2"), Destinations: []netip.Prefix{p("203.0.113.0/24")}, Mode: selector.ModeGateway, EgressIP: a("192.0.2.100")},
-		{Name: "web", Sources: addrList("10.244.1.3"), Destinations: []netip.Prefix{p("198.51.100.0/25"), p("198.51.100.128/25")}, Mode: selector.ModeReroute, EgressIP: a("192.0.2.101"), NextHop: a("192.0.2.12")},
-	}}
+		{Name: "gw", Sources: addrList("10.244.1.2", "10.244.2.2"), Destinations: []netip.Prefix{p("203.0.113.0/24")},
+			Written: []netip.Prefix{p("203.0.113.0/24")}, Created: t0, Mode: selector.ModeGateway, EgressIP: a("192.0.2.100")},
+		{Name: "web", Sources: addrList("10.244.1.2", "10.244.1.3"), Destinations: []netip.Prefix{p("198.51.100.0/24"), p("203.0.113.128/25")},
+			Written: []netip.Prefix{p("198.51.100.0/24"), p("203.0.113.128/25")}, Created: t0.Add(time.Hour),
+			Mode: selector.ModeReroute, EgressIP: a("192.0.2.101"), NextHop: a("192.0.2.12")},
+	}, Excluded: []netip.Prefix{p("10.96.0.0/12"), p("10.244.0.0/16")}}
 	got := change(t, nf, st, false).String()
 	want := `add table ip egressnat
 add set ip egressnat src-gw { type ipv4_addr; comment "sources of policy gw"; }
@@ -83,21 +91,28 @@ add set ip egressnat dst-gw { type ipv4_addr; flags interval; comment "destinati
 add set ip egressnat src-web { type ipv4_addr; comment "sources of policy web"; }
 add set ip egressnat dst-web { type ipv4_addr; flags interval; comment "destinations of policy web"; }
 add set ip egressnat floating { type ipv4_addr; comment "floating IPs added by egressnat"; }
+add set ip egressnat internal { type ipv4_addr; flags interval; comment "cluster-internal destinations: never steered"; }
 add set ip egressnat pre-src { type ipv4_addr : verdict; comment "sources of reroute and drop policies -> their chain"; }
 add element ip egressnat src-gw { 10.244.1.2, 10.244.2.2 }
 add element ip egressnat dst-gw { 203.0.113.0-203.0.113.255 }
-add element ip egressnat src-web { 10.244.1.3 }
-add element ip egressnat dst-web { 198.51.100.0-198.51.100.127, 198.51.100.128-198.51.100.255 }
+add element ip egressnat src-web { 10.244.1.2, 10.244.1.3 }
+add element ip egressnat dst-web { 198.51.100.0-198.51.100.255, 203.0.113.128-203.0.113.255 }
+add element ip egressnat internal { 10.96.0.0-10.111.255.255, 10.244.0.0-10.244.255.255 }
 add chain ip egressnat multi
 add chain ip egressnat postrouting { type nat hook postrouting priority 99; policy accept; }
 add chain ip egressnat pp-web
-add rule ip egressnat multi ip saddr @src-web ip daddr @dst-web counter meta mark set meta mark & 0xffffc0ff | 0x00000100 comment "policy web: reroute via 192.0.2.12 mark 0x100"
-add rule ip egressnat postrouting ip saddr @src-gw ip daddr @dst-gw oifname "eth0" counter snat to 192.0.2.100 comment "policy gw: snat to 192.0.2.100"
+add rule ip egressnat multi ip saddr @src-web ip daddr 203.0.113.128/25 counter meta mark set meta mark & 0xffffc0ff | 0x00000100 return comment "policy web: reroute via 192.0.2.12 mark 0x100"
+add rule ip egressnat multi ip saddr @src-gw ip daddr 203.0.113.0/24 counter return comment "policy gw: snat to 192.0.2.100"
+add rule ip egressnat multi ip saddr @src-web ip daddr 198.51.100.0/24 counter meta mark set meta mark & 0xffffc0ff | 0x00000100 return comment "policy web: reroute via 192.0.2.12 mark 0x100"
+add rule ip egressnat postrouting ip daddr @internal return comment "cluster-internal destinations are never steered"
 add rule ip egressnat postrouting meta mark & 0x00003f00 != 0 counter snat to ip saddr comment "marked by egressnat: keep from masquerade"
+add rule ip egressnat postrouting ip saddr @src-gw ip daddr @dst-gw oifname "eth0" counter snat to 192.0.2.100 comment "policy gw: snat to 192.0.2.100"
 add rule ip egressnat pp-web ip daddr @dst-web counter meta mark set meta mark & 0xffffc0ff | 0x00000100 comment "policy web: reroute via 192.0.2.12 mark 0x100"
-add element ip egressnat pre-src { 10.244.1.3 : jump pp-web }
+add element ip egressnat pre-src { 10.244.1.2 : jump multi, 10.244.1.3 : jump pp-web }
 add chain ip egressnat prerouting { type filter hook prerouting priority -150; policy accept; }
 add rule ip egressnat prerouting ip daddr @floating ct state new counter drop comment "floating IPs are egress-only: no new inbound flows"
+add rule ip egressnat prerouting ct direction reply return comment "only the original direction of a connection is steered"
+add rule ip egressnat prerouting ip daddr @internal return comment "cluster-internal destinations are never steered"
 add rule ip egressnat prerouting ip saddr vmap @pre-src comment "sources of reroute and drop policies: jump to their chain"
 `
 	if got != want {
@@ -106,21 +121,27 @@ add rule ip egressnat prerouting ip saddr vmap @pre-src comment "sources of rero
 	// The kernel now holds what was planned, and planning again from a
 	// read of it (a restarted agent) or from the cache changes nothing.
 	wantTable := `chain multi
-  ip saddr @src-web ip daddr @dst-web counter meta mark set meta mark & 0xffffc0ff | 0x00000100 comment "policy web: reroute via 192.0.2.12 mark 0x100"
+  ip saddr @src-web ip daddr 203.0.113.128/25 counter meta mark set meta mark & 0xffffc0ff | 0x00000100 return comment "policy web: reroute via 192.0.2.12 mark 0x100"
+  ip saddr @src-gw ip daddr 203.0.113.0/24 counter return comment "policy gw: snat to 192.0.2.100"
+  ip saddr @src-web ip daddr 198.51.100.0/24 counter meta mark set meta mark & 0xffffc0ff | 0x00000100 return comment "policy web: reroute via 192.0.2.12 mark 0x100"
 chain postrouting
-  ip saddr @src-gw ip daddr @dst-gw oifname "eth0" counter snat to 192.0.2.100 comment "policy gw: snat to 192.0.2.100"
+  ip daddr @internal return comment "cluster-internal destinations are never steered"
   meta mark & 0x00003f00 != 0 counter snat to ip saddr comment "marked by egressnat: keep from masquerade"
+  ip saddr @src-gw ip daddr @dst-gw oifname "eth0" counter snat to 192.0.2.100 comment "policy gw: snat to 192.0.2.100"
 chain pp-web
   ip daddr @dst-web counter meta mark set meta mark & 0xffffc0ff | 0x00000100 comment "policy web: reroute via 192.0.2.12 mark 0x100"
 chain prerouting
   ip daddr @floating ct state new counter drop comment "floating IPs are egress-only: no new inbound flows"
+  ct direction reply return comment "only the original direction of a connection is steered"
+  ip daddr @internal return comment "cluster-internal destinations are never steered"
   ip saddr vmap @pre-src comment "sources of reroute and drop policies: jump to their chain"
 set dst-gw { 203.0.113.0-203.0.113.255 }
-set dst-web { 198.51.100.0-198.51.100.127, 198.51.100.128-198.51.100.255 }
+set dst-web { 198.51.100.0-198.51.100.255, 203.0.113.128-203.0.113.255 }
 set floating {  }
-set pre-src { 10.244.1.3 : jump pp-web }
+set internal { 10.96.0.0-10.111.255.255, 10.244.0.0-10.244.255.255 }
+set pre-src { 10.244.1.2 : jump multi, 10.244.1.3 : jump pp-web }
 set src-gw { 10.244.1.2, 10.244.2.2 }
-set src-web { 10.244.1.3 }
+set src-web { 10.244.1.2, 10.244.1.3 }
 `
 	if got := k.tbl.String(); got != wantTable {
 		t.Fatalf("table:\n%s\nwant:\n%s", got, wantTable)
@@ -214,22 +235,6 @@ func isSubset(sub, super []netip.Addr) bool {
 	return true
 }
 
-func intersect(x, y []netip.Addr) []netip.Addr {
-	var out []netip.Addr
-	for _, a := range x {
-		if _, ok := slices.BinarySearchFunc(y, a, netip.Addr.Compare); ok {
-			out = append(out, a)
-		}
-	}
-	return out
-}
-
-func union(x, y []netip.Addr) []netip.Addr {
-	out := slices.Concat(x, y)
-	slices.SortFunc(out, netip.Addr.Compare)
-	return slices.Compact(out)
-}
-
 // TestPlanOrder runs changes big enough to take several transactions on the
 // fake kernel and checks the ordering rules after every transaction:
 // from an empty kernel (fill before reference), big changes of sources in
@@ -258,10 +263,12 @@ func TestPlanOrder(t *testing.T) {
 		minTx     int
 		swapped   int
 	}{
-		{"empty kernel to 20k sources", state(addrRange(0, 12000), addrRange(8000, 12000), addrRange(0, 20000)), false, 3, 0},
-		{"gateway set replaced (swap)", state(addrRange(0, 12000), addrRange(8000, 12000), addrRange(30000, 12000)), true, 3, 1},
+		{"empty kernel to 20k sources", state(addrRange(0, 12000), addrRange(8000, 12000), addrRange(24000, 12000)), false, 3, 0},
+		{"gateway set replaced (swap)", state(addrRange(0, 12000), addrRange(8000, 12000), addrRange(40000, 12000)), true, 3, 1},
+		{"gateway sources shared with local ones", state(addrRange(0, 12000), addrRange(8000, 12000), addrRange(6000, 20000)), true, 2, 0},
 		{"sources move from a to b", state(addrRange(0, 4000), addrRange(4000, 16000), addrRange(30000, 12000)), true, 1, 0},
-		{"big change with a chain rebuild", state(addrRange(20000, 10000), nil, addrRange(0, 12000)), true, 3, 0},
+		{"big changes, a policy removed", state(addrRange(20000, 10000), nil, addrRange(0, 12000)), true, 3, 2},
+		{"big change with a chain rebuild", state(addrRange(20000, 10000), nil, addrRange(25000, 12000)), true, 3, 0},
 		{"read back from the kernel, policies replaced", state(nil, addrRange(0, 9000), addrRange(40000, 9000)), false, 2, 0},
 	}
 	nf, k := fakeNF(t)
@@ -319,9 +326,9 @@ func TestPlanSwapSteps(t *testing.T) {
 	kinds = slices.Compact(kinds)
 	want := []string{
 		"add set src-g-swap", "add element src-g-swap",
-		"flush chain postrouting", "rule postrouting reads @src-g-swap", "rule postrouting reads no set",
+		"flush chain postrouting", "rule postrouting reads @internal", "rule postrouting reads no set", "rule postrouting reads @src-g-swap",
 		"add element src-g", "delete element src-g",
-		"flush chain postrouting", "rule postrouting reads @src-g", "rule postrouting reads no set",
+		"flush chain postrouting", "rule postrouting reads @internal", "rule postrouting reads no set", "rule postrouting reads @src-g",
 		"delete set src-g-swap",
 	}
 	if !slices.Equal(kinds, want) {

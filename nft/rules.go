@@ -1,11 +1,14 @@
 package nft
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"net"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 
 	"github.com/google/nftables"
@@ -22,8 +25,11 @@ const (
 	chainPrerouting  = "prerouting"
 	chainPostrouting = "postrouting"
 	setFloating      = "floating"
-	srcPrefix        = "src-"
-	dstPrefix        = "dst-"
+	// setInternal holds the cluster-internal destinations (pod and Service
+	// CIDRs, node addresses, the API server): never steered.
+	setInternal = "internal"
+	srcPrefix   = "src-"
+	dstPrefix   = "dst-"
 	// setPreSrc maps each source address of this node's Reroute and Drop
 	// policies to the chain that handles it: the policy's own chain, or
 	// chainMulti for an address several policies select. One hash lookup
@@ -81,7 +87,8 @@ func srcSetName(policy string) string { return srcPrefix + setKey(policy) }
 func policyChainName(policy string) string { return policyChainPrefix + setKey(policy) }
 
 // preSrcTargets maps every source address of the Reroute and Drop policies
-// to the chain its packets jump to.
+// (this node's pods) to the chain its packets jump to: the policy's own
+// chain, or chainMulti when another policy, of any mode, selects it too.
 func preSrcTargets(st selector.NodeState) map[netip.Addr]string {
 	out := map[netip.Addr]string{}
 	for _, p := range st.Policies {
@@ -96,8 +103,37 @@ func preSrcTargets(st selector.NodeState) map[netip.Addr]string {
 			}
 		}
 	}
+	// A Gateway policy's sources are every selected pod of the cluster;
+	// those of this node's that a Reroute or Drop policy selects too are
+	// shared.
+	for _, p := range st.Policies {
+		if p.Mode != selector.ModeGateway {
+			continue
+		}
+		for _, a := range p.Sources {
+			if _, local := out[a]; local {
+				out[a] = chainMulti
+			}
+		}
+	}
 	return out
 }
+
+// sharingPolicies returns the policies that select an address jumping to
+// chainMulti: their rules make up chainMulti.
+func sharingPolicies(st selector.NodeState, jumps map[netip.Addr]string) map[string]bool {
+	out := map[string]bool{}
+	for _, p := range st.Policies {
+		for _, a := range p.Sources {
+			if jumps[a] == chainMulti {
+				out[p.Name] = true
+				break
+			}
+		}
+	}
+	return out
+}
+
 func dstSetName(policy string) string { return dstPrefix + setKey(policy) }
 
 // policyComment is the readable rule comment naming the policy.
@@ -158,7 +194,22 @@ const (
 	// NAT core stops at the first binding, so the CNI's masquerade at
 	// srcnat (100) is skipped for traffic we reroute.
 	ruleNullBinding
+	// ruleReplyReturn: ct direction reply return. Only the original
+	// direction of a connection is steered: the replies of a connection
+	// that came in to a selected pod go back the way it came.
+	ruleReplyReturn
+	// ruleInternalReturn: ip daddr @internal return. Cluster-internal
+	// destinations are never steered nor SNATed, whatever a policy's
+	// destinations say, also while a policy fails closed.
+	ruleInternalReturn
+	// ruleStay: ip saddr @src ip daddr <pfx> counter return. A shared
+	// source whose traffic a policy this node serves as gateway wins: not
+	// marked, SNATed in postrouting.
+	ruleStay
 )
+
+// ctDirReply is the ct direction of a reply (IP_CT_DIR_REPLY).
+const ctDirReply = 1
 
 // rule is one rule of our table, as data: what it does and the objects it
 // names. Its expressions are built from it (exprs), so is its nft text.
@@ -173,6 +224,10 @@ type rule struct {
 	mark    uint32 // reroute
 	oif     string // gateway
 	egress  netip.Addr
+	// pfx, when valid, is the one destination the rule matches instead of
+	// the dst set: rules of overlapping policies, one per destination, in
+	// precedence order (see rankedRules). The first that matches decides.
+	pfx netip.Prefix
 }
 
 func (r rule) userData() []byte {
@@ -191,6 +246,9 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 		if r.src != "" {
 			out = append(out, loadAddr(12), lookup(r.src))
 		}
+		if r.pfx.IsValid() {
+			return append(out, matchPrefix(16, r.pfx)...)
+		}
 		return append(out, loadAddr(16), lookup(r.dst))
 	}
 	switch r.kind {
@@ -206,8 +264,16 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 		l := lookup(r.dst)
 		l.IsDestRegSet = true
 		return []expr.Any{loadAddr(12), l}
+	case ruleReplyReturn:
+		return []expr.Any{
+			&expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{ctDirReply}},
+			&expr.Verdict{Kind: expr.VerdictReturn},
+		}
+	case ruleInternalReturn:
+		return []expr.Any{loadAddr(16), lookup(r.dst), &expr.Verdict{Kind: expr.VerdictReturn}}
 	case ruleReroute:
-		return append(match(),
+		out := append(match(),
 			&expr.Counter{},
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 			&expr.Bitwise{
@@ -219,6 +285,12 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 			},
 			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
 		)
+		if r.pfx.IsValid() {
+			out = append(out, &expr.Verdict{Kind: expr.VerdictReturn})
+		}
+		return out
+	case ruleStay:
+		return append(match(), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictReturn})
 	case ruleDrop:
 		return append(match(), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
 	case ruleGateway:
@@ -251,13 +323,14 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 
 // sets returns the names of the sets the rule reads.
 func (r rule) sets() []string {
-	if r.kind == ruleNullBinding {
-		return nil
-	}
+	var out []string
 	if r.src != "" {
-		return []string{r.src, r.dst}
+		out = append(out, r.src)
 	}
-	return []string{r.dst}
+	if r.dst != "" && !r.pfx.IsValid() {
+		out = append(out, r.dst)
+	}
+	return out
 }
 
 // String prints the rule in nft syntax.
@@ -271,12 +344,21 @@ func (r rule) String() string {
 		fmt.Fprintf(&b, "ip daddr @%s ct state new counter drop", r.dst)
 	case ruleDispatch:
 		fmt.Fprintf(&b, "ip saddr vmap @%s", r.dst)
+	case ruleReplyReturn:
+		b.WriteString("ct direction reply return")
+	case ruleInternalReturn:
+		fmt.Fprintf(&b, "ip daddr @%s return", r.dst)
 	case ruleReroute:
-		fmt.Fprintf(&b, "ip daddr @%s counter meta mark set meta mark & %#08x | %#08x", r.dst, ^r.mask, r.mark&r.mask)
+		fmt.Fprintf(&b, "ip daddr %s counter meta mark set meta mark & %#08x | %#08x", r.daddr(), ^r.mask, r.mark&r.mask)
+		if r.pfx.IsValid() {
+			b.WriteString(" return")
+		}
 	case ruleDrop:
-		fmt.Fprintf(&b, "ip daddr @%s counter drop", r.dst)
+		fmt.Fprintf(&b, "ip daddr %s counter drop", r.daddr())
+	case ruleStay:
+		fmt.Fprintf(&b, "ip daddr %s counter return", r.daddr())
 	case ruleGateway:
-		fmt.Fprintf(&b, "ip daddr @%s oifname %q counter snat to %s", r.dst, r.oif, r.egress)
+		fmt.Fprintf(&b, "ip daddr %s oifname %q counter snat to %s", r.daddr(), r.oif, r.egress)
 	case ruleNullBinding:
 		fmt.Fprintf(&b, "meta mark & %#08x != 0 counter snat to ip saddr", r.mask)
 	}
@@ -284,6 +366,29 @@ func (r rule) String() string {
 		fmt.Fprintf(&b, " comment %q", r.comment)
 	}
 	return b.String()
+}
+
+// daddr is the destination match in nft syntax: the prefix or the set.
+func (r rule) daddr() string {
+	if r.pfx.IsValid() {
+		return r.pfx.String()
+	}
+	return "@" + r.dst
+}
+
+// matchPrefix matches the address at offset against p: payload & mask ==
+// network (nothing for /0, no mask for /32).
+func matchPrefix(offset uint32, p netip.Prefix) []expr.Any {
+	if p.Bits() == 0 {
+		return nil
+	}
+	net4 := p.Masked().Addr().As4()
+	out := []expr.Any{loadAddr(offset)}
+	if p.Bits() < 32 {
+		m := net.CIDRMask(p.Bits(), 32)
+		out = append(out, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: m, Xor: []byte{0, 0, 0, 0}})
+	}
+	return append(out, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: net4[:]})
 }
 
 func loadAddr(offset uint32) *expr.Payload {
@@ -302,32 +407,143 @@ func ifname(name string) []byte {
 	return b
 }
 
-// desiredRules builds every chain's rules, in policy order: the base
-// chains, one chain per Reroute or Drop policy, and chainMulti.
-func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int) map[string][]rule {
+// desiredRules builds every chain's rules: the base chains, one chain per
+// Reroute or Drop policy, and chainMulti. Where policies overlap (a source
+// several select: chainMulti; Gateway policies of this node with
+// overlapping destinations: postrouting) the rules are one per destination
+// as written, in precedence order (see rankedRules), so that the same
+// policy wins on every node.
+func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, jumps map[netip.Addr]string) map[string][]rule {
 	out := map[string][]rule{chainPrerouting: nil, chainPostrouting: nil, chainMulti: nil}
 	out[chainPrerouting] = append(out[chainPrerouting],
 		rule{chain: chainPrerouting, kind: ruleGuard, comment: floatingGuardComment, dst: setFloating},
+		rule{chain: chainPrerouting, kind: ruleReplyReturn, comment: replyComment},
+		rule{chain: chainPrerouting, kind: ruleInternalReturn, comment: internalComment, dst: setInternal},
 		rule{chain: chainPrerouting, kind: ruleDispatch, comment: dispatchComment, dst: setPreSrc})
-	for _, p := range st.Policies {
-		src, dst := srcSetName(p.Name), dstSetName(p.Name)
-		own := policyChainName(p.Name)
+	// Postrouting: cluster-internal destinations are left alone; traffic
+	// this node reroutes (marked) is kept from every SNAT, ours and the
+	// CNI's masquerade; then the gateway SNATs.
+	out[chainPostrouting] = append(out[chainPostrouting],
+		rule{chain: chainPostrouting, kind: ruleInternalReturn, comment: internalComment, dst: setInternal},
+		rule{chain: chainPostrouting, kind: ruleNullBinding, comment: nullBindingComment, mask: cfg.MarkMask})
+	policyRule := func(p selector.PolicyState) rule {
+		r := rule{policy: p.Name, src: srcSetName(p.Name), dst: dstSetName(p.Name)}
 		switch p.Mode {
 		case selector.ModeReroute:
-			mark := selector.MarkValue(cfg.MarkMask, marks[p.NextHop])
-			r := rule{kind: ruleReroute, policy: p.Name, comment: policyComment(p, mark), dst: dst, mask: cfg.MarkMask, mark: mark}
-			out[own] = []rule{withChain(r, own, "")}
-			out[chainMulti] = append(out[chainMulti], withChain(r, chainMulti, src))
+			r.kind, r.mask, r.mark = ruleReroute, cfg.MarkMask, selector.MarkValue(cfg.MarkMask, marks[p.NextHop])
+			r.comment = policyComment(p, r.mark)
 		case selector.ModeDrop:
-			r := rule{kind: ruleDrop, policy: p.Name, comment: policyComment(p, 0), dst: dst}
-			out[own] = []rule{withChain(r, own, "")}
-			out[chainMulti] = append(out[chainMulti], withChain(r, chainMulti, src))
+			r.kind, r.comment = ruleDrop, policyComment(p, 0)
 		case selector.ModeGateway:
-			out[chainPostrouting] = append(out[chainPostrouting], rule{chain: chainPostrouting, kind: ruleGateway, policy: p.Name,
-				comment: policyComment(p, 0), src: src, dst: dst, oif: cfg.Uplink, egress: p.EgressIP})
+			r.kind, r.oif, r.egress, r.comment = ruleGateway, cfg.Uplink, p.EgressIP, policyComment(p, 0)
+		}
+		return r
+	}
+	// Policy chains: a source only this policy selects.
+	for _, p := range st.Policies {
+		if p.Mode == selector.ModeReroute || p.Mode == selector.ModeDrop {
+			own := policyChainName(p.Name)
+			out[own] = []rule{withChain(policyRule(p), own, "")}
 		}
 	}
-	out[chainPostrouting] = append(out[chainPostrouting], rule{chain: chainPostrouting, kind: ruleNullBinding, comment: nullBindingComment, mask: cfg.MarkMask})
+	// chainMulti: sources several policies select, every policy that
+	// selects one of them, each destination in precedence order. A
+	// Gateway policy's rule there only stops the evaluation (its traffic
+	// is not marked).
+	var sharing []selector.PolicyState
+	shared := sharingPolicies(st, jumps)
+	for _, p := range st.Policies {
+		if shared[p.Name] {
+			sharing = append(sharing, p)
+		}
+	}
+	for _, r := range rankedRules(sharing, policyRule) {
+		if r.kind == ruleGateway {
+			r = rule{kind: ruleStay, policy: r.policy, src: r.src, pfx: r.pfx, comment: r.comment}
+		}
+		out[chainMulti] = append(out[chainMulti], withChain(r, chainMulti, r.src))
+	}
+	// Postrouting SNAT: a Gateway policy whose destinations overlap
+	// another's takes one rule per destination, in precedence order; the
+	// others one rule with their sets.
+	var gateways []selector.PolicyState
+	for _, p := range st.Policies {
+		if p.Mode == selector.ModeGateway {
+			gateways = append(gateways, p)
+		}
+	}
+	overlapping := overlappingPolicies(gateways)
+	var ranked []selector.PolicyState
+	for _, p := range gateways {
+		if overlapping[p.Name] {
+			ranked = append(ranked, p)
+			continue
+		}
+		out[chainPostrouting] = append(out[chainPostrouting], withChain(policyRule(p), chainPostrouting, srcSetName(p.Name)))
+	}
+	for _, r := range rankedRules(ranked, policyRule) {
+		out[chainPostrouting] = append(out[chainPostrouting], withChain(r, chainPostrouting, r.src))
+	}
+	return out
+}
+
+// rankedRules returns one rule per (policy, destination as written), in
+// precedence order: the longest destination first, then the policy
+// created first, then by name (selector.Precedence, the rule egressnatctl
+// explain and the operator use too).
+func rankedRules(ps []selector.PolicyState, policyRule func(selector.PolicyState) rule) []rule {
+	type ranked struct {
+		p   *selector.PolicyState
+		pfx netip.Prefix
+	}
+	var all []ranked
+	for i := range ps {
+		written := ps[i].Written
+		if len(written) == 0 {
+			written = ps[i].Destinations
+		}
+		for _, pfx := range written {
+			all = append(all, ranked{&ps[i], pfx})
+		}
+	}
+	slices.SortStableFunc(all, func(a, b ranked) int {
+		return cmp.Or(selector.Precedence(a.pfx.Bits(), a.p.Created, a.p.Name, b.pfx.Bits(), b.p.Created, b.p.Name),
+			a.pfx.Addr().Compare(b.pfx.Addr()))
+	})
+	out := make([]rule, len(all))
+	for i, r := range all {
+		out[i] = policyRule(*r.p)
+		out[i].pfx = r.pfx
+	}
+	return out
+}
+
+// overlappingPolicies returns the policies with a destination that
+// overlaps a destination of another of ps.
+func overlappingPolicies(ps []selector.PolicyState) map[string]bool {
+	type span struct {
+		lo, hi netip.Addr
+		name   string
+	}
+	var spans []span
+	for _, p := range ps {
+		for _, d := range p.Destinations {
+			r := prefixRange(d)
+			spans = append(spans, span{r.start, r.last(), p.Name})
+		}
+	}
+	slices.SortFunc(spans, func(a, b span) int { return a.lo.Compare(b.lo) })
+	out := map[string]bool{}
+	// A sweep: each span against the furthest-reaching one before it.
+	var reach span
+	for i, s := range spans {
+		if i > 0 && s.lo.Compare(reach.hi) <= 0 && s.name != reach.name {
+			out[s.name], out[reach.name] = true, true
+		}
+		if i == 0 || s.hi.Compare(reach.hi) > 0 {
+			reach = s
+		}
+	}
 	return out
 }
 
@@ -336,7 +552,11 @@ func withChain(r rule, chain, src string) rule {
 	return r
 }
 
-const dispatchComment = "sources of reroute and drop policies: jump to their chain"
+const (
+	dispatchComment = "sources of reroute and drop policies: jump to their chain"
+	replyComment    = "only the original direction of a connection is steered"
+	internalComment = "cluster-internal destinations are never steered"
+)
 
 // normalize returns a copy of exprs comparable with what the kernel returns:
 // counters zeroed, set IDs dropped, NAT max registers defaulted.
@@ -431,6 +651,8 @@ func parseRule(r *nftables.Rule) (kr kernelRule, ok bool) {
 		kr.srcSet, kr.dstSet = lookups[0], lookups[1]
 	case len(lookups) == 1 && kr.mode != selector.ModeGateway && strings.HasPrefix(lookups[0], dstPrefix):
 		kr.dstSet = lookups[0] // a policy's own chain
+	case len(lookups) == 1 && strings.HasPrefix(lookups[0], srcPrefix):
+		kr.srcSet = lookups[0] // one destination of overlapping policies
 	default:
 		return kernelRule{}, false
 	}

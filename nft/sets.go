@@ -320,3 +320,21 @@ func (ss spanSet) contains(a netip.Addr) bool {
 	i := sort.Search(len(ss), func(i int) bool { return ss[i].hi.Compare(a) >= 0 })
 	return i < len(ss) && ss[i].lo.Compare(a) <= 0
 }
+
+// intersect returns the addresses of x that are in y (sorted).
+func intersect(x, y []netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range x {
+		if _, ok := slices.BinarySearchFunc(y, a, netip.Addr.Compare); ok {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// union returns the addresses of x and y, sorted, without duplicates.
+func union(x, y []netip.Addr) []netip.Addr {
+	out := slices.Concat(x, y)
+	slices.SortFunc(out, netip.Addr.Compare)
+	return slices.Compact(out)
+}

@@ -36,6 +36,11 @@ type PolicyFacts struct {
 	FallbackToNodeIP bool
 	// WhenUnavailable is the policy's status.whenUnavailable.
 	WhenUnavailable v1.UnavailableAction
+	// GatewayIgnored says why the group is not honoured (GroupCheck.Ignored)
+	// and EgressIPRejected why its first floating IP is never assigned
+	// (GroupCheck.EgressRejected); "" means no problem. SetGatewayCheck
+	// fills both from CheckGroups.
+	GatewayIgnored, EgressIPRejected string
 }
 
 // FactsOf returns the facts the policy and its gateway give: g is the group
@@ -56,9 +61,10 @@ func FactsOf(pol *v1.EgressNATPolicy, g *v1.NetworkGatewayGroup) PolicyFacts {
 // Decision is how a policy is applied, with the Accepted and Ready
 // conditions the operator writes for it.
 type Decision struct {
-	// Accepted: the gateway exists and its first floating IP is an IPv4
-	// address. AcceptedReason is v1.ReasonAccepted, v1.ReasonGatewayNotFound
-	// or v1.ReasonNoFloatingIP.
+	// Accepted: the gateway exists, is honoured, and its first floating IP
+	// is an IPv4 address that is not rejected. AcceptedReason is
+	// v1.ReasonAccepted, v1.ReasonGatewayNotFound, v1.ReasonGatewayIgnored,
+	// v1.ReasonNoFloatingIP or v1.ReasonEgressIPRejected.
 	Accepted                        bool
 	AcceptedReason, AcceptedMessage string
 	// Ready: a node holds the egress IP. ReadyReason is v1.ReasonApplied or
@@ -87,8 +93,9 @@ type Decision struct {
 // Decide decides a policy from f. It is the one place that says which mode,
 // egress IP and next hop a policy gets:
 //
-//   - the gateway does not exist, has no floating IP, or its first floating
-//     IP is not IPv4: not accepted, not applied;
+//   - the gateway does not exist, is ignored (GatewayIgnored), has no
+//     floating IP, or its first floating IP is not IPv4 or is rejected
+//     (EgressIPRejected): not accepted, not applied;
 //   - the egress IP (the first floating IP) is held by Node: ModeGateway;
 //   - held by another node, reachable: ModeReroute towards it;
 //   - held by no node, or by one Node cannot reach: left out (Fallback) when
@@ -103,6 +110,8 @@ func Decide(f PolicyFacts) Decision {
 	switch {
 	case !f.GatewayFound:
 		return notAccepted(v1.ReasonGatewayNotFound, fmt.Sprintf("NetworkGatewayGroup %s not found", f.Gateway))
+	case f.GatewayIgnored != "":
+		return notAccepted(v1.ReasonGatewayIgnored, fmt.Sprintf("NetworkGatewayGroup %s is ignored: %s", f.Gateway, f.GatewayIgnored))
 	case len(f.FloatingIPs) == 0:
 		return notAccepted(v1.ReasonNoFloatingIP, fmt.Sprintf("NetworkGatewayGroup %s has no floating IPs", f.Gateway))
 	}
@@ -110,6 +119,10 @@ func Decide(f PolicyFacts) Decision {
 	if err != nil {
 		return notAccepted(v1.ReasonNoFloatingIP,
 			fmt.Sprintf("the first floating IP of NetworkGatewayGroup %s, %q, is not an IPv4 address", f.Gateway, f.FloatingIPs[0]))
+	}
+	if f.EgressIPRejected != "" {
+		return notAccepted(v1.ReasonEgressIPRejected,
+			fmt.Sprintf("egress IP %s (the first floating IP of NetworkGatewayGroup %s) is rejected and never assigned: %s", ip, f.Gateway, f.EgressIPRejected))
 	}
 	d.Accepted, d.AcceptedReason = true, v1.ReasonAccepted
 	d.AcceptedMessage = fmt.Sprintf("egress IP %s of NetworkGatewayGroup %s", ip, f.Gateway)

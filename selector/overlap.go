@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 )
@@ -43,8 +44,7 @@ type Win struct {
 // the same policy counts with its own length). A destination that does not
 // parse covers nothing. The order of policies does not matter.
 //
-// The dataplane does not follow this rule yet: which of several covering
-// policies applies there is not defined.
+// The agents' dataplane applies the same rule (Precedence).
 func Winner(policies []*v1.EgressNATPolicy, dst netip.Addr) Win {
 	type contender struct {
 		i      int
@@ -62,7 +62,8 @@ func Winner(policies []*v1.EgressNATPolicy, dst netip.Addr) Win {
 	}
 	byAge := func(a, b contender) int { return a.pol.CreationTimestamp.Compare(b.pol.CreationTimestamp.Time) }
 	order := func(a, b contender) int {
-		return cmp.Or(cmp.Compare(b.prefix.Bits(), a.prefix.Bits()), byAge(a, b), strings.Compare(a.pol.Name, b.pol.Name), cmp.Compare(a.i, b.i))
+		return cmp.Or(Precedence(a.prefix.Bits(), a.pol.CreationTimestamp.Time, a.pol.Name, b.prefix.Bits(), b.pol.CreationTimestamp.Time, b.pol.Name),
+			cmp.Compare(a.i, b.i))
 	}
 	slices.SortFunc(cs, order)
 	w := Win{Index: cs[0].i, Prefix: cs[0].prefix, By: WonAlone}
@@ -78,6 +79,15 @@ func Winner(policies []*v1.EgressNATPolicy, dst netip.Addr) Win {
 		}
 	}
 	return w
+}
+
+// Precedence orders two (policy, destination) pairs that both cover an
+// address: negative when the first applies. The longer destination wins;
+// then the policy created first; then the first by name. It is the one
+// rule for overlapping policies, used by Winner (egressnatctl explain, the
+// operator) and by the agents' rules.
+func Precedence(aBits int, aCreated time.Time, aName string, bBits int, bCreated time.Time, bName string) int {
+	return cmp.Or(cmp.Compare(bBits, aBits), aCreated.Compare(bCreated), strings.Compare(aName, bName))
 }
 
 // CoveringDestination returns the index in dests of the longest destination

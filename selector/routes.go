@@ -141,3 +141,34 @@ func AllocateMarks(mask uint32, nextHops []netip.Addr, existing map[netip.Addr]i
 	}
 	return out, nil
 }
+
+// LimitNextHops splits next hops into those that get a mark and those that
+// do not fit mask: next hops holding a mark in the kernel (existing) keep
+// it first, then the lowest addresses, up to MarkCapacity(mask). The
+// policies of a next hop without a mark fail closed (Drop) on this node;
+// every other policy keeps working.
+func LimitNextHops(mask uint32, nextHops []netip.Addr, existing map[netip.Addr]int) (kept, dropped []netip.Addr) {
+	capacity := MarkCapacity(mask)
+	want := slices.Clone(nextHops)
+	slices.SortFunc(want, func(a, b netip.Addr) int { return a.Compare(b) })
+	want = slices.Compact(want)
+	if len(want) <= capacity {
+		return want, nil
+	}
+	slices.SortStableFunc(want, func(a, b netip.Addr) int {
+		_, ha := existing[a]
+		_, hb := existing[b]
+		switch {
+		case ha && !hb:
+			return -1
+		case hb && !ha:
+			return 1
+		}
+		return 0
+	})
+	kept, dropped = want[:capacity:capacity], slices.Clone(want[capacity:])
+	kept = slices.Clone(kept)
+	slices.SortFunc(kept, func(a, b netip.Addr) int { return a.Compare(b) })
+	slices.SortFunc(dropped, func(a, b netip.Addr) int { return a.Compare(b) })
+	return kept, dropped
+}

@@ -3,6 +3,7 @@ package selector
 import (
 	"maps"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -172,5 +173,30 @@ func TestNextHops(t *testing.T) {
 	want := addrs("192.0.2.2", "192.0.2.3")
 	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
 		t.Fatalf("got %v, want %v", got, want)
+	}
+}
+
+// TestLimitNextHops: within capacity every next hop is kept; beyond it the
+// ones with a mark in the kernel keep theirs, then the lowest addresses.
+func TestLimitNextHops(t *testing.T) {
+	a := func(s ...string) []netip.Addr {
+		var out []netip.Addr
+		for _, x := range s {
+			out = append(out, netip.MustParseAddr(x))
+		}
+		return out
+	}
+	const mask = 0x3 // 3 marks
+	kept, dropped := LimitNextHops(mask, a("192.0.2.3", "192.0.2.1", "192.0.2.2"), nil)
+	if !slices.Equal(kept, a("192.0.2.1", "192.0.2.2", "192.0.2.3")) || dropped != nil {
+		t.Fatalf("within capacity: kept %v dropped %v", kept, dropped)
+	}
+	kept, dropped = LimitNextHops(mask, a("192.0.2.5", "192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"),
+		map[netip.Addr]int{netip.MustParseAddr("192.0.2.5"): 1, netip.MustParseAddr("192.0.2.9"): 2})
+	if !slices.Equal(kept, a("192.0.2.1", "192.0.2.2", "192.0.2.5")) || !slices.Equal(dropped, a("192.0.2.3", "192.0.2.4")) {
+		t.Fatalf("beyond capacity: kept %v dropped %v", kept, dropped)
+	}
+	if _, err := AllocateMarks(mask, kept, nil); err != nil {
+		t.Fatalf("the kept next hops do not fit: %v", err)
 	}
 }

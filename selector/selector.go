@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -43,6 +44,19 @@ type Input struct {
 	// egress IP, leave the policy out (traffic keeps the node IP) instead of
 	// ModeDrop; see Decide.
 	FallbackToNodeIP bool
+	// ClusterNetworks are the cluster-internal destinations: pod and
+	// Service CIDRs, node addresses, the API server's endpoints. They
+	// become NodeState.Excluded.
+	ClusterNetworks []netip.Prefix
+	// GatewayNamespaces, when not nil, are the namespaces whose groups are
+	// honoured (see GatewayNamespaces), and Reserved the addresses no
+	// floating IP may be (see ReservedFrom): groups are checked with
+	// CheckGroups, as the operator checks them, and the node never holds a
+	// rejected IP nor applies a policy whose gateway is ignored or whose
+	// egress IP is rejected. nil: every group as it is (egressnatctl,
+	// tests).
+	GatewayNamespaces []string
+	Reserved          Reserved
 }
 
 // Desired computes the state this node should apply. Policies whose spec
@@ -80,7 +94,12 @@ func desired(in Input) (NodeState, []string, []*CompiledPolicy, error) {
 		}
 	}
 
-	st := NodeState{FloatingIPs: heldFloatingIPs(in, groups, warnf), Released: releasedFloatingIPs(in, groups)}
+	var checks map[string]GroupCheck
+	if in.GatewayNamespaces != nil {
+		checks = CheckGroups(groups, in.GatewayNamespaces, in.Reserved)
+	}
+	st := NodeState{FloatingIPs: heldFloatingIPs(in, groups, checks, warnf), Excluded: clusterDestinations(in.ClusterNetworks),
+		ClusterFloatingIPs: clusterFloatingIPs(groups)}
 
 	pols := make([]*v1.EgressNATPolicy, 0, len(in.Policies))
 	for _, p := range in.Policies {
@@ -105,6 +124,7 @@ func desired(in Input) (NodeState, []string, []*CompiledPolicy, error) {
 		}
 		f := FactsOf(pol, byKey[pol.Spec.GatewayRef.Namespace+"/"+pol.Spec.GatewayRef.Name])
 		f.Node, f.NodeIPs, f.NodeIPsKnown, f.FallbackToNodeIP = in.Node, in.NodeIPs, true, in.FallbackToNodeIP
+		f.SetGatewayCheck(checks)
 		d := Decide(f)
 		if !d.Accepted && len(f.FloatingIPs) > 0 && !warned[f.Gateway] {
 			warned[f.Gateway] = true
@@ -113,7 +133,8 @@ func desired(in Input) (NodeState, []string, []*CompiledPolicy, error) {
 		if !d.Applied {
 			continue
 		}
-		ps := PolicyState{Name: pol.Name, Mode: d.Mode, EgressIP: d.EgressIP, NextHop: d.NextHop, Destinations: cp.Destinations}
+		ps := PolicyState{Name: pol.Name, Mode: d.Mode, EgressIP: d.EgressIP, NextHop: d.NextHop, Destinations: cp.Destinations,
+			Written: cp.Written, Created: cp.Created}
 		ps.Sources = ev.sources(cp, d.Mode != ModeGateway)
 		st.Policies = append(st.Policies, ps)
 		compiled = append(compiled, cp)
@@ -155,7 +176,7 @@ func sortedGroups(in []*v1.NetworkGatewayGroup) []*v1.NetworkGatewayGroup {
 // heldFloatingIPs returns the floating IPs (of the spec) that the status of
 // their group gives to this node, with the prefix length of the longest
 // local subnet containing each.
-func heldFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup, warnf func(string, ...any)) []netip.Prefix {
+func heldFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup, checks map[string]GroupCheck, warnf func(string, ...any)) []netip.Prefix {
 	var locals []netip.Prefix
 	for _, s := range in.LocalSubnets {
 		if s.IsValid() && s.Addr().Unmap().Is4() {
@@ -168,6 +189,13 @@ func heldFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup, warnf func(stri
 		for _, s := range g.Spec.FloatingIPs {
 			ip, err := parseIPv4(s)
 			if err != nil || seen[ip] || holder(g, ip) != in.Node {
+				continue
+			}
+			if c, ok := checks[g.Namespace+"/"+g.Name]; checks != nil && (!ok || !c.Allows(ip)) {
+				// Rejected (a node's own address, the router, another
+				// group's, ...) or an ignored group: never held, whatever
+				// a status says.
+				warnf("floating IP %s of NetworkGatewayGroup %s/%s is not held: %s", ip, g.Namespace, g.Name, c.Message())
 				continue
 			}
 			seen[ip] = true
@@ -188,19 +216,31 @@ func heldFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup, warnf func(stri
 	return out
 }
 
-// releasedFloatingIPs returns every floating IP of the cluster that the
-// status does not give to this node, sorted.
-func releasedFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup) []netip.Addr {
+// clusterFloatingIPs returns every IPv4 floating IP of the groups' specs,
+// sorted, without duplicates.
+func clusterFloatingIPs(groups []*v1.NetworkGatewayGroup) []netip.Addr {
 	var out []netip.Addr
 	for _, g := range groups {
 		for _, s := range g.Spec.FloatingIPs {
-			if ip, err := parseIPv4(s); err == nil && holder(g, ip) != in.Node {
+			if ip, err := parseIPv4(s); err == nil {
 				out = append(out, ip)
 			}
 		}
 	}
 	slices.SortFunc(out, netip.Addr.Compare)
 	return slices.Compact(out)
+}
+
+// clusterDestinations returns the cluster-internal destinations as IPv4
+// prefixes, merged.
+func clusterDestinations(nets []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range nets {
+		if p.IsValid() && p.Addr().Unmap().Is4() {
+			out = append(out, netip.PrefixFrom(p.Addr().Unmap(), p.Bits()))
+		}
+	}
+	return MergePrefixes(out)
 }
 
 // comparePrefix orders by address, then by prefix length (shorter first),
@@ -275,7 +315,12 @@ type CompiledPolicy struct {
 	GatewayRef v1.GatewayRef
 	// Destinations, parsed and merged (see MergePrefixes).
 	Destinations []netip.Prefix
-	sources      []compiledSource
+	// Written: the destinations as written (host bits cleared, sorted,
+	// duplicates dropped, none merged), which rank overlapping policies.
+	Written []netip.Prefix
+	// Created is the policy's creationTimestamp.
+	Created time.Time
+	sources []compiledSource
 }
 
 type compiledSource struct {
@@ -291,11 +336,18 @@ func Compile(pol *v1.EgressNATPolicy) (*CompiledPolicy, error) {
 	if len(pol.Spec.Destinations) == 0 {
 		return nil, errors.New("no destinations")
 	}
-	dst, err := ParseDestinations(pol.Spec.Destinations)
-	if err != nil {
-		return nil, err
+	var written []netip.Prefix
+	for _, d := range pol.Spec.Destinations {
+		p, err := parseDestination(d.CIDR)
+		if err != nil {
+			return nil, err
+		}
+		written = append(written, p)
 	}
-	cp := &CompiledPolicy{Name: pol.Name, GatewayRef: pol.Spec.GatewayRef, Destinations: dst}
+	slices.SortFunc(written, comparePrefix)
+	written = slices.Compact(written)
+	cp := &CompiledPolicy{Name: pol.Name, GatewayRef: pol.Spec.GatewayRef, Written: written,
+		Destinations: MergePrefixes(slices.Clone(written)), Created: pol.CreationTimestamp.Time}
 	for i, s := range pol.Spec.Sources {
 		ns, err := compileSelector(s.NamespaceSelector)
 		if err != nil {

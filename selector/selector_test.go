@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -456,20 +457,7 @@ func TestDesired(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			// Released has its own test (TestDesiredReleased); here it must
-			// never overlap the held IPs.
-			for _, r := range got.Released {
-				for _, f := range got.FloatingIPs {
-					if f.Addr() == r {
-						t.Fatalf("%s is both held and released", r)
-					}
-				}
-			}
-			cmpGot := got
-			if tc.want.Released == nil {
-				cmpGot.Released = nil
-			}
-			if !reflect.DeepEqual(cmpGot, tc.want) {
+			if !reflect.DeepEqual(unranked(got), tc.want) {
 				t.Fatalf("state:\n got %+v\nwant %+v", got, tc.want)
 			}
 			if len(warns) != len(tc.warnings) {
@@ -522,7 +510,7 @@ func TestDesiredDuplicatePolicyName(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []PolicyState{{Name: "p", Mode: ModeReroute, EgressIP: netip.MustParseAddr("192.0.2.100"), NextHop: netip.MustParseAddr("192.0.2.12"), Sources: selAddrs("10.244.1.11"), Destinations: selPrefixes("203.0.113.0/24")}}
-	if !reflect.DeepEqual(got.Policies, want) || len(warns) != 1 || !strings.Contains(warns[0], "listed twice") {
+	if !reflect.DeepEqual(unranked(got).Policies, want) || len(warns) != 1 || !strings.Contains(warns[0], "listed twice") {
 		t.Fatalf("got %+v %q, want %+v and one 'listed twice' warning", got.Policies, warns, want)
 	}
 }
@@ -673,28 +661,18 @@ func TestDesiredMatchesPodSelected(t *testing.T) {
 	}
 }
 
-// TestDesiredReleased: every floating IP of the cluster that the status does
-// not give to this node is released, whoever holds it, held or not.
-func TestDesiredReleased(t *testing.T) {
+// TestDesiredExcluded: the cluster-internal destinations are IPv4,
+// merged and sorted, whatever the input order.
+func TestDesiredExcluded(t *testing.T) {
 	in := selBase()
-	in.Node = "worker1"
-	in.Groups = []*v1.NetworkGatewayGroup{
-		{ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: "a"},
-			Spec:   v1.NetworkGatewayGroupSpec{FloatingIPs: []string{"192.0.2.102", "192.0.2.100"}},
-			Status: v1.NetworkGatewayGroupStatus{FloatingIPs: map[string]string{"192.0.2.100": "worker1", "192.0.2.102": "worker2"}}},
-		{ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: "b"},
-			Spec: v1.NetworkGatewayGroupSpec{FloatingIPs: []string{"192.0.2.101", "192.0.2.102"}}},
-	}
+	in.ClusterNetworks = selPrefixes("10.96.0.0/12", "192.0.2.11/32", "10.244.0.0/16", "10.244.1.0/24", "192.0.2.11/32")
+	in.ClusterNetworks = append(in.ClusterNetworks, netip.MustParsePrefix("2001:db8::/64"))
 	got, err := Desired(in)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := selAddrs("192.0.2.101", "192.0.2.102")
-	if !reflect.DeepEqual(got.Released, want) {
-		t.Fatalf("Released = %v, want %v", got.Released, want)
-	}
-	if len(got.FloatingIPs) != 1 || got.FloatingIPs[0].Addr() != netip.MustParseAddr("192.0.2.100") {
-		t.Fatalf("FloatingIPs = %v, want 192.0.2.100 only", got.FloatingIPs)
+	if want := selPrefixes("10.96.0.0/12", "10.244.0.0/16", "192.0.2.11/32"); !reflect.DeepEqual(got.Excluded, want) {
+		t.Fatalf("Excluded = %v, want %v", got.Excluded, want)
 	}
 }
 
@@ -726,5 +704,105 @@ func TestDesiredFollowsPolicyFallback(t *testing.T) {
 				t.Fatalf("%q: policy %s mode %s, want Drop", action, p.Name, p.Mode)
 			}
 		}
+	}
+}
+
+// unranked drops what ranks overlapping policies (see TestDesiredRanks)
+// and the cluster's floating IPs (TestDesiredClusterFloating), so that
+// state tables need not repeat them.
+func unranked(st NodeState) NodeState {
+	st.ClusterFloatingIPs = nil
+	st.Policies = slices.Clone(st.Policies)
+	for i := range st.Policies {
+		st.Policies[i].Written, st.Policies[i].Created = nil, time.Time{}
+	}
+	return st
+}
+
+// TestDesiredRanks: each policy carries its destinations as written (not
+// merged, sorted, without duplicates) and its creation time.
+func TestDesiredRanks(t *testing.T) {
+	in := selBase()
+	pol := selPolicy("p", "gw", []v1.EgressSource{selSrc(selAll, selMatch("app", "web"))}, "10.1.0.0/16", "10.1.2.0/24", "10.1.0.0/16", "10.0.0.0/8")
+	created := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	pol.CreationTimestamp = metav1.NewTime(created)
+	in.Policies = []*v1.EgressNATPolicy{pol}
+	in.Groups = []*v1.NetworkGatewayGroup{selGroup("gw", []string{"192.0.2.100"}, "192.0.2.100", "n2")}
+	got, err := Desired(in)
+	if err != nil || len(got.Policies) != 1 {
+		t.Fatalf("%+v %v", got, err)
+	}
+	p := got.Policies[0]
+	if want := selPrefixes("10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24"); !reflect.DeepEqual(p.Written, want) || !p.Created.Equal(created) {
+		t.Fatalf("written %v created %v, want %v and %v", p.Written, p.Created, want, created)
+	}
+	if want := selPrefixes("10.0.0.0/8"); !reflect.DeepEqual(p.Destinations, want) {
+		t.Fatalf("destinations %v, want %v (merged)", p.Destinations, want)
+	}
+}
+
+// TestDesiredClusterFloating: every floating IP of every group's spec,
+// held or not, sorted and without duplicates.
+func TestDesiredClusterFloating(t *testing.T) {
+	in := selBase()
+	in.Groups = []*v1.NetworkGatewayGroup{
+		selGroup("a", []string{"192.0.2.102", "192.0.2.100", "bad"}, "192.0.2.100", "n1"),
+		selGroup("b", []string{"192.0.2.101", "192.0.2.102"}),
+	}
+	got, err := Desired(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := selAddrs("192.0.2.100", "192.0.2.101", "192.0.2.102"); !reflect.DeepEqual(got.ClusterFloatingIPs, want) {
+		t.Fatalf("ClusterFloatingIPs = %v, want %v", got.ClusterFloatingIPs, want)
+	}
+}
+
+// TestDesiredChecksGroups: with the groups checked as the operator checks
+// them, a node never holds a rejected floating IP (a node's own address,
+// the router), even when a status names it, and a policy whose gateway is
+// in a namespace not honoured, or whose egress IP is rejected, is not
+// applied.
+func TestDesiredChecksGroups(t *testing.T) {
+	in := selBase()
+	n1 := NodeFacts{Name: "n1", Subnets: selPrefixes("192.0.2.11/24"), Gateways: selAddrs("192.0.2.1")}
+	n1.AddNodeAddress("InternalIP", "192.0.2.11")
+	n2 := NodeFacts{Name: "n2"}
+	n2.AddNodeAddress("InternalIP", "192.0.2.12")
+	in.Reserved = ReservedFrom([]NodeFacts{n1, n2})
+	in.GatewayNamespaces = []string{"kube-system"}
+	tenant := selGroup("tenant", []string{"192.0.2.103"}, "192.0.2.103", "n1")
+	tenant.Namespace = "team-a"
+	in.Groups = []*v1.NetworkGatewayGroup{
+		// The typo: n2's own address, which a stale status gives to n1.
+		selGroup("typo", []string{"192.0.2.12"}, "192.0.2.12", "n1"),
+		selGroup("router", []string{"192.0.2.101", "192.0.2.1"}, "192.0.2.101", "n1", "192.0.2.1", "n1"),
+		tenant,
+	}
+	web := []v1.EgressSource{selSrc(selAll, selMatch("app", "web"))}
+	in.Policies = []*v1.EgressNATPolicy{
+		selPolicy("p-typo", "typo", web, "203.0.113.0/24"),
+		selPolicy("p-router", "router", web, "203.0.113.0/24"),
+		{ObjectMeta: metav1.ObjectMeta{Name: "p-tenant"}, Spec: v1.EgressNATPolicySpec{Sources: web, Action: v1.ActionSNAT,
+			Destinations: []v1.EgressDestination{{CIDR: "198.51.100.0/24"}}, GatewayRef: v1.GatewayRef{Namespace: "team-a", Name: "tenant"}}},
+	}
+	got, warns, err := selDesired(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := selPrefixes("192.0.2.101/24"); !reflect.DeepEqual(got.FloatingIPs, want) {
+		t.Fatalf("held %v, want only %v (warnings %q)", got.FloatingIPs, want, warns)
+	}
+	var names []string
+	for _, p := range got.Policies {
+		names = append(names, p.Name)
+	}
+	if !slices.Equal(names, []string{"p-router"}) {
+		t.Fatalf("applied %v, want only p-router (warnings %q)", names, warns)
+	}
+	// Without the checks (egressnatctl, older callers) the status decides.
+	in.GatewayNamespaces = nil
+	if got, err := Desired(in); err != nil || len(got.FloatingIPs) != 4 {
+		t.Fatalf("unchecked: %v %v", got.FloatingIPs, err)
 	}
 }

@@ -3,6 +3,7 @@ package selector
 import (
 	"net/netip"
 	"slices"
+	"time"
 )
 
 // Mode says what a node does with the traffic one policy selects.
@@ -29,10 +30,15 @@ type NodeState struct {
 	// FloatingIPs this node holds, each with the prefix length of the node
 	// subnet it lies in, sorted. They are added to the uplink.
 	FloatingIPs []netip.Prefix
-	// Released: every other floating IP of the cluster, sorted. The node
-	// removes them from its uplink even when it did not record adding them,
-	// so that a node never answers for an IP another node holds.
-	Released []netip.Addr
+	// ClusterFloatingIPs: every floating IP of the cluster's groups, sorted.
+	// The node reports those it finds on its uplink without having added
+	// them (the operator then never assigns them), held by it or not.
+	ClusterFloatingIPs []netip.Addr
+	// Excluded: cluster-internal destinations (pod and Service CIDRs, node
+	// addresses, the API server's endpoints), sorted and merged (see
+	// MergePrefixes). Traffic to them is never steered, whatever a
+	// policy's destinations say, also while a policy fails closed.
+	Excluded []netip.Prefix
 }
 
 // PolicyState is one EgressNATPolicy as one node applies it.
@@ -47,6 +53,11 @@ type PolicyState struct {
 	// another (nftables interval sets reject overlaps).
 	Destinations []netip.Prefix
 	Mode         Mode
+	// Written: the destinations as written (sorted, not merged) and
+	// Created the policy's creation time: they decide which of several
+	// policies selecting a pod applies to a destination (see Precedence).
+	Written []netip.Prefix
+	Created time.Time
 	// EgressIP is the floating IP selected traffic leaves with.
 	EgressIP netip.Addr
 	// NextHop is the IP of the node holding EgressIP (ModeReroute only).
@@ -56,9 +67,11 @@ type PolicyState struct {
 // Equal reports whether two states hold the same (a nil and an empty list
 // are the same).
 func (s NodeState) Equal(o NodeState) bool {
-	return slices.Equal(s.FloatingIPs, o.FloatingIPs) && slices.Equal(s.Released, o.Released) &&
+	return slices.Equal(s.FloatingIPs, o.FloatingIPs) && slices.Equal(s.Excluded, o.Excluded) &&
+		slices.Equal(s.ClusterFloatingIPs, o.ClusterFloatingIPs) &&
 		slices.EqualFunc(s.Policies, o.Policies, func(a, b PolicyState) bool {
 			return a.Name == b.Name && a.Mode == b.Mode && a.EgressIP == b.EgressIP && a.NextHop == b.NextHop &&
-				slices.Equal(a.Sources, b.Sources) && slices.Equal(a.Destinations, b.Destinations)
+				slices.Equal(a.Sources, b.Sources) && slices.Equal(a.Destinations, b.Destinations) &&
+				slices.Equal(a.Written, b.Written) && a.Created.Equal(b.Created)
 		})
 }

@@ -282,7 +282,7 @@ func TestNodeStateEqual(t *testing.T) {
 			Policies: []PolicyState{{Name: "a", Sources: selAddrs("10.0.0.1"), Destinations: selPrefixes("203.0.113.0/24"),
 				Mode: ModeReroute, EgressIP: netip.MustParseAddr("192.0.2.100"), NextHop: netip.MustParseAddr("192.0.2.2")}},
 			FloatingIPs: selPrefixes("192.0.2.101/24"),
-			Released:    selAddrs("192.0.2.102"),
+			Excluded:    selPrefixes("10.96.0.0/12"),
 		}
 	}
 	for name, change := range map[string]func(*NodeState){
@@ -295,7 +295,7 @@ func TestNodeStateEqual(t *testing.T) {
 		"name":         func(s *NodeState) { s.Policies[0].Name = "b" },
 		"policy added": func(s *NodeState) { s.Policies = append(s.Policies, PolicyState{Name: "b"}) },
 		"floating":     func(s *NodeState) { s.FloatingIPs = nil },
-		"released":     func(s *NodeState) { s.Released = append(s.Released, netip.MustParseAddr("192.0.2.104")) },
+		"excluded":     func(s *NodeState) { s.Excluded = append(s.Excluded, netip.MustParsePrefix("10.244.0.0/16")) },
 	} {
 		b := base()
 		change(&b)

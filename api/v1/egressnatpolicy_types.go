@@ -88,16 +88,26 @@ type EgressSource struct {
 
 // EgressDestination is a destination network of selected traffic.
 type EgressDestination struct {
+	// The canonical-form message computes the canonical form without
+	// string(int), whose unbounded estimated cost the API server refuses:
+	// octets are looked up in a list of their decimal strings.
+
 	// CIDR is an IPv4 network in canonical form, e.g. 203.0.113.0/24.
+	// Refused: a network within 0.0.0.0/8, loopback 127.0.0.0/8,
+	// link-local 169.254.0.0/16, multicast 224.0.0.0/4 or reserved
+	// 240.0.0.0/4. A larger network that merely contains one of them, such
+	// as 0.0.0.0/0, is allowed: the dataplane keeps cluster-internal and
+	// node-local destinations out of it.
 	// +required
 	// +kubebuilder:validation:MaxLength=49
 	// +kubebuilder:validation:XValidation:rule="isCIDR(self) || isIP(self)",message="must be an IPv4 CIDR such as 203.0.113.0/24"
 	// +kubebuilder:validation:XValidation:rule="!isIP(self) || isCIDR(self)",message="must be a CIDR with a prefix length: write 203.0.113.7/32 for a single address"
 	// +kubebuilder:validation:XValidation:rule="!isCIDR(self) || cidr(self).ip().family() == 4",message="IPv6 destinations are not supported: the egress gateway is IPv4-only"
-	// The message computes the canonical form without string(int), whose
-	// unbounded estimated cost the API server refuses: octets are looked up
-	// in a list of their decimal strings.
 	// +kubebuilder:validation:XValidation:rule="!isCIDR(self) || cidr(self).ip().family() != 4 || cidr(self) == cidr(self).masked()",messageExpression="'must be in canonical form with the host bits zero: write ' + ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '11', '12', '13', '14', '15', '16', '17', '18', '19', '20', '21', '22', '23', '24', '25', '26', '27', '28', '29', '30', '31', '32', '33', '34', '35', '36', '37', '38', '39', '40', '41', '42', '43', '44', '45', '46', '47', '48', '49', '50', '51', '52', '53', '54', '55', '56', '57', '58', '59', '60', '61', '62', '63', '64', '65', '66', '67', '68', '69', '70', '71', '72', '73', '74', '75', '76', '77', '78', '79', '80', '81', '82', '83', '84', '85', '86', '87', '88', '89', '90', '91', '92', '93', '94', '95', '96', '97', '98', '99', '100', '101', '102', '103', '104', '105', '106', '107', '108', '109', '110', '111', '112', '113', '114', '115', '116', '117', '118', '119', '120', '121', '122', '123', '124', '125', '126', '127', '128', '129', '130', '131', '132', '133', '134', '135', '136', '137', '138', '139', '140', '141', '142', '143', '144', '145', '146', '147', '148', '149', '150', '151', '152', '153', '154', '155', '156', '157', '158', '159', '160', '161', '162', '163', '164', '165', '166', '167', '168', '169', '170', '171', '172', '173', '174', '175', '176', '177', '178', '179', '180', '181', '182', '183', '184', '185', '186', '187', '188', '189', '190', '191', '192', '193', '194', '195', '196', '197', '198', '199', '200', '201', '202', '203', '204', '205', '206', '207', '208', '209', '210', '211', '212', '213', '214', '215', '216', '217', '218', '219', '220', '221', '222', '223', '224', '225', '226', '227', '228', '229', '230', '231', '232', '233', '234', '235', '236', '237', '238', '239', '240', '241', '242', '243', '244', '245', '246', '247', '248', '249', '250', '251', '252', '253', '254', '255'][int(self.split('/')[0].split('.')[0]) - int(self.split('/')[0].split('.')[0]) % [256, 128, 64, 32, 16, 8, 4, 2, 1][int(self.split('/')[1]) > 8 ? 8 : int(self.split('/')[1])]] + '.' + ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '11', '12', '13', '14', '15', '16', '17', '18', '19', '20', '21', '22', '23', '24', '25', '26', '27', '28', '29', '30', '31', '32', '33', '34', '35', '36', '37', '38', '39', '40', '41', '42', '43', '44', '45', '46', '47', '48', '49', '50', '51', '52', '53', '54', '55', '56', '57', '58', '59', '60', '61', '62', '63', '64', '65', '66', '67', '68', '69', '70', '71', '72', '73', '74', '75', '76', '77', '78', '79', '80', '81', '82', '83', '84', '85', '86', '87', '88', '89', '90', '91', '92', '93', '94', '95', '96', '97', '98', '99', '100', '101', '102', '103', '104', '105', '106', '107', '108', '109', '110', '111', '112', '113', '114', '115', '116', '117', '118', '119', '120', '121', '122', '123', '124', '125', '126', '127', '128', '129', '130', '131', '132', '133', '134', '135', '136', '137', '138', '139', '140', '141', '142', '143', '144', '145', '146', '147', '148', '149', '150', '151', '152', '153', '154', '155', '156', '157', '158', '159', '160', '161', '162', '163', '164', '165', '166', '167', '168', '169', '170', '171', '172', '173', '174', '175', '176', '177', '178', '179', '180', '181', '182', '183', '184', '185', '186', '187', '188', '189', '190', '191', '192', '193', '194', '195', '196', '197', '198', '199', '200', '201', '202', '203', '204', '205', '206', '207', '208', '209', '210', '211', '212', '213', '214', '215', '216', '217', '218', '219', '220', '221', '222', '223', '224', '225', '226', '227', '228', '229', '230', '231', '232', '233', '234', '235', '236', '237', '238', '239', '240', '241', '242', '243', '244', '245', '246', '247', '248', '249', '250', '251', '252', '253', '254', '255'][int(self.split('/')[0].split('.')[1]) - int(self.split('/')[0].split('.')[1]) % [256, 128, 64, 32, 16, 8, 4, 2, 1][int(self.split('/')[1]) > 16 ? 8 : (int(self.split('/')[1]) < 8 ? 0 : int(self.split('/')[1]) - 8)]] + '.' + ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '11', '12', '13', '14', '15', '16', '17', '18', '19', '20', '21', '22', '23', '24', '25', '26', '27', '28', '29', '30', '31', '32', '33', '34', '35', '36', '37', '38', '39', '40', '41', '42', '43', '44', '45', '46', '47', '48', '49', '50', '51', '52', '53', '54', '55', '56', '57', '58', '59', '60', '61', '62', '63', '64', '65', '66', '67', '68', '69', '70', '71', '72', '73', '74', '75', '76', '77', '78', '79', '80', '81', '82', '83', '84', '85', '86', '87', '88', '89', '90', '91', '92', '93', '94', '95', '96', '97', '98', '99', '100', '101', '102', '103', '104', '105', '106', '107', '108', '109', '110', '111', '112', '113', '114', '115', '116', '117', '118', '119', '120', '121', '122', '123', '124', '125', '126', '127', '128', '129', '130', '131', '132', '133', '134', '135', '136', '137', '138', '139', '140', '141', '142', '143', '144', '145', '146', '147', '148', '149', '150', '151', '152', '153', '154', '155', '156', '157', '158', '159', '160', '161', '162', '163', '164', '165', '166', '167', '168', '169', '170', '171', '172', '173', '174', '175', '176', '177', '178', '179', '180', '181', '182', '183', '184', '185', '186', '187', '188', '189', '190', '191', '192', '193', '194', '195', '196', '197', '198', '199', '200', '201', '202', '203', '204', '205', '206', '207', '208', '209', '210', '211', '212', '213', '214', '215', '216', '217', '218', '219', '220', '221', '222', '223', '224', '225', '226', '227', '228', '229', '230', '231', '232', '233', '234', '235', '236', '237', '238', '239', '240', '241', '242', '243', '244', '245', '246', '247', '248', '249', '250', '251', '252', '253', '254', '255'][int(self.split('/')[0].split('.')[2]) - int(self.split('/')[0].split('.')[2]) % [256, 128, 64, 32, 16, 8, 4, 2, 1][int(self.split('/')[1]) > 24 ? 8 : (int(self.split('/')[1]) < 16 ? 0 : int(self.split('/')[1]) - 16)]] + '.' + ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '11', '12', '13', '14', '15', '16', '17', '18', '19', '20', '21', '22', '23', '24', '25', '26', '27', '28', '29', '30', '31', '32', '33', '34', '35', '36', '37', '38', '39', '40', '41', '42', '43', '44', '45', '46', '47', '48', '49', '50', '51', '52', '53', '54', '55', '56', '57', '58', '59', '60', '61', '62', '63', '64', '65', '66', '67', '68', '69', '70', '71', '72', '73', '74', '75', '76', '77', '78', '79', '80', '81', '82', '83', '84', '85', '86', '87', '88', '89', '90', '91', '92', '93', '94', '95', '96', '97', '98', '99', '100', '101', '102', '103', '104', '105', '106', '107', '108', '109', '110', '111', '112', '113', '114', '115', '116', '117', '118', '119', '120', '121', '122', '123', '124', '125', '126', '127', '128', '129', '130', '131', '132', '133', '134', '135', '136', '137', '138', '139', '140', '141', '142', '143', '144', '145', '146', '147', '148', '149', '150', '151', '152', '153', '154', '155', '156', '157', '158', '159', '160', '161', '162', '163', '164', '165', '166', '167', '168', '169', '170', '171', '172', '173', '174', '175', '176', '177', '178', '179', '180', '181', '182', '183', '184', '185', '186', '187', '188', '189', '190', '191', '192', '193', '194', '195', '196', '197', '198', '199', '200', '201', '202', '203', '204', '205', '206', '207', '208', '209', '210', '211', '212', '213', '214', '215', '216', '217', '218', '219', '220', '221', '222', '223', '224', '225', '226', '227', '228', '229', '230', '231', '232', '233', '234', '235', '236', '237', '238', '239', '240', '241', '242', '243', '244', '245', '246', '247', '248', '249', '250', '251', '252', '253', '254', '255'][int(self.split('/')[0].split('.')[3]) - int(self.split('/')[0].split('.')[3]) % [256, 128, 64, 32, 16, 8, 4, 2, 1][int(self.split('/')[1]) < 24 ? 0 : int(self.split('/')[1]) - 24]] + '/' + self.split('/')[1] + ' instead of ' + self"
+	// +kubebuilder:validation:XValidation:rule="!isCIDR(self) || cidr(self).ip().family() != 4 || !cidr('0.0.0.0/8').containsCIDR(cidr(self))",message="must not lie within 0.0.0.0/8 (this host on this network): write 0.0.0.0/0 for every destination"
+	// +kubebuilder:validation:XValidation:rule="!isCIDR(self) || cidr(self).ip().family() != 4 || !cidr('127.0.0.0/8').containsCIDR(cidr(self))",message="must not lie within 127.0.0.0/8: loopback traffic never leaves a node"
+	// +kubebuilder:validation:XValidation:rule="!isCIDR(self) || cidr(self).ip().family() != 4 || !cidr('169.254.0.0/16').containsCIDR(cidr(self))",message="must not lie within 169.254.0.0/16: link-local traffic (such as a metadata service at 169.254.169.254) stays on its link"
+	// +kubebuilder:validation:XValidation:rule="!isCIDR(self) || cidr(self).ip().family() != 4 || !cidr('224.0.0.0/3').containsCIDR(cidr(self))",message="must not lie within 224.0.0.0/4 (multicast) or 240.0.0.0/4 (reserved, broadcast): only unicast traffic can leave through a gateway"
 	CIDR string `json:"cidr"`
 }
 
@@ -129,9 +139,18 @@ type EgressNATPolicySpec struct {
 	// Action on selected traffic; only SNAT.
 	// +required
 	Action EgressAction `json:"action"`
+	// Uniqueness comes from listType=map keyed by cidr: the API server
+	// checks it in linear time and names the duplicate. A CEL rule cannot:
+	// self.all(d, self.exists_one(e, e.cidr == d.cidr)) exceeds the
+	// per-call runtime cost limit at 512 items, and list.distinct() needs
+	// Kubernetes 1.34. The rules on EgressDestination make the cidr strings
+	// canonical, so equal strings are equal networks.
+
 	// Destinations: selected pods' traffic to these networks is SNATed.
+	// Each network may be listed once.
 	// +required
-	// +listType=atomic
+	// +listType=map
+	// +listMapKey=cidr
 	// +kubebuilder:validation:MinItems=1
 	// +kubebuilder:validation:MaxItems=512
 	Destinations []EgressDestination `json:"destinations"`
@@ -207,3 +226,20 @@ type EgressNATPolicyList struct {
 	metav1.ListMeta `json:"metadata,omitempty"`
 	Items           []EgressNATPolicy `json:"items"`
 }
+
+// More condition types and reasons of an EgressNATPolicy (issue #11).
+const (
+	// ReasonGatewayIgnored: Accepted False, the gatewayRef names a group in
+	// a namespace that is not a gateway namespace.
+	ReasonGatewayIgnored = "GatewayIgnored"
+	// ReasonEgressIPRejected: Accepted False, the group's first floating IP
+	// (the egress IP) is rejected and is never assigned.
+	ReasonEgressIPRejected = "EgressIPRejected"
+
+	// ConditionOverlap: True while the policy's destinations overlap those
+	// of other accepted policies whose sources can select the same pods; the
+	// message names them and which one wins where. Absent otherwise.
+	ConditionOverlap = "Overlap"
+	// ReasonOverlappingPolicies: Overlap True.
+	ReasonOverlappingPolicies = "OverlappingPolicies"
+)

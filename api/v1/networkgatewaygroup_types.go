@@ -19,9 +19,17 @@ const (
 
 // NetworkGatewayGroupSpec lists the floating IPs the operator places on nodes.
 type NetworkGatewayGroupSpec struct {
+	// One cheap rule per range a node cannot hold (one parse and one prefix
+	// comparison each, at most 256 items): together they refuse every IPv4
+	// address that is not global unicast, the rest of 0.0.0.0/8 and the
+	// reserved 240.0.0.0/4, each with its own message.
+
 	// FloatingIPs are IPv4 addresses in a node subnet. The operator assigns
 	// each one to a node; the node adds it to its uplink and SNATs the
-	// traffic of the policies that use it.
+	// traffic of the policies that use it. Refused: 0.0.0.0/8, loopback
+	// 127.0.0.0/8, link-local 169.254.0.0/16, multicast 224.0.0.0/4,
+	// reserved 240.0.0.0/4 (with the broadcast 255.255.255.255), IPv6 and
+	// duplicates.
 	// +required
 	// +listType=set
 	// +kubebuilder:validation:MinItems=1
@@ -29,7 +37,10 @@ type NetworkGatewayGroupSpec struct {
 	// +kubebuilder:validation:items:MaxLength=45
 	// +kubebuilder:validation:items:XValidation:rule="isIP(self)",message="must be an IPv4 address such as 192.0.2.100"
 	// +kubebuilder:validation:items:XValidation:rule="!isIP(self) || ip(self).family() == 4",message="IPv6 addresses are not supported: the egress gateway is IPv4-only"
-	// +kubebuilder:validation:items:XValidation:rule="!isIP(self) || ip(self).family() != 4 || ip(self).isGlobalUnicast()",message="must be a unicast address a node can hold (not 0.0.0.0, loopback, link-local, multicast or broadcast)"
+	// +kubebuilder:validation:items:XValidation:rule="!isIP(self) || ip(self).family() != 4 || !cidr('0.0.0.0/8').containsIP(self)",message="must be a unicast address a node can hold: 0.0.0.0/8 means this host on this network"
+	// +kubebuilder:validation:items:XValidation:rule="!isIP(self) || ip(self).family() != 4 || !cidr('127.0.0.0/8').containsIP(self)",message="must be a unicast address a node can hold: 127.0.0.0/8 is loopback"
+	// +kubebuilder:validation:items:XValidation:rule="!isIP(self) || ip(self).family() != 4 || !cidr('169.254.0.0/16').containsIP(self)",message="must be a unicast address a node can hold: 169.254.0.0/16 is link-local"
+	// +kubebuilder:validation:items:XValidation:rule="!isIP(self) || ip(self).family() != 4 || !cidr('224.0.0.0/3').containsIP(self)",message="must be a unicast address a node can hold: 224.0.0.0/4 is multicast, 240.0.0.0/4 reserved (class E) and 255.255.255.255 broadcast"
 	FloatingIPs []string `json:"floatingIPs"`
 }
 
@@ -106,3 +117,34 @@ type NetworkGatewayGroupList struct {
 	metav1.ListMeta `json:"metadata,omitempty"`
 	Items           []NetworkGatewayGroup `json:"items"`
 }
+
+// Condition types and reasons of a NetworkGatewayGroup, and the namespace
+// whose groups are always honoured. The group's Ready condition uses the
+// reasons AllAssigned and Unassigned; Accepted (ConditionAccepted) says
+// whether the group is honoured at all.
+const (
+	// DefaultGatewayNamespace: NetworkGatewayGroups are honoured here and in
+	// the namespaces of the --gateway-namespaces flag only.
+	DefaultGatewayNamespace = "kube-system"
+
+	// ConditionFloatingIPsValid: every floating IP of the group can be
+	// assigned (none is a node's address, its subnet's network or broadcast
+	// address, the uplink's gateway, an address something else put on a
+	// node, an unusable value, or listed by an older group).
+	ConditionFloatingIPsValid = "FloatingIPsValid"
+
+	// ReasonNamespaceNotAllowed: Accepted False (and Ready False) on a group
+	// outside the gateway namespaces; its IPs are never assigned.
+	ReasonNamespaceNotAllowed = "NamespaceNotAllowed"
+	// ReasonFloatingIPsValid: FloatingIPsValid True.
+	ReasonFloatingIPsValid = "Valid"
+	// ReasonFloatingIPRejected: FloatingIPsValid False, at least one IP is
+	// unusable, reserved or already in use on a node.
+	ReasonFloatingIPRejected = "FloatingIPRejected"
+	// ReasonFloatingIPConflict: FloatingIPsValid False, every rejected IP is
+	// listed by an older group, which keeps it.
+	ReasonFloatingIPConflict = "FloatingIPConflict"
+	// ReasonAllAssigned and ReasonUnassigned: the group's Ready condition.
+	ReasonAllAssigned = "AllAssigned"
+	ReasonUnassigned  = "Unassigned"
+)

@@ -7,9 +7,11 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -45,11 +47,14 @@ func run() error {
 	rulePriority := fs.Int("rule-priority", selector.DefaultRulePriority, "priority of the agent's ip rules (before main at 32766)")
 	leaseDuration := fs.Duration("lease-duration", 90*time.Second, "duration written on the agent's Lease (it carries the uplink subnets; health comes from the operators' probes)")
 	renewInterval := fs.Duration("renew-interval", 30*time.Second, "how often the agent's Lease is renewed")
-	healthAddr := fs.String("health-probe-addr", ":9797", "where the operators' TCP health probes connect")
-	serveAddr := fs.String("health-addr", ":9796", "where /metrics, /healthz and /readyz are served")
+	healthAddr := fs.String("health-probe-addr", ":9797", "where the operators' TCP health probes connect: they dial the node's InternalIP, so it must listen there (the DaemonSet passes $(HOST_IP):9797); the default listens on every address")
+	serveAddr := fs.String("health-addr", "127.0.0.1:9796", "where /metrics, /healthz and /readyz are served; the default is reachable from this node only (the DaemonSet passes $(HOST_IP):9796 for the kubelet's probes and Prometheus)")
 	fenceAfter := fs.Duration("fence-after", time.Second, "a node holding floating IPs that has seen no health probe for this long and cannot reach the API server releases them")
 	recovery := fs.Duration("recovery-period", 10*time.Second, "after a fence lifts, hold floating IPs only as a fresh read of the API confirms, for this long")
 	resync := fs.Duration("resync", 30*time.Second, "period (jittered) of the full recomputation and re-apply, and of the background check of the nftables table that repairs changes made outside egressnat")
+	podCIDRs := fs.String("pod-cidrs", "", "comma-separated pod CIDRs never steered, for CNIs that leave Node spec.podCIDRs empty (those of the Nodes are always excluded)")
+	serviceCIDRs := fs.String("service-cidrs", "", "comma-separated Service CIDRs never steered, for API servers without ServiceCIDR objects (those listed are always excluded)")
+	gatewayNamespaces := fs.String("gateway-namespaces", "", "comma-separated namespaces whose NetworkGatewayGroups are honoured besides kube-system (the same as the operator's)")
 	fallback := fs.Bool("fallback-to-node-ip", false, "when no node holds a policy's egress IP, let its traffic leave with the node IP instead of dropping it")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
@@ -60,6 +65,18 @@ func run() error {
 	mask, err := strconv.ParseUint(*markMask, 0, 32)
 	if err != nil || mask == 0 {
 		return fmt.Errorf("--mark-mask %q: want a non-zero 32-bit number", *markMask)
+	}
+	gwNamespaces, err := selector.GatewayNamespaces(*gatewayNamespaces)
+	if err != nil {
+		return fmt.Errorf("--gateway-namespaces: %w", err)
+	}
+	pods, err := parseCIDRs("--pod-cidrs", *podCIDRs)
+	if err != nil {
+		return err
+	}
+	services, err := parseCIDRs("--service-cidrs", *serviceCIDRs)
+	if err != nil {
+		return err
 	}
 	if *resync < time.Second {
 		return fmt.Errorf("--resync %s: want at least 1s", *resync)
@@ -75,6 +92,10 @@ func run() error {
 	defer log.Sync() //nolint:errcheck
 
 	upName, subnets, err := agent.Uplink(*uplink)
+	if err != nil {
+		return err
+	}
+	gateways, err := agent.UplinkGateways(upName)
 	if err != nil {
 		return err
 	}
@@ -107,11 +128,27 @@ func run() error {
 		}
 	}()
 	return agent.RunWithReady(ctx, agent.Config{
-		Clients: clients, Node: *node, Uplink: upName, Subnets: subnets, Namespace: *namespace,
+		Clients: clients, Node: *node, Uplink: upName, Subnets: subnets, Gateways: gateways, Namespace: *namespace,
 		LeaseDuration: *leaseDuration, RenewInterval: *renewInterval, ResyncPeriod: *resync,
-		FallbackToNodeIP: *fallback, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, RecoveryPeriod: *recovery,
+		FallbackToNodeIP: *fallback, PodCIDRs: pods, ServiceCIDRs: services, MarkMask: uint32(mask), GatewayNamespaces: gwNamespaces, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, RecoveryPeriod: *recovery,
 		Dataplane: dp, Log: log, Metrics: m,
 	}, func(check func() error) { ready <- check })
+}
+
+// parseCIDRs parses a comma-separated list of IPv4 CIDRs.
+func parseCIDRs(flag, s string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil || !p.Addr().Is4() {
+			return nil, fmt.Errorf("%s: %q is not an IPv4 CIDR", flag, f)
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
 }
 
 func envOr(key, def string) string {

@@ -18,6 +18,7 @@ import (
 	"github.com/egressnat/egressnat/cmd/internal/metrics"
 	"github.com/egressnat/egressnat/cmd/internal/operator"
 	"github.com/egressnat/egressnat/leader"
+	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
 )
 
@@ -38,15 +39,24 @@ func run() error {
 	renewDeadline := fs.Duration("leader-renew-deadline", 3*time.Second, "how long the leader retries renewing before it steps down")
 	retryPeriod := fs.Duration("leader-retry-period", 500*time.Millisecond, "how often a standby tries to take the lease")
 	fallback := fs.Bool("fallback-to-node-ip", false, "when no node can hold a policy's egress IP, let its traffic leave with node IPs instead of dropping it")
-	serveAddr := fs.String("health-addr", ":9795", "where /metrics, /healthz and /readyz are served")
+	serveAddr := fs.String("health-addr", "127.0.0.1:9795", "where /metrics, /healthz and /readyz are served; the default is reachable from this node only (the Deployment passes $(HOST_IP):9795 for the kubelet's probes and Prometheus)")
 	probe := operator.DefaultProbeConfig
 	fs.IntVar(&probe.Port, "probe-port", probe.Port, "the agents' health port, probed over the node network")
 	fs.DurationVar(&probe.Interval, "probe-interval", probe.Interval, "probe interval of nodes holding floating IPs")
 	fs.DurationVar(&probe.SlowInterval, "probe-slow-interval", probe.SlowInterval, "probe interval of the other nodes")
 	fs.DurationVar(&probe.Timeout, "probe-timeout", probe.Timeout, "timeout of one probe")
 	fs.IntVar(&probe.Misses, "probe-misses", probe.Misses, "consecutive unanswered probes that make a node Down")
+	gatewayNamespaces := fs.String("gateway-namespaces", "", "comma-separated namespaces whose NetworkGatewayGroups are honoured besides kube-system; groups elsewhere are ignored (give the agents the same list)")
+	minSubnetPrefix := fs.Int("min-subnet-prefix", selector.DefaultMinSubnetPrefix, "shortest uplink subnet an agent may advertise for floating IPs; shorter ones are ignored")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
+	}
+	namespaces, err := selector.GatewayNamespaces(*gatewayNamespaces)
+	if err != nil {
+		return fmt.Errorf("--gateway-namespaces: %w", err)
+	}
+	if *minSubnetPrefix < 1 || *minSubnetPrefix > 32 {
+		return fmt.Errorf("--min-subnet-prefix %d: must be from 1 to 32", *minSubnetPrefix)
 	}
 	log, err := logging.New(logOpts)
 	if err != nil {
@@ -59,10 +69,12 @@ func run() error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	log.Info("starting", zap.String("identity", *identity), zap.String("namespace", *namespace))
+	log.Info("starting", zap.String("identity", *identity), zap.String("namespace", *namespace),
+		zap.Strings("gatewayNamespaces", namespaces), zap.Int("minSubnetPrefix", *minSubnetPrefix))
 	m := metrics.NewOperator(nil)
 	ctrl, err := operator.New(operator.Config{
 		Clients: clients, AgentNamespace: *namespace, FallbackToNodeIP: *fallback, Log: log, Probe: probe, Metrics: m,
+		GatewayNamespaces: namespaces, MinSubnetPrefix: *minSubnetPrefix,
 	})
 	if err != nil {
 		return err

@@ -47,7 +47,9 @@ func TestKustomization(t *testing.T) {
 		ns, _ := md["namespace"].(string)
 		clusterScoped := slices.Contains([]string{"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
 			"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}, kind)
-		if clusterScoped != (ns == "") || (!clusterScoped && ns != systemNS) {
+		// The agent may read the API server's EndpointSlice, in default.
+		apiserverEndpoints := md["name"] == "egressnat-agent-apiserver-endpoints" && ns == "default"
+		if clusterScoped != (ns == "") || (!clusterScoped && ns != systemNS && !apiserverEndpoints) {
 			t.Errorf("%s %s in namespace %q", kind, md["name"], ns)
 		}
 	}
@@ -66,7 +68,7 @@ func TestKustomization(t *testing.T) {
 		}
 	}
 	want := map[string]int{"CustomResourceDefinition": 2, "Namespace": 1, "ServiceAccount": 2, "ClusterRole": 2,
-		"ClusterRoleBinding": 2, "Role": 2, "RoleBinding": 2, "ValidatingAdmissionPolicy": 1,
+		"ClusterRoleBinding": 2, "Role": 3, "RoleBinding": 3, "ValidatingAdmissionPolicy": 1,
 		"ValidatingAdmissionPolicyBinding": 1, "DaemonSet": 1, "Deployment": 1}
 	for k, n := range want {
 		if kinds[k] != n {

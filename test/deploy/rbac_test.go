@@ -18,6 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	coordinationv1client "k8s.io/client-go/kubernetes/typed/coordination/v1"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/utils/ptr"
 )
@@ -147,6 +148,18 @@ func TestAgentRBAC(t *testing.T) {
 	allowed(t, "list gateways", err)
 	_, err = c.Dynamic.Resource(policyGVR).List(ctx, all)
 	allowed(t, "list policies", err)
+	// Cluster-internal destinations: the Service CIDRs, and the API
+	// server's own EndpointSlice, that one only.
+	_, err = c.Core.NetworkingV1().ServiceCIDRs().List(ctx, all)
+	allowed(t, "list servicecidrs", err)
+	_, err = c.Core.DiscoveryV1().EndpointSlices("default").Get(ctx, "kubernetes", metav1.GetOptions{})
+	if !apierrors.IsNotFound(err) { // the lab's API server keeps no endpoints
+		allowed(t, "get the kubernetes EndpointSlice", err)
+	}
+	_, err = c.Core.DiscoveryV1().EndpointSlices("default").Get(ctx, "other", metav1.GetOptions{})
+	forbidden(t, "get another EndpointSlice", err)
+	_, err = c.Core.DiscoveryV1().EndpointSlices("default").List(ctx, all)
+	forbidden(t, "list EndpointSlices", err)
 
 	leases := c.Core.CoordinationV1().Leases(systemNS)
 	l, err := leases.Create(ctx, lease("egressnat-agent-rbac-node", "rbac-node"), metav1.CreateOptions{})
@@ -163,6 +176,12 @@ func TestAgentRBAC(t *testing.T) {
 	forbidden(t, "list leases", err)
 	_, err = c.Core.CoordinationV1().Leases("kube-system").Create(ctx, lease("x", "y"), metav1.CreateOptions{})
 	forbidden(t, "create lease in kube-system", err)
+	// The operators' leader Lease and any Lease not named
+	// egressnat-agent-*: refused by the admission policy, even with this
+	// token that is bound to no pod (and so names no node).
+	agentCannotLead(t, leases)
+	_, err = leases.Create(ctx, lease("some-other-lease", "rbac-node"), metav1.CreateOptions{})
+	refusedByPolicy(t, "create a lease not named egressnat-agent-*", err, "not egressnat-system/some-other-lease")
 	_, err = c.Core.CoreV1().Events("kube-system").Create(ctx, event("kube-system"), metav1.CreateOptions{})
 	allowed(t, "create event", err)
 
@@ -183,6 +202,68 @@ func TestAgentRBAC(t *testing.T) {
 	forbidden(t, "create pod", err)
 	_, err = c.Core.CoreV1().ServiceAccounts(systemNS).CreateToken(ctx, "egressnat-agent", &authenticationv1.TokenRequest{}, metav1.CreateOptions{})
 	forbidden(t, "mint a token", err)
+}
+
+// refusedByPolicy: err is the admission policy's Forbidden with want in its
+// message.
+func refusedByPolicy(t *testing.T, what string, err error, want string) {
+	t.Helper()
+	if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), want) {
+		t.Errorf("%s: want Forbidden with %q, got %v", what, want, err)
+	}
+}
+
+// agentCannotLead: with the agent's leases client, creating the operators'
+// leader Lease, and renewing or taking it over once an operator holds it,
+// are all refused; the Lease is left as the operator wrote it, and removed
+// afterwards (TestOperatorRBAC creates it).
+func agentCannotLead(t *testing.T, leases coordinationv1client.LeaseInterface) {
+	t.Helper()
+	ctx := ctxT(t)
+	admin, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	adminLeases := admin.CoordinationV1().Leases(systemNS)
+	remove := func() {
+		if err := adminLeases.Delete(ctx, "egressnat-operator", metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+			t.Fatal(err)
+		}
+	}
+	remove()
+	t.Cleanup(remove)
+	const msg = "not egressnat-system/egressnat-operator (the operators' leader Lease)"
+	_, err = leases.Create(ctx, lease("egressnat-operator", "agent"), metav1.CreateOptions{})
+	refusedByPolicy(t, "agent creates the leader lease", err, msg)
+
+	held, err := adminLeases.Create(ctx, lease("egressnat-operator", "operator-0"), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := leases.Get(ctx, "egressnat-operator", metav1.GetOptions{})
+	allowed(t, "agent reads the leader lease", err)
+	if err != nil {
+		l = held
+	}
+	takeover := l.DeepCopy()
+	takeover.Spec.HolderIdentity = ptr.To("agent")
+	takeover.Spec.LeaseTransitions = ptr.To(int32(1))
+	_, err = leases.Update(ctx, takeover, metav1.UpdateOptions{})
+	refusedByPolicy(t, "agent takes over the leader lease", err, msg)
+	renew := l.DeepCopy()
+	renew.Spec.RenewTime = ptr.To(metav1.NewMicroTime(time.Now().Add(time.Hour)))
+	_, err = leases.Update(ctx, renew, metav1.UpdateOptions{})
+	refusedByPolicy(t, "agent renews the leader lease", err, msg)
+	forbidden(t, "agent deletes the leader lease", leases.Delete(ctx, "egressnat-operator", metav1.DeleteOptions{}))
+
+	after, err := adminLeases.Get(ctx, "egressnat-operator", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Spec.HolderIdentity == nil || *after.Spec.HolderIdentity != "operator-0" || after.ResourceVersion != held.ResourceVersion {
+		t.Errorf("the leader lease changed under the agent's writes: holder %v, resourceVersion %s (was %s)",
+			after.Spec.HolderIdentity, after.ResourceVersion, held.ResourceVersion)
+	}
 }
 
 // TestOperatorRBAC: with a token of egressnat-operator, the operator
@@ -298,6 +379,8 @@ func TestAgentOnlyOwnLease(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "only write the Lease of its own node") {
 		t.Errorf("renew another node's lease with a pod-bound token: %v", err)
 	}
+	// Nor the operators' leader Lease.
+	agentCannotLead(t, leases)
 }
 
 // tokenNode returns the node name a ServiceAccount token carries.

@@ -101,8 +101,14 @@ func TestAgentDaemonSet(t *testing.T) {
 	if got := envFrom(c, "POD_NAMESPACE"); got != "metadata.namespace" {
 		t.Errorf("agent: POD_NAMESPACE from %q, want metadata.namespace", got)
 	}
-	if !hasArg(c, "--health-addr=:9796") {
-		t.Errorf("agent: args %v lack --health-addr=:9796", c.Args)
+	if got := envFrom(c, "HOST_IP"); got != "status.hostIP" {
+		t.Errorf("agent: HOST_IP from %q, want status.hostIP", got)
+	}
+	// On the node's IP only, not on every address of the node.
+	for _, a := range []string{"--health-addr=$(HOST_IP):9796", "--health-probe-addr=$(HOST_IP):9797"} {
+		if !hasArg(c, a) {
+			t.Errorf("agent: args %v lack %s", c.Args, a)
+		}
 	}
 	probeOK(t, "agent liveness", c.LivenessProbe, "/healthz", 9796, c.Ports)
 	probeOK(t, "agent readiness", c.ReadinessProbe, "/readyz", 9796, c.Ports)
@@ -153,7 +159,10 @@ func TestOperatorDeployment(t *testing.T) {
 	if envFrom(c, "POD_NAME") != "metadata.name" || envFrom(c, "POD_NAMESPACE") != "metadata.namespace" {
 		t.Errorf("operator: POD_NAME and POD_NAMESPACE must come from the downward API: %+v", c.Env)
 	}
-	for _, a := range []string{"--health-addr=:9795", "--leader-lease-duration=", "--leader-renew-deadline=", "--leader-retry-period="} {
+	if got := envFrom(c, "HOST_IP"); got != "status.hostIP" {
+		t.Errorf("operator: HOST_IP from %q, want status.hostIP", got)
+	}
+	for _, a := range []string{"--health-addr=$(HOST_IP):9795", "--probe-port=9797", "--leader-lease-duration=", "--leader-renew-deadline=", "--leader-retry-period="} {
 		if !slices.ContainsFunc(c.Args, func(s string) bool { return strings.HasPrefix(s, a) }) {
 			t.Errorf("operator: args %v lack %s", c.Args, a)
 		}

@@ -65,6 +65,9 @@ type Config struct {
 	Node      string
 	Uplink    string
 	Subnets   []netip.Prefix // the uplink's own addresses with their prefix
+	// Gateways: the uplink's IPv4 default gateways, published on the
+	// Lease (no floating IP may be one of them).
+	Gateways []netip.Addr
 	Namespace string         // where the agent's Lease lives
 	// LeaseDuration after the last renewal the operator declares the node
 	// Down; RenewInterval is how often the agent renews.
@@ -73,6 +76,15 @@ type Config struct {
 	// drift in the kernel.
 	ResyncPeriod     time.Duration
 	FallbackToNodeIP bool
+	// PodCIDRs and ServiceCIDRs are cluster-internal destinations the API
+	// may not know (a CNI that leaves Node.spec.podCIDRs empty, an API
+	// server without ServiceCIDR objects): never steered.
+	PodCIDRs, ServiceCIDRs []netip.Prefix
+	// MarkMask is the dataplane's mark mask (for messages).
+	MarkMask uint32
+	// GatewayNamespaces are the namespaces whose groups are honoured
+	// (selector.GatewayNamespaces); nil means kube-system only.
+	GatewayNamespaces []string
 	// HealthAddr is where the operators' health probes connect.
 	HealthAddr string
 	// FenceAfter: a node holding floating IPs that has seen no probe for
@@ -120,6 +132,14 @@ type agent struct {
 	fencedGroups    map[*corev1.ObjectReference][]string // only the fence goroutine
 	holding, synced atomic.Bool
 	syncErr         atomic.Pointer[string]
+	// nets: cluster-internal destinations listed from the API.
+	nets clusterNets
+	// unroutable: the policies without a mark at the last apply (their
+	// Event was recorded); foreign: wanted floating IPs something else put
+	// on the uplink, published on the Lease.
+	unroutable map[string]bool
+	foreign    atomic.Pointer[[]netip.Addr]
+	leaseKick  chan struct{}
 }
 
 // RunWithReady runs the agent until ctx ends, handing its readiness check
@@ -134,7 +154,7 @@ func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) err
 // newAgent builds an agent and its fence on the clock clk.
 func newAgent(cfg Config, clk clock.WithTickerAndDelayedExecution) *agent {
 	a := &agent{cfg: cfg, log: cfg.Log.With(zap.String("node", cfg.Node)), clock: clk,
-		trigger: make(chan struct{}, 1), dirty: map[string]time.Time{}}
+		trigger: make(chan struct{}, 1), leaseKick: make(chan struct{}, 1), dirty: map[string]time.Time{}}
 	// Until the first sync, assume the node holds floating IPs (its kernel
 	// may, from before a restart): a node that starts cut off must fence.
 	a.holding.Store(true)
@@ -212,6 +232,10 @@ func (a *agent) run(ctx context.Context) error {
 	go a.fence.watch(ctx)
 	go a.renewLease(ctx)
 	kube.RunInformers(ctx, infs...)
+	// The cluster-internal destinations before the first apply, so that
+	// it never steers them.
+	a.refreshClusterNets(ctx)
+	go a.watchClusterNets(ctx)
 	// Nothing is applied before every cache is complete: an agent that
 	// restarts must not act on a partial view and remove working state.
 	if !kube.WaitForSync(ctx, infs...) {
@@ -383,17 +407,27 @@ func (a *agent) scrapeCounters(ctx context.Context) {
 
 // observe records what one apply did.
 func (a *agent) observe(st selector.NodeState) {
+	r := a.cfg.Dataplane.LastResult()
+	a.reportUnroutable(r.Unroutable)
+	if old := a.foreign.Swap(&r.Foreign); old == nil || !slices.Equal(*old, r.Foreign) {
+		// The operator must learn of an address something else holds
+		// now, not at the next renewal.
+		select {
+		case a.leaseKick <- struct{}{}:
+		default:
+		}
+	}
 	m := a.cfg.Metrics
 	if m == nil {
 		return
 	}
+	m.UnroutablePolicies.Set(float64(len(r.Unroutable)))
 	m.FloatingIPs.Set(float64(len(st.FloatingIPs)))
 	sizes := make([]metrics.SetSize, len(st.Policies))
 	for i, p := range st.Policies {
 		sizes[i] = metrics.SetSize{Policy: p.Name, Sources: len(p.Sources), Destinations: len(p.Destinations)}
 	}
 	m.SetSetSizes(sizes)
-	r := a.cfg.Dataplane.LastResult()
 	m.GARPsSent.Add(float64(len(r.Announced) * nft.GratuitousARPs()))
 	m.ConntrackFlushed.Add(float64(r.ConntrackDeleted))
 }
@@ -493,6 +527,26 @@ func (a *agent) sync(ctx context.Context) (err error) {
 	return nil
 }
 
+// reportUnroutable records a Warning Event on each policy that newly has
+// no mark on this node (more gateway next hops than the mark mask holds).
+func (a *agent) reportUnroutable(names []string) {
+	now := map[string]bool{}
+	for _, name := range names {
+		now[name] = true
+		if a.unroutable[name] {
+			continue
+		}
+		ref := &corev1.ObjectReference{APIVersion: v1.GroupVersion.String(), Kind: "EgressNATPolicy", Name: name}
+		if obj, ok, _ := a.policies.GetByKey(name); ok {
+			ref.UID = obj.(*v1.EgressNATPolicy).UID
+		}
+		a.recorder.Eventf(ref, corev1.EventTypeWarning, "OutOfMarks",
+			"node %s has more gateway next hops than its mark mask holds (%d): this policy drops its traffic there; widen --mark-mask or use fewer gateway nodes",
+			a.cfg.Node, selector.MarkCapacity(a.cfg.MarkMask))
+	}
+	a.unroutable = now
+}
+
 // observePods records, for each pod event handled, the time from the event
 // reaching the agent to the kernel holding its change.
 func (a *agent) observePods(dirty map[string]time.Time) {
@@ -551,7 +605,16 @@ func (a *agent) input() selector.Input {
 		NodeIPs:          map[string]netip.Addr{},
 		LocalSubnets:     a.cfg.Subnets,
 		FallbackToNodeIP: a.cfg.FallbackToNodeIP,
+		ClusterNetworks:  slices.Concat(a.cfg.PodCIDRs, a.cfg.ServiceCIDRs, a.nets.get()),
+		// Groups are checked as the operator checks them, so that this
+		// node never holds a floating IP that is a node's address, its
+		// router, or another group's, whatever a status says.
+		GatewayNamespaces: a.cfg.GatewayNamespaces,
 	}
+	if in.GatewayNamespaces == nil {
+		in.GatewayNamespaces = []string{v1.DefaultGatewayNamespace}
+	}
+	var facts []selector.NodeFacts
 	for _, obj := range a.policies.List() {
 		in.Policies = append(in.Policies, obj.(*v1.EgressNATPolicy))
 	}
@@ -567,7 +630,18 @@ func (a *agent) input() selector.Input {
 		if ip, ok := kube.NodeInternalIP(n); ok {
 			in.NodeIPs[n.Name] = ip
 		}
+		in.ClusterNetworks = append(in.ClusterNetworks, nodeNetworks(n)...)
+		f := selector.NodeFacts{Name: n.Name}
+		for _, addr := range n.Status.Addresses {
+			f.AddNodeAddress(string(addr.Type), addr.Address)
+		}
+		if n.Name == a.cfg.Node {
+			// This node's own uplink: its subnets and routers.
+			f.Subnets, f.Gateways = a.cfg.Subnets, a.cfg.Gateways
+		}
+		facts = append(facts, f)
 	}
+	in.Reserved = selector.ReservedFrom(facts)
 	// No sorting: selector.Desired is independent of the input order.
 	pods := a.pods.List()
 	in.Pods = make([]selector.Pod, 0, len(pods))
@@ -608,6 +682,7 @@ func (a *agent) renewLease(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C():
+		case <-a.leaseKick:
 		}
 	}
 }
@@ -621,6 +696,12 @@ func (a *agent) renewOnce(ctx context.Context) error {
 	annotations := map[string]string{
 		kube.AnnotationSubnets: kube.FormatSubnets(a.cfg.Subnets),
 		kube.AnnotationUplink:  a.cfg.Uplink,
+	}
+	if len(a.cfg.Gateways) > 0 {
+		annotations[kube.AnnotationUplinkGateway] = kube.FormatAddresses(a.cfg.Gateways)
+	}
+	if f := a.foreign.Load(); f != nil && len(*f) > 0 {
+		annotations[kube.AnnotationForeignAddresses] = kube.FormatAddresses(*f)
 	}
 	lease, err := leases.Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {

@@ -23,8 +23,8 @@ func TestSync(t *testing.T) {
 	ta.synced.Store(true)
 	ta.mustSync(t)
 	st := ta.lastApplied(t)
-	if !slices.Equal(st.FloatingIPs, prefixes(fipA)) || !slices.Equal(st.Released, addrs(fipB)) {
-		t.Fatalf("floating IPs %v released %v, want %s and %s", st.FloatingIPs, st.Released, fipA, fipB)
+	if !slices.Equal(st.FloatingIPs, prefixes(fipA)) {
+		t.Fatalf("floating IPs %v, want %s", st.FloatingIPs, fipA)
 	}
 	pa, pb := policy(t, st, "pa"), policy(t, st, "pb")
 	if pa.Mode != selector.ModeGateway || pa.EgressIP != addrs(fipA)[0] || !slices.Equal(pa.Sources, addrs(web1IP.String(), web2IP.String())) {
@@ -257,6 +257,24 @@ func TestRenewLease(t *testing.T) {
 	if *l.Spec.HolderIdentity != node1 || *l.Spec.LeaseDurationSeconds != 30 ||
 		!l.Spec.RenewTime.Time.Equal(epoch.Add(10*time.Second)) || !l.Spec.AcquireTime.Time.Equal(epoch) {
 		t.Fatalf("lease spec %+v", l.Spec)
+	}
+	if _, ok := l.Annotations[kube.AnnotationForeignAddresses]; ok {
+		t.Fatalf("foreign addresses published with none found: %v", l.Annotations)
+	}
+	// The uplink's router and the addresses something else put on it are
+	// published for the operator, which then never assigns them.
+	ta.cfg.Gateways = addrs("192.0.2.1")
+	foreign := addrs("192.0.2.77", "192.0.2.78")
+	ta.foreign.Store(&foreign)
+	if err := ta.renewOnce(ctx); err != nil {
+		t.Fatal(err)
+	}
+	l, err = ta.core.CoordinationV1().Leases("egressnat-system").Get(ctx, kube.AgentLeasePrefix+node1, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Annotations[kube.AnnotationUplinkGateway] != "192.0.2.1" || l.Annotations[kube.AnnotationForeignAddresses] != "192.0.2.77,192.0.2.78" {
+		t.Fatalf("lease annotations %v", l.Annotations)
 	}
 }
 

@@ -190,12 +190,9 @@ func (f *fence) restrict(ctx context.Context, st selector.NodeState) selector.No
 	}
 	out := st
 	out.FloatingIPs = nil
-	out.Released = append([]netip.Addr(nil), st.Released...)
 	for _, p := range st.FloatingIPs {
 		if confirmed[p.Addr()] {
 			out.FloatingIPs = append(out.FloatingIPs, p)
-		} else {
-			out.Released = append(out.Released, p.Addr())
 		}
 	}
 	out.Policies = make([]selector.PolicyState, len(st.Policies))

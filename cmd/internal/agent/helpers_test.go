@@ -35,7 +35,8 @@ type fakeDataplane struct {
 	failNext int                  // the next failNext Applies and Cleanups fail
 	releases int                  // ReleaseFloating calls
 	rechecks int
-	drift    string // what Verify reports
+	drift    string     // what Verify reports
+	result   nft.Result // what LastResult reports
 }
 
 var errApply = errors.New("netlink: device busy")
@@ -77,7 +78,11 @@ func (d *fakeDataplane) Recheck() {
 	d.mu.Unlock()
 }
 
-func (d *fakeDataplane) LastResult() nft.Result { return nft.Result{} }
+func (d *fakeDataplane) LastResult() nft.Result {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.result
+}
 
 func (d *fakeDataplane) fail(n int) {
 	d.mu.Lock()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/hex"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -24,6 +25,8 @@ const (
 	kindMark
 	kindIfname
 	kindCtState
+	kindCtDirection
+	kindPrefix // an address masked by a netmask: data holds the prefix length
 )
 
 type regVal struct {
@@ -67,8 +70,11 @@ func RenderRule(exprs []expr.Any) string {
 				continue
 			}
 			k := kindRaw
-			if v.Key == expr.CtKeySTATE {
+			switch v.Key {
+			case expr.CtKeySTATE:
 				k = kindCtState
+			case expr.CtKeyDIRECTION:
+				k = kindCtDirection
 			}
 			regs[v.Register] = regVal{text: "ct " + ctKeyName(v.Key), kind: k}
 		case *expr.Bitwise:
@@ -77,6 +83,12 @@ func RenderRule(exprs []expr.Any) string {
 			if src.kind == kindCtState && len(v.Mask) == 4 {
 				// ct state & (a|b) != 0 is what nft prints as ct state a,b.
 				regs[v.DestRegister] = regVal{text: src.text, kind: kindCtState, data: v.Mask}
+				continue
+			}
+			if ones, bits := net.IPMask(v.Mask).Size(); src.kind == kindAddr && bits == 32 && bytes.Equal(v.Xor, make([]byte, 4)) {
+				// addr & netmask == network is what nft prints as addr
+				// network/len.
+				regs[v.DestRegister] = regVal{text: src.text, kind: kindPrefix, data: []byte{byte(ones)}}
 				continue
 			}
 			if len(v.Mask) == 4 && len(v.Xor) == 4 {
@@ -95,6 +107,12 @@ func RenderRule(exprs []expr.Any) string {
 			if r.kind == kindCtState && r.data != nil && v.Op == expr.CmpOpNeq {
 				out = append(out, fmt.Sprintf("%s %s", r.text, renderData(r.data, kindCtState)))
 				continue
+			}
+			if r.kind == kindPrefix && len(r.data) == 1 {
+				if a, ok := netip.AddrFromSlice(v.Data); ok {
+					out = append(out, fmt.Sprintf("%s%s %s", r.text, cmpOp(v.Op), netip.PrefixFrom(a, int(r.data[0]))))
+					continue
+				}
 			}
 			out = append(out, fmt.Sprintf("%s%s %s", r.text, cmpOp(v.Op), renderData(v.Data, r.kind)))
 		case *expr.Lookup:
@@ -221,6 +239,10 @@ func renderData(b []byte, k regKind) string {
 	case kindCtState:
 		if len(b) == 4 {
 			return ctStates(binaryutil.NativeEndian.Uint32(b))
+		}
+	case kindCtDirection:
+		if len(b) == 1 && b[0] <= 1 {
+			return []string{"original", "reply"}[b[0]]
 		}
 	}
 	return "0x" + hex.EncodeToString(b)

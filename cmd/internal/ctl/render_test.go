@@ -1,6 +1,7 @@
 package ctl
 
 import (
+	"net"
 	"net/netip"
 	"slices"
 	"testing"
@@ -158,6 +159,26 @@ func TestPolicyOfComment(t *testing.T) {
 		p, m, ok := PolicyOfComment(tc.comment)
 		if p != tc.policy || m != tc.mode || ok != (tc.policy != "") {
 			t.Errorf("PolicyOfComment(%q) = %q %q %v", tc.comment, p, m, ok)
+		}
+	}
+}
+
+// TestRenderRankedRules: the rules of overlapping policies and the returns
+// before the dispatch read as nft prints them.
+func TestRenderRankedRules(t *testing.T) {
+	for _, tc := range []struct {
+		exprs []expr.Any
+		want  string
+	}{
+		{[]expr.Any{&expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}}, &expr.Verdict{Kind: expr.VerdictReturn}},
+			"ct direction reply return"},
+		{[]expr.Any{&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: net.CIDRMask(25, 32), Xor: []byte{0, 0, 0, 0}},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{203, 0, 113, 128}}, &expr.Verdict{Kind: expr.VerdictReturn}},
+			"ip daddr 203.0.113.128/25 return"},
+	} {
+		if got := RenderRule(tc.exprs); got != tc.want {
+			t.Errorf("got %q, want %q", got, tc.want)
 		}
 	}
 }

@@ -5,11 +5,14 @@ package kube
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
+	"github.com/egressnat/egressnat/selector"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -35,6 +38,15 @@ const (
 	AnnotationSubnets = "egressnat.io/uplink-subnets"
 	// AnnotationUplink: the uplink interface name.
 	AnnotationUplink = "egressnat.io/uplink"
+	// AnnotationUplinkGateway: the uplink's IPv4 default gateways,
+	// comma-separated addresses (usually one), FormatAddresses. No floating
+	// IP may be one of them.
+	AnnotationUplinkGateway = "egressnat.io/uplink-gateway"
+	// AnnotationForeignAddresses: floating IPs (of any group's spec) the
+	// agent found on its uplink that egressnat did not add, comma-separated
+	// (FormatAddresses); empty or absent when there are none. Every group
+	// listing one of them has it rejected.
+	AnnotationForeignAddresses = "egressnat.io/foreign-addresses"
 	// AgentLeasePrefix prefixes the name of each agent's Lease.
 	AgentLeasePrefix = "egressnat-agent-"
 	// LabelComponent marks the Leases egressnat owns.
@@ -199,4 +211,66 @@ func ParseSubnets(s string) ([]netip.Prefix, error) {
 		out = append(out, p)
 	}
 	return out, nil
+}
+
+// FormatAddresses encodes the uplink-gateway and foreign-addresses
+// annotations: IPv4 addresses (unmapped), sorted, without duplicates,
+// comma-separated; invalid and IPv6 addresses are left out.
+func FormatAddresses(as []netip.Addr) string {
+	var out []netip.Addr
+	for _, a := range as {
+		if a = a.Unmap(); a.Is4() {
+			out = append(out, a)
+		}
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	out = slices.Compact(out)
+	s := make([]string, len(out))
+	for i, a := range out {
+		s[i] = a.String()
+	}
+	return strings.Join(s, ",")
+}
+
+// ParseAddresses parses the uplink-gateway and foreign-addresses
+// annotations: comma-separated IPv4 addresses (IPv4-mapped ones unmapped);
+// empty fields are skipped.
+func ParseAddresses(s string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		a, err := netip.ParseAddr(f)
+		if err != nil {
+			return nil, fmt.Errorf("parse address %q: %w", f, err)
+		}
+		if a = a.Unmap(); !a.Is4() {
+			return nil, fmt.Errorf("parse address %q: not IPv4", f)
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// LeaseNodeFacts fills f.Subnets, f.Gateways and f.Foreign from the
+// annotations of a node's agent Lease (uplink-subnets, uplink-gateway,
+// foreign-addresses). An annotation that does not parse leaves its field
+// empty and is reported in the error; the others are filled all the same.
+// The operator and the agents both build selector.NodeFacts with it, so
+// that they reserve the same addresses.
+func LeaseNodeFacts(annotations map[string]string, f *selector.NodeFacts) error {
+	var errs []error
+	var err error
+	if f.Subnets, err = ParseSubnets(annotations[AnnotationSubnets]); err != nil {
+		errs = append(errs, fmt.Errorf("annotation %s: %w", AnnotationSubnets, err))
+	}
+	if f.Gateways, err = ParseAddresses(annotations[AnnotationUplinkGateway]); err != nil {
+		errs = append(errs, fmt.Errorf("annotation %s: %w", AnnotationUplinkGateway, err))
+	}
+	if f.Foreign, err = ParseAddresses(annotations[AnnotationForeignAddresses]); err != nil {
+		errs = append(errs, fmt.Errorf("annotation %s: %w", AnnotationForeignAddresses, err))
+	}
+	return errors.Join(errs...)
 }

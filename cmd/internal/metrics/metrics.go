@@ -54,6 +54,9 @@ type Agent struct {
 	SetElements *prometheus.GaugeVec
 	// FloatingIPs held by this node.
 	FloatingIPs prometheus.Gauge
+	// UnroutablePolicies: Reroute policies that got no mark on this node
+	// (more gateway next hops than the mark mask holds); they drop.
+	UnroutablePolicies prometheus.Gauge
 	// GARPsSent counts gratuitous ARP frames sent for floating IPs.
 	GARPsSent prometheus.Counter
 	// ConntrackFlushed counts conntrack entries deleted after a change.
@@ -99,6 +102,10 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 			Name: "egressnat_agent_floating_ips",
 			Help: "Floating IPs this node holds on its uplink.",
 		}),
+		UnroutablePolicies: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "egressnat_agent_unroutable_policies",
+			Help: "Policies whose gateway next hop got no mark on this node (more next hops than --mark-mask holds): their traffic is dropped here.",
+		}),
 		GARPsSent: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "egressnat_agent_gratuitous_arps_total",
 			Help: "Gratuitous ARP frames sent to announce floating IPs this node took.",
@@ -116,7 +123,7 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 			Help: "Bytes matched by a policy's rule on this node (the nftables counter; it restarts at 0 when the rule is rebuilt).",
 		}, []string{"policy", "mode"}),
 	}
-	reg.MustRegister(a.SyncDuration, a.SyncErrors, a.Drift, a.PodProgramming, a.SetElements, a.FloatingIPs, a.GARPsSent,
+	reg.MustRegister(a.SyncDuration, a.SyncErrors, a.Drift, a.PodProgramming, a.SetElements, a.FloatingIPs, a.UnroutablePolicies, a.GARPsSent,
 		a.ConntrackFlushed, a.PolicyPackets, a.PolicyBytes)
 	return a
 }

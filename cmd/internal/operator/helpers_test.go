@@ -135,8 +135,15 @@ type testController struct {
 
 func (cl *cluster) controller(t *testing.T, fallback bool) *testController {
 	t.Helper()
-	c, err := newController(Config{Clients: cl.clients, AgentNamespace: agentNamespace, FallbackToNodeIP: fallback,
-		Log: zaptest.NewLogger(t)}, cl.clk)
+	return cl.controllerWith(t, func(cfg *Config) { cfg.FallbackToNodeIP = fallback })
+}
+
+// controllerWith is controller with the configuration changed by configure.
+func (cl *cluster) controllerWith(t *testing.T, configure func(*Config)) *testController {
+	t.Helper()
+	cfg := Config{Clients: cl.clients, AgentNamespace: agentNamespace, Log: zaptest.NewLogger(t)}
+	configure(&cfg)
+	c, err := newController(cfg, cl.clk)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,8 +1,10 @@
 // Package operator is the egressnat operator's controller: it watches
-// gateways, policies, nodes and the agents' Leases (registration and uplink
-// subnets; Up/Down comes from the health probes), assigns every
-// floating IP to a node with the pure gateway.Assign, and writes the status
-// of gateways and policies. Only the leader runs it.
+// gateways, policies, nodes and the agents' Leases (registration, uplink
+// subnets, gateways and foreign addresses; Up/Down comes from the health
+// probes), judges every group with the pure selector.CheckGroups (the rule
+// the agents apply too), assigns every usable floating IP to a node with
+// the pure gateway.Assign, and writes the status of gateways and policies.
+// Only the leader runs it.
 package operator
 
 import (
@@ -22,6 +24,7 @@ import (
 	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/cmd/internal/metrics"
 	"github.com/egressnat/egressnat/gateway"
+	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -48,6 +51,13 @@ type Config struct {
 	Probe ProbeConfig
 	// Metrics are updated when set.
 	Metrics *metrics.Operator
+	// GatewayNamespaces: the namespaces whose NetworkGatewayGroups are
+	// honoured (selector.GatewayNamespaces; nil means kube-system only).
+	// The agents run with the same list.
+	GatewayNamespaces []string
+	// MinSubnetPrefix: advertised uplink subnets shorter than this are not
+	// used for assignment; 0 means selector.DefaultMinSubnetPrefix.
+	MinSubnetPrefix int
 }
 
 // Controller reconciles the whole cluster state on every change.
@@ -72,6 +82,22 @@ type Controller struct {
 	// statuses, so that an IP keeps its node while the cache does not show
 	// the write yet; only the leader sets it.
 	assignment map[netip.Addr]string
+
+	// recMu serializes reconciles (a lost term's Lead may still be ending
+	// when the next one starts); only reconcile uses what follows.
+	recMu sync.Mutex
+	//
+	// warned: the last Warning event recorded (or error logged) per
+	// subject ("node/<name>", "lease/<node>",
+	// "gateway/<ns>/<name>/<condition>", "policy/<name>/<condition>"), so
+	// that a warning is recorded once per change, also while the cache
+	// does not show the status written yet.
+	warned map[string]string
+	// overlapKey and overlaps cache gateway.Overlaps: the accepted policies
+	// (the informer's objects, replaced on every change) it was computed
+	// from, and its result.
+	overlapKey []*v1.EgressNATPolicy
+	overlaps   map[string][]gateway.PolicyOverlap
 }
 
 // New builds the controller: informers, the prober and the event recorder.
@@ -92,7 +118,13 @@ func newController(cfg Config, clk clock.Clock) (*Controller, error) {
 	if cfg.Probe.Port == 0 {
 		cfg.Probe = DefaultProbeConfig
 	}
-	c := &Controller{cfg: cfg, clock: clk, trigger: make(chan struct{}, 1)}
+	if cfg.MinSubnetPrefix == 0 {
+		cfg.MinSubnetPrefix = selector.DefaultMinSubnetPrefix
+	}
+	if cfg.GatewayNamespaces == nil {
+		cfg.GatewayNamespaces = []string{v1.DefaultGatewayNamespace}
+	}
+	c := &Controller{cfg: cfg, clock: clk, trigger: make(chan struct{}, 1), warned: map[string]string{}}
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.kick() },
 		UpdateFunc: func(any, any) { c.kick() },
@@ -222,10 +254,14 @@ func (c *Controller) kick() {
 
 // reconcile computes the assignment and writes every status that changed.
 func (c *Controller) reconcile(ctx context.Context) error {
+	c.recMu.Lock()
+	defer c.recMu.Unlock()
 	now := c.clock.Now()
-	nodes := c.currentNodes()
-	groups, groupObjs := c.currentGroups()
-	current := c.currentAssignment(groupObjs)
+	seen := map[string]bool{} // subjects of c.warned still around
+	nodes, facts := c.currentNodes(seen)
+	checks := selector.CheckGroups(c.groupObjects(), c.cfg.GatewayNamespaces, selector.ReservedFrom(facts))
+	groups, groupObjs := c.currentGroups(checks)
+	current := c.currentAssignment(groupObjs, checks)
 	assignment := gateway.Assign(groups, nodes, current)
 	moves := c.moves(current, assignment, nodes, now)
 
@@ -234,10 +270,12 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	// stale cache) or left as it was stays the truth for the next
 	// reconcile, which decides again from it (and records the moves then).
 	written := map[netip.Addr]string{}
-	byKey := make(map[string]gateway.Group, len(groups))
+	byKey := make(map[string]*v1.NetworkGatewayGroup, len(groups))
 	for i, g := range groups {
-		byKey[g.Namespace+"/"+g.Name] = g
-		ok, err := c.writeGatewayStatus(ctx, groupObjs[i], g, nodes, assignment, moves, now)
+		key := g.Namespace + "/" + g.Name
+		byKey[key] = groupObjs[i]
+		seen["gateway/"+key+"/"+v1.ConditionAccepted], seen["gateway/"+key+"/"+v1.ConditionFloatingIPsValid] = true, true
+		ok, err := c.writeGatewayStatus(ctx, groupObjs[i], g, checks[key], nodes, assignment, moves, now)
 		if err != nil {
 			errs = append(errs, err.Error())
 			continue
@@ -253,10 +291,30 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	c.mu.Lock()
 	c.assignment = written
 	c.mu.Unlock()
+
+	var pols []*v1.EgressNATPolicy
 	for _, obj := range c.policies.List() {
-		p := obj.(*v1.EgressNATPolicy).DeepCopy()
-		if err := c.writePolicyStatus(ctx, p, byKey, assignment, now); err != nil {
+		pols = append(pols, obj.(*v1.EgressNATPolicy))
+	}
+	slices.SortFunc(pols, func(a, b *v1.EgressNATPolicy) int { return strings.Compare(a.Name, b.Name) })
+	res := make([]gateway.Resolution, len(pols))
+	var accepted []*v1.EgressNATPolicy
+	for i, p := range pols {
+		res[i] = gateway.ResolvePolicy(p.Spec.GatewayRef, byKey, checks, assignment, c.cfg.FallbackToNodeIP)
+		if res[i].Accepted {
+			accepted = append(accepted, p)
+		}
+	}
+	overlaps := c.policyOverlaps(accepted)
+	for i, p := range pols {
+		seen["policy/"+p.Name+"/"+v1.ConditionAccepted], seen["policy/"+p.Name+"/"+v1.ConditionOverlap] = true, true
+		if err := c.writePolicyStatus(ctx, p.DeepCopy(), res[i], overlaps[p.Name], now); err != nil {
 			errs = append(errs, err.Error())
+		}
+	}
+	for k := range c.warned {
+		if !seen[k] {
+			delete(c.warned, k)
 		}
 	}
 	if len(errs) > 0 {
@@ -265,62 +323,119 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	return nil
 }
 
+// policyOverlaps returns gateway.Overlaps of the accepted policies, from
+// the cache when they did not change.
+func (c *Controller) policyOverlaps(accepted []*v1.EgressNATPolicy) map[string][]gateway.PolicyOverlap {
+	if c.overlaps == nil || !slices.Equal(c.overlapKey, accepted) {
+		c.overlapKey, c.overlaps = accepted, gateway.Overlaps(accepted)
+	}
+	return c.overlaps
+}
+
 // currentNodes turns Nodes, agent leases and probe results into
-// gateway.Nodes, sorted by name.
-func (c *Controller) currentNodes() []gateway.Node {
+// gateway.Nodes, sorted by name, and returns the facts every node gives
+// about its addresses (selector.ReservedFrom). A node's advertised subnets
+// that selector.UsableSubnets ignores are not used, and a Warning event on
+// the Node says so (once per change); seen collects the subjects warned.
+func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selector.NodeFacts) {
 	var out []gateway.Node
+	var facts []selector.NodeFacts
 	for _, obj := range c.nodes.List() {
 		n := obj.(*corev1.Node)
 		gn := gateway.Node{Name: n.Name}
 		_, gn.ControlPlane = n.Labels[kube.LabelControlPlane]
 		gn.IP, _ = kube.NodeInternalIP(n)
+		f := selector.NodeFacts{Name: n.Name}
+		for _, a := range n.Status.Addresses {
+			f.AddNodeAddress(string(a.Type), a.Address)
+		}
 		var l gateway.Liveness
 		l.NodeReady, l.NodeReadyKnown = kube.NodeReady(n)
 		if lobj, ok, _ := c.leases.GetByKey(c.cfg.AgentNamespace + "/" + kube.AgentLeasePrefix + n.Name); ok {
 			lease := lobj.(*coordinationv1.Lease)
-			if subnets, err := kube.ParseSubnets(lease.Annotations[kube.AnnotationSubnets]); err == nil && len(subnets) > 0 {
-				gn.Subnets, l.Registered = subnets, true
-			} else if err != nil {
-				c.cfg.Log.Warn("bad uplink-subnets annotation", zap.String("node", n.Name), zap.Error(err))
+			if err := kube.LeaseNodeFacts(lease.Annotations, &f); err != nil {
+				// Logged once per change: reconcile runs every second.
+				subject := "lease/" + n.Name
+				seen[subject] = true
+				if c.warned[subject] != err.Error() {
+					c.warned[subject] = err.Error()
+					c.cfg.Log.Warn("bad annotation on the agent's lease", zap.String("node", n.Name), zap.Error(err))
+				}
+			}
+			if len(f.Subnets) > 0 {
+				var ignored []selector.IgnoredSubnet
+				gn.Subnets, ignored = selector.UsableSubnets(f, c.cfg.MinSubnetPrefix)
+				l.Registered = true
+				c.warnSubnets(n, ignored, seen)
 			}
 		}
+		facts = append(facts, f)
 		l.ProbeHealthy, _ = c.prober.health(n.Name)
 		gn.Up = gateway.Up(l)
 		out = append(out, gn)
 	}
 	slices.SortFunc(out, func(a, b gateway.Node) int { return strings.Compare(a.Name, b.Name) })
-	return out
+	return out, facts
 }
 
-// currentGroups returns the groups, sorted by namespace/name, and copies
-// of their objects in the same order.
-func (c *Controller) currentGroups() ([]gateway.Group, []*v1.NetworkGatewayGroup) {
+// warnSubnets logs and records a Warning event on the Node when the
+// subnets its agent advertises that are ignored change.
+func (c *Controller) warnSubnets(n *corev1.Node, ignored []selector.IgnoredSubnet, seen map[string]bool) {
+	if len(ignored) == 0 {
+		return
+	}
+	var parts []string
+	for _, s := range ignored {
+		parts = append(parts, fmt.Sprintf("%s (%s)", s.Subnet, s.Reason))
+	}
+	msg := fmt.Sprintf("uplink subnets advertised by the agent are ignored, no floating IP is assigned to this node in them: %s", strings.Join(parts, ", "))
+	subject := "node/" + n.Name
+	seen[subject] = true
+	if c.warned[subject] == msg {
+		return
+	}
+	c.warned[subject] = msg
+	c.cfg.Log.Warn("uplink subnets ignored", zap.String("node", n.Name), zap.String("why", msg))
+	ref := &corev1.ObjectReference{APIVersion: "v1", Kind: "Node", Name: n.Name, UID: n.UID}
+	c.recorder.Event(ref, corev1.EventTypeWarning, "UplinkSubnetIgnored", msg)
+}
+
+// groupObjects returns the groups of the cache.
+func (c *Controller) groupObjects() []*v1.NetworkGatewayGroup {
 	var objs []*v1.NetworkGatewayGroup
 	for _, obj := range c.gateways.List() {
-		objs = append(objs, obj.(*v1.NetworkGatewayGroup).DeepCopy())
+		objs = append(objs, obj.(*v1.NetworkGatewayGroup))
+	}
+	return objs
+}
+
+// currentGroups returns the groups, sorted by namespace/name, each with the
+// floating IPs its check allows, and copies of their objects in the same
+// order.
+func (c *Controller) currentGroups(checks map[string]selector.GroupCheck) ([]gateway.Group, []*v1.NetworkGatewayGroup) {
+	var objs []*v1.NetworkGatewayGroup
+	for _, g := range c.groupObjects() {
+		objs = append(objs, g.DeepCopy())
 	}
 	slices.SortFunc(objs, func(a, b *v1.NetworkGatewayGroup) int {
 		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
 	})
 	groups := make([]gateway.Group, len(objs))
 	for i, g := range objs {
-		groups[i] = gateway.Group{Namespace: g.Namespace, Name: g.Name}
-		for _, s := range g.Spec.FloatingIPs {
-			if ip, err := netip.ParseAddr(s); err == nil {
-				groups[i].FloatingIPs = append(groups[i].FloatingIPs, ip)
-			}
-		}
+		groups[i] = gateway.Group{Namespace: g.Namespace, Name: g.Name, FloatingIPs: checks[g.Namespace+"/"+g.Name].Usable}
 	}
 	return groups, objs
 }
 
-// currentAssignment is what the statuses say, overlaid with what this
-// leader wrote last (its own writes may not be in the cache yet).
-func (c *Controller) currentAssignment(groups []*v1.NetworkGatewayGroup) map[netip.Addr]string {
+// currentAssignment is what the statuses say (of each group, the IPs its
+// check allows), overlaid with what this leader wrote last (its own writes
+// may not be in the cache yet).
+func (c *Controller) currentAssignment(groups []*v1.NetworkGatewayGroup, checks map[string]selector.GroupCheck) map[netip.Addr]string {
 	out := map[netip.Addr]string{}
 	for _, g := range groups {
+		check := checks[g.Namespace+"/"+g.Name]
 		for ipStr, node := range g.Status.FloatingIPs {
-			if ip, err := netip.ParseAddr(ipStr); err == nil {
+			if ip, err := netip.ParseAddr(ipStr); err == nil && check.Allows(ip) {
 				out[ip] = node
 			}
 		}
@@ -371,8 +486,8 @@ func (c *Controller) moves(before, after map[netip.Addr]string, nodes []gateway.
 }
 
 // writeGatewayStatus writes the group's status when it changed, and
-// reports whether it did.
-func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGatewayGroup, g gateway.Group, nodes []gateway.Node, assignment map[netip.Addr]string, moves map[netip.Addr]v1.FloatingIPMove, now time.Time) (bool, error) {
+// reports whether it did. g holds the floating IPs check allows.
+func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGatewayGroup, g gateway.Group, check selector.GroupCheck, nodes []gateway.Node, assignment map[netip.Addr]string, moves map[netip.Addr]v1.FloatingIPMove, now time.Time) (bool, error) {
 	st := obj.Status.DeepCopy()
 	var moved []v1.FloatingIPMove
 	for _, ip := range g.FloatingIPs {
@@ -386,20 +501,20 @@ func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGate
 	}
 	st.Nodes, st.FloatingIPs, st.AssignedCount = gateway.GroupStatus(g, nodes, assignment)
 	st.ObservedGeneration = obj.Generation
-	cond := metav1.Condition{Type: "Ready", Status: metav1.ConditionTrue, Reason: "AllAssigned",
-		Message: fmt.Sprintf("all %d floating IPs are held by Up nodes", len(g.FloatingIPs)), ObservedGeneration: obj.Generation}
 	missing := unassigned(g, assignment)
 	if c.cfg.Metrics != nil {
 		c.cfg.Metrics.UnassignedIPs.WithLabelValues(obj.Namespace + "/" + obj.Name).Set(float64(len(missing)))
 	}
-	if len(missing) > 0 {
-		cond.Status, cond.Reason = metav1.ConditionFalse, "Unassigned"
-		cond.Message = fmt.Sprintf("%d of %d floating IPs have no Up node in their subnet: %s", len(missing), len(g.FloatingIPs), strings.Join(missing, ", "))
+	for _, cond := range groupConditions(obj, check, len(g.FloatingIPs), missing) {
+		setCondition(&st.Conditions, cond, now)
 	}
-	setCondition(&st.Conditions, cond, now)
+	if check.Ignored != "" {
+		apimeta.RemoveStatusCondition(&st.Conditions, v1.ConditionFloatingIPsValid)
+	}
 	if reflect.DeepEqual(normalize(*st), normalize(obj.Status)) {
 		return false, nil
 	}
+	prev := obj.Status.Conditions
 	obj.Status = *st
 	if err := c.cfg.Clients.UpdateGatewayStatus(ctx, obj); err != nil {
 		return false, err
@@ -416,11 +531,74 @@ func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGate
 		}
 		c.recorder.Eventf(ref, corev1.EventTypeWarning, "FloatingIPMoved", "%s moved from %s to %s: %s", m.IP, m.From, m.To, m.Reason)
 	}
+	subject := "gateway/" + obj.Namespace + "/" + obj.Name + "/"
+	for _, typ := range []string{v1.ConditionAccepted, v1.ConditionFloatingIPsValid} {
+		c.warnCondition(subject+typ, ref, prev, st.Conditions, typ)
+	}
 	return true, nil
 }
 
-func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolicy, groups map[string]gateway.Group, assignment map[netip.Addr]string, now time.Time) error {
-	r := gateway.ResolvePolicy(p.Spec.GatewayRef, groups, assignment, c.cfg.FallbackToNodeIP)
+// groupConditions are the Accepted, FloatingIPsValid (for an honoured
+// group) and Ready conditions of a group: usable is how many of its
+// floating IPs its check allows, missing those of them no node holds.
+func groupConditions(obj *v1.NetworkGatewayGroup, check selector.GroupCheck, usable int, missing []string) []metav1.Condition {
+	gen := obj.Generation
+	if check.Ignored != "" {
+		msg := fmt.Sprintf("the group is ignored and its floating IPs are not assigned: %s", check.Ignored)
+		return []metav1.Condition{
+			{Type: v1.ConditionAccepted, Status: metav1.ConditionFalse, Reason: v1.ReasonNamespaceNotAllowed, Message: msg, ObservedGeneration: gen},
+			{Type: "Ready", Status: metav1.ConditionFalse, Reason: v1.ReasonNamespaceNotAllowed, Message: msg, ObservedGeneration: gen},
+		}
+	}
+	total := len(obj.Spec.FloatingIPs)
+	accepted := metav1.Condition{Type: v1.ConditionAccepted, Status: metav1.ConditionTrue, Reason: v1.ReasonAccepted,
+		Message: fmt.Sprintf("namespace %s is a gateway namespace", obj.Namespace), ObservedGeneration: gen}
+	valid := metav1.Condition{Type: v1.ConditionFloatingIPsValid, Status: metav1.ConditionTrue, Reason: v1.ReasonFloatingIPsValid,
+		Message: fmt.Sprintf("all %d floating IPs can be assigned", usable), ObservedGeneration: gen}
+	ready := metav1.Condition{Type: "Ready", Status: metav1.ConditionTrue, Reason: v1.ReasonAllAssigned,
+		Message: fmt.Sprintf("all %d floating IPs are held by Up nodes", usable), ObservedGeneration: gen}
+	if n := len(check.Rejected); n > 0 {
+		valid.Status, valid.Reason = metav1.ConditionFalse, v1.ReasonFloatingIPRejected
+		if check.OnlyConflicts() {
+			valid.Reason = v1.ReasonFloatingIPConflict
+		}
+		valid.Message = fmt.Sprintf("%d of %d floating IPs are rejected and never assigned: %s", n, total, check.Message())
+		ready.Status, ready.Reason = metav1.ConditionFalse, valid.Reason
+		ready.Message = fmt.Sprintf("%d of %d floating IPs are rejected (see condition %s); the other %d are held by Up nodes", n, total, v1.ConditionFloatingIPsValid, usable)
+	}
+	if len(missing) > 0 {
+		ready.Status, ready.Reason = metav1.ConditionFalse, v1.ReasonUnassigned
+		ready.Message = fmt.Sprintf("%d of %d floating IPs have no Up node in their subnet: %s", len(missing), usable, strings.Join(missing, ", "))
+		if n := len(check.Rejected); n > 0 {
+			ready.Message += fmt.Sprintf("; %d more are rejected (see condition %s)", n, v1.ConditionFloatingIPsValid)
+		}
+	}
+	return []metav1.Condition{accepted, valid, ready}
+}
+
+// warnCondition records a Warning event on ref when the condition typ of
+// now is False and differs from the one of before, and the warning was not
+// already recorded for subject (a write the cache does not show yet).
+func (c *Controller) warnCondition(subject string, ref *corev1.ObjectReference, before, now []metav1.Condition, typ string) {
+	cur := apimeta.FindStatusCondition(now, typ)
+	if cur == nil || cur.Status != metav1.ConditionFalse {
+		delete(c.warned, subject)
+		return
+	}
+	if old := apimeta.FindStatusCondition(before, typ); old != nil && old.Status == cur.Status && old.Reason == cur.Reason && old.Message == cur.Message {
+		return
+	}
+	msg := cur.Reason + ": " + cur.Message
+	if c.warned[subject] == msg {
+		return
+	}
+	c.warned[subject] = msg
+	c.recorder.Event(ref, corev1.EventTypeWarning, cur.Reason, cur.Message)
+}
+
+// writePolicyStatus writes the policy's status when it changed: r is how its
+// gatewayRef resolves, overlaps the other policies it overlaps.
+func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolicy, r gateway.Resolution, overlaps []gateway.PolicyOverlap, now time.Time) error {
 	st := p.Status.DeepCopy()
 	st.ObservedGeneration = p.Generation
 	st.EgressIP, st.GatewayNode = "", r.Node
@@ -435,24 +613,57 @@ func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolic
 		Reason: r.AcceptedReason, Message: r.AcceptedMessage, ObservedGeneration: p.Generation}, now)
 	setCondition(&st.Conditions, metav1.Condition{Type: v1.ConditionReady, Status: condStatus(r.Ready),
 		Reason: r.ReadyReason, Message: r.ReadyMessage, ObservedGeneration: p.Generation}, now)
+	if len(overlaps) > 0 {
+		setCondition(&st.Conditions, metav1.Condition{Type: v1.ConditionOverlap, Status: metav1.ConditionTrue,
+			Reason: v1.ReasonOverlappingPolicies, Message: gateway.OverlapMessage(overlaps), ObservedGeneration: p.Generation}, now)
+	} else {
+		apimeta.RemoveStatusCondition(&st.Conditions, v1.ConditionOverlap)
+	}
 	if reflect.DeepEqual(*st, p.Status) {
 		return nil
 	}
+	ref := &corev1.ObjectReference{APIVersion: v1.GroupVersion.String(), Kind: "EgressNATPolicy", Name: p.Name, UID: p.UID}
+	var events []func()
 	if p.Status.GatewayNode != st.GatewayNode || p.Status.EgressIP != st.EgressIP {
 		c.cfg.Log.Info("policy gateway changed", zap.String("policy", p.Name), zap.String("ip", st.EgressIP),
 			zap.String("gateway", st.GatewayNode), zap.String("reason", r.ReadyReason))
-		ref := &corev1.ObjectReference{APIVersion: v1.GroupVersion.String(), Kind: "EgressNATPolicy", Name: p.Name, UID: p.UID}
 		switch {
 		case !r.Accepted:
-			c.recorder.Event(ref, corev1.EventTypeWarning, r.AcceptedReason, r.AcceptedMessage)
+			// warnCondition below.
 		case !r.Ready:
-			c.recorder.Event(ref, corev1.EventTypeWarning, r.ReadyReason, r.ReadyMessage)
+			events = append(events, func() { c.recorder.Event(ref, corev1.EventTypeWarning, r.ReadyReason, r.ReadyMessage) })
 		default:
-			c.recorder.Eventf(ref, corev1.EventTypeNormal, "GatewayAssigned", "egress IP %s is held by node %s", st.EgressIP, st.GatewayNode)
+			events = append(events, func() {
+				c.recorder.Eventf(ref, corev1.EventTypeNormal, "GatewayAssigned", "egress IP %s is held by node %s", st.EgressIP, st.GatewayNode)
+			})
 		}
 	}
+	prev := p.Status.Conditions
 	p.Status = *st
-	return c.cfg.Clients.UpdatePolicyStatus(ctx, p)
+	if err := c.cfg.Clients.UpdatePolicyStatus(ctx, p); err != nil {
+		return err
+	}
+	for _, e := range events {
+		e()
+	}
+	c.warnCondition("policy/"+p.Name+"/"+v1.ConditionAccepted, ref, prev, st.Conditions, v1.ConditionAccepted)
+	c.warnOverlap("policy/"+p.Name+"/"+v1.ConditionOverlap, ref, prev, st.Conditions)
+	return nil
+}
+
+// warnOverlap records a Warning event when the policy's Overlap condition
+// appears or changes.
+func (c *Controller) warnOverlap(subject string, ref *corev1.ObjectReference, before, now []metav1.Condition) {
+	cur := apimeta.FindStatusCondition(now, v1.ConditionOverlap)
+	if cur == nil {
+		delete(c.warned, subject)
+		return
+	}
+	if old := apimeta.FindStatusCondition(before, v1.ConditionOverlap); (old != nil && old.Message == cur.Message) || c.warned[subject] == cur.Message {
+		return
+	}
+	c.warned[subject] = cur.Message
+	c.recorder.Event(ref, corev1.EventTypeWarning, cur.Reason, cur.Message)
 }
 
 func unassigned(g gateway.Group, assignment map[netip.Addr]string) []string {

@@ -81,7 +81,17 @@ func TestReconcileStatus(t *testing.T) {
 		"NetworkGatewayGroup kube-system/missing not found", 2)
 	checkCondition(t, "p2 Ready", condition(t, p2.Status.Conditions, v1.ConditionReady), metav1.ConditionFalse, v1.ReasonGatewayNotFound,
 		"policy is not applied: NetworkGatewayGroup kube-system/missing not found", 2)
-	checkEvents(t, c.events(), "Normal GatewayAssigned egress IP 192.0.2.100 is held by node n1")
+	// Valid groups: Accepted and FloatingIPsValid True.
+	checkCondition(t, "gateway Accepted", condition(t, g.Status.Conditions, v1.ConditionAccepted), metav1.ConditionTrue, v1.ReasonAccepted,
+		"namespace kube-system is a gateway namespace", gwGen)
+	checkCondition(t, "gateway FloatingIPsValid", condition(t, g.Status.Conditions, v1.ConditionFloatingIPsValid), metav1.ConditionTrue, v1.ReasonFloatingIPsValid,
+		"all 2 floating IPs can be assigned", gwGen)
+	if c := apimeta.FindStatusCondition(p1.Status.Conditions, v1.ConditionOverlap); c != nil {
+		t.Errorf("p1 has an Overlap condition: %+v", c)
+	}
+	// A policy that is not accepted gets a Warning once.
+	checkEvents(t, c.events(), "Normal GatewayAssigned egress IP 192.0.2.100 is held by node n1",
+		"Warning GatewayNotFound NetworkGatewayGroup kube-system/missing not found")
 	if n, ok := c.remembered(fip1); !ok || n != "n1" {
 		t.Errorf("the controller remembers %s on %q", fip1, n)
 	}

@@ -1,0 +1,155 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// Cluster-internal destinations are never steered (see
+// selector.NodeState.Excluded). The Nodes give pod CIDRs and node
+// addresses; flags add CIDRs the API does not know; the API server's own
+// addresses (EndpointSlices of default/kubernetes) and the Service CIDRs
+// (ServiceCIDR objects, served from Kubernetes 1.33) are listed by
+// clusterNets.
+
+// nodeNetworks returns a Node's pod CIDRs and its addresses as /32s.
+func nodeNetworks(n *corev1.Node) []netip.Prefix {
+	var out []netip.Prefix
+	for _, c := range n.Spec.PodCIDRs {
+		if p, err := netip.ParsePrefix(c); err == nil {
+			out = append(out, p.Masked())
+		}
+	}
+	if p, err := netip.ParsePrefix(n.Spec.PodCIDR); err == nil {
+		out = append(out, p.Masked())
+	}
+	for _, a := range n.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil {
+			out = append(out, netip.PrefixFrom(ip.Unmap(), ip.Unmap().BitLen()))
+		}
+	}
+	return out
+}
+
+// clusterNets keeps the cluster-internal destinations read from the API
+// beyond the Nodes, re-listed every period.
+type clusterNets struct {
+	mu     sync.Mutex
+	nets   []netip.Prefix
+	failed map[string]bool // what could not be listed, logged once
+}
+
+func (c *clusterNets) get() []netip.Prefix {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.nets
+}
+
+// refresh lists the API server's endpoints and the Service CIDRs and
+// reports whether they changed. What cannot be listed (an API server
+// without ServiceCIDRs, RBAC) is logged once and left out; the flags
+// --service-cidrs and --pod-cidrs cover it.
+func (a *agent) refreshClusterNets(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	var nets []netip.Prefix
+	failed := map[string]bool{}
+	// The API server's EndpointSlice reconciler names its slice after the
+	// Service: one get, which RBAC can allow by name.
+	eps, err := a.cfg.Clients.Core.DiscoveryV1().EndpointSlices(metav1.NamespaceDefault).Get(ctx, "kubernetes", metav1.GetOptions{})
+	if err != nil {
+		if !apierrors.IsNotFound(err) {
+			failed["the API server's EndpointSlice (default/kubernetes)"] = true
+			a.logListFailure("the API server's EndpointSlice (default/kubernetes)", err)
+		}
+	} else {
+		for _, e := range eps.Endpoints {
+			for _, addr := range e.Addresses {
+				if ip, err := netip.ParseAddr(addr); err == nil {
+					nets = append(nets, netip.PrefixFrom(ip.Unmap(), ip.Unmap().BitLen()))
+				}
+			}
+		}
+	}
+	cidrs, err := a.cfg.Clients.Core.NetworkingV1().ServiceCIDRs().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		failed["ServiceCIDRs"] = true
+		a.logListFailure("ServiceCIDRs", err)
+	} else {
+		for _, sc := range cidrs.Items {
+			for _, c := range sc.Spec.CIDRs {
+				if p, err := netip.ParsePrefix(c); err == nil {
+					nets = append(nets, p.Masked())
+				}
+			}
+		}
+	}
+	sortPrefixes(nets)
+	a.nets.mu.Lock()
+	defer a.nets.mu.Unlock()
+	for what := range failed {
+		if a.nets.failed == nil {
+			a.nets.failed = map[string]bool{}
+		}
+		a.nets.failed[what] = true
+	}
+	if slices.Equal(a.nets.nets, nets) {
+		return false
+	}
+	a.nets.nets = nets
+	return true
+}
+
+// logListFailure logs, once per kind, what could not be listed.
+func (a *agent) logListFailure(what string, err error) {
+	a.nets.mu.Lock()
+	seen := a.nets.failed[what]
+	a.nets.mu.Unlock()
+	if seen {
+		return
+	}
+	hint := ""
+	if apierrors.IsForbidden(err) || apierrors.IsNotFound(err) {
+		hint = "; name them with --service-cidrs and --pod-cidrs"
+	}
+	a.log.Warn(fmt.Sprintf("cannot list %s: cluster-internal destinations from it are not excluded%s", what, hint), zap.Error(err))
+}
+
+// watchClusterNets re-lists the cluster networks every period until ctx
+// ends; a change asks for a recomputation.
+func (a *agent) watchClusterNets(ctx context.Context) {
+	t := a.clock.NewTicker(a.cfg.ResyncPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C():
+		}
+		if a.refreshClusterNets(ctx) {
+			a.log.Info("cluster-internal destinations changed", zap.Int("count", len(a.nets.get())))
+			a.recompute()
+		}
+	}
+}
+
+func sortPrefixes(ps []netip.Prefix) {
+	slices.SortFunc(ps, func(x, y netip.Prefix) int {
+		if c := x.Addr().Compare(y.Addr()); c != 0 {
+			return c
+		}
+		return x.Bits() - y.Bits()
+	})
+}

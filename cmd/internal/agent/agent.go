@@ -61,14 +61,14 @@ type Dataplane interface {
 
 // Config of the agent.
 type Config struct {
-	Clients   *kube.Clients
-	Node      string
-	Uplink    string
-	Subnets   []netip.Prefix // the uplink's own addresses with their prefix
+	Clients *kube.Clients
+	Node    string
+	Uplink  string
+	Subnets []netip.Prefix // the uplink's own addresses with their prefix
 	// Gateways: the uplink's IPv4 default gateways, published on the
 	// Lease (no floating IP may be one of them).
-	Gateways []netip.Addr
-	Namespace string         // where the agent's Lease lives
+	Gateways  []netip.Addr
+	Namespace string // where the agent's Lease lives
 	// LeaseDuration after the last renewal the operator declares the node
 	// Down; RenewInterval is how often the agent renews.
 	LeaseDuration, RenewInterval time.Duration

@@ -1,6 +1,7 @@
 // Package apiserver runs a real etcd and kube-apiserver for tests and for the
-// lab. It builds kube-apiserver and kubectl from the k8s.io/kubernetes module
-// (pinned in test/tools/kube) once, caches them, installs Debian's
+// lab. It builds kube-apiserver and kubectl (and, for the harnesses that
+// need it, kube-proxy) from the k8s.io/kubernetes module (pinned in
+// test/tools/kube) once, caches them, installs Debian's
 // etcd-server when etcd is missing, and stops everything it started when the
 // test process ends, also after a failure.
 package apiserver
@@ -34,48 +35,93 @@ func CacheDir() string {
 // first when they are not cached. Concurrent callers (parallel test
 // packages) wait for one build under a file lock.
 func Binaries() (apiserverPath, kubectlPath string, err error) {
-	dir := filepath.Join(CacheDir(), "kube-"+KubeVersion)
+	dir := binDir()
 	apiserverPath = filepath.Join(dir, "kube-apiserver")
 	kubectlPath = filepath.Join(dir, "kubectl")
-	if exists(apiserverPath) && exists(kubectlPath) {
-		return apiserverPath, kubectlPath, nil
+	err = buildCached(dir, []buildTarget{
+		{apiserverPath, "k8s.io/kubernetes/cmd/kube-apiserver", nil},
+		{kubectlPath, "k8s.io/kubernetes/cmd/kubectl", nil},
+	})
+	if err != nil {
+		return "", "", err
+	}
+	return apiserverPath, kubectlPath, nil
+}
+
+// KubeProxy returns the path of kube-proxy, built from the same
+// k8s.io/kubernetes module as the API server (test/tools/kube) with its
+// version stamped, building it first when it is not cached (minutes on a
+// cold cache). Only the harnesses that run kube-proxy (make badinput) ask
+// for it, so `make test` does not pay for its build.
+func KubeProxy() (string, error) {
+	dir := binDir()
+	p := filepath.Join(dir, "kube-proxy")
+	if err := buildCached(dir, []buildTarget{{p, "k8s.io/kubernetes/cmd/kube-proxy", versionLDFlags()}}); err != nil {
+		return "", err
+	}
+	return p, nil
+}
+
+func binDir() string { return filepath.Join(CacheDir(), "kube-"+KubeVersion) }
+
+// versionLDFlags stamps KubeVersion into a component's version (kube-proxy
+// reports it, e.g. in its Events and /metrics).
+func versionLDFlags() []string {
+	return []string{"-ldflags", "-X k8s.io/component-base/version.gitVersion=" + KubeVersion}
+}
+
+type buildTarget struct {
+	out, pkg string
+	flags    []string // extra go build flags
+}
+
+// buildCached builds every target whose binary is missing from the tools
+// module, under a file lock in dir so that concurrent callers wait for one
+// build.
+func buildCached(dir string, targets []buildTarget) error {
+	missing := false
+	for _, b := range targets {
+		if !exists(b.out) {
+			missing = true
+		}
+	}
+	if !missing {
+		return nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", "", fmt.Errorf("create cache dir: %w", err)
+		return fmt.Errorf("create cache dir: %w", err)
 	}
 	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
-		return "", "", fmt.Errorf("open build lock: %w", err)
+		return fmt.Errorf("open build lock: %w", err)
 	}
 	defer lock.Close()
 	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", "", fmt.Errorf("take build lock: %w", err)
+		return fmt.Errorf("take build lock: %w", err)
 	}
 	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN) //nolint:errcheck
 	toolsDir, err := toolsModule()
 	if err != nil {
-		return "", "", err
+		return err
 	}
-	for _, b := range []struct{ out, pkg string }{
-		{apiserverPath, "k8s.io/kubernetes/cmd/kube-apiserver"},
-		{kubectlPath, "k8s.io/kubernetes/cmd/kubectl"},
-	} {
+	for _, b := range targets {
 		if exists(b.out) {
 			continue
 		}
 		tmp := b.out + ".tmp"
-		cmd := exec.Command("go", "build", "-o", tmp, b.pkg)
+		args := append(append([]string{"build", "-o", tmp}, b.flags...), b.pkg)
+		cmd := exec.Command("go", args...)
 		cmd.Dir = toolsDir
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		fmt.Fprintf(os.Stderr, "apiserver: building %s %s (minutes on a cold cache)\n", b.pkg, KubeVersion)
 		if err := cmd.Run(); err != nil {
-			return "", "", fmt.Errorf("build %s: %w", b.pkg, err)
+			return fmt.Errorf("build %s: %w", b.pkg, err)
 		}
 		if err := os.Rename(tmp, b.out); err != nil {
-			return "", "", fmt.Errorf("install %s: %w", b.out, err)
+			return fmt.Errorf("install %s: %w", b.out, err)
 		}
 	}
-	return apiserverPath, kubectlPath, nil
+	return nil
 }
 
 // Etcd returns the path of etcd, installing Debian's etcd-server with

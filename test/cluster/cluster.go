@@ -40,6 +40,9 @@ type Options struct {
 	Nodes []lab.NodeConfig
 	// AgentArgs and OperatorArgs are added to the binaries' flags.
 	AgentArgs, OperatorArgs []string
+	// KubeProxy also runs a real kube-proxy (nftables mode) on every node
+	// (see StartKubeProxies); it is built on first use (minutes).
+	KubeProxy bool
 	// Log receives progress lines; none when nil.
 	Log func(format string, args ...any)
 }
@@ -51,12 +54,15 @@ type Cluster struct {
 	Client    kubernetes.Interface
 	Agents    map[string]*lab.Proc // by node name
 	Operators []*lab.Proc
+	// KubeProxies run by StartKubeProxies, by node name.
+	KubeProxies map[string]*lab.Proc
 
 	opts   Options
 	binDir string
 	// agentKubeconfig and operatorKubeconfig reach the API server from
 	// inside the lab network as the manifests' ServiceAccounts.
 	agentKubeconfig, operatorKubeconfig string
+	kubeProxyBin, kubeProxyKubeconfig   string
 }
 
 // Start builds and starts everything. On error, what was started is
@@ -142,6 +148,12 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 			return nil, err
 		}
 	}
+	if o.KubeProxy {
+		o.Log("starting kube-proxy (nftables mode) on every node")
+		if err := c.StartKubeProxies(ctx); err != nil {
+			return nil, err
+		}
+	}
 	return c, nil
 }
 
@@ -223,9 +235,13 @@ func (c *Cluster) registerNode(ctx context.Context, n *lab.Node) error {
 	if n.ControlPlane {
 		labels["node-role.kubernetes.io/control-plane"] = ""
 	}
+	var spec corev1.NodeSpec
+	if n.PodCIDR.IsValid() {
+		spec = corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}}
+	}
 	node, err := c.Client.CoreV1().Nodes().Create(ctx, &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: labels},
-		Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
+		Spec:       spec,
 	}, metav1.CreateOptions{})
 	if err != nil {
 		return fmt.Errorf("create node %s: %w", n.Name, err)
@@ -405,6 +421,9 @@ func (c *Cluster) Logs() string {
 // Close stops every process and removes every namespace the cluster made.
 func (c *Cluster) Close() error {
 	var errs []error
+	for _, p := range c.KubeProxies {
+		p.Stop() //nolint:errcheck
+	}
 	for _, p := range c.Agents {
 		p.Stop() //nolint:errcheck
 	}

@@ -65,4 +65,10 @@
 // in the root namespace. [Lab.ServeLoopback] relays a 127.0.0.1 port of the
 // root namespace into a lab namespace (e.g. for kubectl and an API server
 // running on a node).
+//
+// [Lab.AddSwitchHost] attaches an extra host (<prefix>h-<name>) with any
+// number of node-subnet addresses to the switch, e.g. to answer for Node
+// objects that run no agent. [Lab.StartNsenter] starts a process that
+// enters only the network namespace (nsenter --net), as a hostNetwork
+// component such as kube-proxy expects.
 package lab

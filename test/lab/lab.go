@@ -147,6 +147,8 @@ type Lab struct {
 	procSeq   int
 	procs     []*Proc
 	relays    map[*relay]bool
+	hosts     map[string]*Host // extra switch hosts (AddSwitchHost)
+	hostSeq   int
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$`)

@@ -344,6 +344,73 @@ func TestLab(t *testing.T) {
 			t.Fatal("Exec accepted a foreign namespace")
 		}
 	})
+
+	t.Run("SwitchHostAndNsenter", func(t *testing.T) {
+		for _, bad := range []string{"192.0.2.12", "192.0.2.1", "192.0.2.150", "192.0.2.255", "198.51.100.7"} {
+			if _, err := l.AddSwitchHost("bad", netip.MustParseAddr(bad)); err == nil {
+				t.Fatalf("AddSwitchHost accepted %s", bad)
+			}
+		}
+		h, err := l.AddSwitchHost("h1", netip.MustParseAddr("192.0.2.30"), netip.MustParseAddr("192.0.2.31"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := ListenTCP(h.NetNS, "192.0.2.31:9797")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.Close()
+			}
+		}()
+		c, err := DialTCP(ctxT(t, 5*time.Second), w1.NetNS, "192.0.2.31:9797")
+		if err != nil {
+			t.Fatalf("node to switch host: %v", err)
+		}
+		c.Close()
+
+		// nsenter --net: the node's network namespace, this process's mounts.
+		p, err := l.StartNsenter(w1.NetNS, "", "sleep", "60")
+		if err != nil {
+			t.Fatal(err)
+		}
+		nsIno := func(path string) uint64 {
+			var st syscall.Stat_t
+			if err := syscall.Stat(path, &st); err != nil {
+				t.Fatal(err)
+			}
+			return st.Ino
+		}
+		var netOK, mntOK bool
+		deadline := time.Now().Add(5 * time.Second)
+		for time.Now().Before(deadline) && !(netOK && mntOK) {
+			pid := strconv.Itoa(p.Pid())
+			netOK = nsIno("/proc/"+pid+"/ns/net") == nsIno(netnsDir+"/"+w1.NetNS)
+			mntOK = nsIno("/proc/"+pid+"/ns/mnt") == nsIno("/proc/self/ns/mnt")
+			time.Sleep(20 * time.Millisecond)
+		}
+		if !netOK || !mntOK {
+			t.Fatalf("nsenter'd process: in the node's netns %v, in our mount namespace %v", netOK, mntOK)
+		}
+		if err := p.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.RemoveSwitchHost("h1"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(netnsDir + "/" + h.NetNS); err == nil {
+			t.Fatalf("%s left", h.NetNS)
+		}
+		if _, err := l.AddSwitchHost("h1", netip.MustParseAddr("192.0.2.30")); err != nil {
+			t.Fatalf("add again after removal: %v", err)
+		}
+	})
 }
 
 // checkGone fails t if any namespace with the prefix or any of the pids

@@ -21,6 +21,10 @@ type Proc struct {
 	Args    []string
 	LogPath string
 
+	// enter is the command that enters NetNS and runs Args; "ip netns
+	// exec <ns>" when empty.
+	enter []string
+
 	lab  *Lab
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -40,7 +44,12 @@ func (p *Proc) start() error {
 	}
 	defer f.Close()
 	fmt.Fprintf(f, "=== %s start in %s: %s\n", time.Now().Format(time.RFC3339Nano), p.NetNS, strings.Join(p.Args, " "))
-	cmd := exec.Command("ip", append([]string{"netns", "exec", p.NetNS}, p.Args...)...)
+	enter := p.enter
+	if len(enter) == 0 {
+		enter = []string{"ip", "netns", "exec", p.NetNS}
+	}
+	argv := append(append([]string(nil), enter...), p.Args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -192,6 +201,21 @@ func (l *Lab) Exec(ctx context.Context, ns string, argv ...string) ([]byte, erro
 // stdout and stderr appended to logPath (a file in the lab's work directory
 // when empty). The lab kills it on Close.
 func (l *Lab) Start(ns, logPath string, argv ...string) (*Proc, error) {
+	return l.start(ns, logPath, nil, argv)
+}
+
+// StartNsenter is Start with the process entering ns by "nsenter
+// --net=/run/netns/<ns>" instead of "ip netns exec": only the network
+// namespace changes, the mounts (/sys, cgroups) stay the host's, as for a
+// hostNetwork pod such as kube-proxy or a kubelet.
+func (l *Lab) StartNsenter(ns, logPath string, argv ...string) (*Proc, error) {
+	if err := l.checkNS(ns); err != nil {
+		return nil, err
+	}
+	return l.start(ns, logPath, []string{"nsenter", "--net=" + netnsDir + "/" + ns, "--"}, argv)
+}
+
+func (l *Lab) start(ns, logPath string, enter, argv []string) (*Proc, error) {
 	if err := l.checkNS(ns); err != nil {
 		return nil, err
 	}
@@ -211,7 +235,7 @@ func (l *Lab) Start(ns, logPath string, argv ...string) (*Proc, error) {
 		}
 		logPath = fmt.Sprintf("%s/%s-%s-%d.log", l.workDir, ns, base, l.procSeq)
 	}
-	p := &Proc{NetNS: ns, Args: append([]string(nil), argv...), LogPath: logPath, lab: l}
+	p := &Proc{NetNS: ns, Args: append([]string(nil), argv...), LogPath: logPath, lab: l, enter: enter}
 	l.procs = append(l.procs, p)
 	l.mu.Unlock()
 	if err := p.start(); err != nil {

@@ -93,6 +93,12 @@ type Controller struct {
 	// that a warning is recorded once per change, also while the cache
 	// does not show the status written yet.
 	warned map[string]string
+	// goodSubnets: the last usable uplink subnets each agent advertised.
+	// An advertisement that does not parse or has no usable subnet (a
+	// Lease rewritten by someone else) changes nothing: the node keeps
+	// the subnets it last proved, until its agent advertises usable ones
+	// again. Only the leader's reconcile uses it.
+	goodSubnets map[string][]netip.Prefix
 	// overlapKey and overlaps cache gateway.Overlaps: the accepted policies
 	// (the informer's objects, replaced on every change) it was computed
 	// from, and its result.
@@ -124,7 +130,8 @@ func newController(cfg Config, clk clock.Clock) (*Controller, error) {
 	if cfg.GatewayNamespaces == nil {
 		cfg.GatewayNamespaces = []string{v1.DefaultGatewayNamespace}
 	}
-	c := &Controller{cfg: cfg, clock: clk, trigger: make(chan struct{}, 1), warned: map[string]string{}}
+	c := &Controller{cfg: cfg, clock: clk, trigger: make(chan struct{}, 1), warned: map[string]string{},
+		goodSubnets: map[string][]netip.Prefix{}}
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.kick() },
 		UpdateFunc: func(any, any) { c.kick() },
@@ -368,6 +375,14 @@ func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selec
 				l.Registered = true
 				c.warnSubnets(n, ignored, seen)
 			}
+		}
+		switch good, ok := c.goodSubnets[n.Name]; {
+		case len(gn.Subnets) > 0:
+			c.goodSubnets[n.Name] = gn.Subnets
+		case ok:
+			// A spoofed or broken advertisement neither takes the node's
+			// IPs away nor gives it others.
+			gn.Subnets, l.Registered = good, true
 		}
 		facts = append(facts, f)
 		l.ProbeHealthy, _ = c.prober.health(n.Name)

@@ -561,3 +561,36 @@ func TestBadLeaseAnnotation(t *testing.T) {
 		t.Errorf("status.floatingIPs %v, want %s on n1 (and %s rejected: foreign)", g.Status.FloatingIPs, fip1, fip2)
 	}
 }
+
+// TestSpoofedAdvertisementChangesNothing: a node's Lease rewritten by
+// someone else, with a subnet that does not contain the node's InternalIP
+// or with garbage, neither takes the node's IPs away nor makes it Down:
+// the node keeps the subnets its agent last proved.
+func TestSpoofedAdvertisementChangesNothing(t *testing.T) {
+	for _, spoof := range []string{"198.51.100.13/24", "not a subnet"} {
+		t.Run(spoof, func(t *testing.T) {
+			cl := newCluster(t, objects()...)
+			c := cl.controller(t, false)
+			c.setHealth("n1", true, epoch)
+			c.setHealth("n2", true, epoch)
+			c.mustReconcile(t)
+			before := cl.gateway(t, "gw").Status
+			ctx := context.Background()
+			l, err := cl.core.CoordinationV1().Leases(agentNamespace).Get(ctx, kube.AgentLeasePrefix+"n1", metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			l.Annotations[kube.AnnotationSubnets] = spoof
+			if _, err := cl.core.CoordinationV1().Leases(agentNamespace).Update(ctx, l, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			c.waitCaches(t, cl)
+			c.mustReconcile(t)
+			after := cl.gateway(t, "gw").Status
+			if !mapsEqual(after.FloatingIPs, before.FloatingIPs) || !mapsEqual(after.Nodes, before.Nodes) || len(after.RecentMoves) != 0 {
+				t.Fatalf("after the spoofed advertisement: floating IPs %v nodes %v moves %v; before %v %v",
+					after.FloatingIPs, after.Nodes, after.RecentMoves, before.FloatingIPs, before.Nodes)
+			}
+		})
+	}
+}

@@ -1,0 +1,224 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/egressnat/egressnat/test/apiserver"
+	"github.com/egressnat/egressnat/test/lab"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+)
+
+// ServiceCIDR is the API server's --service-cluster-ip-range (package
+// apiserver): ClusterIPs come from here.
+var ServiceCIDR = netip.MustParsePrefix("10.96.0.0/16")
+
+// KubeProxyHealthzPort and KubeProxyMetricsPort are bound on each node's
+// loopback (inside its network namespace).
+const (
+	KubeProxyHealthzPort = 10256
+	KubeProxyMetricsPort = 10249
+)
+
+// StartKubeProxies runs a real kube-proxy (built from the k8s.io/kubernetes
+// module like the API server, see apiserver.KubeProxy) on every lab node in
+// nftables mode, as the ServiceAccount kube-system/kube-proxy bound to the
+// bootstrap ClusterRole system:node-proxier (as kubeadm sets it up), and
+// waits until each has created its table. Each runs inside its node's
+// network namespace by nsenter --net (the mounts stay the host's); it
+// changes no sysctl outside that namespace: conntrack limits and timeouts
+// are left as they are (0), and net.* sysctls are per network namespace.
+// Close (and the lab's Close) stops them.
+func (c *Cluster) StartKubeProxies(ctx context.Context) error {
+	bin, err := apiserver.KubeProxy()
+	if err != nil {
+		return err
+	}
+	c.kubeProxyBin = bin
+	if err := c.kubeProxyIdentity(ctx); err != nil {
+		return err
+	}
+	for _, n := range c.Lab.Nodes() {
+		if err := c.StartKubeProxy(n.Name); err != nil {
+			return err
+		}
+	}
+	for _, n := range c.Lab.Nodes() {
+		if err := c.WaitKubeProxy(ctx, n.Name, "", 60*time.Second); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *Cluster) kubeProxyIdentity(ctx context.Context) error {
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "kube-proxy", Namespace: "kube-system"}}
+	if _, err := c.Client.CoreV1().ServiceAccounts("kube-system").Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create kube-proxy service account: %w", err)
+	}
+	crb := &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "egressnat-lab-kube-proxy"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "system:node-proxier"},
+		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: "kube-proxy", Namespace: "kube-system"}},
+	}
+	if _, err := c.Client.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("bind kube-proxy to system:node-proxier: %w", err)
+	}
+	c.kubeProxyKubeconfig = filepath.Join(c.Lab.WorkDir(), "kube-proxy.kubeconfig")
+	return ServiceAccountKubeconfig(ctx, c.Client, c.API.InNetworkURL, "kube-system", "kube-proxy", c.kubeProxyKubeconfig)
+}
+
+// KubeProxyArgs are the flags StartKubeProxy gives kube-proxy on node.
+func KubeProxyArgs(kubeconfig, node string) []string {
+	return []string{
+		"--kubeconfig=" + kubeconfig,
+		"--proxy-mode=nftables",
+		"--hostname-override=" + node,
+		"--cluster-cidr=" + lab.ClusterCIDR.String(),
+		fmt.Sprintf("--healthz-bind-address=127.0.0.1:%d", KubeProxyHealthzPort),
+		fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", KubeProxyMetricsPort),
+		// Leave every conntrack sysctl as it is (nf_conntrack_max and the
+		// hashsize are global to the machine).
+		"--conntrack-max-per-core=0",
+		"--conntrack-tcp-timeout-established=0",
+		"--conntrack-tcp-timeout-close-wait=0",
+		"--conntrack-udp-timeout=0",
+		"--conntrack-udp-timeout-stream=0",
+		// Lowering the OOM score needs CAP_SYS_RESOURCE, which the lab
+		// machine may lack.
+		"--oom-score-adj=0",
+		"--v=1",
+	}
+}
+
+// StartKubeProxy starts (or starts again) the kube-proxy of a node; call
+// StartKubeProxies first.
+func (c *Cluster) StartKubeProxy(node string) error {
+	n := c.Lab.Node(node)
+	if n == nil {
+		return fmt.Errorf("no node %s", node)
+	}
+	if c.kubeProxyBin == "" {
+		return fmt.Errorf("kube-proxy on %s: call StartKubeProxies first", node)
+	}
+	if c.KubeProxies == nil {
+		c.KubeProxies = map[string]*lab.Proc{}
+	}
+	if old := c.KubeProxies[node]; old != nil {
+		old.Stop() //nolint:errcheck
+	}
+	argv := append([]string{c.kubeProxyBin}, KubeProxyArgs(c.kubeProxyKubeconfig, node)...)
+	p, err := c.Lab.StartNsenter(n.NetNS, filepath.Join(c.Lab.WorkDir(), "kube-proxy-"+node+".log"), argv...)
+	if err != nil {
+		return fmt.Errorf("start kube-proxy on %s: %w", node, err)
+	}
+	c.KubeProxies[node] = p
+	return nil
+}
+
+// KubeProxyTable returns the node's "table ip kube-proxy", or an error.
+func (c *Cluster) KubeProxyTable(ctx context.Context, node string) (string, error) {
+	n := c.Lab.Node(node)
+	if n == nil {
+		return "", fmt.Errorf("no node %s", node)
+	}
+	out, err := c.Lab.Exec(ctx, n.NetNS, "nft", "list", "table", "ip", "kube-proxy")
+	return string(out), err
+}
+
+// WaitKubeProxy polls until the node's kube-proxy table exists and, when
+// contains is not empty, holds that text (e.g. a ClusterIP).
+func (c *Cluster) WaitKubeProxy(ctx context.Context, node, contains string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	var last string
+	for {
+		if p := c.KubeProxies[node]; p != nil && !p.Running() {
+			return fmt.Errorf("kube-proxy on %s exited: %v; log:\n%s", node, p.Err(), tail(p.Log(), 4096))
+		}
+		table, err := c.KubeProxyTable(ctx, node)
+		if err == nil && (contains == "" || strings.Contains(table, contains)) {
+			return nil
+		}
+		last = fmt.Sprint(err)
+		if err == nil {
+			last = "table without " + contains
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			log := ""
+			if p := c.KubeProxies[node]; p != nil {
+				log = tail(p.Log(), 4096)
+			}
+			return fmt.Errorf("kube-proxy on %s not ready after %s (%s); log:\n%s", node, timeout, last, log)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+// AddService creates a selector-less TCP Service with clusterIP (in
+// ServiceCIDR) and an EndpointSlice naming the backends' pod IPs on
+// targetPort, as the EndpointSlice controller would for pods the lab has
+// no kubelet for. The kube-proxies then program it.
+func (c *Cluster) AddService(ctx context.Context, namespace, name string, clusterIP netip.Addr, port, targetPort int, backends ...*Pod) error {
+	if !ServiceCIDR.Contains(clusterIP) {
+		return fmt.Errorf("service %s/%s: %s is not in the service CIDR %s", namespace, name, clusterIP, ServiceCIDR)
+	}
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: namespace},
+		Spec: corev1.ServiceSpec{
+			Type:       corev1.ServiceTypeClusterIP,
+			ClusterIP:  clusterIP.String(),
+			ClusterIPs: []string{clusterIP.String()},
+			Ports: []corev1.ServicePort{{Name: "echo", Protocol: corev1.ProtocolTCP, Port: int32(port),
+				TargetPort: intstr.FromInt32(int32(targetPort))}},
+		},
+	}
+	if _, err := c.Client.CoreV1().Services(namespace).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create service %s/%s: %w", namespace, name, err)
+	}
+	ready := true
+	var eps []discoveryv1.Endpoint
+	for _, b := range backends {
+		node := b.Node
+		eps = append(eps, discoveryv1.Endpoint{Addresses: []string{b.IP.String()}, NodeName: &node,
+			Conditions: discoveryv1.EndpointConditions{Ready: &ready, Serving: &ready},
+			TargetRef:  &corev1.ObjectReference{Kind: "Pod", Namespace: b.Namespace, Name: strings.TrimPrefix(b.Name, b.Namespace+"-")}})
+	}
+	portName, proto, tp := "echo", corev1.ProtocolTCP, int32(targetPort)
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{Name: name + "-lab", Namespace: namespace, Labels: map[string]string{
+			discoveryv1.LabelServiceName: name,
+			discoveryv1.LabelManagedBy:   "egressnat-lab",
+		}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   eps,
+		Ports:       []discoveryv1.EndpointPort{{Name: &portName, Protocol: &proto, Port: &tp}},
+	}
+	if _, err := c.Client.DiscoveryV1().EndpointSlices(namespace).Create(ctx, slice, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create endpoint slice of %s/%s: %w", namespace, name, err)
+	}
+	return nil
+}
+
+// RegisterNode creates a Node object as a kubelet would (labels, the
+// InternalIP, Ready), for a machine that is not a lab node (e.g. a
+// lab.Host address). podCIDR may be invalid (none).
+func (c *Cluster) RegisterNode(ctx context.Context, name string, ip netip.Addr, controlPlane bool, podCIDR netip.Prefix) error {
+	n := &lab.Node{Name: name, IP: ip, ControlPlane: controlPlane, PodCIDR: podCIDR}
+	return c.registerNode(ctx, n)
+}

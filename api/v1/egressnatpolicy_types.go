@@ -240,6 +240,12 @@ const (
 	// of other accepted policies whose sources can select the same pods; the
 	// message names them and which one wins where. Absent otherwise.
 	ConditionOverlap = "Overlap"
+	// ConditionClusterInternal: True while some of the policy's
+	// destinations overlap the cluster's own networks (pod and Service
+	// CIDRs, node addresses), whose traffic is never steered.
+	ConditionClusterInternal = "ClusterInternal"
+	// ReasonClusterInternal: the reason of ConditionClusterInternal.
+	ReasonClusterInternal = "DestinationsInsideCluster"
 	// ReasonOverlappingPolicies: Overlap True.
 	ReasonOverlappingPolicies = "OverlappingPolicies"
 )

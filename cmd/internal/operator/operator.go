@@ -99,6 +99,9 @@ type Controller struct {
 	// the subnets it last proved, until its agent advertises usable ones
 	// again. Only the leader's reconcile uses it.
 	goodSubnets map[string][]netip.Prefix
+	// serviceCIDRs, listed at serviceCIDRsAt (see clusterNetworks).
+	serviceCIDRs   []netip.Prefix
+	serviceCIDRsAt time.Time
 	// overlapKey and overlaps cache gateway.Overlaps: the accepted policies
 	// (the informer's objects, replaced on every change) it was computed
 	// from, and its result.
@@ -313,9 +316,12 @@ func (c *Controller) reconcile(ctx context.Context) error {
 		}
 	}
 	overlaps := c.policyOverlaps(accepted)
+	internal := c.clusterNetworks(ctx, now)
 	for i, p := range pols {
 		seen["policy/"+p.Name+"/"+v1.ConditionAccepted], seen["policy/"+p.Name+"/"+v1.ConditionOverlap] = true, true
-		if err := c.writePolicyStatus(ctx, p.DeepCopy(), res[i], overlaps[p.Name], now); err != nil {
+		seen["policy/"+p.Name+"/"+v1.ConditionClusterInternal] = true
+		inside := selector.InternalDestinations(p.Spec.Destinations, internal)
+		if err := c.writePolicyStatus(ctx, p.DeepCopy(), res[i], overlaps[p.Name], inside, now); err != nil {
 			errs = append(errs, err.Error())
 		}
 	}
@@ -391,6 +397,51 @@ func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selec
 	}
 	slices.SortFunc(out, func(a, b gateway.Node) int { return strings.Compare(a.Name, b.Name) })
 	return out, facts
+}
+
+// clusterNetworks returns the cluster's own networks, whose traffic the
+// agents never steer: every Node's pod CIDRs and addresses, and the
+// Service CIDRs (ServiceCIDR objects, listed at most every 30 s; an API
+// server without them, or RBAC refusing, leaves them out).
+func (c *Controller) clusterNetworks(ctx context.Context, now time.Time) []selector.ClusterNetwork {
+	var out []selector.ClusterNetwork
+	for _, obj := range c.nodes.List() {
+		n := obj.(*corev1.Node)
+		cidrs := n.Spec.PodCIDRs
+		if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
+			cidrs = []string{n.Spec.PodCIDR}
+		}
+		for _, s := range cidrs {
+			if p, err := netip.ParsePrefix(s); err == nil {
+				out = append(out, selector.ClusterNetwork{Prefix: p.Masked(), What: "pod CIDR of node " + n.Name})
+			}
+		}
+		for _, a := range n.Status.Addresses {
+			if ip, err := netip.ParseAddr(a.Address); err == nil && (a.Type == corev1.NodeInternalIP || a.Type == corev1.NodeExternalIP) {
+				out = append(out, selector.ClusterNetwork{Prefix: netip.PrefixFrom(ip.Unmap(), ip.Unmap().BitLen()), What: string(a.Type) + " of node " + n.Name})
+			}
+		}
+	}
+	if now.Sub(c.serviceCIDRsAt) > 30*time.Second {
+		c.serviceCIDRsAt = now
+		lctx, cancel := context.WithTimeout(ctx, time.Second)
+		list, err := c.cfg.Clients.Core.NetworkingV1().ServiceCIDRs().List(lctx, metav1.ListOptions{})
+		cancel()
+		if err == nil {
+			c.serviceCIDRs = nil
+			for _, sc := range list.Items {
+				for _, s := range sc.Spec.CIDRs {
+					if p, err := netip.ParsePrefix(s); err == nil {
+						c.serviceCIDRs = append(c.serviceCIDRs, p.Masked())
+					}
+				}
+			}
+		}
+	}
+	for _, p := range c.serviceCIDRs {
+		out = append(out, selector.ClusterNetwork{Prefix: p, What: "Service CIDR"})
+	}
+	return out
 }
 
 // warnSubnets logs and records a Warning event on the Node when the
@@ -613,7 +664,7 @@ func (c *Controller) warnCondition(subject string, ref *corev1.ObjectReference, 
 
 // writePolicyStatus writes the policy's status when it changed: r is how its
 // gatewayRef resolves, overlaps the other policies it overlaps.
-func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolicy, r gateway.Resolution, overlaps []gateway.PolicyOverlap, now time.Time) error {
+func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolicy, r gateway.Resolution, overlaps []gateway.PolicyOverlap, inside string, now time.Time) error {
 	st := p.Status.DeepCopy()
 	st.ObservedGeneration = p.Generation
 	st.EgressIP, st.GatewayNode = "", r.Node
@@ -633,6 +684,12 @@ func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolic
 			Reason: v1.ReasonOverlappingPolicies, Message: gateway.OverlapMessage(overlaps), ObservedGeneration: p.Generation}, now)
 	} else {
 		apimeta.RemoveStatusCondition(&st.Conditions, v1.ConditionOverlap)
+	}
+	if inside != "" {
+		setCondition(&st.Conditions, metav1.Condition{Type: v1.ConditionClusterInternal, Status: metav1.ConditionTrue,
+			Reason: v1.ReasonClusterInternal, Message: inside, ObservedGeneration: p.Generation}, now)
+	} else {
+		apimeta.RemoveStatusCondition(&st.Conditions, v1.ConditionClusterInternal)
 	}
 	if reflect.DeepEqual(*st, p.Status) {
 		return nil
@@ -662,19 +719,20 @@ func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolic
 		e()
 	}
 	c.warnCondition("policy/"+p.Name+"/"+v1.ConditionAccepted, ref, prev, st.Conditions, v1.ConditionAccepted)
-	c.warnOverlap("policy/"+p.Name+"/"+v1.ConditionOverlap, ref, prev, st.Conditions)
+	c.warnOverlap("policy/"+p.Name+"/"+v1.ConditionOverlap, ref, prev, st.Conditions, v1.ConditionOverlap)
+	c.warnOverlap("policy/"+p.Name+"/"+v1.ConditionClusterInternal, ref, prev, st.Conditions, v1.ConditionClusterInternal)
 	return nil
 }
 
 // warnOverlap records a Warning event when the policy's Overlap condition
 // appears or changes.
-func (c *Controller) warnOverlap(subject string, ref *corev1.ObjectReference, before, now []metav1.Condition) {
-	cur := apimeta.FindStatusCondition(now, v1.ConditionOverlap)
+func (c *Controller) warnOverlap(subject string, ref *corev1.ObjectReference, before, now []metav1.Condition, typ string) {
+	cur := apimeta.FindStatusCondition(now, typ)
 	if cur == nil {
 		delete(c.warned, subject)
 		return
 	}
-	if old := apimeta.FindStatusCondition(before, v1.ConditionOverlap); (old != nil && old.Message == cur.Message) || c.warned[subject] == cur.Message {
+	if old := apimeta.FindStatusCondition(before, typ); (old != nil && old.Message == cur.Message) || c.warned[subject] == cur.Message {
 		return
 	}
 	c.warned[subject] = cur.Message

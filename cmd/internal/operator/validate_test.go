@@ -594,3 +594,44 @@ func TestSpoofedAdvertisementChangesNothing(t *testing.T) {
 		})
 	}
 }
+
+// TestClusterInternalDestinations: a policy whose destinations overlap the
+// cluster's own networks (a node's pod CIDR, a node address) is told so in
+// a ClusterInternal condition and one Warning Event; the others are not.
+func TestClusterInternalDestinations(t *testing.T) {
+	objs := objects()
+	n1 := nodeObj("n1", "192.0.2.11", corev1.ConditionTrue)
+	n1.Spec.PodCIDRs = []string{"10.244.1.0/24"}
+	objs[0] = n1
+	wide := policyObj("wide", "gw")
+	wide.Spec.Destinations = []v1.EgressDestination{{CIDR: "0.0.0.0/0"}}
+	objs = append(objs, wide)
+	cl := newCluster(t, objs...)
+	c := cl.controller(t, false)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", true, epoch)
+	c.mustReconcile(t)
+	got := apimeta.FindStatusCondition(cl.policy(t, "wide").Status.Conditions, v1.ConditionClusterInternal)
+	if got == nil || got.Status != metav1.ConditionTrue || !strings.Contains(got.Message, "10.244.1.0/24 (pod CIDR of node n1)") ||
+		!strings.Contains(got.Message, "192.0.2.11/32 (InternalIP of node n1)") {
+		t.Fatalf("wide: ClusterInternal %+v", got)
+	}
+	if c := apimeta.FindStatusCondition(cl.policy(t, "p1").Status.Conditions, v1.ConditionClusterInternal); c != nil {
+		t.Fatalf("p1 (203.0.113.0/24): ClusterInternal %+v", c)
+	}
+	n := 0
+	for _, e := range c.events() {
+		if strings.Contains(e, v1.ReasonClusterInternal) {
+			n++
+		}
+	}
+	c.mustReconcile(t)
+	for _, e := range c.events() {
+		if strings.Contains(e, v1.ReasonClusterInternal) {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("%d ClusterInternal events, want 1", n)
+	}
+}

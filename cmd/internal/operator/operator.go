@@ -373,6 +373,9 @@ func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selec
 				if c.warned[subject] != err.Error() {
 					c.warned[subject] = err.Error()
 					c.cfg.Log.Warn("bad annotation on the agent's lease", zap.String("node", n.Name), zap.Error(err))
+					ref := &corev1.ObjectReference{APIVersion: "v1", Kind: "Node", Name: n.Name, UID: n.UID}
+					c.recorder.Eventf(ref, corev1.EventTypeWarning, "BadAgentLease",
+						"the Lease of the node's agent does not parse (%v); the node keeps the uplink subnets its agent last advertised", err)
 				}
 			}
 			if len(f.Subnets) > 0 {

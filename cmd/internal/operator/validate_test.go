@@ -584,9 +584,15 @@ func TestSpoofedAdvertisementChangesNothing(t *testing.T) {
 			if _, err := cl.core.CoordinationV1().Leases(agentNamespace).Update(ctx, l, metav1.UpdateOptions{}); err != nil {
 				t.Fatal(err)
 			}
-			c.waitCaches(t, cl)
+			eventually(t, "the lease cache to hold the spoofed lease", func() bool {
+				obj, ok, _ := c.leases.GetByKey(agentNamespace + "/" + kube.AgentLeasePrefix + "n1")
+				return ok && obj.(*coordinationv1.Lease).Annotations[kube.AnnotationSubnets] == spoof
+			})
 			c.mustReconcile(t)
 			after := cl.gateway(t, "gw").Status
+			if spoof == "not a subnet" && !slices.ContainsFunc(c.events(), func(e string) bool { return strings.Contains(e, "BadAgentLease") }) {
+				t.Fatalf("no BadAgentLease event for a Lease that does not parse: %q", c.events())
+			}
 			if !mapsEqual(after.FloatingIPs, before.FloatingIPs) || !mapsEqual(after.Nodes, before.Nodes) || len(after.RecentMoves) != 0 {
 				t.Fatalf("after the spoofed advertisement: floating IPs %v nodes %v moves %v; before %v %v",
 					after.FloatingIPs, after.Nodes, after.RecentMoves, before.FloatingIPs, before.Nodes)

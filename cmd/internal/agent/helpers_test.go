@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressnat/egressnat/cmd/internal/kube/kubefake"
+
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/nft"
@@ -158,28 +160,8 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// fakeClients returns clients backed by client-go's fake clientsets,
-// holding objs: core objects in the typed one, egressnat objects in the
-// dynamic one.
-func fakeClients(t *testing.T, objs ...runtime.Object) (*kube.Clients, *k8sfake.Clientset, *dynamicfake.FakeDynamicClient) {
-	t.Helper()
-	var core, custom []runtime.Object
-	for _, o := range objs {
-		switch o.(type) {
-		case *v1.NetworkGatewayGroup, *v1.EgressNATPolicy:
-			custom = append(custom, o)
-		default:
-			core = append(core, o)
-		}
-	}
-	sch := runtime.NewScheme()
-	if err := v1.AddToScheme(sch); err != nil {
-		t.Fatal(err)
-	}
-	cs := k8sfake.NewClientset(core...)
-	dyn := dynamicfake.NewSimpleDynamicClient(sch, custom...)
-	return &kube.Clients{Core: cs, Dynamic: dyn}, cs, dyn
-}
+// fakeClients: see kubefake.Clients.
+var fakeClients = kubefake.Clients
 
 // unstructuredOf converts a gateway or policy for the dynamic client.
 func unstructuredOf(t *testing.T, obj runtime.Object) *unstructured.Unstructured {

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressnat/egressnat/cmd/internal/kube/kubefake"
+
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"go.uber.org/zap/zaptest"
@@ -58,22 +60,8 @@ type cluster struct {
 
 func newCluster(t *testing.T, objs ...runtime.Object) *cluster {
 	t.Helper()
-	var core, custom []runtime.Object
-	for _, o := range objs {
-		switch o.(type) {
-		case *v1.NetworkGatewayGroup, *v1.EgressNATPolicy:
-			custom = append(custom, o)
-		default:
-			core = append(core, o)
-		}
-	}
-	sch := runtime.NewScheme()
-	if err := v1.AddToScheme(sch); err != nil {
-		t.Fatal(err)
-	}
-	cs := k8sfake.NewClientset(core...)
-	dyn := dynamicfake.NewSimpleDynamicClient(sch, custom...)
-	return &cluster{clients: &kube.Clients{Core: cs, Dynamic: dyn}, core: cs, dyn: dyn, clk: clocktesting.NewFakeClock(epoch)}
+	clients, cs, dyn := kubefake.Clients(t, objs...)
+	return &cluster{clients: clients, core: cs, dyn: dyn, clk: clocktesting.NewFakeClock(epoch)}
 }
 
 // The test cluster: n1 and n2 run agents in 192.0.2.0/24; n3 has no agent

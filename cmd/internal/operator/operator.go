@@ -8,6 +8,7 @@
 package operator
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -444,6 +445,11 @@ func (c *Controller) clusterNetworks(ctx context.Context, now time.Time) []selec
 	for _, p := range c.serviceCIDRs {
 		out = append(out, selector.ClusterNetwork{Prefix: p, What: "Service CIDR"})
 	}
+	// A fixed order, so that a condition's message changes only when the
+	// networks do.
+	slices.SortFunc(out, func(a, b selector.ClusterNetwork) int {
+		return cmp.Or(a.Prefix.Addr().Compare(b.Prefix.Addr()), cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()), strings.Compare(a.What, b.What))
+	})
 	return out
 }
 

@@ -172,3 +172,25 @@ func LimitNextHops(mask uint32, nextHops []netip.Addr, existing map[netip.Addr]i
 	slices.SortFunc(dropped, func(a, b netip.Addr) int { return a.Compare(b) })
 	return kept, dropped
 }
+
+// UnroutableHolders returns, of the nodes holding egress IPs (by name, with
+// their next-hop addresses), those a node routing to all of them cannot
+// give a mark: the ones LimitNextHops drops on a node with no mark yet,
+// beyond MarkCapacity(mask). The operator tells their policies.
+func UnroutableHolders(mask uint32, holders map[string]netip.Addr) []string {
+	var nhs []netip.Addr
+	byIP := map[netip.Addr]string{}
+	for name, ip := range holders {
+		if ip.IsValid() {
+			nhs = append(nhs, ip)
+			byIP[ip] = name
+		}
+	}
+	_, dropped := LimitNextHops(mask, nhs, nil)
+	var out []string
+	for _, ip := range dropped {
+		out = append(out, byIP[ip])
+	}
+	slices.Sort(out)
+	return out
+}

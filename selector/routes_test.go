@@ -200,3 +200,16 @@ func TestLimitNextHops(t *testing.T) {
 		t.Fatalf("the kept next hops do not fit: %v", err)
 	}
 }
+
+func TestUnroutableHolders(t *testing.T) {
+	holders := map[string]netip.Addr{
+		"n1": netip.MustParseAddr("192.0.2.11"), "n2": netip.MustParseAddr("192.0.2.12"),
+		"n3": netip.MustParseAddr("192.0.2.13"), "n4": netip.MustParseAddr("192.0.2.14"),
+	}
+	if got := UnroutableHolders(0x3, holders); !slices.Equal(got, []string{"n4"}) {
+		t.Fatalf("got %v, want [n4]", got)
+	}
+	if got := UnroutableHolders(0x3f00, holders); got != nil {
+		t.Fatalf("got %v, want none", got)
+	}
+}

@@ -246,6 +246,12 @@ const (
 	ConditionClusterInternal = "ClusterInternal"
 	// ReasonClusterInternal: the reason of ConditionClusterInternal.
 	ReasonClusterInternal = "DestinationsInsideCluster"
+	// ConditionOutOfMarks: True while the node holding the policy's
+	// egress IP is one more gateway next hop than the agents' mark mask
+	// holds: nodes routing to every gateway drop the policy's traffic.
+	ConditionOutOfMarks = "OutOfMarks"
+	// ReasonTooManyGateways: the reason of ConditionOutOfMarks.
+	ReasonTooManyGateways = "TooManyGatewayNodes"
 	// ReasonOverlappingPolicies: Overlap True.
 	ReasonOverlappingPolicies = "OverlappingPolicies"
 )

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -47,9 +48,14 @@ func run() error {
 	fs.DurationVar(&probe.Timeout, "probe-timeout", probe.Timeout, "timeout of one probe")
 	fs.IntVar(&probe.Misses, "probe-misses", probe.Misses, "consecutive unanswered probes that make a node Down")
 	gatewayNamespaces := fs.String("gateway-namespaces", "", "comma-separated namespaces whose NetworkGatewayGroups are honoured besides kube-system; groups elsewhere are ignored (give the agents the same list)")
+	markMask := fs.String("mark-mask", fmt.Sprintf("%#08x", selector.DefaultMarkMask), "the agents' --mark-mask: how many gateway nodes they can route to (policies beyond get an OutOfMarks condition)")
 	minSubnetPrefix := fs.Int("min-subnet-prefix", selector.DefaultMinSubnetPrefix, "shortest uplink subnet an agent may advertise for floating IPs; shorter ones are ignored")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
+	}
+	mask, err := strconv.ParseUint(*markMask, 0, 32)
+	if err != nil || mask == 0 {
+		return fmt.Errorf("--mark-mask %q: want a non-zero 32-bit number", *markMask)
 	}
 	namespaces, err := selector.GatewayNamespaces(*gatewayNamespaces)
 	if err != nil {
@@ -74,7 +80,7 @@ func run() error {
 	m := metrics.NewOperator(nil)
 	ctrl, err := operator.New(operator.Config{
 		Clients: clients, AgentNamespace: *namespace, FallbackToNodeIP: *fallback, Log: log, Probe: probe, Metrics: m,
-		GatewayNamespaces: namespaces, MinSubnetPrefix: *minSubnetPrefix,
+		GatewayNamespaces: namespaces, MinSubnetPrefix: *minSubnetPrefix, MarkMask: uint32(mask),
 	})
 	if err != nil {
 		return err

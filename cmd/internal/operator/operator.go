@@ -59,6 +59,9 @@ type Config struct {
 	// MinSubnetPrefix: advertised uplink subnets shorter than this are not
 	// used for assignment; 0 means selector.DefaultMinSubnetPrefix.
 	MinSubnetPrefix int
+	// MarkMask is the agents' --mark-mask (how many gateway next hops they
+	// can route to); 0 means selector.DefaultMarkMask.
+	MarkMask uint32
 }
 
 // Controller reconciles the whole cluster state on every change.
@@ -127,6 +130,9 @@ func New(cfg Config) (*Controller, error) {
 func newController(cfg Config, clk clock.Clock) (*Controller, error) {
 	if cfg.Probe.Port == 0 {
 		cfg.Probe = DefaultProbeConfig
+	}
+	if cfg.MarkMask == 0 {
+		cfg.MarkMask = selector.DefaultMarkMask
 	}
 	if cfg.MinSubnetPrefix == 0 {
 		cfg.MinSubnetPrefix = selector.DefaultMinSubnetPrefix
@@ -318,11 +324,29 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	}
 	overlaps := c.policyOverlaps(accepted)
 	internal := c.clusterNetworks(ctx, now)
+	holders := map[string]netip.Addr{}
+	for _, n := range nodes {
+		for _, r := range res {
+			if r.Ready && r.Node == n.Name {
+				holders[n.Name] = n.IP
+			}
+		}
+	}
+	unroutable := map[string]bool{}
+	for _, n := range selector.UnroutableHolders(c.cfg.MarkMask, holders) {
+		unroutable[n] = true
+	}
 	for i, p := range pols {
 		seen["policy/"+p.Name+"/"+v1.ConditionAccepted], seen["policy/"+p.Name+"/"+v1.ConditionOverlap] = true, true
 		seen["policy/"+p.Name+"/"+v1.ConditionClusterInternal] = true
 		inside := selector.InternalDestinations(p.Spec.Destinations, internal)
-		if err := c.writePolicyStatus(ctx, p.DeepCopy(), res[i], overlaps[p.Name], inside, now); err != nil {
+		seen["policy/"+p.Name+"/"+v1.ConditionOutOfMarks] = true
+		outOfMarks := ""
+		if unroutable[res[i].Node] {
+			outOfMarks = fmt.Sprintf("%d nodes hold egress IPs, the agents' mark mask %#x routes to %d: nodes that route to all of them have no mark for %s and drop this policy's traffic (OutOfMarks Events name them); widen --mark-mask",
+				len(holders), c.cfg.MarkMask, selector.MarkCapacity(c.cfg.MarkMask), res[i].Node)
+		}
+		if err := c.writePolicyStatus(ctx, p.DeepCopy(), res[i], overlaps[p.Name], inside, outOfMarks, now); err != nil {
 			errs = append(errs, err.Error())
 		}
 	}
@@ -673,7 +697,7 @@ func (c *Controller) warnCondition(subject string, ref *corev1.ObjectReference, 
 
 // writePolicyStatus writes the policy's status when it changed: r is how its
 // gatewayRef resolves, overlaps the other policies it overlaps.
-func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolicy, r gateway.Resolution, overlaps []gateway.PolicyOverlap, inside string, now time.Time) error {
+func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolicy, r gateway.Resolution, overlaps []gateway.PolicyOverlap, inside, outOfMarks string, now time.Time) error {
 	st := p.Status.DeepCopy()
 	st.ObservedGeneration = p.Generation
 	st.EgressIP, st.GatewayNode = "", r.Node
@@ -693,6 +717,12 @@ func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolic
 			Reason: v1.ReasonOverlappingPolicies, Message: gateway.OverlapMessage(overlaps), ObservedGeneration: p.Generation}, now)
 	} else {
 		apimeta.RemoveStatusCondition(&st.Conditions, v1.ConditionOverlap)
+	}
+	if outOfMarks != "" {
+		setCondition(&st.Conditions, metav1.Condition{Type: v1.ConditionOutOfMarks, Status: metav1.ConditionTrue,
+			Reason: v1.ReasonTooManyGateways, Message: outOfMarks, ObservedGeneration: p.Generation}, now)
+	} else {
+		apimeta.RemoveStatusCondition(&st.Conditions, v1.ConditionOutOfMarks)
 	}
 	if inside != "" {
 		setCondition(&st.Conditions, metav1.Condition{Type: v1.ConditionClusterInternal, Status: metav1.ConditionTrue,
@@ -730,6 +760,7 @@ func (c *Controller) writePolicyStatus(ctx context.Context, p *v1.EgressNATPolic
 	c.warnCondition("policy/"+p.Name+"/"+v1.ConditionAccepted, ref, prev, st.Conditions, v1.ConditionAccepted)
 	c.warnOverlap("policy/"+p.Name+"/"+v1.ConditionOverlap, ref, prev, st.Conditions, v1.ConditionOverlap)
 	c.warnOverlap("policy/"+p.Name+"/"+v1.ConditionClusterInternal, ref, prev, st.Conditions, v1.ConditionClusterInternal)
+	c.warnOverlap("policy/"+p.Name+"/"+v1.ConditionOutOfMarks, ref, prev, st.Conditions, v1.ConditionOutOfMarks)
 	return nil
 }
 

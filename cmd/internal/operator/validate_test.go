@@ -641,3 +641,36 @@ func TestClusterInternalDestinations(t *testing.T) {
 		t.Fatalf("%d ClusterInternal events, want 1", n)
 	}
 }
+
+// TestOutOfMarksCondition: with more nodes holding egress IPs than the
+// agents' mark mask routes to, the policies of the holders beyond (the
+// highest addresses, as an agent without marks keeps the lowest) get an
+// OutOfMarks condition; the others do not.
+func TestOutOfMarksCondition(t *testing.T) {
+	gw2 := gatewayObj("gw2", "192.0.2.102")
+	gw2.Spec.FloatingIPs = []string{"192.0.2.102"}
+	objs := append(objects(), gw2, policyObj("p3", "gw2"))
+	// n1 holds fip1 and fip2 can only go to n2: make n2 hold gw2's IP
+	// by giving gw the one IP n1 holds.
+	objs[5] = gatewayObj("gw", fip1)
+	cl := newCluster(t, objs...)
+	c := cl.controllerWith(t, func(cfg *Config) { cfg.MarkMask = 0x1 }) // one next hop
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", true, epoch)
+	c.mustReconcile(t)
+	p1, p3 := cl.policy(t, "p1"), cl.policy(t, "p3")
+	if p1.Status.GatewayNode == p3.Status.GatewayNode || p1.Status.GatewayNode == "" || p3.Status.GatewayNode == "" {
+		t.Fatalf("the test needs two holders: p1 on %q, p3 on %q", p1.Status.GatewayNode, p3.Status.GatewayNode)
+	}
+	high := p3
+	low := p1
+	if p1.Status.GatewayNode == "n2" { // n2 192.0.2.12 > n1 192.0.2.11
+		high, low = p1, p3
+	}
+	if c := apimeta.FindStatusCondition(high.Status.Conditions, v1.ConditionOutOfMarks); c == nil || c.Status != metav1.ConditionTrue {
+		t.Fatalf("%s (held by %s): OutOfMarks %+v", high.Name, high.Status.GatewayNode, c)
+	}
+	if c := apimeta.FindStatusCondition(low.Status.Conditions, v1.ConditionOutOfMarks); c != nil {
+		t.Fatalf("%s (held by %s): OutOfMarks %+v", low.Name, low.Status.GatewayNode, c)
+	}
+}

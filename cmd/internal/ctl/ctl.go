@@ -221,6 +221,7 @@ func run(ctx context.Context, prog string, args []string, stdout, stderr io.Writ
 		kf.add(fs)
 		to := fs.String("to", "", "a destination IPv4 address: is it covered, and how does it leave")
 		out := fs.String("o", "text", "output: text, json or yaml")
+		gwNS := fs.String("gateway-namespaces", "", "the namespaces whose NetworkGatewayGroups the agents honour besides kube-system (their --gateway-namespaces)")
 		pos, err := parseInterleaved(fs, args)
 		if err != nil {
 			return flagError(err)
@@ -245,10 +246,15 @@ func run(ctx context.Context, prog string, args []string, stdout, stderr io.Writ
 		if err != nil {
 			return err
 		}
+		namespaces, err := selector.GatewayNamespaces(*gwNS)
+		if err != nil {
+			return usagef("--gateway-namespaces: %v", err)
+		}
 		s, err := l.LoadForPod(ctx, ns, name)
 		if err != nil {
 			return err
 		}
+		s.GatewayNamespaces = namespaces
 		e, err := Explain(s, ns, name, dst)
 		if err != nil {
 			return err

@@ -532,3 +532,45 @@ func TestLoadNextHops(t *testing.T) {
 		t.Fatalf("server error: %v", err)
 	}
 }
+
+// TestExplainChecksGroups: with the agents' gateway namespaces known,
+// explain checks the groups as the agents do: a gateway in a namespace
+// they do not honour, or whose egress IP is a holder's own address, does
+// not SNAT the pod.
+func TestExplainChecksGroups(t *testing.T) {
+	tenant := &v1.NetworkGatewayGroup{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "gw"},
+		Spec:   v1.NetworkGatewayGroupSpec{FloatingIPs: []string{"192.0.2.150"}},
+		Status: v1.NetworkGatewayGroupStatus{FloatingIPs: map[string]string{"192.0.2.150": "n1"}}}
+	typo := &v1.NetworkGatewayGroup{ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: "typo"},
+		Spec:   v1.NetworkGatewayGroupSpec{FloatingIPs: []string{"192.0.2.12"}},
+		Status: v1.NetworkGatewayGroupStatus{FloatingIPs: map[string]string{"192.0.2.12": "n2"}}}
+	pol := func(name, ns, gw string) *v1.EgressNATPolicy {
+		return &v1.EgressNATPolicy{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: v1.EgressNATPolicySpec{
+			Sources: []v1.EgressSource{{}}, Action: v1.ActionSNAT, Destinations: []v1.EgressDestination{{CIDR: "203.0.113.0/24"}},
+			GatewayRef: v1.GatewayRef{Namespace: ns, Name: gw}}}
+	}
+	s := &Snapshot{
+		Gateways:   []*v1.NetworkGatewayGroup{tenant, typo},
+		Policies:   []*v1.EgressNATPolicy{pol("p-tenant", "team-a", "gw"), pol("p-typo", "kube-system", "typo")},
+		Namespaces: map[string]map[string]string{"app": nil},
+		Pods:       []selector.Pod{{Namespace: "app", Name: "web", Node: "n1", IP: netip.MustParseAddr("10.244.1.5")}},
+		NodeIPs:    map[string]netip.Addr{"n1": netip.MustParseAddr("192.0.2.11"), "n2": netip.MustParseAddr("192.0.2.12")},
+	}
+	unchecked, err := Explain(s, "app", "web", netip.Addr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.GatewayNamespaces = []string{"kube-system"}
+	checked, err := Explain(s, "app", "web", netip.Addr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []string{"is ignored", "InternalIP of node n2"} {
+		if strings.Contains(unchecked.Policies[i].Effect, "not SNATed") {
+			t.Fatalf("unchecked %s: %q (the test proves nothing)", unchecked.Policies[i].Policy, unchecked.Policies[i].Effect)
+		}
+		if e := checked.Policies[i].Effect; !strings.Contains(e, "not SNATed") || !strings.Contains(e, want) {
+			t.Errorf("%s: %q, want not SNATed and %q", checked.Policies[i].Policy, e, want)
+		}
+	}
+}

@@ -117,12 +117,25 @@ func Explain(s *Snapshot, namespace, name string, to netip.Addr) (*Explanation, 
 	for _, g := range s.Gateways {
 		gateways[g.Namespace+"/"+g.Name] = g
 	}
+	var checks map[string]selector.GroupCheck
+	if s.GatewayNamespaces != nil {
+		// As the agents check the groups; of the nodes, explain knows
+		// the holders' addresses.
+		var facts []selector.NodeFacts
+		for name, ip := range s.NodeIPs {
+			f := selector.NodeFacts{Name: name}
+			f.AddNodeAddress("InternalIP", ip.String())
+			facts = append(facts, f)
+		}
+		checks = selector.CheckGroups(s.Gateways, s.GatewayNamespaces, selector.ReservedFrom(facts))
+	}
 	for _, pol := range s.Policies {
 		// The agents' own decision for the pod's node. egressnatctl does not
 		// know the agents' --fallback-to-node-ip; status.whenUnavailable,
 		// which the operator writes from the same flag, says it.
 		f := selector.FactsOf(pol, gateways[pol.Spec.GatewayRef.Namespace+"/"+pol.Spec.GatewayRef.Name])
 		f.Node, f.NodeIPs, f.NodeIPsKnown = pod.Node, s.NodeIPs, s.NodeIPs != nil
+		f.SetGatewayCheck(checks)
 		e.Policies = append(e.Policies, explainPolicy(pol, pod, nsLabels, nsOK, f, to))
 	}
 	e.Verdict = verdict(e, pod)
@@ -215,7 +228,7 @@ func effect(pe PolicyExplanation, d selector.Decision, pod selector.Pod) string 
 	case !pe.GatewayFound:
 		return fmt.Sprintf("is not SNATed: gateway %s does not exist, %s", pe.Gateway, keeps)
 	case !d.Accepted:
-		return fmt.Sprintf("is not SNATed: gateway %s has no usable floating IP, %s", pe.Gateway, keeps)
+		return fmt.Sprintf("is not SNATed: %s, %s", d.AcceptedMessage, keeps)
 	case d.Applied && d.Mode == selector.ModeGateway:
 		return fmt.Sprintf("leaves with %s, SNATed on %s (the pod's own node holds it)", d.EgressIP, d.Holder)
 	case d.Applied && d.Mode == selector.ModeReroute:

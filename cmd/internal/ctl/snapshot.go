@@ -36,6 +36,10 @@ type Snapshot struct {
 	// no InternalIP is absent). nil when unknown: the Nodes could not be
 	// read.
 	NodeIPs map[string]netip.Addr
+	// GatewayNamespaces, when not nil, are the namespaces whose groups the
+	// agents honour: explain then checks the groups as the agents do
+	// (selector.CheckGroups, with the holders' addresses reserved).
+	GatewayNamespaces []string
 }
 
 // ErrCRDsMissing: the API server does not serve networking.gke.io.

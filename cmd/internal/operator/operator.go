@@ -287,6 +287,9 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	// stale cache) or left as it was stays the truth for the next
 	// reconcile, which decides again from it (and records the moves then).
 	written := map[netip.Addr]string{}
+	// published: the holders as the groups' statuses say them after the
+	// writes, which the policies' statuses must agree with.
+	published := maps.Clone(assignment)
 	byKey := make(map[string]*v1.NetworkGatewayGroup, len(groups))
 	for i, g := range groups {
 		key := g.Namespace + "/" + g.Name
@@ -295,6 +298,15 @@ func (c *Controller) reconcile(ctx context.Context) error {
 		ok, err := c.writeGatewayStatus(ctx, groupObjs[i], g, checks[key], nodes, assignment, moves, now)
 		if err != nil {
 			errs = append(errs, err.Error())
+			// The group's status still says what it said: so do its
+			// policies' (never a holder the group does not name yet).
+			for _, ip := range g.FloatingIPs {
+				if n, ok := current[ip]; ok {
+					published[ip] = n
+				} else {
+					delete(published, ip)
+				}
+			}
 			continue
 		}
 		if ok {
@@ -317,7 +329,7 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	res := make([]gateway.Resolution, len(pols))
 	var accepted []*v1.EgressNATPolicy
 	for i, p := range pols {
-		res[i] = gateway.ResolvePolicy(p.Spec.GatewayRef, byKey, checks, assignment, c.cfg.FallbackToNodeIP)
+		res[i] = gateway.ResolvePolicy(p.Spec.GatewayRef, byKey, checks, published, c.cfg.FallbackToNodeIP)
 		if res[i].Accepted {
 			accepted = append(accepted, p)
 		}

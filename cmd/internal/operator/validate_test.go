@@ -674,3 +674,26 @@ func TestOutOfMarksCondition(t *testing.T) {
 		t.Fatalf("%s (held by %s): OutOfMarks %+v", low.Name, low.Status.GatewayNode, c)
 	}
 }
+
+// TestPolicyNeverAheadOfGroup: when a group's status write is refused, the
+// policies' statuses do not name a holder the group's status does not
+// (agents act on the group's; a client waiting for the policy must find
+// the group agreeing); the retry writes both.
+func TestPolicyNeverAheadOfGroup(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	refused := cl.conflictOnce()
+	c := cl.controller(t, false)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", true, epoch)
+	if err := c.reconcile(context.Background()); err == nil || refused() != 1 {
+		t.Fatalf("reconcile: %v, %d refused", err, refused())
+	}
+	if p := cl.policy(t, "p1"); p.Status.GatewayNode != "" || p.Status.EgressIP != fip1 {
+		t.Fatalf("p1 names holder %q while the group's status names none", p.Status.GatewayNode)
+	}
+	c.waitCaches(t, cl)
+	c.mustReconcile(t)
+	if g, p := cl.gateway(t, "gw"), cl.policy(t, "p1"); p.Status.GatewayNode == "" || g.Status.FloatingIPs[fip1] != p.Status.GatewayNode {
+		t.Fatalf("after the retry: group %v, policy holder %q", g.Status.FloatingIPs, p.Status.GatewayNode)
+	}
+}

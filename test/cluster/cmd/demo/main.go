@@ -10,6 +10,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strings"
@@ -122,6 +123,14 @@ func walkthrough(ctx context.Context, c *cluster.Cluster) error {
 	if err := waitReady(ctx, c); err != nil {
 		return err
 	}
+	// Ready means the operator assigned the egress IP; the agents program
+	// it right after. Wait until the selected pods' connections leave with
+	// it (alice's and paul's frontends, created first).
+	for _, p := range created[:3] {
+		if _, err := c.WaitSource(ctx, p, c.Lab.Externals()[0], netip.MustParseAddr("192.0.2.100"), 15*time.Second); err != nil {
+			return fmt.Errorf("pod %s/%s: %w", p.Namespace, p.Name, err)
+		}
+	}
 
 	step("Each pod opens a TCP connection to both external servers")
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
@@ -183,7 +192,6 @@ func waitReady(ctx context.Context, c *cluster.Cluster) error {
 	for {
 		out, err := c.Kubectl(ctx, "", "get", "enp", "egress", "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].status}`)
 		if err == nil && out == "True" {
-			time.Sleep(500 * time.Millisecond) // let every agent apply
 			return nil
 		}
 		if time.Now().After(deadline) {

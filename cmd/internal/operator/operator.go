@@ -160,7 +160,18 @@ func newController(cfg Config, clk clock.Clock) (*Controller, error) {
 				return nil, fmt.Errorf("set informer transform: %w", err)
 			}
 		}
-		if _, err := inf.AddEventHandler(handler); err != nil {
+		h := cache.ResourceEventHandler(handler)
+		if i == 1 {
+			// Leases: the agents' registrations and advertisements only,
+			// not their renewals nor the operators' leader Lease (renewed
+			// every retry period).
+			h = cache.ResourceEventHandlerFuncs{
+				AddFunc:    func(obj any) { c.kickIf(leaseMatters(nil, obj)) },
+				UpdateFunc: func(old, obj any) { c.kickIf(leaseMatters(old, obj)) },
+				DeleteFunc: func(obj any) { c.kickIf(leaseMatters(nil, obj)) },
+			}
+		}
+		if _, err := inf.AddEventHandler(h); err != nil {
 			return nil, fmt.Errorf("add event handler: %w", err)
 		}
 	}
@@ -260,6 +271,28 @@ func (c *Controller) probeTargets() []probeTarget {
 		}
 	}
 	return out
+}
+
+func (c *Controller) kickIf(b bool) {
+	if b {
+		c.kick()
+	}
+}
+
+// leaseMatters reports whether a Lease event changes what reconcile
+// reads: an agent's Lease appearing, going, or changing its annotations
+// (old nil for an add or a delete). Anything that is not a Lease (a
+// deleted object whose final state is unknown) matters.
+func leaseMatters(old, obj any) bool {
+	l, ok := obj.(*coordinationv1.Lease)
+	if !ok {
+		return true
+	}
+	if !strings.HasPrefix(l.Name, kube.AgentLeasePrefix) {
+		return false
+	}
+	o, ok := old.(*coordinationv1.Lease)
+	return !ok || !maps.Equal(o.Annotations, l.Annotations)
 }
 
 func (c *Controller) kick() {

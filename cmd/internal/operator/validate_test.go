@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/cache"
 )
 
 // Tests of issue #11: no NetworkGatewayGroup can make a node add or remove
@@ -695,5 +696,32 @@ func TestPolicyNeverAheadOfGroup(t *testing.T) {
 	c.mustReconcile(t)
 	if g, p := cl.gateway(t, "gw"), cl.policy(t, "p1"); p.Status.GatewayNode == "" || g.Status.FloatingIPs[fip1] != p.Status.GatewayNode {
 		t.Fatalf("after the retry: group %v, policy holder %q", g.Status.FloatingIPs, p.Status.GatewayNode)
+	}
+}
+
+// TestLeaseMatters: only an agent's Lease appearing, going or changing
+// its annotations wakes reconcile; renewals and the leader Lease do not.
+func TestLeaseMatters(t *testing.T) {
+	agent := leaseObj("n1", "192.0.2.11/24")
+	renewed := agent.DeepCopy()
+	renewed.Spec.RenewTime = &metav1.MicroTime{Time: epoch}
+	moved := agent.DeepCopy()
+	moved.Annotations[kube.AnnotationSubnets] = "192.0.2.11/25"
+	leader := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: agentNamespace, Name: "egressnat-operator"}}
+	for _, tc := range []struct {
+		name     string
+		old, obj any
+		want     bool
+	}{
+		{"agent lease added", nil, agent, true},
+		{"agent lease renewed", agent, renewed, false},
+		{"agent lease advertises another subnet", agent, moved, true},
+		{"leader lease renewed", leader, leader.DeepCopy(), false},
+		{"leader lease added", nil, leader, false},
+		{"unknown final state", nil, cache.DeletedFinalStateUnknown{Key: "x"}, true},
+	} {
+		if got := leaseMatters(tc.old, tc.obj); got != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }

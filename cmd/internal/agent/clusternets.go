@@ -65,13 +65,11 @@ func (a *agent) refreshClusterNets(ctx context.Context) bool {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	var nets []netip.Prefix
-	failed := map[string]bool{}
 	// The API server's EndpointSlice reconciler names its slice after the
 	// Service: one get, which RBAC can allow by name.
 	eps, err := a.cfg.Clients.Core.DiscoveryV1().EndpointSlices(metav1.NamespaceDefault).Get(ctx, "kubernetes", metav1.GetOptions{})
 	if err != nil {
 		if !apierrors.IsNotFound(err) {
-			failed["the API server's EndpointSlice (default/kubernetes)"] = true
 			a.logListFailure("the API server's EndpointSlice (default/kubernetes)", err)
 		}
 	} else {
@@ -85,7 +83,6 @@ func (a *agent) refreshClusterNets(ctx context.Context) bool {
 	}
 	cidrs, err := a.cfg.Clients.Core.NetworkingV1().ServiceCIDRs().List(ctx, metav1.ListOptions{})
 	if err != nil {
-		failed["ServiceCIDRs"] = true
 		a.logListFailure("ServiceCIDRs", err)
 	} else {
 		for _, sc := range cidrs.Items {
@@ -99,12 +96,6 @@ func (a *agent) refreshClusterNets(ctx context.Context) bool {
 	sortPrefixes(nets)
 	a.nets.mu.Lock()
 	defer a.nets.mu.Unlock()
-	for what := range failed {
-		if a.nets.failed == nil {
-			a.nets.failed = map[string]bool{}
-		}
-		a.nets.failed[what] = true
-	}
 	if slices.Equal(a.nets.nets, nets) {
 		return false
 	}
@@ -116,6 +107,10 @@ func (a *agent) refreshClusterNets(ctx context.Context) bool {
 func (a *agent) logListFailure(what string, err error) {
 	a.nets.mu.Lock()
 	seen := a.nets.failed[what]
+	if a.nets.failed == nil {
+		a.nets.failed = map[string]bool{}
+	}
+	a.nets.failed[what] = true
 	a.nets.mu.Unlock()
 	if seen {
 		return

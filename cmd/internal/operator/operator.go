@@ -369,12 +369,16 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	}
 	overlaps := c.policyOverlaps(accepted)
 	internal := c.clusterNetworks(ctx, now)
+	holding := map[string]bool{}
+	for _, r := range res {
+		if r.Ready {
+			holding[r.Node] = true
+		}
+	}
 	holders := map[string]netip.Addr{}
 	for _, n := range nodes {
-		for _, r := range res {
-			if r.Ready && r.Node == n.Name {
-				holders[n.Name] = n.IP
-			}
+		if holding[n.Name] {
+			holders[n.Name] = n.IP
 		}
 	}
 	unroutable := map[string]bool{}

@@ -144,21 +144,8 @@ func (f *fakeAPI) checkCount() int {
 	return f.checks
 }
 
-// eventually polls cond until it holds, failing the test after a deadline.
-// It is for what happens in other goroutines (informers, the sync loop),
-// never a pause standing in for a condition.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	tick := time.NewTicker(2 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		<-tick.C
-	}
-}
+// eventually: see kubefake.Eventually.
+var eventually = kubefake.Eventually
 
 // fakeClients: see kubefake.Clients.
 var fakeClients = kubefake.Clients

@@ -34,21 +34,8 @@ const agentNamespace = "egressnat-system"
 
 var epoch = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 
-// eventually polls cond until it holds, failing the test after a deadline.
-// It is for what happens in other goroutines (informers, the Lead loop),
-// never a pause standing in for a condition.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	tick := time.NewTicker(2 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		<-tick.C
-	}
-}
+// eventually: see kubefake.Eventually.
+var eventually = kubefake.Eventually
 
 // cluster is a fake API server: client-go's fake clientsets.
 type cluster struct {

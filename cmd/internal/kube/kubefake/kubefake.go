@@ -5,6 +5,7 @@ package kubefake
 
 import (
 	"testing"
+	"time"
 
 	"k8s.io/apimachinery/pkg/runtime"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
@@ -35,4 +36,20 @@ func Clients(t testing.TB, objs ...runtime.Object) (*kube.Clients, *k8sfake.Clie
 	cs := k8sfake.NewClientset(core...)
 	dyn := dynamicfake.NewSimpleDynamicClient(sch, custom...)
 	return &kube.Clients{Core: cs, Dynamic: dyn}, cs, dyn
+}
+
+// Eventually polls cond until it holds, failing the test after 10 s. It is
+// for what happens in other goroutines (informers, the controllers'
+// loops), never a pause standing in for a condition.
+func Eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	tick := time.NewTicker(2 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		<-tick.C
+	}
 }

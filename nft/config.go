@@ -25,6 +25,9 @@ import (
 const (
 	DefaultTable       = "egressnat"
 	DefaultVerifyPause = time.Millisecond
+	// DefaultARPProbeWait is how long Apply listens for another holder of a
+	// floating IP it is about to add (see Config.ARPProbeWait).
+	DefaultARPProbeWait = 100 * time.Millisecond
 )
 
 // Config configures a Dataplane.
@@ -49,6 +52,12 @@ type Config struct {
 	// VerifyPause is the pause between two reads of Verify, which spreads
 	// its work (thousands of sets) over time; negative means none.
 	VerifyPause time.Duration
+	// ARPProbeWait: before adding a floating IP that is not on the uplink
+	// yet, Apply sends ARP probes for it (RFC 5227: sender IP 0.0.0.0) and
+	// listens this long for another host that answers for it; such an IP
+	// is not taken (Result.Conflicts). All new IPs of one Apply share one
+	// window. Zero means DefaultARPProbeWait, negative disables the probe.
+	ARPProbeWait time.Duration
 }
 
 func (c Config) withDefaults() (Config, error) {
@@ -69,6 +78,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.VerifyPause == 0 {
 		c.VerifyPause = DefaultVerifyPause
+	}
+	if c.ARPProbeWait == 0 {
+		c.ARPProbeWait = DefaultARPProbeWait
 	}
 	if c.Uplink == "" {
 		return c, errors.New("config: uplink is required")

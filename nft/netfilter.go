@@ -337,8 +337,9 @@ func (nf *netfilter) plan(ks *nftState, want desiredNFT) *nftPlan {
 			added, removed := diffAddrs(elemAddrs(haveElems), want.floating)
 			p.elemsAdded += len(added)
 			adds = append(adds, elemSteps(def, addrElements(added), false)...)
-			// Removed entries here are not ours to keep (never happens:
-			// want.floating includes every recorded address); drop them.
+			// Removed entries: recorded addresses the Apply no longer
+			// holds (an IP whose ARP probe found another holder was not
+			// added); drop them from the record.
 			p.elemsDeleted += len(removed)
 			dels = append(dels, elemSteps(def, addrElements(removed), true)...)
 		case def.kind == kindInterval:

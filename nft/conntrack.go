@@ -8,8 +8,6 @@ import (
 
 	"github.com/mdlayher/netlink"
 	"github.com/ti-mo/conntrack"
-	tinetfilter "github.com/ti-mo/netfilter"
-	"golang.org/x/sys/unix"
 )
 
 // ctMatcher says which conntrack entries an Apply invalidated.
@@ -80,7 +78,7 @@ func (ct conntrackCleaner) dial() (*conntrack.Conn, error) {
 	return conntrack.Dial(cfg)
 }
 
-// flushConntrack deletes the IPv4 entries m matches and returns how many.
+// flush deletes the IPv4 entries m matches and returns how many.
 func (ct conntrackCleaner) flush(ctx context.Context, m *ctMatcher) (int, error) {
 	if m.empty() {
 		return 0, nil
@@ -90,33 +88,25 @@ func (ct conntrackCleaner) flush(ctx context.Context, m *ctMatcher) (int, error)
 		return 0, fmt.Errorf("conntrack dial: %w", err)
 	}
 	defer c.Close()
-	flows, err := c.DumpFilter(conntrack.NewFilter().Family(tinetfilter.ProtoIPv4), nil)
-	if err != nil {
-		return 0, fmt.Errorf("conntrack dump: %w", err)
-	}
 	n := 0
 	var errs []error
-	for i := range flows {
-		if i%1024 == 0 {
-			if err := ctx.Err(); err != nil {
-				return n, err
-			}
-		}
-		f := &flows[i]
+	err = eachFlow(ctx, c, func(f *conntrack.Flow) error {
 		if !m.match(f) {
-			continue
+			return nil
 		}
-		if err := c.Delete(*f); err != nil {
-			if errors.Is(err, unix.ENOENT) {
-				continue // gone meanwhile
+		deleted, err := deleteFlow(c, f)
+		if err != nil {
+			if errs = append(errs, err); len(errs) > 10 {
+				return errors.Join(errs...)
 			}
-			errs = append(errs, fmt.Errorf("conntrack delete %s: %w", f.TupleOrig, err))
-			if len(errs) > 10 {
-				break
-			}
-			continue
 		}
-		n++
+		if deleted {
+			n++
+		}
+		return nil
+	})
+	if err != nil {
+		return n, err
 	}
 	return n, errors.Join(errs...)
 }

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
@@ -67,6 +68,17 @@ type Result struct {
 	// the uplink that egressnat did not put there (no label, no record):
 	// never managed, reported.
 	Foreign []netip.Addr
+	// Probed: floating IPs that were not on the uplink, ARP-probed before
+	// being added (see Config.ARPProbeWait), and ProbeWait how long the
+	// probe window lasted (all of them share one).
+	Probed    []netip.Addr
+	ProbeWait time.Duration
+	// Conflicts: probed floating IPs another host answered for. They are
+	// not added, and the Gateway policies that SNAT to them drop their
+	// traffic on this node (fail closed) until an Apply finds them free:
+	// after an Apply with conflicts the next one takes the full path and
+	// probes again.
+	Conflicts []netip.Addr
 	// Marks is the mark value used for each next hop (full path only).
 	Marks map[netip.Addr]uint32
 	// Incremental: only policies' sources changed, and only their elements
@@ -236,6 +248,9 @@ func (d *Dataplane) Apply(ctx context.Context, st selector.NodeState) error {
 	if !handled {
 		d.recheck = false
 	}
+	if len(res.Conflicts) > 0 {
+		d.recheck = true // probe again next time
+	}
 	if res.Changed() || res.ConntrackDeleted > 0 {
 		d.log.Info("applied",
 			zap.Int("policies", len(st.Policies)),
@@ -266,6 +281,22 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		return fmt.Errorf("uplink %s: %w", d.cfg.Uplink, err)
 	}
 	uplinkIndex := link.Attrs().Index
+	addrs, err := uplinkAddrs(h, link)
+	if err != nil {
+		return err
+	}
+	// ARP probes for the floating IPs not on the uplink yet, while the
+	// table and the routes are read: only what is left of the window
+	// delays the Apply.
+	var fresh []netip.Addr
+	for _, p := range n.floating {
+		if _, present := addrs[p.Addr()]; !present {
+			fresh = append(fresh, p.Addr())
+		}
+	}
+	probeCtx, stopProbe := context.WithCancel(ctx)
+	defer stopProbe()
+	probed := d.addr.startProbe(probeCtx, link, fresh)
 
 	ks := d.nf.cache
 	d.nf.cache = nil // until this Apply succeeds
@@ -275,10 +306,6 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		}
 	}
 	rs, err := d.rt.read(h, uplinkIndex)
-	if err != nil {
-		return err
-	}
-	addrs, err := uplinkAddrs(h, link)
 	if err != nil {
 		return err
 	}
@@ -333,15 +360,55 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		}
 	}
 	slices.SortFunc(res.Foreign, netip.Addr.Compare)
+
+	// A probed IP another host answers for is not taken: the Gateway
+	// policies that SNAT to it fail closed here (they drop, as under the
+	// agent's fence) instead of leaving with an address this node does
+	// not hold.
+	pr := <-probed
+	if pr.err != nil {
+		return fmt.Errorf("arp probe: %w", pr.err)
+	}
+	if d.cfg.ARPProbeWait > 0 {
+		res.Probed, res.ProbeWait = fresh, pr.waited
+	}
+	if len(pr.conflicts) > 0 {
+		res.Conflicts = slices.SortedFunc(maps.Keys(pr.conflicts), netip.Addr.Compare)
+		for _, ip := range res.Conflicts {
+			d.log.Warn("floating ip answered for by another host: not taken", zap.Stringer("ip", ip),
+				zap.Stringer("holderMAC", pr.conflicts[ip]), zap.String("uplink", d.cfg.Uplink))
+		}
+		ours = slices.DeleteFunc(ours, func(a netip.Addr) bool { return pr.conflicts[a] != nil })
+		var names []string
+		st, names = failClosedGateways(st, res.Conflicts)
+		if n, err = normalizeState(st); err != nil {
+			return fmt.Errorf("invalid state: %w", err)
+		}
+		if len(names) > 0 {
+			d.log.Warn("egress ip held by another host: these policies drop their traffic on this node",
+				zap.Strings("policies", names))
+		}
+	}
 	var givenUp []netip.Addr
 	for _, a := range slices.SortedFunc(maps.Keys(owned), netip.Addr.Compare) {
 		if !wantFloat[a] {
 			givenUp = append(givenUp, a)
 		}
 	}
-	floatingSet := slices.Concat(recorded, ours)
+	// The record keeps what is ours and still on the uplink (an IP given
+	// up is removed from the uplink first, then from the record; after a
+	// crash in between, the address is gone and so goes its record), and
+	// what this Apply adds.
+	var floatingSet []netip.Addr
+	for _, a := range recorded {
+		if _, present := addrs[a]; present {
+			floatingSet = append(floatingSet, a)
+		}
+	}
+	floatingSet = append(floatingSet, ours...)
 	slices.SortFunc(floatingSet, netip.Addr.Compare)
 	floatingSet = slices.Compact(floatingSet)
+	floatingSet = slices.DeleteFunc(floatingSet, func(a netip.Addr) bool { return pr.conflicts[a] != nil })
 
 	// 1. Policy routing for new marks, before any rule sets them.
 	if err := d.rt.add(h, rs, marks, uplinkIndex, res); err != nil {
@@ -379,8 +446,12 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 			wantPrefixes = append(wantPrefixes, p)
 		}
 	}
-	if _, err := d.addr.add(h, link, addrs, wantPrefixes, res); err != nil {
+	added, err := d.addr.add(h, link, addrs, wantPrefixes, res)
+	if err != nil {
 		return err
+	}
+	for _, a := range added {
+		delete(d.addr.announced, a) // taken anew: announced anew
 	}
 	var announce []netip.Addr
 	for _, a := range ours {
@@ -388,7 +459,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 			announce = append(announce, a)
 		}
 	}
-	if err := d.addr.announce(ctx, link, announce); err != nil {
+	if err := d.addr.announce(link, announce); err != nil {
 		return err
 	}
 	for _, a := range announce {
@@ -402,7 +473,8 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	res.Announced = announce
 
 	// 4. Remove what is no longer wanted: floating IPs given up (then their
-	// record), stale routing.
+	// record), stale routing. Their announcements stop first.
+	d.addr.stop(givenUp)
 	if err := d.addr.remove(h, link, addrs, givenUp, res); err != nil {
 		return err
 	}
@@ -438,6 +510,23 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		d.log.Info("conntrack entries deleted", zap.Int("count", flushed))
 	}
 	return nil
+}
+
+// failClosedGateways turns the Gateway policies whose egress IP is one of
+// ips (held by another host) into Drop policies, as the agent's fence
+// does, and returns their names.
+func failClosedGateways(st selector.NodeState, ips []netip.Addr) (selector.NodeState, []string) {
+	var names []string
+	out := st
+	out.Policies = slices.Clone(st.Policies)
+	for i, p := range out.Policies {
+		if p.Mode == selector.ModeGateway && slices.Contains(ips, p.EgressIP) {
+			p.Mode = selector.ModeDrop
+			out.Policies[i] = p
+			names = append(names, p.Name)
+		}
+	}
+	return out, names
 }
 
 // failClosed turns the Reroute policies toward the next hops dropped into
@@ -535,6 +624,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) error {
 
 func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
 	d.nf.cache = nil
+	d.addr.stopAll()
 	h, err := d.cfg.netlinkHandle()
 	if err != nil {
 		return fmt.Errorf("netlink handle: %w", err)
@@ -595,65 +685,6 @@ func (d *Dataplane) Recheck() {
 	d.mu.Lock()
 	d.recheck = true
 	d.mu.Unlock()
-}
-
-// ReleaseFloating removes every floating IP this node recorded from its
-// uplink and from the record, and deletes the conntrack entries SNATed to
-// them; the rest of the table stays. A node that is cut off uses it before
-// it knows the desired state (its agent cannot reach the API server).
-func (d *Dataplane) ReleaseFloating(ctx context.Context) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	res := Result{}
-	defer func() { d.last = res }()
-	d.nf.cache = nil
-	h, err := d.cfg.netlinkHandle()
-	if err != nil {
-		return fmt.Errorf("netlink handle: %w", err)
-	}
-	defer h.Close()
-	c, err := d.cfg.nftConn()
-	if err != nil {
-		return fmt.Errorf("nftables conn: %w", err)
-	}
-	// Only the floating set and the uplink's addresses: the fence must act
-	// fast, whatever the number of policies.
-	r := tableReader{c: c, name: d.cfg.Table}
-	var recorded []netip.Addr
-	s, err := r.set(setFloating)
-	switch {
-	case err == nil:
-		el, err := r.elements(s)
-		if err != nil && !errors.Is(err, errNotFound) {
-			return err
-		}
-		recorded = elemAddrs(el)
-	case !errors.Is(err, errNotFound):
-		return err
-	}
-	link, err := h.LinkByName(d.cfg.Uplink)
-	if err != nil {
-		return fmt.Errorf("uplink %s: %w", d.cfg.Uplink, err)
-	}
-	addrs, err := uplinkAddrs(h, link)
-	if err != nil {
-		return err
-	}
-	released := slices.SortedFunc(maps.Keys(d.addr.owned(addrs, recorded)), netip.Addr.Compare)
-	if len(released) == 0 {
-		return nil
-	}
-	if err := d.addr.remove(h, link, addrs, released, &res); err != nil {
-		return err
-	}
-	if err := d.unrecordFloating(ctx, recorded, &res); err != nil {
-		return err
-	}
-	for _, a := range released {
-		delete(d.addr.announced, a)
-	}
-	res.ConntrackDeleted, err = d.ct.flush(ctx, snatMatcher(released))
-	return err
 }
 
 // unrecordFloating deletes addresses from the floating set after they left

@@ -21,6 +21,11 @@ type kernelExec struct {
 	conn func() (*nftables.Conn, error)
 }
 
+// committedHook, when set, is called after each transaction the kernel
+// committed. It is for tests only (the crash tests kill the process there,
+// see crash_test.go); nil in production, where it costs one comparison.
+var committedHook func()
+
 func (k kernelExec) run(ctx context.Context, p *Plan) (int, error) {
 	if p.Empty() {
 		return 0, nil
@@ -47,6 +52,9 @@ func (k kernelExec) run(ctx context.Context, p *Plan) (int, error) {
 			return flushes, fmt.Errorf("nftables transaction %d: %w", flushes+1, err)
 		}
 		flushes++
+		if committedHook != nil {
+			committedHook()
+		}
 	}
 	return flushes, nil
 }

@@ -1,6 +1,7 @@
 package ctl
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net/netip"
@@ -8,6 +9,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/egressnat/egressnat/nft"
 	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/ti-mo/conntrack"
 	"github.com/ti-mo/netfilter"
@@ -160,4 +162,179 @@ func WriteFlowGroups(w io.Writer, groups []FlowGroup) error {
 		}
 	}
 	return nil
+}
+
+// ConntrackReport is what egressnatctl conntrack shows: the flows SNATed to
+// each floating IP, and the check the agent makes on failover.
+type ConntrackReport struct {
+	FloatingIPs []FlowGroup  `json:"floatingIPs"`
+	Check       Verification `json:"check"`
+}
+
+// Verification is, by hand, the conntrack check the agent makes when this
+// node takes floating IPs (nft.Dataplane.VerifyTaken, without flushing):
+// for each floating IP, how many entries translate to it and how many of
+// its Gateway policies' entries do not; and those entries.
+type Verification struct {
+	IPs []IPCheck `json:"ips"`
+	// Wrong: entries of this node's Gateway policies whose replies do not
+	// go to the policy's egress IP (picked up before the SNAT rule
+	// existed, null-bound while this node rerouted them, or masqueraded
+	// to the node IP). The agent flushes them when it takes an IP.
+	Wrong []WrongFlow `json:"wrong"`
+}
+
+// IPCheck is the check of one floating IP.
+type IPCheck struct {
+	FloatingIP netip.Addr `json:"floatingIP"`
+	// Policies: the Gateway policies whose SNAT rule translates to it.
+	Policies []string `json:"policies"`
+	// Translated: entries SNATed to it (all of them, as in FloatingIPs).
+	Translated int `json:"translated"`
+	// PolicyFlows: entries its policies' rules decide (translated or
+	// not); Wrong of them are not translated to it.
+	PolicyFlows int `json:"policyFlows"`
+	Wrong       int `json:"wrong"`
+}
+
+// WrongFlow is an entry of a Gateway policy not translated to its egress
+// IP.
+type WrongFlow struct {
+	Flow
+	Policy string     `json:"policy"`
+	Want   netip.Addr `json:"want"`
+}
+
+// SNATExpecter says which Gateway policy decides a flow on this node and
+// the egress IP it SNATs to (nft.SNATCheck).
+type SNATExpecter interface {
+	Expect(src, dst netip.Addr) (policy string, egress netip.Addr, ok bool)
+}
+
+// CheckFlows checks flows against the table's SNAT rules (exp): one
+// IPCheck per floating IP (floating, then the egress IPs of policies,
+// sorted) and the entries not translated to their egress IP, sorted by
+// source. policies names the Gateway policies of each egress IP. It is
+// pure.
+func CheckFlows(flows []Flow, floating []netip.Addr, policies map[netip.Addr][]string, exp SNATExpecter) Verification {
+	ips := slices.Clone(floating)
+	for ip := range policies {
+		ips = append(ips, ip)
+	}
+	slices.SortFunc(ips, netip.Addr.Compare)
+	ips = slices.Compact(ips)
+	v := Verification{IPs: make([]IPCheck, 0, len(ips)), Wrong: []WrongFlow{}}
+	idx := map[netip.Addr]int{}
+	for _, ip := range ips {
+		idx[ip] = len(v.IPs)
+		ps := slices.Clone(policies[ip])
+		if ps == nil {
+			ps = []string{}
+		}
+		v.IPs = append(v.IPs, IPCheck{FloatingIP: ip, Policies: ps})
+	}
+	for _, f := range flows {
+		reply := f.ReplyTo.Addr()
+		if i, ok := idx[reply]; ok && f.Source.Addr() != reply {
+			v.IPs[i].Translated++
+		}
+		if exp == nil {
+			continue
+		}
+		policy, egress, ok := exp.Expect(f.Source.Addr(), f.Destination.Addr())
+		if !ok {
+			continue
+		}
+		i, known := idx[egress]
+		if !known {
+			i = len(v.IPs)
+			idx[egress] = i
+			v.IPs = append(v.IPs, IPCheck{FloatingIP: egress, Policies: []string{}})
+		}
+		v.IPs[i].PolicyFlows++
+		if reply != egress {
+			v.IPs[i].Wrong++
+			v.Wrong = append(v.Wrong, WrongFlow{Flow: f, Policy: policy, Want: egress})
+		}
+	}
+	slices.SortFunc(v.IPs, func(a, b IPCheck) int { return a.FloatingIP.Compare(b.FloatingIP) })
+	slices.SortFunc(v.Wrong, func(a, b WrongFlow) int {
+		if c := a.Source.Compare(b.Source); c != 0 {
+			return c
+		}
+		if c := a.Destination.Compare(b.Destination); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Proto, b.Proto)
+	})
+	return v
+}
+
+// WriteVerification writes the check: one line per floating IP, then the
+// entries not translated to their egress IP.
+func WriteVerification(w io.Writer, v Verification) error {
+	if len(v.IPs) == 0 {
+		return nil
+	}
+	fmt.Fprintln(w, "Conntrack check of the Gateway policies (what the agent verifies when it takes a floating IP):")
+	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
+	fmt.Fprintln(tw, "  FLOATING IP\tPOLICIES\tSNATED TO IT\tOF ITS POLICIES\tNOT TRANSLATED")
+	for _, c := range v.IPs {
+		fmt.Fprintf(tw, "  %s\t%s\t%d\t%d\t%d\n", c.FloatingIP, dash(strings.Join(c.Policies, ",")), c.Translated, c.PolicyFlows, c.Wrong)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(v.Wrong) == 0 {
+		fmt.Fprintln(w, "\nEvery entry of a Gateway policy is translated to its egress IP.")
+		return nil
+	}
+	noun := "entries"
+	if len(v.Wrong) == 1 {
+		noun = "entry"
+	}
+	fmt.Fprintf(w, "\n%d %s not translated to their egress IP (they leave with another address; the agent flushes them when it takes the IP):\n", len(v.Wrong), noun)
+	tw = tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
+	fmt.Fprintln(tw, "  PROTO\tSOURCE\tDESTINATION\tREPLY TO\tWANT\tPOLICY\tSTATE\tTIMEOUT")
+	for _, f := range v.Wrong {
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\t%ds\n", f.Proto, f.Source, f.Destination, f.ReplyTo, f.Want, f.Policy, dash(f.State), f.Timeout)
+	}
+	return tw.Flush()
+}
+
+// WriteConntrackReport writes the flows of each floating IP, then the check.
+func WriteConntrackReport(w io.Writer, r ConntrackReport) error {
+	if err := WriteFlowGroups(w, r.FloatingIPs); err != nil {
+		return err
+	}
+	if len(r.Check.IPs) == 0 {
+		return nil
+	}
+	fmt.Fprintln(w)
+	return WriteVerification(w, r.Check)
+}
+
+// ReadConntrackReport reads the agent's table and the conntrack table of
+// the node (o.NetNSFd) and builds the report; floating are the floating IPs
+// to show (default: the ones in the table's floating set and its SNAT
+// rules). It needs CAP_NET_ADMIN.
+func ReadConntrackReport(ctx context.Context, o RulesetOptions, floating []netip.Addr) (ConntrackReport, error) {
+	t, err := nft.ReadTable(ctx, o.NetNSFd, o.Table)
+	if err != nil {
+		return ConntrackReport{}, permissionHint(fmt.Errorf("read nftables table %s: %w", o.Table, err))
+	}
+	if len(floating) == 0 {
+		rs := &Ruleset{}
+		renderTable(t, rs)
+		floating = rs.FloatingIPs()
+	}
+	flows, err := ReadFlows(o.NetNSFd)
+	if err != nil {
+		return ConntrackReport{}, err
+	}
+	check := t.SNATCheck()
+	return ConntrackReport{
+		FloatingIPs: GroupFlows(flows, floating),
+		Check:       CheckFlows(flows, floating, check.Policies(), check),
+	}, nil
 }

@@ -39,7 +39,8 @@ Commands:
         on a node: the agent's nftables table with per-policy counters, its
         ip rules and routes (needs root or CAP_NET_ADMIN)
   conntrack [--netns NAME] [--ip IP]... [-o text|json]
-        on a gateway node: the flows SNATed to each floating IP
+        on a gateway node: the flows SNATed to each floating IP, and the
+        flows of its Gateway policies not translated to their egress IP
   prepare-node [--proc-sys-net DIR]
         set the sysctls a gateway node needs (the agent's init container)
 
@@ -315,23 +316,14 @@ func run(ctx context.Context, prog string, args []string, stdout, stderr io.Writ
 			return err
 		}
 		defer closeNS()
-		floating := []netip.Addr(ips)
-		if len(floating) == 0 {
-			rs, err := ReadRuleset(ctx, o)
-			if err != nil {
-				return err
-			}
-			floating = rs.FloatingIPs()
-		}
-		flows, err := ReadFlows(o.NetNSFd)
+		r, err := ReadConntrackReport(ctx, o, ips)
 		if err != nil {
 			return err
 		}
-		groups := GroupFlows(flows, floating)
 		if *out == FormatJSON {
-			return writeJSON(stdout, groups)
+			return writeJSON(stdout, r)
 		}
-		return WriteFlowGroups(stdout, groups)
+		return WriteConntrackReport(stdout, r)
 	case "prepare-node":
 		fs := newFlagSet("prepare-node")
 		dir := fs.String("proc-sys-net", "/proc/sys/net", "the host's /proc/sys/net (mounted from the host in the agent's init container)")

@@ -30,11 +30,43 @@ func NewRegistry() *prometheus.Registry {
 	return r
 }
 
-// Buckets for durations of one sync or reconcile (milliseconds to seconds)
-// and of a failover (hundreds of milliseconds to a minute).
+// Buckets for durations of one sync or reconcile (milliseconds to seconds),
+// of a failover (hundreds of milliseconds to a minute) and of the release
+// of floating IPs (sub-millisecond to seconds).
 var (
 	SyncBuckets     = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
 	FailoverBuckets = []float64{.25, .5, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 30, 60}
+	ReleaseBuckets  = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5}
+)
+
+// Conntrack verification on failover: the label values of
+// egressnat_agent_conntrack_verified_entries_total and
+// egressnat_agent_conntrack_checks_total (stable; docs/metrics.md).
+//
+// side="released": this node gave floating IPs up and checked that no
+// conntrack entry still translates to them. side="taken": this node took
+// floating IPs and checked the entries of its Gateway policies.
+//
+// Entries (egressnat_agent_conntrack_verified_entries_total):
+//   - result="ok" (taken): translated to their policy's egress IP;
+//   - result="wrong" (taken): of a Gateway policy of this node, not
+//     translated to its egress IP; they are deleted;
+//   - result="flushed": deleted (released: still SNATed to a released
+//     IP; taken: the wrong ones);
+//   - result="remaining": still wrong after the flush (should stay 0).
+//
+// Checks (egressnat_agent_conntrack_checks_total): result="ok" (nothing
+// wrong), "flushed" (wrong entries, all flushed), "remaining" (entries
+// still wrong after the flush) or "error" (the check failed).
+const (
+	SideReleased = "released"
+	SideTaken    = "taken"
+
+	ResultOK        = "ok"
+	ResultWrong     = "wrong"
+	ResultFlushed   = "flushed"
+	ResultRemaining = "remaining"
+	ResultError     = "error"
 )
 
 // Agent holds the metrics of egressnat-agent.
@@ -61,6 +93,13 @@ type Agent struct {
 	GARPsSent prometheus.Counter
 	// ConntrackFlushed counts conntrack entries deleted after a change.
 	ConntrackFlushed prometheus.Counter
+	// ConntrackVerified counts the conntrack entries the failover checks
+	// found, by side and result (see SideReleased); ConntrackChecks counts
+	// the checks. ObserveConntrackCheck records one check in both.
+	ConntrackVerified, ConntrackChecks *prometheus.CounterVec
+	// ReleaseSeconds: one release of floating IPs on the fast path
+	// (addresses off the uplink, their record and conntrack entries).
+	ReleaseSeconds prometheus.Histogram
 	// PolicyPackets and PolicyBytes mirror the nftables counters of each
 	// policy's rule on this node; labels policy and mode.
 	PolicyPackets, PolicyBytes *prometheus.GaugeVec
@@ -114,6 +153,19 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 			Name: "egressnat_agent_conntrack_entries_flushed_total",
 			Help: "Conntrack entries deleted after an apply changed the path of their flow.",
 		}),
+		ConntrackVerified: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egressnat_agent_conntrack_verified_entries_total",
+			Help: "Conntrack entries the failover checks found: side=released (still SNATed to a floating IP this node gave up: flushed, remaining after the flush), side=taken (of this node's Gateway policies: ok translated to the egress IP, wrong not, flushed, remaining after the flush).",
+		}, []string{"side", "result"}),
+		ConntrackChecks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egressnat_agent_conntrack_checks_total",
+			Help: "Conntrack checks on failover, by side (released, taken) and result: ok (nothing wrong), flushed (wrong entries, all flushed), remaining (entries still wrong after the flush), error.",
+		}, []string{"side", "result"}),
+		ReleaseSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "egressnat_agent_release_seconds",
+			Help:    "Time to release floating IPs on the fast path: addresses off the uplink, their record and their conntrack entries.",
+			Buckets: ReleaseBuckets,
+		}),
 		PolicyPackets: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "egressnat_agent_policy_packets",
 			Help: "Packets matched by a policy's rule on this node (the nftables counter; it restarts at 0 when the rule is rebuilt).",
@@ -124,8 +176,54 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 		}, []string{"policy", "mode"}),
 	}
 	reg.MustRegister(a.SyncDuration, a.SyncErrors, a.Drift, a.PodProgramming, a.SetElements, a.FloatingIPs, a.UnroutablePolicies, a.GARPsSent,
-		a.ConntrackFlushed, a.PolicyPackets, a.PolicyBytes)
+		a.ConntrackFlushed, a.ConntrackVerified, a.ConntrackChecks, a.ReleaseSeconds, a.PolicyPackets, a.PolicyBytes)
+	// Every series exists from the start (at 0), so that rates and alerts
+	// see them before the first failover.
+	for side, results := range conntrackResults {
+		for _, r := range results {
+			a.ConntrackVerified.WithLabelValues(side, r)
+		}
+		for _, r := range []string{ResultOK, ResultFlushed, ResultRemaining, ResultError} {
+			a.ConntrackChecks.WithLabelValues(side, r)
+		}
+	}
 	return a
+}
+
+// conntrackResults are the entry results of each side.
+var conntrackResults = map[string][]string{
+	SideReleased: {ResultFlushed, ResultRemaining},
+	SideTaken:    {ResultOK, ResultWrong, ResultFlushed, ResultRemaining},
+}
+
+// ConntrackCheck is what one conntrack check found (nft.CTVerify).
+type ConntrackCheck struct {
+	Flushed, Remaining, Translated, Wrong int
+}
+
+// ObserveConntrackCheck records one check of side (SideReleased or
+// SideTaken): its entries by result, and the check's result; err is the
+// check's error (the counts found before it still count).
+func (a *Agent) ObserveConntrackCheck(side string, c ConntrackCheck, err error) {
+	entries := map[string]int{ResultFlushed: c.Flushed, ResultRemaining: c.Remaining}
+	if side == SideTaken {
+		entries[ResultOK], entries[ResultWrong] = c.Translated, c.Wrong
+	}
+	for r, n := range entries {
+		if n > 0 {
+			a.ConntrackVerified.WithLabelValues(side, r).Add(float64(n))
+		}
+	}
+	result := ResultOK
+	switch {
+	case err != nil:
+		result = ResultError
+	case c.Remaining > 0:
+		result = ResultRemaining
+	case c.Flushed > 0 || c.Wrong > 0:
+		result = ResultFlushed
+	}
+	a.ConntrackChecks.WithLabelValues(side, result).Inc()
 }
 
 // PolicyCounter is the counter of one policy's rule, as read from nftables.

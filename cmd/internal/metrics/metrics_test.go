@@ -45,6 +45,8 @@ func TestHandler(t *testing.T) {
 	a.FloatingIPs.Set(2)
 	a.GARPsSent.Add(3)
 	a.ConntrackFlushed.Add(7)
+	a.ObserveConntrackCheck(SideTaken, ConntrackCheck{Translated: 4, Wrong: 2, Flushed: 2}, nil)
+	a.ReleaseSeconds.Observe(0.004)
 	a.SetPolicyCounters([]PolicyCounter{{Policy: "egress", Mode: "Reroute", Packets: 10, Bytes: 840}})
 	o.ReconcileDuration.Observe(0.01)
 	o.IPMoves.WithLabelValues("kube-system/default").Inc()
@@ -68,6 +70,11 @@ func TestHandler(t *testing.T) {
 		`egressnat_agent_floating_ips 2`,
 		`egressnat_agent_gratuitous_arps_total 3`,
 		`egressnat_agent_conntrack_entries_flushed_total 7`,
+		`egressnat_agent_conntrack_verified_entries_total{result="ok",side="taken"} 4`,
+		`egressnat_agent_conntrack_verified_entries_total{result="wrong",side="taken"} 2`,
+		`egressnat_agent_conntrack_verified_entries_total{result="remaining",side="released"} 0`,
+		`egressnat_agent_conntrack_checks_total{result="flushed",side="taken"} 1`,
+		`egressnat_agent_release_seconds_bucket{le="0.005"} 1`,
 		`egressnat_agent_policy_packets{mode="Reroute",policy="egress"} 10`,
 		`egressnat_agent_policy_bytes{mode="Reroute",policy="egress"} 840`,
 		`egressnat_operator_reconcile_duration_seconds_count 1`,
@@ -282,5 +289,72 @@ func TestSetSetSizes(t *testing.T) {
 	want := map[string]float64{"web/src": 5, "web/dst": 2, "new/src": 0, "new/dst": 1}
 	if !maps.Equal(got, want) {
 		t.Fatalf("set sizes %v, want %v", got, want)
+	}
+}
+
+// counterValues returns the values of a counter vector by "side/result".
+func counterValues(t *testing.T, v *prometheus.CounterVec) map[string]float64 {
+	t.Helper()
+	got := map[string]float64{}
+	ch := make(chan prometheus.Metric, 32)
+	v.Collect(ch)
+	close(ch)
+	for m := range ch {
+		var pb dto.Metric
+		if err := m.Write(&pb); err != nil {
+			t.Fatal(err)
+		}
+		var side, result string
+		for _, l := range pb.GetLabel() {
+			switch l.GetName() {
+			case "side":
+				side = l.GetValue()
+			case "result":
+				result = l.GetValue()
+			}
+		}
+		got[side+"/"+result] = pb.GetCounter().GetValue()
+	}
+	return got
+}
+
+// TestObserveConntrackCheck: every series exists at 0 before the first
+// check; a check adds its entries by result and counts once, as ok,
+// flushed, remaining or error; the released side has no ok nor wrong
+// entries.
+func TestObserveConntrackCheck(t *testing.T) {
+	a := NewAgent(prometheus.NewRegistry())
+	entries := counterValues(t, a.ConntrackVerified)
+	wantEntries := map[string]float64{
+		"released/flushed": 0, "released/remaining": 0,
+		"taken/ok": 0, "taken/wrong": 0, "taken/flushed": 0, "taken/remaining": 0,
+	}
+	if !maps.Equal(entries, wantEntries) {
+		t.Fatalf("entries before any check: %v, want %v", entries, wantEntries)
+	}
+	if checks := counterValues(t, a.ConntrackChecks); len(checks) != 8 {
+		t.Fatalf("checks before any check: %v", checks)
+	}
+
+	a.ObserveConntrackCheck(SideReleased, ConntrackCheck{}, nil)
+	a.ObserveConntrackCheck(SideReleased, ConntrackCheck{Flushed: 3}, nil)
+	a.ObserveConntrackCheck(SideReleased, ConntrackCheck{Flushed: 1, Remaining: 2, Translated: 9, Wrong: 9}, nil)
+	a.ObserveConntrackCheck(SideTaken, ConntrackCheck{Translated: 5}, nil)
+	a.ObserveConntrackCheck(SideTaken, ConntrackCheck{Translated: 1, Wrong: 2, Flushed: 2}, nil)
+	a.ObserveConntrackCheck(SideTaken, ConntrackCheck{Wrong: 1}, errString("conntrack dump: boom"))
+
+	wantEntries = map[string]float64{
+		"released/flushed": 4, "released/remaining": 2,
+		"taken/ok": 6, "taken/wrong": 3, "taken/flushed": 2, "taken/remaining": 0,
+	}
+	if got := counterValues(t, a.ConntrackVerified); !maps.Equal(got, wantEntries) {
+		t.Errorf("entries: %v, want %v", got, wantEntries)
+	}
+	wantChecks := map[string]float64{
+		"released/ok": 1, "released/flushed": 1, "released/remaining": 1, "released/error": 0,
+		"taken/ok": 1, "taken/flushed": 1, "taken/remaining": 0, "taken/error": 1,
+	}
+	if got := counterValues(t, a.ConntrackChecks); !maps.Equal(got, wantChecks) {
+		t.Errorf("checks: %v, want %v", got, wantChecks)
 	}
 }

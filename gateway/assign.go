@@ -21,6 +21,11 @@ type Node struct {
 	IP netip.Addr
 	// Subnets are the uplink subnets the node's agent reports.
 	Subnets []netip.Prefix
+	// Stale: the node's agent has not renewed its Lease within the Lease's
+	// duration (it renews only while its sync loop makes progress). A
+	// stale node keeps the IPs it holds while it is Up (moving them would
+	// risk two holders) but is given no new one: nobody might program it.
+	Stale bool
 }
 
 // Group is a NetworkGatewayGroup reduced to what the assignment needs.
@@ -33,7 +38,8 @@ type Group struct {
 // Assign returns, for every floating IP of every group, the name of the node
 // holding it. An IP that no node can hold is absent.
 //
-// A node can hold an IP when it is Up and one of its subnets contains the IP.
+// A node can hold an IP when it is Up and one of its subnets contains the IP;
+// a Stale node keeps what it holds but is given no new IP.
 // current is the previous assignment: an IP whose current holder can still
 // hold it stays there. Every other IP goes, in order of groups by
 // namespace/name and IPs in spec order, to the node that can hold it and
@@ -149,7 +155,7 @@ func newNodeIndex(nodes []Node) *nodeIndex {
 	}
 	var haveLen [33]bool
 	for _, n := range byName {
-		if !nodes[n].Up {
+		if !nodes[n].Up || nodes[n].Stale {
 			continue
 		}
 		for _, s := range nodes[n].Subnets {

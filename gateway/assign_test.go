@@ -62,6 +62,13 @@ func TestAssign(t *testing.T) {
 			want:   a("192.168.1.100", "worker1", "192.168.1.101", "worker2", "192.168.1.102", "worker1"),
 		},
 		{
+			name:    "stale worker2 (agent stuck): keeps .101, is given no new IP",
+			groups:  []Group{seedGroup},
+			nodes:   []Node{cp("cp1", true, lan), worker("worker1", false, lan), {Name: "worker2", Up: true, Stale: true, Subnets: []netip.Prefix{netip.MustParsePrefix(lan)}}},
+			current: a("192.168.1.100", "worker1", "192.168.1.101", "worker2", "192.168.1.102", "worker1"),
+			want:    a("192.168.1.100", "cp1", "192.168.1.101", "worker2", "192.168.1.102", "cp1"),
+		},
+		{
 			name:    "worker1 down: its IPs move to worker2, .101 stays",
 			groups:  []Group{seedGroup},
 			nodes:   []Node{cp("cp1", true, lan), worker("worker1", false, lan), worker("worker2", true, lan)},
@@ -269,7 +276,7 @@ func naiveAssign(groups []Group, nodes []Node, current map[netip.Addr]string) ma
 		}
 		best := -1
 		for k, n := range nodes {
-			if !eligible(n, i) {
+			if !eligible(n, i) || n.Stale {
 				continue
 			}
 			if best < 0 {
@@ -306,7 +313,7 @@ func TestAssignMatchesReference(t *testing.T) {
 	for iter := 0; iter < 300; iter++ {
 		var nodes []Node
 		for k := range 1 + r.IntN(12) {
-			n := Node{Name: fmt.Sprintf("n%02d", k), Up: r.IntN(4) != 0, ControlPlane: r.IntN(4) == 0}
+			n := Node{Name: fmt.Sprintf("n%02d", k), Up: r.IntN(4) != 0, ControlPlane: r.IntN(4) == 0, Stale: r.IntN(6) == 0}
 			for range 1 + r.IntN(2) {
 				n.Subnets = append(n.Subnets, netip.MustParsePrefix(subnets[r.IntN(len(subnets))]))
 			}

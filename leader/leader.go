@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"time"
 
+	"k8s.io/apimachinery/pkg/util/wait"
+
 	"go.uber.org/zap"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -27,8 +29,10 @@ type Config struct {
 	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
 	Log                                       *zap.Logger
 	// OnLeading runs while this replica leads; its context ends when
-	// leadership is lost.
-	OnLeading func(ctx context.Context)
+	// leadership is lost. term is the Lease's leaseTransitions when this
+	// replica took it: it grows with every new leader, so that an agent
+	// can tell the current leader's probes from a deposed one's.
+	OnLeading func(ctx context.Context, term int64)
 	// OnChange is told every new leader's identity (optional).
 	OnChange func(identity string)
 }
@@ -55,8 +59,15 @@ func Run(ctx context.Context, c Config) error {
 			Name:            c.Name,
 			Callbacks: leaderelection.LeaderCallbacks{
 				OnStartedLeading: func(ctx context.Context) {
-					c.Log.Info("became leader", zap.String("identity", c.Identity))
-					c.OnLeading(ctx)
+					term, err := readTerm(ctx, c)
+					if err != nil {
+						// Leading without a term would sign probes no
+						// agent should trust: give the Lease up.
+						c.Log.Error("read the leader lease's term", zap.Error(err))
+						return
+					}
+					c.Log.Info("became leader", zap.String("identity", c.Identity), zap.Int64("term", term))
+					c.OnLeading(ctx, term)
 				},
 				OnStoppedLeading: func() {
 					c.Log.Info("stopped leading", zap.String("identity", c.Identity))
@@ -74,4 +85,28 @@ func Run(ctx context.Context, c Config) error {
 		le.Run(ctx)
 	}
 	return nil
+}
+
+// readTerm reads the Lease this replica just took and returns its
+// leaseTransitions, retrying every 100 ms until ctx ends.
+func readTerm(ctx context.Context, c Config) (int64, error) {
+	var term int64
+	err := wait.PollUntilContextCancel(ctx, 100*time.Millisecond, true, func(ctx context.Context) (bool, error) {
+		l, err := c.Client.CoordinationV1().Leases(c.Namespace).Get(ctx, c.Name, metav1.GetOptions{})
+		if err != nil {
+			c.Log.Warn("read the leader lease", zap.Error(err))
+			return false, nil
+		}
+		if l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != c.Identity {
+			return false, fmt.Errorf("lease %s/%s is held by %v, not %s", c.Namespace, c.Name, l.Spec.HolderIdentity, c.Identity)
+		}
+		if l.Spec.LeaseTransitions != nil {
+			term = int64(*l.Spec.LeaseTransitions)
+		}
+		return true, nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("read lease term: %w", err)
+	}
+	return term, nil
 }

@@ -32,6 +32,7 @@ func TestOneLeaderAndTakeover(t *testing.T) {
 
 	var mu sync.Mutex
 	leading := map[string]bool{}
+	terms := map[string]int64{}
 	maxConcurrent := 0
 	events := make(chan string, 10)
 	run := func(ctx context.Context, id string) {
@@ -39,7 +40,7 @@ func TestOneLeaderAndTakeover(t *testing.T) {
 			Client: client, Namespace: "default", Name: "egressnat-test", Identity: id,
 			LeaseDuration: 2 * time.Second, RenewDeadline: 1500 * time.Millisecond, RetryPeriod: 200 * time.Millisecond,
 			Log: zaptest.NewLogger(t),
-			OnLeading: func(ctx context.Context) {
+			OnLeading: func(ctx context.Context, term int64) {
 				mu.Lock()
 				leading[id] = true
 				n := 0
@@ -49,6 +50,7 @@ func TestOneLeaderAndTakeover(t *testing.T) {
 					}
 				}
 				maxConcurrent = max(maxConcurrent, n)
+				terms[id] = term
 				mu.Unlock()
 				events <- id
 				<-ctx.Done()
@@ -93,5 +95,9 @@ func TestOneLeaderAndTakeover(t *testing.T) {
 	wg.Wait()
 	if maxConcurrent != 1 {
 		t.Fatalf("%d leaders at once", maxConcurrent)
+	}
+	// Agents trust the newest term's leader only: b's term is newer.
+	if terms["b"] <= terms["a"] {
+		t.Fatalf("terms a=%d b=%d: the new leader's term must be greater", terms["a"], terms["b"])
 	}
 }

@@ -49,8 +49,8 @@ func run() error {
 	renewInterval := fs.Duration("renew-interval", 30*time.Second, "how often the agent's Lease is renewed")
 	healthAddr := fs.String("health-probe-addr", ":9797", "where the operators' TCP health probes connect: they dial the node's InternalIP, so it must listen there (the DaemonSet passes $(HOST_IP):9797); the default listens on every address")
 	serveAddr := fs.String("health-addr", "127.0.0.1:9796", "where /metrics, /healthz and /readyz are served; the default is reachable from this node only (the DaemonSet passes $(HOST_IP):9796 for the kubelet's probes and Prometheus)")
-	fenceAfter := fs.Duration("fence-after", time.Second, "a node holding floating IPs that has seen no health probe for this long and cannot reach the API server releases them")
-	recovery := fs.Duration("recovery-period", 10*time.Second, "after a fence lifts, hold floating IPs only as a fresh read of the API confirms, for this long")
+	fenceAfter := fs.Duration("fence-after", time.Second, "a node holding floating IPs that has seen no probe of the operator leader for this long and cannot reach the API server releases them")
+	probeSecret := fs.String("probe-secret", "egressnat-probe-key", "Secret in --namespace holding the key that authenticates the operator's probes (the operator creates it)")
 	resync := fs.Duration("resync", 30*time.Second, "period (jittered) of the full recomputation and re-apply, and of the background check of the nftables table that repairs changes made outside egressnat")
 	podCIDRs := fs.String("pod-cidrs", "", "comma-separated pod CIDRs never steered, for CNIs that leave Node spec.podCIDRs empty (those of the Nodes are always excluded)")
 	serviceCIDRs := fs.String("service-cidrs", "", "comma-separated Service CIDRs never steered, for API servers without ServiceCIDR objects (those listed are always excluded)")
@@ -130,7 +130,7 @@ func run() error {
 	return agent.RunWithReady(ctx, agent.Config{
 		Clients: clients, Node: *node, Uplink: upName, Subnets: subnets, Gateways: gateways, Namespace: *namespace,
 		LeaseDuration: *leaseDuration, RenewInterval: *renewInterval, ResyncPeriod: *resync,
-		FallbackToNodeIP: *fallback, PodCIDRs: pods, ServiceCIDRs: services, MarkMask: uint32(mask), GatewayNamespaces: gwNamespaces, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, RecoveryPeriod: *recovery,
+		FallbackToNodeIP: *fallback, PodCIDRs: pods, ServiceCIDRs: services, MarkMask: uint32(mask), GatewayNamespaces: gwNamespaces, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, ProbeSecret: *probeSecret,
 		Dataplane: dp, Log: log, Metrics: m,
 	}, func(check func() error) { ready <- check })
 }

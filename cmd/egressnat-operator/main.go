@@ -47,6 +47,9 @@ func run() error {
 	fs.DurationVar(&probe.SlowInterval, "probe-slow-interval", probe.SlowInterval, "probe interval of the other nodes")
 	fs.DurationVar(&probe.Timeout, "probe-timeout", probe.Timeout, "timeout of one probe")
 	fs.IntVar(&probe.Misses, "probe-misses", probe.Misses, "consecutive unanswered probes that make a node Down")
+	fs.DurationVar(&probe.RefusedGrace, "probe-refused-grace", probe.RefusedGrace, "a node whose kernel refuses probes (its agent is not listening) stays Up for this long after its agent last answered")
+	fs.DurationVar(&probe.HeartbeatTimeout, "heartbeat-timeout", probe.HeartbeatTimeout, "a node whose agent's heartbeat (it advances while the agent's sync loop makes progress) has not moved for this long is Down")
+	probeSecret := fs.String("probe-secret", "egressnat-probe-key", "Secret in --namespace holding the probe key (key \"key\"); created with a random key when missing")
 	gatewayNamespaces := fs.String("gateway-namespaces", "", "comma-separated namespaces whose NetworkGatewayGroups are honoured besides kube-system; groups elsewhere are ignored (give the agents the same list)")
 	markMask := fs.String("mark-mask", fmt.Sprintf("%#08x", selector.DefaultMarkMask), "the agents' --mark-mask: how many gateway nodes they can route to (policies beyond get an OutOfMarks condition)")
 	minSubnetPrefix := fs.Int("min-subnet-prefix", selector.DefaultMinSubnetPrefix, "shortest uplink subnet an agent may advertise for floating IPs; shorter ones are ignored")
@@ -80,6 +83,7 @@ func run() error {
 	m := metrics.NewOperator(nil)
 	ctrl, err := operator.New(operator.Config{
 		Clients: clients, AgentNamespace: *namespace, FallbackToNodeIP: *fallback, Log: log, Probe: probe, Metrics: m,
+		Identity: *identity, ProbeSecret: *probeSecret,
 		GatewayNamespaces: namespaces, MinSubnetPrefix: *minSubnetPrefix, MarkMask: uint32(mask),
 	})
 	if err != nil {
@@ -90,8 +94,8 @@ func run() error {
 			log.Error("metrics and health server stopped", zap.Error(err))
 		}
 	}()
-	// Every replica watches and probes (agents count any replica's probes);
-	// only the leader writes.
+	// Every replica watches and probes (agents count only the leader's
+	// probes); only the leader writes.
 	if err := ctrl.Start(ctx); err != nil {
 		return err
 	}

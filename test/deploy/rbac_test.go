@@ -193,7 +193,22 @@ func TestAgentRBAC(t *testing.T) {
 	_, err = c.Dynamic.Resource(gatewayGVR).Namespace("kube-system").Update(ctx, gw, metav1.UpdateOptions{})
 	forbidden(t, "update gateway spec", err)
 	forbidden(t, "delete policy", c.Dynamic.Resource(policyGVR).Delete(ctx, pol.GetName(), metav1.DeleteOptions{}))
-	// Nobody reads Secrets.
+	// The agent reads the probe key, no other Secret, and cannot write it.
+	probeKey := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "egressnat-probe-key", Namespace: systemNS},
+		Data: map[string][]byte{"key": []byte("0123456789abcdef0123456789abcdef")}}
+	admin, err := srv.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.CoreV1().Secrets(systemNS).Create(ctx, probeKey, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	_, err = c.Core.CoreV1().Secrets(systemNS).Get(ctx, "egressnat-probe-key", metav1.GetOptions{})
+	allowed(t, "get the probe key", err)
+	_, err = c.Core.CoreV1().Secrets(systemNS).Update(ctx, probeKey, metav1.UpdateOptions{})
+	forbidden(t, "update the probe key", err)
+	_, err = c.Core.CoreV1().Secrets(systemNS).Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "agent-made", Namespace: systemNS}}, metav1.CreateOptions{})
+	forbidden(t, "create a secret", err)
 	_, err = c.Core.CoreV1().Secrets(systemNS).Get(ctx, "rbac-secret", metav1.GetOptions{})
 	forbidden(t, "get secret in egressnat-system", err)
 	_, err = c.Core.CoreV1().Secrets("kube-system").List(ctx, all)
@@ -314,6 +329,16 @@ func TestOperatorRBAC(t *testing.T) {
 	}
 	_, err = c.Core.CoreV1().Events("kube-system").Create(ctx, event("kube-system"), metav1.CreateOptions{})
 	allowed(t, "create event", err)
+	// The probe key: created when missing, read by name; no other Secret.
+	_, err = c.Core.CoreV1().Secrets(systemNS).Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "egressnat-probe-key", Namespace: systemNS},
+		Data: map[string][]byte{"key": []byte("0123456789abcdef0123456789abcdef")}}, metav1.CreateOptions{})
+	if !apierrors.IsAlreadyExists(err) {
+		allowed(t, "create the probe key", err)
+	}
+	_, err = c.Core.CoreV1().Secrets(systemNS).Get(ctx, "egressnat-probe-key", metav1.GetOptions{})
+	allowed(t, "get the probe key", err)
+	_, err = c.Core.CoreV1().Secrets("kube-system").Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "op-made", Namespace: "kube-system"}}, metav1.CreateOptions{})
+	forbidden(t, "create a secret in kube-system", err)
 	_, err = c.Core.CoreV1().Secrets(systemNS).Get(ctx, "rbac-secret", metav1.GetOptions{})
 	forbidden(t, "get secret", err)
 	_, err = c.Core.CoreV1().Secrets("").List(ctx, all)

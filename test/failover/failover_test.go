@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/egressnat/egressnat/test/cluster"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // streamFrom starts a stream from p and closes it after the test.
@@ -127,10 +128,22 @@ func TestPartitionAndHeal(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// Stay cut off long enough for the agent's API connections to die
+	// (HTTP/2 health checks close them within about 2 s).
+	time.Sleep(time.Until(t0.Add(6 * time.Second)))
+	healAt := time.Now()
 	if err := c.Heal(holder); err != nil {
 		t.Fatal(err)
 	}
 	healed = true
+	// The agent's API calls work again within 2 s of the heal: its Lease
+	// renewal (retried every second while it fails) lands with a renewTime
+	// (taken when the request starts) within 2 s.
+	renewedAt := waitLeaseRenewal(t, holder, healAt, 10*time.Second)
+	t.Logf("%s renewed its Lease %v after the heal", holder, renewedAt.Sub(healAt))
+	if d := renewedAt.Sub(healAt); d > 2*time.Second {
+		t.Errorf("%s reached the API server again %v after the heal, want within 2s", holder, d)
+	}
 	settleNoDuplicates(t, 10*time.Second)
 	for range 20 { // for two seconds after healing, never two holders
 		noDuplicates(t)
@@ -360,4 +373,21 @@ func waitStatus(t *testing.T, action, reason, msg string) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Fatalf("policy status %q, want %s/%s mentioning %q", out, action, reason, msg)
+}
+
+// waitLeaseRenewal waits for the node's agent Lease to carry a renewTime
+// after since, and returns it.
+func waitLeaseRenewal(t *testing.T, node string, since time.Time, timeout time.Duration) time.Time {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		l, err := c.Client.CoordinationV1().Leases(cluster.SystemNamespace).Get(ctxT(t), "egressnat-agent-"+node, metav1.GetOptions{})
+		if err == nil && l.Spec.RenewTime != nil && l.Spec.RenewTime.After(since) {
+			return l.Spec.RenewTime.Time
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not renew its Lease within %v of %v: %v", node, timeout, since, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -45,8 +45,18 @@ type Dataplane interface {
 	Apply(ctx context.Context, st selector.NodeState) error
 	Cleanup(ctx context.Context) error
 	// ReleaseFloating drops every floating IP the node recorded, keeping
-	// the rest: the fence's action before the agent knows the desired state.
+	// the rest: the fence's action, before or after the first sync.
 	ReleaseFloating(ctx context.Context) error
+	// Release gives up some floating IPs at once (address, SNAT rules,
+	// conntrack) without a full Apply: an IP moved away is released
+	// before the next Apply, whatever that Apply's fate.
+	Release(ctx context.Context, ips []netip.Addr) (nft.ReleaseResult, error)
+	// VerifyReleased deletes the conntrack entries still translated to
+	// floating IPs the node gave up and counts what remains; VerifyTaken
+	// checks that the entries of the node's Gateway policies translate to
+	// the floating IPs it took, and deletes those that do not.
+	VerifyReleased(ctx context.Context, ips []netip.Addr) (nft.CTVerify, error)
+	VerifyTaken(ctx context.Context, ips []netip.Addr) (nft.CTVerify, error)
 	// Verify compares the kernel with what was applied and describes a
 	// difference ("" when none).
 	Verify(ctx context.Context) (drift string, err error)
@@ -87,12 +97,13 @@ type Config struct {
 	GatewayNamespaces []string
 	// HealthAddr is where the operators' health probes connect.
 	HealthAddr string
-	// FenceAfter: a node holding floating IPs that has seen no probe for
-	// this long and cannot reach the API server releases them.
+	// FenceAfter: a node holding floating IPs that has seen no probe of the
+	// operator leader for this long and cannot reach the API server
+	// releases them.
 	FenceAfter time.Duration
-	// RecoveryPeriod: after a fence lifts, floating IPs are held only as a
-	// fresh read of the API confirms, for this long.
-	RecoveryPeriod time.Duration
+	// ProbeSecret names the Secret, in Namespace, with the probe key;
+	// "" means probe.SecretName.
+	ProbeSecret string
 	Dataplane      Dataplane
 	Log            *zap.Logger
 	// Metrics are updated when set.
@@ -140,6 +151,14 @@ type agent struct {
 	unroutable map[string]bool
 	foreign    atomic.Pointer[[]netip.Addr]
 	leaseKick  chan struct{}
+	// beat is the heartbeat: it advances only while the sync loop makes
+	// progress (every loop turn, and every second while idle); probe
+	// replies carry it, and the Lease is renewed only while it moves.
+	beat       atomic.Uint64
+	leaseBeat  uint64 // beat at the last renewal; only renewLease
+	// held: the floating IPs of the last successful apply (read by the
+	// fence to release them, written by the sync loop).
+	held atomic.Pointer[[]netip.Addr]
 }
 
 // RunWithReady runs the agent until ctx ends, handing its readiness check
@@ -160,19 +179,42 @@ func newAgent(cfg Config, clk clock.WithTickerAndDelayedExecution) *agent {
 	a.holding.Store(true)
 	a.fence = newFence(cfg, a.log, clk, a.kick, a.holding.Load)
 	a.fence.event = a.fenceEvent
-	a.fence.releaseEarly = a.releaseEarly
+	a.fence.release = a.releaseAll
+	a.fence.cached = a.cachedHoldings
+	a.fence.beat = a.beat.Load
 	return a
 }
 
-// releaseEarly drops the floating IPs when the fence rises before the first
-// sync; afterwards the sync loop applies the fence.
-func (a *agent) releaseEarly(ctx context.Context) {
-	if a.synced.Load() {
+// releaseAll drops every floating IP the node holds, through the
+// dataplane's fast path, when the fence rises; the sync loop then applies
+// the fenced state (Gateway policies drop).
+func (a *agent) releaseAll(ctx context.Context) {
+	start := a.clock.Now()
+	err := a.cfg.Dataplane.ReleaseFloating(ctx)
+	if a.cfg.Metrics != nil {
+		a.cfg.Metrics.ReleaseSeconds.Observe(a.clock.Since(start).Seconds())
+	}
+	if err != nil {
+		a.log.Error("release floating IPs while cut off", zap.Error(err))
 		return
 	}
-	if err := a.cfg.Dataplane.ReleaseFloating(ctx); err != nil {
-		a.log.Error("release floating IPs while cut off", zap.Error(err))
+	a.held.Store(nil)
+	a.log.Info("floating IPs released", zap.Duration("took", a.clock.Since(start)))
+}
+
+// cachedHoldings returns the floating IPs the watch cache's group statuses
+// give to this node.
+func (a *agent) cachedHoldings() map[netip.Addr]bool {
+	if a.gateways == nil {
+		return map[netip.Addr]bool{}
 	}
+	var groups []*v1.NetworkGatewayGroup
+	for _, obj := range a.gateways.List() {
+		if g, ok := obj.(*v1.NetworkGatewayGroup); ok {
+			groups = append(groups, g)
+		}
+	}
+	return holdingsOf(groups, a.cfg.Node)
 }
 
 func (a *agent) run(ctx context.Context) error {
@@ -188,6 +230,7 @@ func (a *agent) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listen for health probes: %w", err)
 	}
+	go a.keepProbeKey(ctx)
 
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { a.recompute() },
@@ -255,11 +298,16 @@ func (a *agent) run(ctx context.Context) error {
 func (a *agent) loop(ctx context.Context) {
 	resync := a.clock.NewTimer(firstTick(a.cfg.ResyncPeriod))
 	defer resync.Stop()
+	beat := a.clock.NewTicker(time.Second)
+	defer beat.Stop()
 	backoff := time.Duration(0)
 	for {
+		a.beat.Add(1)
 		select {
 		case <-ctx.Done():
 			return
+		case <-beat.C():
+			continue // idle: the heartbeat advances, nothing to sync
 		case <-a.trigger:
 		case <-resync.C():
 			resync.Reset(nextTick(a.cfg.ResyncPeriod))
@@ -354,6 +402,11 @@ func (a *agent) fenceEvent(fenced bool, detail string) {
 	}
 	if !fenced {
 		a.fencedGroups = nil
+		// Back in touch: renew the Lease now, not at the next interval.
+		select {
+		case a.leaseKick <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -511,6 +564,9 @@ func (a *agent) sync(ctx context.Context) (err error) {
 		a.observePods(dirty)
 		return nil
 	}
+	// Floating IPs that moved away (or that the fence takes) are released
+	// first, on their own: the Apply that follows may fail and back off.
+	a.releaseMoved(ctx, st)
 	start := a.clock.Now()
 	if len(st.Policies) == 0 && len(st.FloatingIPs) == 0 {
 		err = a.cfg.Dataplane.Cleanup(ctx)
@@ -524,7 +580,135 @@ func (a *agent) sync(ctx context.Context) (err error) {
 	a.observe(st)
 	a.observePods(dirty)
 	a.last = &st
+	held := make([]netip.Addr, 0, len(st.FloatingIPs))
+	for _, p := range st.FloatingIPs {
+		held = append(held, p.Addr())
+	}
+	prev := a.held.Swap(&held)
+	a.verifyConntrack(ctx, prev, held, st.ClusterFloatingIPs)
+	if c := a.cfg.Dataplane.LastResult().Conflicts; len(c) > 0 {
+		// Someone else still answers for them: probe again soon.
+		a.log.Warn("floating IPs still answered for by another host; not taken, retrying", zap.Strings("ips", addrList(c)))
+		a.clock.AfterFunc(conflictRetry, func() {
+			a.reapply.Store(true)
+			a.kick()
+		})
+	}
 	return nil
+}
+
+// verifyConntrack checks conntrack after an apply changed what the node
+// holds (the design card: verify and flush on failover), in the
+// background: the floating IPs it took (their Gateway policies' entries
+// must translate to them) and the ones it gave up (no entry may still
+// translate to them). After the first apply (prev is nil: a start or a
+// restart, maybe after a crash mid-apply) it checks every floating IP of
+// the cluster: held ones as taken, the others as released.
+func (a *agent) verifyConntrack(ctx context.Context, prev *[]netip.Addr, held []netip.Addr, cluster []netip.Addr) {
+	var taken, released []netip.Addr
+	if prev == nil {
+		taken = held
+		for _, ip := range cluster {
+			if !slices.Contains(held, ip.Unmap()) {
+				released = append(released, ip.Unmap())
+			}
+		}
+	} else {
+		for _, ip := range held {
+			if !slices.Contains(*prev, ip) {
+				taken = append(taken, ip)
+			}
+		}
+		for _, ip := range *prev {
+			if !slices.Contains(held, ip) {
+				released = append(released, ip)
+			}
+		}
+	}
+	if len(taken) == 0 && len(released) == 0 {
+		return
+	}
+	go func() {
+		if len(released) > 0 {
+			r, err := a.cfg.Dataplane.VerifyReleased(ctx, released)
+			a.reportConntrack(metrics.SideReleased, released, r, err)
+		}
+		if len(taken) > 0 {
+			r, err := a.cfg.Dataplane.VerifyTaken(ctx, taken)
+			a.reportConntrack(metrics.SideTaken, taken, r, err)
+		}
+	}()
+}
+
+// reportConntrack logs and counts one conntrack check.
+func (a *agent) reportConntrack(side string, ips []netip.Addr, r nft.CTVerify, err error) {
+	if a.cfg.Metrics != nil {
+		a.cfg.Metrics.ObserveConntrackCheck(side, metrics.ConntrackCheck{Flushed: r.Flushed, Remaining: r.Remaining, Translated: r.Translated, Wrong: r.Wrong}, err)
+	}
+	fields := []zap.Field{zap.String("side", side), zap.Strings("ips", addrList(ips)), zap.Int("translated", r.Translated),
+		zap.Int("wrong", r.Wrong), zap.Int("flushed", r.Flushed), zap.Int("remaining", r.Remaining)}
+	switch {
+	case err != nil:
+		a.log.Warn("conntrack check failed", append(fields, zap.Error(err))...)
+	case r.Remaining > 0:
+		a.log.Warn("conntrack entries still wrong after the flush", fields...)
+	case r.Flushed > 0 || r.Wrong > 0:
+		a.log.Info("conntrack entries flushed", fields...)
+	default:
+		a.log.Debug("conntrack checked", fields...)
+	}
+}
+
+// conflictRetry: how soon an Apply probes again for floating IPs another
+// host answered for.
+const conflictRetry = 250 * time.Millisecond
+
+// releaseMoved releases, through the dataplane's fast path, the floating
+// IPs the node held at its last apply that st no longer gives it.
+func (a *agent) releaseMoved(ctx context.Context, st selector.NodeState) {
+	prev := a.held.Load()
+	if prev == nil {
+		return
+	}
+	keep := map[netip.Addr]bool{}
+	for _, p := range st.FloatingIPs {
+		keep[p.Addr()] = true
+	}
+	var gone []netip.Addr
+	for _, ip := range *prev {
+		if !keep[ip] {
+			gone = append(gone, ip)
+		}
+	}
+	if len(gone) == 0 {
+		return
+	}
+	start := a.clock.Now()
+	res, err := a.cfg.Dataplane.Release(ctx, gone)
+	if a.cfg.Metrics != nil {
+		a.cfg.Metrics.ReleaseSeconds.Observe(a.clock.Since(start).Seconds())
+	}
+	if err != nil {
+		// The Apply that follows removes them too.
+		a.log.Error("release floating IPs", zap.Strings("ips", addrList(gone)), zap.Error(err))
+		return
+	}
+	rest := slices.DeleteFunc(slices.Clone(*prev), func(ip netip.Addr) bool { return !keep[ip] })
+	a.held.Store(&rest)
+	go func() {
+		r, err := a.cfg.Dataplane.VerifyReleased(ctx, gone)
+		a.reportConntrack(metrics.SideReleased, gone, r, err)
+	}()
+	a.log.Info("floating IPs released", zap.Strings("ips", addrList(gone)), zap.Duration("took", a.clock.Since(start)),
+		zap.Int("conntrackDeleted", res.ConntrackDeleted))
+}
+
+func addrList(ips []netip.Addr) []string {
+	out := make([]string, len(ips))
+	for i, ip := range ips {
+		out[i] = ip.String()
+	}
+	return out
 }
 
 // reportUnroutable records a Warning Event on each policy that newly has
@@ -670,21 +854,42 @@ func podIPv4(p *corev1.Pod) netip.Addr {
 }
 
 // renewLease keeps the node's Lease (its registration and uplink subnets)
-// fresh. The operator's health probes, not the Lease, decide Up and Down.
+// fresh while the sync loop makes progress: a stuck agent stops renewing.
+// The operator's health probes decide Up and Down; the Lease's renewTime
+// tells it which nodes may be given new floating IPs. A failed renewal is
+// retried after a second.
 func (a *agent) renewLease(ctx context.Context) {
 	t := a.clock.NewTicker(a.cfg.RenewInterval)
 	defer t.Stop()
 	for {
-		if err := a.renewOnce(ctx); err != nil && ctx.Err() == nil {
+		retry := (<-chan time.Time)(nil)
+		if err := a.renewIfProgressing(ctx); err != nil && ctx.Err() == nil {
 			a.log.Warn("renew agent lease", zap.Error(err))
+			retry = a.clock.After(time.Second)
 		}
 		select {
+		case <-retry:
 		case <-ctx.Done():
 			return
 		case <-t.C():
 		case <-a.leaseKick:
 		}
 	}
+}
+
+// renewIfProgressing renews the Lease unless the heartbeat stood still
+// since the last renewal (before the first sync it always renews: the
+// operator needs the registration).
+func (a *agent) renewIfProgressing(ctx context.Context) error {
+	b := a.beat.Load()
+	if a.synced.Load() && b == a.leaseBeat && b != 0 {
+		return fmt.Errorf("sync loop made no progress since the last renewal: not renewing")
+	}
+	if err := a.renewOnce(ctx); err != nil {
+		return err
+	}
+	a.leaseBeat = b
+	return nil
 }
 
 func (a *agent) renewOnce(ctx context.Context) error {

@@ -152,13 +152,14 @@ func TestLoopBackoff(t *testing.T) {
 	ta.kick()
 
 	// waitRetry checks that the attempt after attempt n waits for exactly
-	// d: the loop waits on the clock (its resync timer is the other
-	// waiter) and retries once d has passed, not before.
+	// d: the loop waits on the clock (its resync timer and heartbeat
+	// ticker are the other waiters) and retries once d has passed, not
+	// before.
 	waitRetry := func(n int, d time.Duration) {
 		t.Helper()
-		eventually(t, "the loop to wait for its backoff", func() bool { return ta.clk.Waiters() == 2 })
+		eventually(t, "the loop to wait for its backoff", func() bool { return ta.clk.Waiters() == 3 })
 		ta.clk.Step(d - time.Millisecond)
-		if a, _ := ta.dp.counts(); ta.clk.Waiters() != 2 || a != n {
+		if a, _ := ta.dp.counts(); ta.clk.Waiters() != 3 || a != n {
 			t.Fatalf("retried before the backoff of %v passed (%d attempts)", d, a)
 		}
 		ta.clk.Step(time.Millisecond)
@@ -204,7 +205,7 @@ func TestLoopResync(t *testing.T) {
 	ta.kick()
 	eventually(t, "the first apply", func() bool { _, n := ta.dp.counts(); return n == 1 })
 	tracker := ta.tracker
-	eventually(t, "the resync timer", func() bool { return ta.clk.Waiters() == 1 })
+	eventually(t, "the resync timer and the heartbeat ticker", func() bool { return ta.clk.Waiters() == 2 })
 	ta.clk.Step(ta.cfg.ResyncPeriod * 3 / 2) // the first tick comes within 1.5 periods
 	eventually(t, "the resync", func() bool { _, n := ta.dp.counts(); return n == 2 })
 	cancel()

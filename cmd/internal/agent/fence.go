@@ -1,16 +1,22 @@
 package agent
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
+	"github.com/egressnat/egressnat/cmd/internal/probe"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -18,10 +24,12 @@ import (
 )
 
 // fence decides whether this node must give up its floating IPs because it
-// is cut off: no operator replica has probed it for FenceAfter and the API
-// server does not answer either. When the partition heals, the node holds
-// nothing until a fresh read of the API confirms what it holds (the watch
-// caches may still be stale).
+// is cut off: the operator leader has not probed it for FenceAfter and the
+// API server does not answer either. Only the current leader's
+// authenticated probes count (package probe): a pod, a scanner or a
+// standby replica that still reaches the node proves nothing. When the
+// partition heals, the node holds only what a fresh read of the API
+// confirms, until its watch caches agree with such a read.
 type fence struct {
 	cfg   Config
 	log   *zap.Logger
@@ -29,20 +37,32 @@ type fence struct {
 	// readyz asks the API server whether it is ready; an error means it
 	// cannot be reached.
 	readyz func(ctx context.Context) error
+	// resetConns drops the API connections after a failed check, so that
+	// the next request dials afresh instead of waiting on a dead one.
+	resetConns func()
 	// kick asks for a sync.
 	kick func()
 	// holding reports whether the node currently holds floating IPs.
 	holding func() bool
-	// releaseEarly drops the floating IPs when the fence rises before the
-	// agent could compute its state (it started cut off).
-	releaseEarly func(ctx context.Context)
+	// release gives the floating IPs up at once, through the dataplane's
+	// fast path (not behind a sync and its backoff).
+	release func(ctx context.Context)
+	// cached returns the floating IPs the watch cache's group statuses
+	// give to this node.
+	cached func() map[netip.Addr]bool
 	// event reports a fence rising (true) or lifting (false).
 	event func(fenced bool, detail string)
+	// beat is the agent's heartbeat, sent in probe replies.
+	beat func() uint64
+
+	key      atomic.Pointer[[]byte]
+	verifier probe.Verifier
 
 	mu           sync.Mutex
 	lastProbe    time.Time
 	fenced       bool
-	recoverUntil time.Time
+	recovering   bool
+	lastKick     time.Time
 	lastAPICheck time.Time
 	apiReachable bool
 	fencedSince  time.Time
@@ -51,17 +71,18 @@ type fence struct {
 func newFence(cfg Config, log *zap.Logger, clk clock.WithTickerAndDelayedExecution, kick func(), holding func() bool) *fence {
 	return &fence{cfg: cfg, log: log, clock: clk, readyz: func(ctx context.Context) error {
 		return cfg.Clients.Core.Discovery().RESTClient().Get().AbsPath("/readyz").Do(ctx).Error()
-	}, kick: kick, holding: holding, lastProbe: clk.Now(), apiReachable: true}
+	}, resetConns: cfg.Clients.ResetConnections, kick: kick, holding: holding, lastProbe: clk.Now(), apiReachable: true,
+		beat: func() uint64 { return 0 }}
 }
 
-// probed records a health probe from an operator replica.
+// probed records a probe that counts: the current leader's.
 func (f *fence) probed() {
 	f.mu.Lock()
 	f.lastProbe = f.clock.Now()
 	f.mu.Unlock()
 }
 
-// serveProbes accepts the operators' health probes until ctx ends.
+// serveProbes answers the operators' probes until ctx ends.
 func (f *fence) serveProbes(ctx context.Context, l net.Listener) {
 	go func() { <-ctx.Done(); l.Close() }()
 	for {
@@ -73,10 +94,53 @@ func (f *fence) serveProbes(ctx context.Context, l net.Listener) {
 			f.log.Warn("accept health probe", zap.Error(err))
 			continue
 		}
-		f.probed()
-		c.Close()
+		go f.handleProbe(c)
 	}
 }
+
+// handleProbe reads one probe from c. A valid probe is answered with the
+// heartbeat, and holds the fence down when it is the current leader's;
+// anything else is closed without a word.
+func (f *fence) handleProbe(c net.Conn) {
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(time.Second))
+	line, err := bufio.NewReaderSize(io.LimitReader(c, probe.MaxLine), probe.MaxLine).ReadString('\n')
+	if err != nil {
+		return
+	}
+	local, ok := c.LocalAddr().(*net.TCPAddr)
+	if !ok {
+		return
+	}
+	k := f.key.Load()
+	if k == nil {
+		return // no key yet: nothing can be verified
+	}
+	p, err := probe.Decode(*k, line)
+	if err != nil {
+		f.log.Debug("probe refused", zap.String("from", c.RemoteAddr().String()), zap.Error(err))
+		return
+	}
+	laddr, _ := netip.AddrFromSlice(local.IP)
+	v, err := f.verifier.Accept(p, laddr)
+	if v == Rejected {
+		f.log.Debug("probe refused", zap.String("from", c.RemoteAddr().String()), zap.Error(err))
+		return
+	}
+	if err != nil {
+		f.log.Debug("probe does not count", zap.String("from", c.RemoteAddr().String()), zap.Error(err))
+	}
+	if v == Counts {
+		f.probed()
+	}
+	_, _ = c.Write(probe.EncodeReply(*k, p, f.beat()))
+}
+
+// Verdicts of probe.Verifier, named here for readability.
+const (
+	Rejected = probe.Rejected
+	Counts   = probe.Counts
+)
 
 // watch re-evaluates the fence every tick until ctx ends.
 func (f *fence) watch(ctx context.Context) {
@@ -95,12 +159,21 @@ func (f *fence) watch(ctx context.Context) {
 func (f *fence) evaluate(ctx context.Context) {
 	f.mu.Lock()
 	sinceProbe := f.clock.Since(f.lastProbe)
-	fenced := f.fenced
+	fenced, recovering := f.fenced, f.recovering
+	// While recovering, sync every 500 ms: each sync confirms the
+	// holdings against a fresh read, until the caches agree.
+	kick := recovering && f.clock.Since(f.lastKick) >= 500*time.Millisecond
+	if kick {
+		f.lastKick = f.clock.Now()
+	}
 	f.mu.Unlock()
+	if kick {
+		f.kick()
+	}
 
 	if sinceProbe <= f.cfg.FenceAfter {
 		if fenced {
-			f.lift("health probes are back")
+			f.lift("the operator leader's probes are back")
 		}
 		return
 	}
@@ -113,16 +186,16 @@ func (f *fence) evaluate(ctx context.Context) {
 	switch {
 	case !fenced && !reachable:
 		f.mu.Lock()
-		f.fenced, f.fencedSince = true, f.clock.Now()
+		f.fenced, f.recovering, f.fencedSince = true, false, f.clock.Now()
 		f.mu.Unlock()
-		f.log.Warn("cut off from the operators and the API server: releasing floating IPs",
+		f.log.Warn("cut off from the operator leader and the API server: releasing floating IPs",
 			zap.Duration("sinceProbe", sinceProbe))
+		if f.release != nil {
+			f.release(ctx)
+		}
 		f.kick()
 		if f.event != nil {
 			f.event(true, fmt.Sprintf("no health probe for %v and the API server does not answer", sinceProbe.Round(time.Millisecond)))
-		}
-		if f.releaseEarly != nil {
-			f.releaseEarly(ctx)
 		}
 	case fenced && reachable:
 		f.lift("the API server answers again")
@@ -131,21 +204,20 @@ func (f *fence) evaluate(ctx context.Context) {
 
 func (f *fence) lift(why string) {
 	f.mu.Lock()
-	f.fenced = false
-	f.recoverUntil = f.clock.Now().Add(f.cfg.RecoveryPeriod)
+	f.fenced, f.recovering, f.lastKick = false, true, f.clock.Now()
 	fencedFor := f.clock.Since(f.fencedSince)
 	f.mu.Unlock()
-	f.log.Info("no longer cut off; holding floating IPs again only as the API confirms",
+	f.log.Info("no longer cut off; holding floating IPs again only as a fresh read of the API confirms",
 		zap.String("why", why), zap.Duration("fencedFor", fencedFor))
 	if f.event != nil {
 		f.event(false, fmt.Sprintf("%s after %v", why, fencedFor.Round(time.Millisecond)))
 	}
 	f.kick()
-	// Once the recovery ends, the next sync holds what the caches say.
-	f.clock.AfterFunc(f.cfg.RecoveryPeriod, f.kick)
 }
 
-// apiUp asks the API server's /readyz, at most every 300 ms.
+// apiUp asks the API server's /readyz, at most every 300 ms. A failed
+// check drops the client's connections: after a partition, a connection
+// that died with it must not hold up the first requests after the heal.
 func (f *fence) apiUp(ctx context.Context) bool {
 	f.mu.Lock()
 	if f.clock.Since(f.lastAPICheck) < 300*time.Millisecond {
@@ -157,6 +229,9 @@ func (f *fence) apiUp(ctx context.Context) bool {
 	ctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 	defer cancel()
 	err := f.readyz(ctx)
+	if err != nil && f.resetConns != nil {
+		f.resetConns()
+	}
 	f.mu.Lock()
 	f.lastAPICheck, f.apiReachable = f.clock.Now(), err == nil
 	f.mu.Unlock()
@@ -168,11 +243,13 @@ func (f *fence) apiUp(ctx context.Context) bool {
 func (f *fence) state() (fenced, recovering bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.fenced, f.clock.Now().Before(f.recoverUntil)
+	return f.fenced, f.recovering
 }
 
 // restrict removes from st what this node may not hold: everything while
-// fenced; while recovering, what a fresh read of the groups does not confirm.
+// fenced; while recovering, what a fresh read of the groups does not
+// confirm. Recovery ends when the watch cache gives this node exactly the
+// floating IPs a fresh read gives it (the caches caught up with the read).
 // Policies whose egress IP the node gives up drop their traffic (fail
 // closed) instead of leaving with the node IP.
 func (f *fence) restrict(ctx context.Context, st selector.NodeState) selector.NodeState {
@@ -182,10 +259,25 @@ func (f *fence) restrict(ctx context.Context, st selector.NodeState) selector.No
 	}
 	confirmed := map[netip.Addr]bool{}
 	if !fenced {
-		var err error
-		if confirmed, err = f.confirmedHoldings(ctx); err != nil {
+		fresh, err := f.confirmedHoldings(ctx)
+		switch {
+		case err != nil:
 			f.log.Warn("cannot confirm floating IPs; holding none", zap.Error(err))
-			confirmed = map[netip.Addr]bool{}
+			if f.resetConns != nil {
+				f.resetConns()
+			}
+		case f.cached != nil && maps.Equal(fresh, f.cached()):
+			f.mu.Lock()
+			done := f.recovering && !f.fenced
+			f.recovering = false
+			f.mu.Unlock()
+			if done {
+				f.log.Info("watch caches agree with a fresh read of the API; recovery over",
+					zap.Strings("ips", addrStrings(fresh)))
+			}
+			return st
+		default:
+			confirmed = fresh
 		}
 	}
 	out := st
@@ -205,6 +297,14 @@ func (f *fence) restrict(ctx context.Context, st selector.NodeState) selector.No
 	return out
 }
 
+func addrStrings(m map[netip.Addr]bool) []string {
+	out := make([]string, 0, len(m))
+	for _, a := range slices.SortedFunc(maps.Keys(m), netip.Addr.Compare) {
+		out = append(out, a.String())
+	}
+	return out
+}
+
 // confirmedHoldings reads the groups from the API server (not the cache)
 // and returns the floating IPs their status gives to this node.
 func (f *fence) confirmedHoldings(ctx context.Context) (map[netip.Addr]bool, error) {
@@ -214,17 +314,26 @@ func (f *fence) confirmedHoldings(ctx context.Context) (map[netip.Addr]bool, err
 	if err != nil {
 		return nil, fmt.Errorf("list gateways: %w", err)
 	}
-	out := map[netip.Addr]bool{}
+	groups := make([]*v1.NetworkGatewayGroup, 0, len(list.Items))
 	for i := range list.Items {
 		g, err := kube.FromUnstructured[v1.NetworkGatewayGroup](&list.Items[i])
 		if err != nil {
 			return nil, err
 		}
-		for ipStr, node := range g.Status.FloatingIPs {
-			if ip, err := netip.ParseAddr(ipStr); err == nil && node == f.cfg.Node {
-				out[ip] = true
+		groups = append(groups, g)
+	}
+	return holdingsOf(groups, f.cfg.Node), nil
+}
+
+// holdingsOf returns the floating IPs the groups' statuses give to node.
+func holdingsOf(groups []*v1.NetworkGatewayGroup, node string) map[netip.Addr]bool {
+	out := map[netip.Addr]bool{}
+	for _, g := range groups {
+		for ipStr, n := range g.Status.FloatingIPs {
+			if ip, err := netip.ParseAddr(ipStr); err == nil && n == node {
+				out[ip.Unmap()] = true
 			}
 		}
 	}
-	return out, nil
+	return out
 }

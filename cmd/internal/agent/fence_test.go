@@ -27,10 +27,10 @@ func (ta *testAgent) cutOff(t *testing.T) {
 
 // TestFenceEnter: a node that holds floating IPs, has seen no probe for
 // more than FenceAfter and cannot reach the API server fences: it releases
-// its floating IPs at once (before the first sync, straight through the
-// dataplane), records a Fenced event on the groups it held, asks for a
-// sync, and the sync applies the state without floating IPs and with its
-// Gateway policies dropping their traffic.
+// its floating IPs at once (straight through the dataplane's fast path),
+// records a Fenced event on the groups it held, asks for a sync, and the
+// sync applies the state without floating IPs and with its Gateway
+// policies dropping their traffic.
 func TestFenceEnter(t *testing.T) {
 	ctx := context.Background()
 	ta := newTestAgent(t, cluster()...)
@@ -51,7 +51,7 @@ func TestFenceEnter(t *testing.T) {
 		t.Fatalf("after FenceAfter without probe and API: fenced=%v recovering=%v, want fenced", fenced, recovering)
 	}
 	if n := ta.dp.releaseCount(); n != 1 {
-		t.Fatalf("fenced before the first sync: ReleaseFloating called %d times, want 1", n)
+		t.Fatalf("fenced: ReleaseFloating called %d times, want 1", n)
 	}
 	if !ta.kicked() {
 		t.Fatal("fencing did not ask for a sync")
@@ -82,8 +82,9 @@ func TestFenceEnter(t *testing.T) {
 	}
 }
 
-// TestFenceAfterFirstSync: once the agent synced, the sync loop applies the
-// fence; the early release is not used.
+// TestFenceAfterFirstSync: after the first sync too, the fence releases
+// through the fast path at once, before any sync, and the sync applies the
+// fenced state.
 func TestFenceAfterFirstSync(t *testing.T) {
 	ta := newTestAgent(t, cluster()...)
 	ta.synced.Store(true)
@@ -91,9 +92,10 @@ func TestFenceAfterFirstSync(t *testing.T) {
 	if !ta.holding.Load() {
 		t.Fatal("the agent does not know it holds a floating IP")
 	}
+	ta.dp.history()
 	ta.cutOff(t)
-	if n := ta.dp.releaseCount(); n != 0 {
-		t.Fatalf("ReleaseFloating called %d times after the first sync", n)
+	if h := ta.dp.history(); !slices.Equal(h, []string{"release-all"}) {
+		t.Fatalf("fence rising: dataplane calls %q, want one release-all before any apply", h)
 	}
 	ta.mustSync(t)
 	if st := ta.lastApplied(t); len(st.FloatingIPs) != 0 || policy(t, st, "pa").Mode != selector.ModeDrop {
@@ -147,8 +149,9 @@ func TestFenceNeedsBothSignals(t *testing.T) {
 	})
 }
 
-// TestFenceExitOnProbe: a probe lifts the fence at once; the node then
-// recovers for RecoveryPeriod, and a sync is asked for at both ends.
+// TestFenceExitOnProbe: the leader's probe lifts the fence at once; the
+// node then recovers, asking for a sync every 500 ms, for as long as its
+// caches disagree with a fresh read of the API (time alone never ends it).
 func TestFenceExitOnProbe(t *testing.T) {
 	ctx := context.Background()
 	ta := newTestAgent(t, cluster()...)
@@ -165,21 +168,28 @@ func TestFenceExitOnProbe(t *testing.T) {
 	if !ta.kicked() {
 		t.Fatal("lifting the fence did not ask for a sync")
 	}
-	want := "Normal Unfenced node n1 holds its floating IPs again as the API confirms (192.0.2.100): health probes are back after 5s"
+	want := "Normal Unfenced node n1 holds its floating IPs again as the API confirms (192.0.2.100): the operator leader's probes are back after 5s"
 	if got := ta.events(); !slices.Equal(got, []string{want}) {
 		t.Fatalf("events %q, want %q", got, want)
 	}
-
-	ta.clk.Step(ta.cfg.RecoveryPeriod - time.Millisecond)
-	if _, recovering := ta.fence.state(); !recovering || ta.kicked() {
-		t.Fatal("recovery ended early, or a sync was asked for during it")
+	for range 3 {
+		ta.clk.Step(499 * time.Millisecond)
+		ta.fence.probed()
+		ta.fence.evaluate(ctx)
+		if ta.kicked() {
+			t.Fatal("asked for a sync within 500 ms of the last")
+		}
+		ta.clk.Step(time.Millisecond)
+		ta.fence.evaluate(ctx)
+		if !ta.kicked() {
+			t.Fatal("recovering: no sync asked for after 500 ms")
+		}
 	}
-	ta.clk.Step(time.Millisecond)
-	if _, recovering := ta.fence.state(); recovering {
-		t.Fatal("still recovering after RecoveryPeriod")
-	}
-	if !ta.kicked() {
-		t.Fatal("no sync asked for at the end of the recovery")
+	ta.clk.Step(time.Hour)
+	ta.fence.probed()
+	ta.fence.evaluate(ctx)
+	if _, recovering := ta.fence.state(); !recovering {
+		t.Fatal("recovery ended with time, without a fresh read")
 	}
 }
 
@@ -213,8 +223,9 @@ func TestFenceExitOnAPI(t *testing.T) {
 // TestRecoveryConfirmsHoldings: while recovering the node holds only the
 // floating IPs that a fresh list of the groups gives it, whatever its
 // (possibly stale) cache says; a policy whose IP is not confirmed drops
-// its traffic. A failed list confirms nothing. After RecoveryPeriod the
-// cache is trusted again, without reading the API.
+// its traffic. A failed list confirms nothing. Recovery ends when the
+// cache gives the node what a fresh read gives it; then the cache decides
+// and the API is not read again.
 func TestRecoveryConfirmsHoldings(t *testing.T) {
 	ctx := context.Background()
 	ta := newTestAgent(t, cluster()...)
@@ -240,6 +251,7 @@ func TestRecoveryConfirmsHoldings(t *testing.T) {
 		return n
 	}
 
+	ta.dp.history()
 	ta.mustSync(t)
 	st := ta.lastApplied(t)
 	if !slices.Equal(st.FloatingIPs, prefixes(fipA)) {
@@ -262,15 +274,26 @@ func TestRecoveryConfirmsHoldings(t *testing.T) {
 	if len(st.FloatingIPs) != 0 || policy(t, st, "pa").Mode != selector.ModeDrop || policy(t, st, "pb").Mode != selector.ModeDrop {
 		t.Fatalf("recovering without a fresh list: %+v; want no floating IP and both policies Drop", st)
 	}
+	if _, recovering := ta.fence.state(); !recovering {
+		t.Fatal("recovery ended without a fresh read")
+	}
+	ta.dyn.ReactionChain = ta.dyn.ReactionChain[1:]
 
-	// Recovery over: the cache decides, the API is not read.
-	ta.clk.Step(ta.cfg.RecoveryPeriod)
-	before := lists()
+	// The cache catches up with the API (gw-b on n2): recovery over, the
+	// cache decides, and the API is not read again.
+	ta.cache(t, gatewayObj("gw-b", fipB, node2))
+	ta.recompute()
 	ta.mustSync(t)
+	if _, recovering := ta.fence.state(); recovering {
+		t.Fatal("still recovering though the cache agrees with a fresh read")
+	}
 	st = ta.lastApplied(t)
-	if !slices.Equal(st.FloatingIPs, prefixes(fipA, fipB)) || policy(t, st, "pb").Mode != selector.ModeGateway {
+	if !slices.Equal(st.FloatingIPs, prefixes(fipA)) || policy(t, st, "pa").Mode != selector.ModeGateway || policy(t, st, "pb").Mode != selector.ModeReroute {
 		t.Fatalf("after recovery: %+v; want what the cache says", st)
 	}
+	before := lists()
+	ta.reapply.Store(true)
+	ta.mustSync(t)
 	if lists() != before {
 		t.Fatal("the API was read after the recovery")
 	}

@@ -36,7 +36,11 @@ type fakeDataplane struct {
 	applied  []selector.NodeState // states applied successfully (Cleanup: the empty state)
 	failNext int                  // the next failNext Applies and Cleanups fail
 	releases int                  // ReleaseFloating calls
+	released [][]netip.Addr       // Release calls
+	calls    []string             // "apply", "cleanup", "release", "release-all" in order
 	rechecks int
+	block    chan struct{} // when set, Apply waits for it to close
+	verified []string      // conntrack checks: "released [ips]", "taken [ips]"
 	drift    string     // what Verify reports
 	result   nft.Result // what LastResult reports
 }
@@ -46,7 +50,15 @@ var errApply = errors.New("netlink: device busy")
 func (d *fakeDataplane) Apply(_ context.Context, st selector.NodeState) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if b := d.block; b != nil {
+		d.attempts++
+		d.mu.Unlock()
+		<-b
+		d.mu.Lock()
+		d.attempts--
+	}
 	d.attempts++
+	d.calls = append(d.calls, "apply")
 	if d.failNext > 0 {
 		d.failNext--
 		return errApply
@@ -63,7 +75,55 @@ func (d *fakeDataplane) ReleaseFloating(context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.releases++
+	d.calls = append(d.calls, "release-all")
 	return nil
+}
+
+func (d *fakeDataplane) Release(_ context.Context, ips []netip.Addr) (nft.ReleaseResult, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.released = append(d.released, slices.Clone(ips))
+	d.calls = append(d.calls, "release")
+	return nft.ReleaseResult{AddrsRemoved: ips}, nil
+}
+
+func (d *fakeDataplane) VerifyReleased(_ context.Context, ips []netip.Addr) (nft.CTVerify, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.verified = append(d.verified, "released "+fmt.Sprint(ips))
+	return nft.CTVerify{}, nil
+}
+
+func (d *fakeDataplane) VerifyTaken(_ context.Context, ips []netip.Addr) (nft.CTVerify, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.verified = append(d.verified, "taken "+fmt.Sprint(ips))
+	return nft.CTVerify{}, nil
+}
+
+// verifiedNow returns the conntrack checks so far.
+func (d *fakeDataplane) verifiedNow() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.verified)
+}
+
+// checks returns the conntrack checks so far and forgets them.
+func (d *fakeDataplane) checks() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := d.verified
+	d.verified = nil
+	return out
+}
+
+// history returns the calls so far and forgets them.
+func (d *fakeDataplane) history() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := d.calls
+	d.calls = nil
+	return out
 }
 
 func (d *fakeDataplane) Verify(context.Context) (string, error) {
@@ -265,7 +325,7 @@ func testConfig(t *testing.T, clients *kube.Clients, dp Dataplane) Config {
 	return Config{
 		Clients: clients, Node: node1, Uplink: "eth0", Subnets: []netip.Prefix{netip.PrefixFrom(n1IP, 24)},
 		Namespace: "egressnat-system", LeaseDuration: 30 * time.Second, RenewInterval: 10 * time.Second,
-		ResyncPeriod: time.Hour, HealthAddr: "127.0.0.1:0", FenceAfter: time.Second, RecoveryPeriod: 10 * time.Second,
+		ResyncPeriod: time.Hour, HealthAddr: "127.0.0.1:0", FenceAfter: time.Second,
 		Dataplane: dp, Log: zaptest.NewLogger(t),
 	}
 }

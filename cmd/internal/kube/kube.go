@@ -7,9 +7,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
+	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/selector"
@@ -23,6 +26,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/util/connrotation"
 )
 
 // GVRs of the egressnat resources.
@@ -60,6 +64,36 @@ type Clients struct {
 	Config  *rest.Config
 	Core    kubernetes.Interface
 	Dynamic dynamic.Interface
+	// conns tracks every connection to the API server (nil in fakes).
+	conns *connrotation.ConnectionTracker
+}
+
+// ResetConnections closes every connection to the API server: the next
+// requests dial afresh. Called when the API server stops answering, so
+// that a connection that died in a partition is not reused after the heal.
+func (c *Clients) ResetConnections() {
+	if c != nil && c.conns != nil {
+		c.conns.CloseAll()
+	}
+}
+
+// API connection health: HTTP/2 connections to the API server are pinged
+// after 1 s without a frame and closed when a ping gets no answer within
+// 1 s (client-go's defaults are 30 s and 15 s), so that a connection that
+// died in a partition is found dead within about 2 s; a dial gives up after
+// 2 s. An environment that sets the variables keeps its own values.
+const (
+	http2ReadIdleTimeout = "HTTP2_READ_IDLE_TIMEOUT_SECONDS"
+	http2PingTimeout     = "HTTP2_PING_TIMEOUT_SECONDS"
+	dialTimeout          = 2 * time.Second
+)
+
+func setConnectionHealth() {
+	for k, v := range map[string]string{http2ReadIdleTimeout: "1", http2PingTimeout: "1"} {
+		if _, ok := os.LookupEnv(k); !ok {
+			_ = os.Setenv(k, v)
+		}
+	}
 }
 
 // NewClients builds clients from a kubeconfig file, or from the in-cluster
@@ -76,6 +110,10 @@ func NewClients(kubeconfig string) (*Clients, error) {
 		return nil, fmt.Errorf("load kubeconfig: %w", err)
 	}
 	cfg.QPS, cfg.Burst = 100, 200
+	setConnectionHealth()
+	conns := connrotation.NewConnectionTracker()
+	d := &net.Dialer{Timeout: dialTimeout, KeepAlive: 5 * time.Second}
+	cfg.Dial = connrotation.NewDialerWithTracker(d.DialContext, conns).DialContext
 	// Built-in types travel as protobuf: tens of thousands of pods decode
 	// with a fraction of JSON's CPU and memory. Custom resources only speak
 	// JSON: the dynamic client keeps cfg as it is.
@@ -90,7 +128,7 @@ func NewClients(kubeconfig string) (*Clients, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dynamic client: %w", err)
 	}
-	return &Clients{Config: cfg, Core: core, Dynamic: dyn}, nil
+	return &Clients{Config: cfg, Core: core, Dynamic: dyn, conns: conns}, nil
 }
 
 // FromUnstructured converts an object of the dynamic client to its type.

@@ -24,6 +24,7 @@ import (
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/cmd/internal/metrics"
+	"github.com/egressnat/egressnat/cmd/internal/probe"
 	"github.com/egressnat/egressnat/gateway"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
@@ -38,6 +39,9 @@ import (
 	"k8s.io/utils/clock"
 )
 
+// DefaultLeaderLease is the operators' leader Lease.
+const DefaultLeaderLease = "egressnat-operator"
+
 // Config of the controller.
 type Config struct {
 	Clients *kube.Clients
@@ -50,6 +54,15 @@ type Config struct {
 	Log              *zap.Logger
 	// Probe tunes the health probes of the agents.
 	Probe ProbeConfig
+	// Identity of this replica (its leader election identity), signed
+	// into its probes.
+	Identity string
+	// ProbeSecret names the Secret, in AgentNamespace, holding the probe
+	// key (created when missing); "" means probe.SecretName.
+	ProbeSecret string
+	// LeaderLease names the operators' leader Lease in AgentNamespace;
+	// "" means egressnat-operator.
+	LeaderLease string
 	// Metrics are updated when set.
 	Metrics *metrics.Operator
 	// GatewayNamespaces: the namespaces whose NetworkGatewayGroups are
@@ -80,6 +93,9 @@ type Controller struct {
 	policies cache.Indexer
 
 	synced atomic.Bool
+	// probeKey signs the probes; term is set while this replica leads.
+	probeKey atomic.Pointer[[]byte]
+	term     atomic.Pointer[leaderTerm]
 
 	mu sync.Mutex
 	// assignment remembers what the last reconcile wrote in the groups'
@@ -128,8 +144,12 @@ func New(cfg Config) (*Controller, error) {
 // newController builds the controller on the clock clk, without its event
 // recorder.
 func newController(cfg Config, clk clock.Clock) (*Controller, error) {
-	if cfg.Probe.Port == 0 {
-		cfg.Probe = DefaultProbeConfig
+	cfg.Probe.defaults()
+	if cfg.ProbeSecret == "" {
+		cfg.ProbeSecret = probe.SecretName
+	}
+	if cfg.LeaderLease == "" {
+		cfg.LeaderLease = DefaultLeaderLease
 	}
 	if cfg.MarkMask == 0 {
 		cfg.MarkMask = selector.DefaultMarkMask
@@ -178,6 +198,7 @@ func newController(cfg Config, clk clock.Clock) (*Controller, error) {
 	c.nodes, c.leases, c.gateways, c.policies = infs[0].GetIndexer(), infs[1].GetIndexer(), infs[2].GetIndexer(), infs[3].GetIndexer()
 	c.prober = newProber(cfg.Probe, cfg.Log, c.probeTargets, c.kick)
 	c.prober.now = clk.Now
+	c.prober.sender = c.probeSender
 	return c, nil
 }
 
@@ -188,6 +209,7 @@ func (c *Controller) Start(ctx context.Context) error {
 	if !kube.WaitForSync(ctx, c.infs[0], c.infs[1]) {
 		return fmt.Errorf("sync node and lease caches: %w", ctx.Err())
 	}
+	go c.keepProbeKey(ctx)
 	go c.prober.run(ctx)
 	if !kube.WaitForSync(ctx, c.infs...) {
 		return fmt.Errorf("sync gateway and policy caches (are the CRDs installed?): %w", ctx.Err())
@@ -205,8 +227,12 @@ func (c *Controller) Ready() error {
 	return nil
 }
 
-// Lead reconciles until ctx ends (leadership lost).
-func (c *Controller) Lead(ctx context.Context) {
+// Lead reconciles until ctx ends (leadership lost). term is the leader
+// Lease's term (leader.Config.OnLeading): this replica's probes carry it,
+// and only then hold the agents' fences down.
+func (c *Controller) Lead(ctx context.Context, term int64) {
+	// The term outlives the leadership: see probeSender.
+	c.term.Store(&leaderTerm{term: term})
 	c.mu.Lock()
 	c.assignment = nil // a new term starts from the statuses
 	c.mu.Unlock()
@@ -440,6 +466,7 @@ func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selec
 		l.NodeReady, l.NodeReadyKnown = kube.NodeReady(n)
 		if lobj, ok, _ := c.leases.GetByKey(c.cfg.AgentNamespace + "/" + kube.AgentLeasePrefix + n.Name); ok {
 			lease := lobj.(*coordinationv1.Lease)
+			gn.Stale = leaseStale(lease, c.clock.Now())
 			if err := kube.LeaseNodeFacts(lease.Annotations, &f); err != nil {
 				// Logged once per change: reconcile runs every second.
 				subject := "lease/" + n.Name
@@ -474,6 +501,15 @@ func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selec
 	}
 	slices.SortFunc(out, func(a, b gateway.Node) int { return strings.Compare(a.Name, b.Name) })
 	return out, facts
+}
+
+// leaseStale reports whether an agent's Lease was not renewed within its
+// duration (the agent renews only while its sync loop makes progress).
+func leaseStale(l *coordinationv1.Lease, now time.Time) bool {
+	if l.Spec.RenewTime == nil || l.Spec.LeaseDurationSeconds == nil {
+		return false
+	}
+	return now.After(l.Spec.RenewTime.Add(time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second))
 }
 
 // clusterNetworks returns the cluster's own networks, whose traffic the

@@ -8,8 +8,12 @@ import (
 	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
 	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/utils/ptr"
 )
 
 // condition returns the condition of type typ, failing the test without.
@@ -281,7 +285,7 @@ func TestLeadRetriesConflict(t *testing.T) {
 	refused := cl.conflictOnce()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { c.Lead(ctx); close(done) }()
+	go func() { c.Lead(ctx, 1); close(done) }()
 	eventually(t, "the refused write", func() bool { return refused() == 1 })
 	eventually(t, "the retry to write the status", func() bool {
 		cl.clk.Step(100 * time.Millisecond)
@@ -321,7 +325,7 @@ func TestLeaderChange(t *testing.T) {
 	b.events()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { b.Lead(ctx); close(done) }()
+	go func() { b.Lead(ctx, 2); close(done) }()
 	eventually(t, "b's first status write of its new term", func() bool { return cl.gateway(t, "gw").Status.Nodes["n1"] == v1.NodeUp })
 	cancel()
 	<-done
@@ -402,4 +406,39 @@ func mapsEqual[K comparable, V comparable](a, b map[K]V) bool {
 		}
 	}
 	return true
+}
+
+// TestStaleLeaseGetsNoNewIP: a node whose agent stopped renewing its Lease
+// (its sync loop is stuck) keeps the IP it holds while it answers probes,
+// but is given no new one.
+func TestStaleLeaseGetsNoNewIP(t *testing.T) {
+	renewed := func(node string, at time.Time) *coordinationv1.Lease {
+		l := leaseObj(node, "192.0.2.0/24")
+		l.Spec.RenewTime = &metav1.MicroTime{Time: at}
+		l.Spec.LeaseDurationSeconds = ptr.To(int32(30))
+		return l
+	}
+	objs := []runtime.Object{
+		nodeObj("n1", "192.0.2.11", corev1.ConditionTrue), nodeObj("n2", "192.0.2.12", corev1.ConditionTrue),
+		renewed("n1", epoch.Add(-31*time.Second)), renewed("n2", epoch.Add(-29*time.Second)),
+		gatewayObj("gw", fip1, fip2),
+	}
+	g := gatewayObj("gw", fip1, fip2)
+	g.Status.FloatingIPs = map[string]string{fip1: "n1"}
+	objs[len(objs)-1] = g
+	cl := newCluster(t, objs...)
+	c := cl.controller(t, false)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", true, epoch)
+	c.mustReconcile(t)
+	got := cl.gateway(t, "gw").Status.FloatingIPs
+	if want := map[string]string{fip1: "n1", fip2: "n2"}; !mapsEqual(got, want) {
+		t.Fatalf("status.floatingIPs %v, want %v: stale n1 keeps %s and gets nothing new", got, want, fip1)
+	}
+	if !leaseStale(renewed("n1", epoch.Add(-31*time.Second)), epoch) || leaseStale(renewed("n2", epoch.Add(-29*time.Second)), epoch) {
+		t.Fatal("leaseStale: renewed 31 s ago with a 30 s duration is stale, 29 s ago is not")
+	}
+	if leaseStale(leaseObj("n3", "192.0.2.0/24"), epoch) {
+		t.Fatal("a Lease without renewTime is not stale (the agent registered)")
+	}
 }

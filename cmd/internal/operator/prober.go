@@ -1,8 +1,11 @@
 package operator
 
 import (
+	"bufio"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"strconv"
@@ -10,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/egressnat/egressnat/cmd/internal/probe"
 	"go.uber.org/zap"
 )
 
@@ -23,10 +27,34 @@ type ProbeConfig struct {
 	// Timeout of one probe; Misses consecutive silent probes make a node Down.
 	Timeout time.Duration
 	Misses  int
+	// RefusedGrace: a refused connection (the node's kernel answers, its
+	// agent does not listen: it restarts) keeps the node Up for this long
+	// after its agent last answered, no longer.
+	RefusedGrace time.Duration
+	// HeartbeatTimeout: an agent whose heartbeat (it advances only while
+	// its sync loop makes progress) has not moved for this long is Down,
+	// even though it answers.
+	HeartbeatTimeout time.Duration
 }
 
-// DefaultProbeConfig detects a dead holder in about 300 to 450 ms.
-var DefaultProbeConfig = ProbeConfig{Port: 9797, Interval: 100 * time.Millisecond, SlowInterval: time.Second, Timeout: 100 * time.Millisecond, Misses: 3}
+// DefaultProbeConfig detects a dead holder in about 300 to 450 ms, a dead
+// agent on a live node in 5 s, a stuck agent in 10 s.
+var DefaultProbeConfig = ProbeConfig{Port: 9797, Interval: 100 * time.Millisecond, SlowInterval: time.Second,
+	Timeout: 100 * time.Millisecond, Misses: 3, RefusedGrace: 5 * time.Second, HeartbeatTimeout: 10 * time.Second}
+
+func (c *ProbeConfig) defaults() {
+	d := DefaultProbeConfig
+	if c.Port == 0 {
+		*c = d
+		return
+	}
+	if c.RefusedGrace == 0 {
+		c.RefusedGrace = d.RefusedGrace
+	}
+	if c.HeartbeatTimeout == 0 {
+		c.HeartbeatTimeout = d.HeartbeatTimeout
+	}
+}
 
 // probeTarget is one node to probe.
 type probeTarget struct {
@@ -35,36 +63,62 @@ type probeTarget struct {
 	fast bool
 }
 
+// answer is how a node answered one probe.
+type answer int
+
+const (
+	silent   answer = iota // nothing within the timeout, or an unauthenticated reply
+	refused                // the node's kernel refused the connection
+	answered               // the agent answered with a valid reply
+)
+
 type probeState struct {
-	ip        netip.Addr
-	known     bool // at least one probe finished
-	healthy   bool
-	misses    int
-	lastAlive time.Time
-	next      time.Time
-	inFlight  bool
+	ip      netip.Addr
+	known   bool // at least one probe finished
+	healthy bool
+	misses  int
+	// since: when this replica started probing the node; lastAlive: the
+	// agent's last valid answer; beat, beatAt: its heartbeat and when it
+	// last moved.
+	since, lastAlive, beatAt time.Time
+	beat                     uint64
+	why                      string
+	next                     time.Time
+	inFlight                 bool
 }
 
-// prober probes every node's agent health port over the node network. Every
-// operator replica runs one, leader or not: the agents count the probes of
-// any replica as proof that they are not cut off (self-fencing).
+// sender says what this replica signs its probes as: the key, its role
+// (leader or standby), identity and term. ok is false while it has no key.
+type sender func() (key []byte, role, identity string, term int64, ok bool)
+
+// prober probes every node's agent over the node network with
+// authenticated probes (package probe). Every operator replica runs one,
+// leader or not, so that a new leader knows who is healthy; the agents
+// count only the leader's probes as proof that they are not cut off
+// (self-fencing).
 type prober struct {
 	cfg      ProbeConfig
 	log      *zap.Logger
 	targets  func() []probeTarget
 	onChange func()
 	now      func() time.Time
-	dial     func(ctx context.Context, ip netip.Addr, port int, timeout time.Duration) bool
+	sender   sender
+	dial     func(ctx context.Context, ip netip.Addr, port int, timeout time.Duration, p probe.Probe, key []byte) (answer, uint64)
+
+	counterMu sync.Mutex
+	counter   uint64
 
 	mu    sync.Mutex
 	nodes map[string]*probeState
 }
 
 func newProber(cfg ProbeConfig, log *zap.Logger, targets func() []probeTarget, onChange func()) *prober {
+	cfg.defaults()
 	return &prober{cfg: cfg, log: log, targets: targets, onChange: onChange, now: time.Now, dial: dialProbe, nodes: map[string]*probeState{}}
 }
 
-// health returns whether the node answers probes and when it last did.
+// health returns whether the node is healthy and when its agent last
+// answered.
 func (p *prober) health(node string) (healthy bool, lastAlive time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -73,6 +127,20 @@ func (p *prober) health(node string) (healthy bool, lastAlive time.Time) {
 		return false, time.Time{}
 	}
 	return s.healthy, s.lastAlive
+}
+
+// nextCounter returns a counter above every one this process sent: it
+// starts at the wall clock in nanoseconds, so that a restarted replica does
+// not reuse a counter an agent has seen.
+func (p *prober) nextCounter() uint64 {
+	p.counterMu.Lock()
+	defer p.counterMu.Unlock()
+	if n := uint64(time.Now().UnixNano()); n > p.counter {
+		p.counter = n
+	} else {
+		p.counter++
+	}
+	return p.counter
 }
 
 // run probes until ctx ends.
@@ -100,7 +168,7 @@ func (p *prober) round(ctx context.Context) {
 		seen[t.name] = true
 		s, ok := p.nodes[t.name]
 		if !ok || s.ip != t.ip {
-			s = &probeState{ip: t.ip}
+			s = &probeState{ip: t.ip, since: now}
 			p.nodes[t.name] = s
 		}
 		if s.inFlight || now.Before(s.next) {
@@ -121,8 +189,21 @@ func (p *prober) round(ctx context.Context) {
 	}
 }
 
+// probe sends one probe and records the answer.
 func (p *prober) probe(ctx context.Context, node string, ip netip.Addr) {
-	alive := p.dial(ctx, ip, p.cfg.Port, p.cfg.Timeout)
+	a, beat := silent, uint64(0)
+	if p.sender != nil {
+		if key, role, id, term, ok := p.sender(); ok {
+			pr := probe.Probe{Role: role, Identity: id, Term: term, Counter: p.nextCounter(), Node: ip}
+			a, beat = p.dial(ctx, ip, p.cfg.Port, p.cfg.Timeout, pr, key)
+		}
+	}
+	p.record(ctx, node, ip, a, beat)
+}
+
+// record updates a node's health with one probe's answer.
+func (p *prober) record(ctx context.Context, node string, ip netip.Addr, a answer, beat uint64) {
+	now := p.now()
 	p.mu.Lock()
 	s, ok := p.nodes[node]
 	if !ok || s.ip != ip {
@@ -132,33 +213,73 @@ func (p *prober) probe(ctx context.Context, node string, ip netip.Addr) {
 	s.inFlight = false
 	wasHealthy, wasKnown := s.healthy, s.known
 	s.known = true
-	if alive {
-		s.misses, s.healthy, s.lastAlive = 0, true, p.now()
-	} else if s.misses++; s.misses >= p.cfg.Misses {
-		s.healthy = false
+	switch a {
+	case answered:
+		s.misses, s.lastAlive = 0, now
+		if beat != s.beat || s.beatAt.IsZero() {
+			s.beat, s.beatAt = beat, now
+		}
+		s.healthy = now.Sub(s.beatAt) <= p.cfg.HeartbeatTimeout
+		s.why = fmt.Sprintf("agent heartbeat stuck at %d for %v", s.beat, now.Sub(s.beatAt).Round(time.Millisecond))
+	case refused:
+		// The kernel answers: the node is up, its agent restarts. That
+		// keeps the node Up only for a while after the agent last
+		// answered (or after this replica started probing it).
+		s.misses = 0
+		last := s.lastAlive
+		if last.IsZero() {
+			last = s.since
+		}
+		s.healthy = now.Sub(last) <= p.cfg.RefusedGrace
+		s.why = fmt.Sprintf("agent refuses probes for %v", now.Sub(last).Round(time.Millisecond))
+	default:
+		if s.misses++; s.misses >= p.cfg.Misses {
+			s.healthy = false
+			s.why = fmt.Sprintf("%d probes unanswered", s.misses)
+		}
 	}
 	changed := s.healthy != wasHealthy || !wasKnown
-	healthy, misses := s.healthy, s.misses
+	healthy, why := s.healthy, s.why
 	p.mu.Unlock()
 	if changed && ctx.Err() == nil {
 		if healthy {
 			p.log.Info("node answers health probes", zap.String("node", node), zap.String("ip", ip.String()))
 		} else {
-			p.log.Warn("node stopped answering health probes", zap.String("node", node), zap.String("ip", ip.String()), zap.Int("misses", misses))
+			p.log.Warn("node is not healthy", zap.String("node", node), zap.String("ip", ip.String()), zap.String("why", why))
 		}
 		p.onChange()
 	}
 }
 
-// dialProbe opens a TCP connection to the node's health port. An accepted
-// connection and a refused one both prove the node and the path alive: the
-// kernel refuses while the agent restarts. Only silence is a miss.
-func dialProbe(ctx context.Context, ip netip.Addr, port int, timeout time.Duration) bool {
-	d := net.Dialer{Timeout: timeout}
+// dialProbe sends probe pr to the node's probe port and reads the agent's
+// reply. A valid reply is answered (with the agent's heartbeat); a refused
+// connection is refused; anything else (timeout, reset, closed without a
+// reply, a reply that does not authenticate) is silent.
+func dialProbe(ctx context.Context, ip netip.Addr, port int, timeout time.Duration, pr probe.Probe, key []byte) (answer, uint64) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", net.JoinHostPort(ip.String(), strconv.Itoa(port)))
-	if err == nil {
-		c.Close()
-		return true
+	if err != nil {
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return refused, 0
+		}
+		return silent, 0
 	}
-	return errors.Is(err, syscall.ECONNREFUSED)
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(dl)
+	}
+	if _, err := c.Write(pr.Encode(key)); err != nil {
+		return silent, 0
+	}
+	line, err := bufio.NewReaderSize(io.LimitReader(c, probe.MaxLine), probe.MaxLine).ReadString('\n')
+	if err != nil {
+		return silent, 0
+	}
+	r, err := probe.DecodeReply(key, pr, line)
+	if err != nil {
+		return silent, 0
+	}
+	return answered, r.Heartbeat
 }

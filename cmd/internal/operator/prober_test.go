@@ -1,6 +1,7 @@
 package operator
 
 import (
+	"bufio"
 	"context"
 	"net"
 	"net/netip"
@@ -8,69 +9,204 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressnat/egressnat/cmd/internal/probe"
 	"go.uber.org/zap/zaptest"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 )
 
-// TestDialProbe: an accepted connection and a refused one both count as
-// alive (the kernel refuses while the agent restarts).
-func TestDialProbe(t *testing.T) {
+var testKey = []byte("0123456789abcdef0123456789abcdef")
+
+// serve answers every connection on l with reply(probe line).
+func serve(t *testing.T, reply func(line string) []byte) (port int, stop func()) {
+	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := l.Addr().(*net.TCPAddr).Port
 	go func() {
 		for {
 			c, err := l.Accept()
 			if err != nil {
 				return
 			}
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			if b := reply(line); b != nil {
+				c.Write(b) //nolint:errcheck
+			}
 			c.Close()
 		}
 	}()
+	return l.Addr().(*net.TCPAddr).Port, func() { l.Close() }
+}
+
+// TestDialProbe: only an authenticated reply to this very probe is an
+// answer; a refused connection is told apart; a listener that accepts and
+// closes, or answers without the key, is silent (a pod or a scanner on the
+// port proves nothing).
+func TestDialProbe(t *testing.T) {
 	lo := netip.MustParseAddr("127.0.0.1")
-	if !dialProbe(context.Background(), lo, port, time.Second) {
-		t.Fatal("accepted probe counted as a miss")
+	pr := probe.Probe{Role: probe.RoleLeader, Identity: "op-0", Term: 1, Counter: 5, Node: lo}
+	for name, tc := range map[string]struct {
+		reply func(line string) []byte
+		want  answer
+		beat  uint64
+	}{
+		"agent": {func(line string) []byte {
+			p, err := probe.Decode(testKey, line)
+			if err != nil {
+				return nil
+			}
+			return probe.EncodeReply(testKey, p, 9)
+		}, answered, 9},
+		"accepts and closes": {func(string) []byte { return nil }, silent, 0},
+		"echoes the probe":   {func(line string) []byte { return []byte(line) }, silent, 0},
+		"other key": {func(line string) []byte {
+			return probe.EncodeReply([]byte("some other key 0123"), pr, 9)
+		}, silent, 0},
+	} {
+		t.Run(name, func(t *testing.T) {
+			port, stop := serve(t, tc.reply)
+			defer stop()
+			if a, beat := dialProbe(context.Background(), lo, port, time.Second, pr, testKey); a != tc.want || beat != tc.beat {
+				t.Fatalf("dialProbe = %v, %d; want %v, %d", a, beat, tc.want, tc.beat)
+			}
+		})
 	}
-	l.Close()
-	if !dialProbe(context.Background(), lo, port, time.Second) {
-		t.Fatal("refused probe (agent down, node up) counted as a miss")
+	port, stop := serve(t, func(string) []byte { return nil })
+	stop()
+	if a, _ := dialProbe(context.Background(), lo, port, time.Second, pr, testKey); a != refused {
+		t.Fatalf("closed port: %v, want refused", a)
 	}
 }
 
-// TestProberTransitions: healthy after one answer, Down only after Misses
-// silent probes in a row, healthy again at the next answer; each change is
+// TestProberTransitions: Down after Misses silent probes, after a refused
+// agent outlives RefusedGrace, and when the agent answers with a heartbeat
+// stuck for HeartbeatTimeout; Up again at the next live answer; each change
 // reported once.
 func TestProberTransitions(t *testing.T) {
-	var mu sync.Mutex
-	answers := []bool{true, false, false, true, false, false, false, true}
-	i := 0
-	changes := 0
-	p := newProber(ProbeConfig{Port: 1, Interval: time.Millisecond, SlowInterval: time.Millisecond, Timeout: time.Millisecond, Misses: 3},
-		zaptest.NewLogger(t), func() []probeTarget {
-			return []probeTarget{{name: "n1", ip: netip.MustParseAddr("192.0.2.11"), fast: true}}
-		},
-		func() { mu.Lock(); changes++; mu.Unlock() })
-	p.dial = func(context.Context, netip.Addr, int, time.Duration) bool {
-		mu.Lock()
-		defer mu.Unlock()
-		a := answers[i]
-		i++
-		return a
+	type step struct {
+		after time.Duration // clock advance before the probe
+		a     answer
+		beat  uint64
+		want  bool
 	}
-	ip := netip.MustParseAddr("192.0.2.11")
-	p.nodes["n1"] = &probeState{ip: ip}
-	// answers:     up    miss  miss  up    miss  miss  miss   up
-	want := []bool{true, true, true, true, true, true, false, true}
-	for step, w := range want {
-		p.probe(context.Background(), "n1", ip)
-		if got, _ := p.health("n1"); got != w {
-			t.Fatalf("after probe %d (answer %v): healthy=%v, want %v", step, answers[step], got, w)
+	s := time.Second
+	for name, steps := range map[string][]step{
+		"silence": {
+			{0, answered, 1, true}, {0, silent, 0, true}, {0, silent, 0, true}, {0, answered, 2, true},
+			{0, silent, 0, true}, {0, silent, 0, true}, {0, silent, 0, false}, {0, answered, 3, true},
+		},
+		"refused is alive for the grace only": {
+			{0, answered, 1, true}, {2 * s, refused, 0, true}, {2 * s, refused, 0, true},
+			{2 * s, refused, 0, false}, {s, answered, 2, true},
+		},
+		"refused from the first probe: grace from the start": {
+			{0, refused, 0, true}, {4 * s, refused, 0, true}, {2 * s, refused, 0, false},
+		},
+		"stuck heartbeat": {
+			{0, answered, 7, true}, {6 * s, answered, 7, true}, {5 * s, answered, 7, false},
+			{s, answered, 8, true},
+		},
+		"heartbeat moving keeps it up": {
+			{0, answered, 1, true}, {6 * s, answered, 2, true}, {6 * s, answered, 3, true}, {6 * s, answered, 4, true},
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var mu sync.Mutex
+			changes := 0
+			now := time.Unix(1000, 0)
+			p := newProber(ProbeConfig{Port: 1, Interval: time.Millisecond, SlowInterval: time.Millisecond, Timeout: time.Millisecond,
+				Misses: 3, RefusedGrace: 5 * s, HeartbeatTimeout: 10 * s},
+				zaptest.NewLogger(t), nil, func() { mu.Lock(); changes++; mu.Unlock() })
+			p.now = func() time.Time { return now }
+			ip := netip.MustParseAddr("192.0.2.11")
+			p.nodes["n1"] = &probeState{ip: ip, since: now}
+			wantChanges, prev := 0, false
+			for i, st := range steps {
+				now = now.Add(st.after)
+				p.record(context.Background(), "n1", ip, st.a, st.beat)
+				if got, _ := p.health("n1"); got != st.want {
+					t.Fatalf("step %d (%v after %v): healthy=%v, want %v", i, st.a, st.after, got, st.want)
+				}
+				if i == 0 || st.want != prev {
+					wantChanges++
+				}
+				prev = st.want
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if changes != wantChanges {
+				t.Fatalf("%d health changes reported, want %d", changes, wantChanges)
+			}
+		})
+	}
+}
+
+// TestProbeSender: no key, no probe; a standby signs as standby; the
+// leader signs with its term, and keeps doing so after it stepped down
+// (an API server outage leaves no leader) until its Lease cache shows
+// another holder or a newer term.
+func TestProbeSender(t *testing.T) {
+	cl := newCluster(t)
+	c := cl.controllerWith(t, func(cfg *Config) { cfg.Identity = "op-1" })
+	if _, _, _, _, ok := c.probeSender(); ok {
+		t.Fatal("probes sent without a key")
+	}
+	k := append([]byte(nil), testKey...)
+	c.probeKey.Store(&k)
+	if _, role, id, _, ok := c.probeSender(); !ok || role != probe.RoleStandby || id != "op-1" {
+		t.Fatalf("standby signs as %s %s %v", role, id, ok)
+	}
+	c.term.Store(&leaderTerm{term: 4})
+	if _, role, _, term, _ := c.probeSender(); role != probe.RoleLeader || term != 4 {
+		t.Fatalf("leader signs as %s term %d", role, term)
+	}
+	lease := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: agentNamespace, Name: DefaultLeaderLease},
+		Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To("op-1"), LeaseTransitions: ptr.To(int32(4))}}
+	if err := c.leases.Add(lease); err != nil {
+		t.Fatal(err)
+	}
+	if _, role, _, _, _ := c.probeSender(); role != probe.RoleLeader {
+		t.Fatalf("still holding the Lease: %s", role)
+	}
+	other := lease.DeepCopy()
+	other.Spec.HolderIdentity, other.Spec.LeaseTransitions = ptr.To("op-0"), ptr.To(int32(5))
+	if err := c.leases.Update(other); err != nil {
+		t.Fatal(err)
+	}
+	if _, role, _, _, _ := c.probeSender(); role != probe.RoleStandby {
+		t.Fatalf("another replica leads: %s", role)
+	}
+}
+
+// TestProbeKey: the first replica creates the Secret with a random key, the
+// others load the same key; a key too short is refused (no probes).
+func TestProbeKey(t *testing.T) {
+	cl := newCluster(t)
+	a := cl.controllerWith(t, func(cfg *Config) { cfg.Identity = "op-0" })
+	b := cl.controllerWith(t, func(cfg *Config) { cfg.Identity = "op-1" })
+	ctx := context.Background()
+	for _, c := range []*testController{a, b} {
+		if err := c.loadProbeKey(ctx); err != nil {
+			t.Fatal(err)
 		}
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if changes != 3 {
-		t.Fatalf("%d health changes reported, want 3 (Up, Down, Up)", changes)
+	ka, kb := *a.probeKey.Load(), *b.probeKey.Load()
+	if len(ka) < probe.MinKeyLen || string(ka) != string(kb) {
+		t.Fatalf("keys %x and %x: want one shared random key", ka, kb)
+	}
+	s, err := cl.core.CoreV1().Secrets(agentNamespace).Get(ctx, probe.SecretName, metav1.GetOptions{})
+	if err != nil || string(s.Data[probe.SecretKey]) != string(ka) {
+		t.Fatalf("secret: %v %v", s, err)
+	}
+	s.Data[probe.SecretKey] = []byte("short")
+	if _, err := cl.core.CoreV1().Secrets(agentNamespace).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c := cl.controllerWith(t, func(cfg *Config) { cfg.Identity = "op-2" })
+	if err := c.loadProbeKey(ctx); err == nil || c.probeKey.Load() != nil {
+		t.Fatalf("short key accepted: %v", err)
 	}
 }

@@ -23,6 +23,21 @@ type ctMatcher struct {
 	// are not SNATed to its egress IP (they were masqueraded, or null-bound
 	// for rerouting, before).
 	gateways []gatewayMatch
+	// translated: entries whose original source is the key, whose original
+	// destination lies in one of the span sets, and that are translated
+	// (their reply does not go back to the source): masqueraded flows of
+	// sources this node must reroute untranslated.
+	translated map[netip.Addr][]spanSet
+}
+
+func (m *ctMatcher) addTranslated(a netip.Addr, dests spanSet) {
+	if len(dests) == 0 {
+		return
+	}
+	if m.translated == nil {
+		m.translated = map[netip.Addr][]spanSet{}
+	}
+	m.translated[a] = append(m.translated[a], dests)
 }
 
 type gatewayMatch struct {
@@ -32,7 +47,7 @@ type gatewayMatch struct {
 }
 
 func (m *ctMatcher) empty() bool {
-	return len(m.replyDst) == 0 && len(m.bySource) == 0 && len(m.gateways) == 0
+	return len(m.replyDst) == 0 && len(m.bySource) == 0 && len(m.gateways) == 0 && len(m.translated) == 0
 }
 
 func (m *ctMatcher) addSource(a netip.Addr, dests spanSet) {
@@ -54,6 +69,13 @@ func (m *ctMatcher) match(f *conntrack.Flow) bool {
 	for _, ss := range m.bySource[src] {
 		if ss.contains(dst) {
 			return true
+		}
+	}
+	if f.TupleReply.IP.DestinationAddress != src {
+		for _, ss := range m.translated[src] {
+			if ss.contains(dst) {
+				return true
+			}
 		}
 	}
 	for _, g := range m.gateways {

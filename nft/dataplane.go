@@ -37,6 +37,8 @@ type Dataplane struct {
 	// sysctls, the table planned against the cache) even when only
 	// sources changed.
 	recheck bool
+	// applied: an Apply of this Dataplane succeeded (see conntrackMatcher).
+	applied bool
 
 	wg        sync.WaitGroup
 	done      chan struct{}
@@ -500,7 +502,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	}
 
 	// 6. Conntrack, only after everything above succeeded.
-	m := conntrackMatcher(plan, n, givenUp)
+	m := conntrackMatcher(plan, n, givenUp, !d.applied)
 	flushed, err := d.ct.flush(ctx, m)
 	res.ConntrackDeleted = flushed
 	if err != nil {
@@ -509,6 +511,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	if flushed > 0 {
 		d.log.Info("conntrack entries deleted", zap.Int("count", flushed))
 	}
+	d.applied = true
 	return nil
 }
 
@@ -546,8 +549,26 @@ func failClosed(st selector.NodeState, dropped []netip.Addr) (selector.NodeState
 }
 
 // conntrackMatcher derives the conntrack entries an Apply invalidated.
-func conntrackMatcher(plan *nftPlan, n *normalized, givenUp []netip.Addr) *ctMatcher {
+//
+// first: the first Apply of this Dataplane (the agent started, maybe after
+// a crash in the middle of an Apply whose conntrack clean-up never ran).
+// The table's diff cannot tell what changed then, so every source of a
+// Reroute policy has its translated flows to the policy's destinations
+// deleted: here they must leave untranslated (null binding) for the
+// gateway; a translated one was masqueraded before the policy took it.
+func conntrackMatcher(plan *nftPlan, n *normalized, givenUp []netip.Addr, first bool) *ctMatcher {
 	m := snatMatcher(givenUp)
+	if first {
+		for _, p := range n.state.Policies {
+			if p.Mode != selector.ModeReroute {
+				continue
+			}
+			dests := newSpanSet(n.dests[dstSetName(p.Name)])
+			for _, a := range n.sources[srcSetName(p.Name)] {
+				m.addTranslated(a, dests)
+			}
+		}
+	}
 	keys := map[string]bool{}
 	for name := range plan.sourceChanges {
 		if key, ok := strings.CutPrefix(name, srcPrefix); ok {

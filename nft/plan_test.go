@@ -107,6 +107,7 @@ add rule ip egressnat multi ip saddr @src-web ip daddr 198.51.100.0/24 counter m
 add rule ip egressnat postrouting ip daddr @internal return comment "cluster-internal destinations are never steered"
 add rule ip egressnat postrouting meta mark & 0x00003f00 != 0 counter snat to ip saddr comment "marked by egressnat: keep from masquerade"
 add rule ip egressnat postrouting ip saddr @src-gw ip daddr @dst-gw oifname "eth0" counter snat to 192.0.2.100 comment "policy gw: snat to 192.0.2.100"
+add rule ip egressnat postrouting ip saddr @internal iifname "eth0" oifname "eth0" counter drop comment "rerouted here, not SNATed by egressnat: drop, never masquerade"
 add rule ip egressnat pp-web ip daddr @dst-web counter meta mark set meta mark & 0xffffc0ff | 0x00000100 comment "policy web: reroute via 192.0.2.12 mark 0x100"
 add element ip egressnat pre-src { 10.244.1.2 : jump multi, 10.244.1.3 : jump pp-web }
 add chain ip egressnat prerouting { type filter hook prerouting priority -150; policy accept; }
@@ -128,6 +129,7 @@ chain postrouting
   ip daddr @internal return comment "cluster-internal destinations are never steered"
   meta mark & 0x00003f00 != 0 counter snat to ip saddr comment "marked by egressnat: keep from masquerade"
   ip saddr @src-gw ip daddr @dst-gw oifname "eth0" counter snat to 192.0.2.100 comment "policy gw: snat to 192.0.2.100"
+  ip saddr @internal iifname "eth0" oifname "eth0" counter drop comment "rerouted here, not SNATed by egressnat: drop, never masquerade"
 chain pp-web
   ip daddr @dst-web counter meta mark set meta mark & 0xffffc0ff | 0x00000100 comment "policy web: reroute via 192.0.2.12 mark 0x100"
 chain prerouting
@@ -326,9 +328,9 @@ func TestPlanSwapSteps(t *testing.T) {
 	kinds = slices.Compact(kinds)
 	want := []string{
 		"add set src-g-swap", "add element src-g-swap",
-		"flush chain postrouting", "rule postrouting reads @internal", "rule postrouting reads no set", "rule postrouting reads @src-g-swap",
+		"flush chain postrouting", "rule postrouting reads @internal", "rule postrouting reads no set", "rule postrouting reads @src-g-swap", "rule postrouting reads @internal",
 		"add element src-g", "delete element src-g",
-		"flush chain postrouting", "rule postrouting reads @internal", "rule postrouting reads no set", "rule postrouting reads @src-g",
+		"flush chain postrouting", "rule postrouting reads @internal", "rule postrouting reads no set", "rule postrouting reads @src-g", "rule postrouting reads @internal",
 		"delete set src-g-swap",
 	}
 	if !slices.Equal(kinds, want) {

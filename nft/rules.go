@@ -156,6 +156,9 @@ func policyComment(p selector.PolicyState, mark uint32) string {
 
 const nullBindingComment = "marked by egressnat: keep from masquerade"
 
+// forwardGuardComment marks the last postrouting rule.
+const forwardGuardComment = "rerouted here, not SNATed by egressnat: drop, never masquerade"
+
 const floatingGuardComment = "floating IPs are egress-only: no new inbound flows"
 
 // ctStateNew is the ct state bit of a packet that opens a connection.
@@ -206,6 +209,16 @@ const (
 	// source whose traffic a policy this node serves as gateway wins: not
 	// marked, SNATed in postrouting.
 	ruleStay
+	// ruleForwardGuard: ip saddr @internal iifname <uplink> oifname
+	// <uplink> counter drop, the last postrouting rule. A connection that
+	// came in on the uplink from a cluster-internal source (a pod on
+	// another node) and leaves by the uplink again to an outside
+	// destination was rerouted here by egressnat; if no gateway rule of
+	// this node SNATed it (this node stopped being, or is not yet, its
+	// gateway, or it does not know the pod yet), the CNI's masquerade would
+	// send it out with this node's address. It is dropped instead (fail
+	// closed). Only new connections reach a NAT chain.
+	ruleForwardGuard
 )
 
 // ctDirReply is the ct direction of a reply (IP_CT_DIR_REPLY).
@@ -302,6 +315,16 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 			&expr.Immediate{Register: 1, Data: ip[:]},
 			&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1},
 		)
+	case ruleForwardGuard:
+		return []expr.Any{
+			loadAddr(12), lookup(r.src),
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.oif)},
+			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.oif)},
+			&expr.Counter{},
+			&expr.Verdict{Kind: expr.VerdictDrop},
+		}
 	case ruleNullBinding:
 		return []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
@@ -361,6 +384,8 @@ func (r rule) String() string {
 		fmt.Fprintf(&b, "ip daddr %s oifname %q counter snat to %s", r.daddr(), r.oif, r.egress)
 	case ruleNullBinding:
 		fmt.Fprintf(&b, "meta mark & %#08x != 0 counter snat to ip saddr", r.mask)
+	case ruleForwardGuard:
+		fmt.Fprintf(&b, "iifname %q oifname %q counter drop", r.oif, r.oif)
 	}
 	if r.comment != "" {
 		fmt.Fprintf(&b, " comment %q", r.comment)
@@ -484,6 +509,8 @@ func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, j
 	for _, r := range rankedRules(ranked, policyRule) {
 		out[chainPostrouting] = append(out[chainPostrouting], withChain(r, chainPostrouting, r.src))
 	}
+	out[chainPostrouting] = append(out[chainPostrouting],
+		rule{chain: chainPostrouting, kind: ruleForwardGuard, comment: forwardGuardComment, src: setInternal, oif: cfg.Uplink})
 	return out
 }
 

@@ -66,6 +66,7 @@ type fence struct {
 	lastAPICheck time.Time
 	apiReachable bool
 	fencedSince  time.Time
+	lastTick     time.Time // the last watch tick evaluated
 }
 
 func newFence(cfg Config, log *zap.Logger, clk clock.WithTickerAndDelayedExecution, kick func(), holding func() bool) *fence {
@@ -142,18 +143,44 @@ const (
 	Counts   = probe.Counts
 )
 
+// stallGap: a gap this long between two fence ticks (100 ms apart) means
+// the agent itself did not run (stopped, starved of CPU).
+const stallGap = time.Second
+
 // watch re-evaluates the fence every tick until ctx ends.
 func (f *fence) watch(ctx context.Context) {
 	t := f.clock.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
+	last := f.clock.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C():
 		}
+		if gap := f.clock.Since(last); gap >= stallGap {
+			f.stalled(gap)
+		}
+		last = f.clock.Now()
 		f.evaluate(ctx)
+		f.mu.Lock()
+		f.lastTick = last
+		f.mu.Unlock()
 	}
+}
+
+// stalled starts the observation of probes afresh after the agent itself
+// did not run for gap: the probes it missed meanwhile say nothing about the
+// network (the kernel kept answering ARP for its addresses all along), and
+// fencing at once would drop every IP it holds; if it is cut off, it
+// fences FenceAfter from now.
+func (f *fence) stalled(gap time.Duration) {
+	f.mu.Lock()
+	if now := f.clock.Now(); now.After(f.lastProbe) {
+		f.lastProbe = now
+	}
+	f.mu.Unlock()
+	f.log.Warn("the agent did not run for a while; observing the operator leader's probes afresh", zap.Duration("gap", gap))
 }
 
 func (f *fence) evaluate(ctx context.Context) {

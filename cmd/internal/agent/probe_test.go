@@ -263,3 +263,41 @@ func TestConntrackChecks(t *testing.T) {
 		t.Fatalf("after a move away and a take: checks %q, want %q", got, want)
 	}
 }
+
+// TestFenceAfterStall: an agent that did not run for seconds (stopped,
+// starved of CPU) does not fence the moment it runs again for the probes it
+// could not see; if it is really cut off, it fences FenceAfter later.
+func TestFenceAfterStall(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ta := newTestAgent(t, cluster()...)
+	ta.api.set(false)
+	done := make(chan struct{})
+	go func() { ta.fence.watch(ctx); close(done) }()
+	eventually(t, "the fence ticker", func() bool { return ta.clk.HasWaiters() })
+	// tick advances the clock by d and waits for the watch to evaluate.
+	tick := func(d time.Duration) {
+		ta.clk.Step(d)
+		eventually(t, "the fence tick", func() bool {
+			ta.fence.mu.Lock()
+			defer ta.fence.mu.Unlock()
+			return ta.fence.lastTick.Equal(ta.clk.Now())
+		})
+	}
+	tick(5 * time.Second) // the agent was stopped for 5 s
+	if fenced, _ := ta.fence.state(); fenced {
+		t.Fatal("fenced for the probes missed while the agent itself did not run")
+	}
+	for range 10 {
+		tick(100 * time.Millisecond)
+	}
+	if fenced, _ := ta.fence.state(); fenced {
+		t.Fatal("fenced within FenceAfter of the stall")
+	}
+	tick(100 * time.Millisecond)
+	if fenced, _ := ta.fence.state(); !fenced {
+		t.Fatal("cut off: not fenced FenceAfter after the stall")
+	}
+	cancel()
+	<-done
+}

@@ -1,0 +1,107 @@
+package nft
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/egressnat/egressnat/selector"
+)
+
+// remotePod is a pod on the peer node whose traffic the peer reroutes to
+// the gateway (as a source node of a Reroute policy does).
+const remotePod = "10.244.3.5"
+
+// sendRerouted sends one datagram from the remote pod on the peer, routed
+// through the gateway node, from port to server.
+func (l *relLab) sendRerouted(port int, server string) {
+	l.t.Helper()
+	err := l.inNS("peer", func() error {
+		c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(remotePod), uint16(port))),
+			net.UDPAddrFromAddrPort(netip.MustParseAddrPort(server+":"+relUDPPort)))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.Write([]byte("x"))
+		return err
+	})
+	if err != nil {
+		l.t.Fatal(err)
+	}
+}
+
+// TestForwardGuard: traffic another node rerouted to this one (in on the
+// uplink from a pod address, out by the uplink to the outside) leaves with
+// the floating IP when a gateway rule of this node SNATs it, and is dropped
+// otherwise: never masqueraded to the node's address by the CNI's rule
+// (this node no longer, or not yet, its gateway; a pod it does not know
+// yet). The node's own pods are not concerned.
+func TestForwardGuard(t *testing.T) {
+	l := newRelLab(t)
+	seen := l.udpServers()
+	l.ip("peer", "addr", "add", remotePod+"/32", "dev", "lo")
+	for _, s := range []string{relServer1, relServer2} {
+		l.ip("peer", "route", "add", s+"/32", "via", relGW)
+	}
+	// Without egressnat's table the CNI masquerades rerouted traffic: the
+	// leak the guard closes.
+	expectRerouted := func(port int, server, want string) {
+		t.Helper()
+		l.sendRerouted(port, server)
+		select {
+		case got := <-seen[server]:
+			if want == "" {
+				t.Fatalf("%s saw the rerouted datagram from %s: it should have been dropped", server, got)
+			}
+			if got.Addr() != netip.MustParseAddr(want) {
+				t.Fatalf("%s saw the rerouted datagram from %s, want %s", server, got, want)
+			}
+		case <-time.After(relWaitLeak):
+			if want != "" {
+				t.Fatalf("%s saw nothing from port %d, want a datagram from %s", server, port, want)
+			}
+		}
+	}
+	expectRerouted(6000, relServer1, relGW)
+
+	d := l.dataplane(-1)
+	web := relGateway("web", relFloat1, relServer1+"/32")
+	web.Sources = append(web.Sources, netip.MustParseAddr(remotePod))
+	api := relGateway("api", relFloat1, relServer2+"/32") // gw does not know the remote pod yet
+	st := selector.NodeState{
+		Policies:    []selector.PolicyState{web, api},
+		FloatingIPs: []netip.Prefix{netip.MustParsePrefix(relFloat1 + "/24")},
+		Excluded:    []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
+	}
+	mustApply(t, d, st)
+	mustVerify(t, d, "after apply")
+	expectRerouted(6001, relServer1, relFloat1) // SNATed by web
+	expectRerouted(6002, relServer2, "")        // api: source unknown here: dropped, not masqueraded
+	l.expectFrom(seen, 6003, relServer2, relFloat1)
+
+	// Released (web's IP moved away): the rule is a drop, and nothing else
+	// masquerades the rerouted traffic either.
+	if _, err := d.Release(ctxT(t), addrList(relFloat1)); err != nil {
+		t.Fatal(err)
+	}
+	expectRerouted(6004, relServer1, "")
+	// Not a gateway any more: the policies route elsewhere from here; the
+	// remote pod's traffic still reaching this node is dropped.
+	st.Policies, st.FloatingIPs = []selector.PolicyState{{Name: "web", Mode: selector.ModeReroute, NextHop: netip.MustParseAddr(relPeer),
+		EgressIP: netip.MustParseAddr(relFloat1), Sources: []netip.Addr{netip.MustParseAddr(relPod)},
+		Destinations: []netip.Prefix{netip.MustParsePrefix(relServer1 + "/32")}}}, nil
+	mustApply(t, d, st)
+	mustVerify(t, d, "after the move")
+	expectRerouted(6005, relServer1, "")
+	expectRerouted(6006, relServer2, "")
+	c := l.exec("gw", "nft", "list", "chain", "ip", "egressnat", chainPostrouting)
+	t.Logf("postrouting:\n%s", c)
+
+	// Without egressnat's table the node is as before.
+	if err := d.Cleanup(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	expectRerouted(6007, relServer1, relGW)
+}

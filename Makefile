@@ -68,6 +68,17 @@ clean:
 bench-failover: deps kube-binaries build
 	$(GO) run ./test/cluster/cmd/bench-failover $(BENCH_FLAGS)
 
+# chaos: a randomized fault campaign (cables, switch partitions, API server,
+# operator leader, agents, node reboots, CPU starvation) on a lab cluster of
+# cp1 and three workers, watched from outside the nodes (ARP from the router
+# every 50 ms, packet sources at an external host); ends with
+# `chaos faults=<n> violations=<k> max_dual_holder_ms=<d> max_outage_ms=<o>`
+# and exits 1 when k > 0. Default 10 minutes; e.g.
+# make chaos CHAOS_FLAGS="-duration 5m -seed 7"
+.PHONY: chaos
+chaos: deps kube-binaries build
+	$(GO) run ./test/cluster/cmd/chaos $(CHAOS_FLAGS)
+
 # bench-scale: 20,000 pods, 1,000 policies, 20 gateways through the real API
 # server; programming latency, full resync, memory, assignment and
 # per-packet cost; ends with `scale programming_p99_ms=.. resync_ms=..

@@ -58,6 +58,12 @@ type Config struct {
 	// is not taken (Result.Conflicts). All new IPs of one Apply share one
 	// window. Zero means DefaultARPProbeWait, negative disables the probe.
 	ARPProbeWait time.Duration
+	// ARPLease: the node answers ARP for its floating IPs only while their
+	// lease, renewed by KeepARP, is live (a kernel-level dead man's switch:
+	// see KeepARP). Zero means DefaultARPLease; negative disables the
+	// lease (no arp table: the node answers for them as long as they are
+	// on the uplink). The kernel counts it in whole milliseconds.
+	ARPLease time.Duration
 }
 
 func (c Config) withDefaults() (Config, error) {
@@ -81,6 +87,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.ARPProbeWait == 0 {
 		c.ARPProbeWait = DefaultARPProbeWait
+	}
+	if c.ARPLease == 0 {
+		c.ARPLease = DefaultARPLease
 	}
 	if c.Uplink == "" {
 		return c, errors.New("config: uplink is required")

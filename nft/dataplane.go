@@ -30,6 +30,7 @@ type Dataplane struct {
 	rt   routing
 	addr *addresses
 	ct   conntrackCleaner
+	arp  *arpLease // own lock: see KeepARP
 
 	mu   sync.Mutex
 	last Result
@@ -112,6 +113,7 @@ func New(cfg Config) (*Dataplane, error) {
 	d.rt = routing{cfg: cfg, log: cfg.Logger}
 	d.addr = &addresses{cfg: cfg, log: cfg.Logger, announced: map[netip.Addr]bool{}, wg: &d.wg, done: d.done}
 	d.ct = conntrackCleaner{cfg: cfg}
+	d.arp = &arpLease{cfg: cfg, log: cfg.Logger}
 	return d, nil
 }
 
@@ -120,6 +122,7 @@ func New(cfg Config) (*Dataplane, error) {
 func (d *Dataplane) Close() error {
 	d.closeOnce.Do(func() { close(d.done) })
 	d.wg.Wait()
+	d.arp.close()
 	return nil
 }
 
@@ -441,7 +444,15 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 			zap.Int("added", len(ch.added)), zap.Int("removed", len(ch.removed)))
 	}
 
-	// 3. Floating IPs and gratuitous ARP.
+	// 3. Floating IPs and gratuitous ARP. First their ARP leases: every
+	// IP held during this Apply (taken or kept, and given up but still
+	// on the uplink) is in the arp table's held set with a live lease, so
+	// the node answers ARP for a new one as soon as it is added (and
+	// stops unless KeepARP renews it). The table is created or repaired
+	// here; with the lease disabled, deleted.
+	if err := d.applyARP(union(ours, givenUp)); err != nil {
+		return err
+	}
 	var wantPrefixes []netip.Prefix
 	for _, p := range n.floating {
 		if slices.Contains(ours, p.Addr()) {
@@ -479,6 +490,11 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	d.addr.stop(givenUp)
 	if err := d.addr.remove(h, link, addrs, givenUp, res); err != nil {
 		return err
+	}
+	if len(givenUp) > 0 && d.arp.enabled() {
+		if err := d.arp.hold(union(ours, nil)); err != nil {
+			return fmt.Errorf("arp lease: %w", err)
+		}
 	}
 	if err := d.unrecordFloating(ctx, intersect(givenUp, recorded), res); err != nil {
 		return err
@@ -680,6 +696,13 @@ func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
 		}
 	} else if _, notFound := err.(netlink.LinkNotFoundError); !notFound {
 		errs = append(errs, fmt.Errorf("uplink %s: %w", d.cfg.Uplink, err))
+	}
+	// The arp table goes once the floating IPs left the uplink (whether
+	// the lease is enabled or not).
+	if deleted, err := d.arp.remove(); err != nil {
+		errs = append(errs, err)
+	} else if deleted {
+		d.log.Info("arp table deleted", zap.String("table", d.cfg.Table))
 	}
 	rs, err := d.rt.read(h, uplinkIndex)
 	if err != nil {

@@ -186,6 +186,7 @@ func (l *lab) dataplane(role string) *Dataplane {
 		l.t.Fatal(err)
 	}
 	l.t.Cleanup(func() { d.Close() })
+	keepARP(l.t, d) // as the agent does
 	return d
 }
 

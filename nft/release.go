@@ -42,7 +42,8 @@ type ReleaseResult struct {
 //
 //  1. their gratuitous ARP stops and those egressnat added leave the
 //     uplink, so the node stops answering ARP for them (an address it did
-//     not add is never removed: ReleaseResult.NotOwned);
+//     not add is never removed: ReleaseResult.NotOwned); then they leave
+//     the ARP lease table (see KeepARP; best effort);
 //  2. in one nftables transaction, every Gateway rule that SNATs to one of
 //     them becomes a drop rule (same match, `counter drop`), so that the
 //     traffic of those policies fails closed: it is neither SNATed to an
@@ -151,6 +152,8 @@ func (d *Dataplane) release(ctx context.Context, targets []netip.Addr, all bool)
 		return rr, err
 	}
 	rr.AddrsRemoved = remove
+	// Gone from the uplink: out of the arp table (best effort).
+	d.releaseARP(targets, all)
 
 	// 2. The Gateway rules to the released IPs drop; the record goes, in
 	// the same transaction.

@@ -227,6 +227,7 @@ func (l *relLab) dataplane(probeWait time.Duration) *Dataplane {
 		l.t.Fatal(err)
 	}
 	l.t.Cleanup(func() { d.Close() })
+	keepARP(l.t, d) // as the agent does
 	return d
 }
 

@@ -281,11 +281,12 @@ func TestGatewayStatusShape(t *testing.T) {
 			t.Fatalf("status.nodes[%s] = %v, want Up or Down", n, h)
 		}
 	}
-	// The holders really hold the addresses.
+	// The holders really hold the addresses (each adds its own after an
+	// ARP probe of 100 ms, once it read the status).
 	for ip, node := range wantIPs {
-		if !strings.Contains(nodeExec(t, node.(string), "ip", "-4", "addr", "show", "dev", "eth0"), ip+"/24") {
-			t.Fatalf("%s does not hold %s", node, ip)
-		}
+		waitFor(t, 5*time.Second, node.(string)+" holds "+ip, func() bool {
+			return strings.Contains(nodeExec(t, node.(string), "ip", "-4", "addr", "show", "dev", "eth0"), ip+"/24")
+		})
 	}
 }
 

@@ -57,6 +57,10 @@ type Dataplane interface {
 	// the floating IPs it took, and deletes those that do not.
 	VerifyReleased(ctx context.Context, ips []netip.Addr) (nft.CTVerify, error)
 	VerifyTaken(ctx context.Context, ips []netip.Addr) (nft.CTVerify, error)
+	// KeepARP renews the kernel's ARP lease on the floating IPs held: the
+	// node stops answering ARP for them when it is not renewed (the
+	// agent frozen or stuck). It never waits for an Apply.
+	KeepARP(ctx context.Context) error
 	// Verify compares the kernel with what was applied and describes a
 	// difference ("" when none).
 	Verify(ctx context.Context) (drift string, err error)
@@ -159,6 +163,8 @@ type agent struct {
 	// held: the floating IPs of the last successful apply (read by the
 	// fence to release them, written by the sync loop).
 	held atomic.Pointer[[]netip.Addr]
+	// arpTick: the clock at the last tick keepARP handled (for tests).
+	arpTick atomic.Int64
 }
 
 // RunWithReady runs the agent until ctx ends, handing its readiness check
@@ -200,6 +206,59 @@ func (a *agent) releaseAll(ctx context.Context) {
 	}
 	a.held.Store(nil)
 	a.log.Info("floating IPs released", zap.Duration("took", a.clock.Since(start)))
+}
+
+// arpRenewal: how often the ARP lease is renewed; arpStuck: a sync loop
+// that made no progress for this long stops renewing it (the operator
+// declares the node Down after --heartbeat-timeout, 10 s by default: by
+// then its kernel no longer answers ARP for the IPs that move).
+const (
+	arpRenewal = 100 * time.Millisecond
+	arpStuck   = 5 * time.Second
+)
+
+// keepARP renews the ARP lease every arpRenewal until ctx ends: from the
+// start (a restarted agent keeps its kernel state until its first sync,
+// ARP included), then while the sync loop makes progress and the fence is
+// down.
+func (a *agent) keepARP(ctx context.Context) {
+	t := a.clock.NewTicker(arpRenewal)
+	defer t.Stop()
+	lastBeat, beatAt := a.beat.Load(), a.clock.Now()
+	failing, stuck := false, false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C():
+		}
+		now := a.clock.Now()
+		if b := a.beat.Load(); b != lastBeat {
+			lastBeat, beatAt = b, now
+		}
+		if a.synced.Load() && now.Sub(beatAt) > arpStuck {
+			if !stuck {
+				a.log.Error("sync loop stuck: no longer answering ARP for the floating IPs", zap.Duration("stuckFor", now.Sub(beatAt)))
+			}
+			stuck = true
+			a.arpTick.Store(now.UnixNano())
+			continue
+		}
+		stuck = false
+		if fenced, _ := a.fence.state(); fenced {
+			a.arpTick.Store(now.UnixNano())
+			continue
+		}
+		err := a.cfg.Dataplane.KeepARP(ctx)
+		switch {
+		case err != nil && !failing && ctx.Err() == nil:
+			a.log.Warn("renew the ARP lease", zap.Error(err))
+		case err == nil && failing:
+			a.log.Info("ARP lease renewed again")
+		}
+		failing = err != nil
+		a.arpTick.Store(now.UnixNano())
+	}
 }
 
 // cachedHoldings returns the floating IPs the watch cache's group statuses
@@ -273,6 +332,7 @@ func (a *agent) run(ctx context.Context) error {
 	// starts cut off must release its floating IPs.
 	go a.fence.serveProbes(ctx, l)
 	go a.fence.watch(ctx)
+	go a.keepARP(ctx)
 	go a.renewLease(ctx)
 	kube.RunInformers(ctx, infs...)
 	// The cluster-internal destinations before the first apply, so that

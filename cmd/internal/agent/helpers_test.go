@@ -41,6 +41,7 @@ type fakeDataplane struct {
 	rechecks int
 	block    chan struct{} // when set, Apply waits for it to close
 	verified []string      // conntrack checks: "released [ips]", "taken [ips]"
+	arpRenewals int        // KeepARP calls
 	drift    string     // what Verify reports
 	result   nft.Result // what LastResult reports
 }
@@ -106,6 +107,19 @@ func (d *fakeDataplane) verifiedNow() []string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return slices.Clone(d.verified)
+}
+
+func (d *fakeDataplane) KeepARP(context.Context) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.arpRenewals++
+	return nil
+}
+
+func (d *fakeDataplane) renewals() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.arpRenewals
 }
 
 // checks returns the conntrack checks so far and forgets them.

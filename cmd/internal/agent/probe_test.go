@@ -301,3 +301,45 @@ func TestFenceAfterStall(t *testing.T) {
 	cancel()
 	<-done
 }
+
+// TestKeepARP: the ARP lease is renewed every 100 ms from the start, and
+// no longer once the synced agent's loop made no progress for arpStuck or
+// while it is fenced.
+func TestKeepARP(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ta := newTestAgent(t, cluster()...)
+	done := make(chan struct{})
+	go func() { ta.keepARP(ctx); close(done) }()
+	eventually(t, "the ARP ticker", func() bool { return ta.clk.HasWaiters() })
+	step := func(n int) int {
+		before := ta.dp.renewals()
+		for range n {
+			ta.clk.Step(arpRenewal)
+			eventually(t, "the ARP tick", func() bool { return ta.arpTick.Load() == ta.clk.Now().UnixNano() })
+		}
+		return ta.dp.renewals() - before
+	}
+	if n := step(3); n != 3 {
+		t.Fatalf("before the first sync: %d renewals in 3 ticks, want 3", n)
+	}
+	ta.synced.Store(true)
+	ta.beat.Add(1)
+	if n := step(3); n != 3 {
+		t.Fatalf("loop progressing: %d renewals in 3 ticks, want 3", n)
+	}
+	step(int(arpStuck/arpRenewal) + 1) // the loop stands still past arpStuck
+	if n := step(3); n != 0 {
+		t.Fatalf("loop stuck: %d renewals, want none", n)
+	}
+	ta.beat.Add(1)
+	if n := step(3); n == 0 {
+		t.Fatal("loop progressing again: no renewal")
+	}
+	ta.cutOff(t)
+	if n := step(3); n != 0 {
+		t.Fatalf("fenced: %d renewals, want none", n)
+	}
+	cancel()
+	<-done
+}

@@ -39,6 +39,9 @@ import (
 	"k8s.io/utils/clock"
 )
 
+// DefaultARPLease matches the agents' default --arp-lease.
+const DefaultARPLease = 300 * time.Millisecond
+
 // DefaultLeaderLease is the operators' leader Lease.
 const DefaultLeaderLease = "egressnat-operator"
 
@@ -63,6 +66,13 @@ type Config struct {
 	// LeaderLease names the operators' leader Lease in AgentNamespace;
 	// "" means egressnat-operator.
 	LeaderLease string
+	// ARPLease is the agents' --arp-lease: a node whose agent stopped
+	// refreshing stops answering ARP for its floating IPs within it. A node
+	// that went silent keeps its IPs until ARPLease plus two probe
+	// intervals after its agent last answered, so that its kernel has
+	// surely stopped answering for them when the new holder takes them.
+	// 0 means DefaultARPLease; negative, no wait.
+	ARPLease time.Duration
 	// Metrics are updated when set.
 	Metrics *metrics.Operator
 	// GatewayNamespaces: the namespaces whose NetworkGatewayGroups are
@@ -80,7 +90,7 @@ type Config struct {
 // Controller reconciles the whole cluster state on every change.
 type Controller struct {
 	cfg      Config
-	clock    clock.Clock
+	clock    clock.WithDelayedExecution
 	trigger  chan struct{}
 	prober   *prober
 	recorder record.EventRecorder
@@ -143,13 +153,16 @@ func New(cfg Config) (*Controller, error) {
 
 // newController builds the controller on the clock clk, without its event
 // recorder.
-func newController(cfg Config, clk clock.Clock) (*Controller, error) {
+func newController(cfg Config, clk clock.WithDelayedExecution) (*Controller, error) {
 	cfg.Probe.defaults()
 	if cfg.ProbeSecret == "" {
 		cfg.ProbeSecret = probe.SecretName
 	}
 	if cfg.LeaderLease == "" {
 		cfg.LeaderLease = DefaultLeaderLease
+	}
+	if cfg.ARPLease == 0 {
+		cfg.ARPLease = DefaultARPLease
 	}
 	if cfg.MarkMask == 0 {
 		cfg.MarkMask = selector.DefaultMarkMask
@@ -497,10 +510,35 @@ func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selec
 		facts = append(facts, f)
 		l.ProbeHealthy, _ = c.prober.health(n.Name)
 		gn.Up = gateway.Up(l)
+		if until := c.arpHold(n.Name); !gn.Up && !until.IsZero() && l.Registered && !(l.NodeReadyKnown && !l.NodeReady) {
+			// Silent, but its kernel may still answer ARP for its IPs
+			// (its agent frozen): it keeps them, and gets no new one,
+			// until its ARP lease has surely run out.
+			gn.Up, gn.Stale = true, true
+			c.clock.AfterFunc(until.Sub(c.clock.Now()), c.kick)
+		}
 		out = append(out, gn)
 	}
 	slices.SortFunc(out, func(a, b gateway.Node) int { return strings.Compare(a.Name, b.Name) })
 	return out, facts
+}
+
+// arpHold returns until when a node that went silent keeps its floating
+// IPs (zero when it does not: it answers, or it is Down for another
+// reason, or the wait is over).
+func (c *Controller) arpHold(node string) time.Time {
+	if c.cfg.ARPLease < 0 {
+		return time.Time{}
+	}
+	last := c.prober.silentSince(node)
+	if last.IsZero() {
+		return time.Time{}
+	}
+	until := last.Add(c.cfg.ARPLease + 2*c.cfg.Probe.Interval)
+	if !c.clock.Now().Before(until) {
+		return time.Time{}
+	}
+	return until
 }
 
 // leaseStale reports whether an agent's Lease was not renewed within its

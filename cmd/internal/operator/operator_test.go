@@ -442,3 +442,46 @@ func TestStaleLeaseGetsNoNewIP(t *testing.T) {
 		t.Fatal("a Lease without renewTime is not stale (the agent registered)")
 	}
 }
+
+// TestSilentHolderKeepsIPsForARPLease: a holder that went silent keeps its
+// floating IPs until its ARP lease has surely run out (its kernel may still
+// answer ARP for them while its agent is frozen), then they move; a node
+// Down for another reason (a refusing agent) moves at once.
+func TestSilentHolderKeepsIPsForARPLease(t *testing.T) {
+	g := gatewayObj("gw", fip1, fip2)
+	g.Status.FloatingIPs = map[string]string{fip1: "n1", fip2: "n2"}
+	objs := objects()
+	for i, o := range objs {
+		if gg, ok := o.(*v1.NetworkGatewayGroup); ok && gg.Name == "gw" {
+			objs[i] = g
+		}
+	}
+	cl := newCluster(t, objs...)
+	c := cl.controller(t, false)
+	c.setHealth("n2", true, epoch)
+	c.setHealth("n3", true, epoch)
+	c.prober.mu.Lock()
+	c.prober.nodes["n1"] = &probeState{known: true, healthy: false, misses: 3, lastAlive: epoch}
+	c.prober.mu.Unlock()
+	hold := DefaultARPLease + 2*DefaultProbeConfig.Interval
+
+	cl.clk.SetTime(epoch.Add(hold - time.Millisecond))
+	c.mustReconcile(t)
+	if got := cl.gateway(t, "gw").Status.FloatingIPs[fip1]; got != "n1" {
+		t.Fatalf("within the ARP lease of its last answer: %s on %s, want n1", fip1, got)
+	}
+	cl.clk.SetTime(epoch.Add(hold))
+	c.mustReconcile(t)
+	if got := cl.gateway(t, "gw").Status.FloatingIPs[fip1]; got != "n2" {
+		t.Fatalf("after the ARP lease: %s on %s, want n2", fip1, got)
+	}
+
+	// A refusing agent past its grace: Down, not silent: no wait.
+	c.prober.mu.Lock()
+	c.prober.nodes["n2"] = &probeState{known: true, healthy: false, lastAlive: cl.clk.Now()}
+	c.prober.mu.Unlock()
+	c.mustReconcile(t)
+	if got := cl.gateway(t, "gw").Status.FloatingIPs[fip1]; got == "n2" {
+		t.Fatalf("a refusing agent's node kept %s", fip1)
+	}
+}

@@ -129,6 +129,19 @@ func (p *prober) health(node string) (healthy bool, lastAlive time.Time) {
 	return s.healthy, s.lastAlive
 }
 
+// silentSince returns, for a node Down because its probes went
+// unanswered, when its agent last answered; zero otherwise (healthy, or
+// Down for another reason: a refusing or stuck agent).
+func (p *prober) silentSince(node string) time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s, ok := p.nodes[node]
+	if !ok || s.healthy || s.misses < p.cfg.Misses {
+		return time.Time{}
+	}
+	return s.lastAlive
+}
+
 // nextCounter returns a counter above every one this process sent: it
 // starts at the wall clock in nanoseconds, so that a restarted replica does
 // not reuse a counter an agent has seen.
@@ -233,9 +246,10 @@ func (p *prober) record(ctx context.Context, node string, ip netip.Addr, a answe
 		s.healthy = now.Sub(last) <= p.cfg.RefusedGrace
 		s.why = fmt.Sprintf("agent refuses probes for %v", now.Sub(last).Round(time.Millisecond))
 	default:
-		if s.misses++; s.misses >= p.cfg.Misses {
+		s.misses++
+		s.why = fmt.Sprintf("%d probes unanswered", s.misses)
+		if s.misses >= p.cfg.Misses {
 			s.healthy = false
-			s.why = fmt.Sprintf("%d probes unanswered", s.misses)
 		}
 	}
 	changed := s.healthy != wasHealthy || !wasKnown

@@ -78,7 +78,14 @@ func setup(t *testing.T, yaml string) (*cluster.Pod, string) {
 	if _, err := c.WaitSource(ctx, p, ext1(), fip100, 20*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	return p, holderOf(t, fip100)
+	holder := holderOf(t, fip100)
+	if holder == "cp1" {
+		// The control plane (API server, operators) runs on cp1: the
+		// tests fail the holder, never the control plane. Workers come
+		// before control-plane nodes, so a worker must hold it.
+		t.Fatalf("%s held by cp1, not by a worker", fip100)
+	}
+	return p, holder
 }
 
 // holderOf returns the node whose status holds ip, failing when none does.

@@ -115,7 +115,10 @@ func (f *fence) handleProbe(c net.Conn) {
 	}
 	k := f.key.Load()
 	if k == nil {
-		return // no key yet: nothing can be verified
+		// No key yet (the agent just started): say so; the operator
+		// counts it as a refused connection.
+		_, _ = io.WriteString(c, probe.NoKey)
+		return
 	}
 	p, err := probe.Decode(*k, line)
 	if err != nil {

@@ -24,8 +24,6 @@ func TestProbeServer(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	ta := newTestAgent(t, cluster()...)
-	k := append([]byte(nil), probeKey...)
-	ta.fence.key.Store(&k)
 	ta.beat.Store(41)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -57,6 +55,13 @@ func TestProbeServer(t *testing.T) {
 	leader := func(id string, term int64, counter uint64) probe.Probe {
 		return probe.Probe{Role: probe.RoleLeader, Identity: id, Term: term, Counter: counter, Node: lo}
 	}
+	// Without the key yet, the agent says so and nothing counts.
+	before := lastProbe()
+	if r := send(leader("op-0", 3, 1).Encode(probeKey)); r != probe.NoKey || lastProbe() != before {
+		t.Fatalf("without a key: reply %q, counted %v", r, lastProbe() != before)
+	}
+	k := append([]byte(nil), probeKey...)
+	ta.fence.key.Store(&k)
 	for _, tc := range []struct {
 		name    string
 		p       probe.Probe

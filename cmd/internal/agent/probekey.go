@@ -10,7 +10,7 @@ import (
 )
 
 // keepProbeKey loads the probe key from its Secret (the operator creates
-// it), retrying every second until it loads, then reloads it every 30 s (a
+// it), retrying every 200 ms until it loads, then reloads it every 30 s (a
 // rotated key takes effect without a restart). Without a key no probe
 // counts: a node holding floating IPs that cannot reach the API server
 // fences.
@@ -27,7 +27,7 @@ func (a *agent) keepProbeKey(ctx context.Context) {
 			return
 		case err != nil:
 			if a.fence.key.Load() == nil {
-				wait = time.Second
+				wait = 200 * time.Millisecond // the operator creates it at its start
 			}
 			a.log.Warn("load the probe key", zap.Error(err))
 		default:

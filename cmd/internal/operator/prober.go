@@ -252,7 +252,10 @@ func (p *prober) record(ctx context.Context, node string, ip netip.Addr, a answe
 			s.healthy = false
 		}
 	}
-	changed := s.healthy != wasHealthy || !wasKnown
+	changed := s.healthy != wasHealthy || (!wasKnown && (s.healthy || s.misses >= p.cfg.Misses))
+	if !wasKnown && !changed {
+		s.known = false // not conclusive yet
+	}
 	healthy, why := s.healthy, s.why
 	p.mu.Unlock()
 	if changed && ctx.Err() == nil {
@@ -290,6 +293,9 @@ func dialProbe(ctx context.Context, ip netip.Addr, port int, timeout time.Durati
 	line, err := bufio.NewReaderSize(io.LimitReader(c, probe.MaxLine), probe.MaxLine).ReadString('\n')
 	if err != nil {
 		return silent, 0
+	}
+	if line == probe.NoKey {
+		return refused, 0 // an agent that has no key yet: like a restart
 	}
 	r, err := probe.DecodeReply(key, pr, line)
 	if err != nil {

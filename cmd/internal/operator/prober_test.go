@@ -61,6 +61,7 @@ func TestDialProbe(t *testing.T) {
 			return probe.EncodeReply(testKey, p, 9)
 		}, answered, 9},
 		"accepts and closes": {func(string) []byte { return nil }, silent, 0},
+		"agent without key":  {func(string) []byte { return []byte(probe.NoKey) }, refused, 0},
 		"echoes the probe":   {func(line string) []byte { return []byte(line) }, silent, 0},
 		"other key": {func(line string) []byte {
 			return probe.EncodeReply([]byte("some other key 0123"), pr, 9)

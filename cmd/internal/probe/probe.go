@@ -49,6 +49,11 @@ const (
 	MinKeyLen = 16
 )
 
+// NoKey is the agent's answer while it has not loaded the key yet: it
+// proves nothing (anyone can send it) and counts like a refused
+// connection, which the operator bounds in time (its refused grace).
+const NoKey = version + " nokey\n"
+
 // Probe is what a replica sends.
 type Probe struct {
 	Role     string

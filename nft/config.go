@@ -27,7 +27,7 @@ const (
 	DefaultVerifyPause = time.Millisecond
 	// DefaultARPProbeWait is how long Apply listens for another holder of a
 	// floating IP it is about to add (see Config.ARPProbeWait).
-	DefaultARPProbeWait = 100 * time.Millisecond
+	DefaultARPProbeWait = 50 * time.Millisecond
 )
 
 // Config configures a Dataplane.

@@ -50,7 +50,7 @@ func run() error {
 	healthAddr := fs.String("health-probe-addr", ":9797", "where the operators' TCP health probes connect: they dial the node's InternalIP, so it must listen there (the DaemonSet passes $(HOST_IP):9797); the default listens on every address")
 	serveAddr := fs.String("health-addr", "127.0.0.1:9796", "where /metrics, /healthz and /readyz are served; the default is reachable from this node only (the DaemonSet passes $(HOST_IP):9796 for the kubelet's probes and Prometheus)")
 	fenceAfter := fs.Duration("fence-after", time.Second, "a node holding floating IPs that has seen no probe of the operator leader for this long and cannot reach the API server releases them")
-	arpProbeWait := fs.Duration("arp-probe-wait", 100*time.Millisecond, "before adding a floating IP, ARP-probe it for this long and do not take it while another host answers; negative: no probe")
+	arpProbeWait := fs.Duration("arp-probe-wait", 50*time.Millisecond, "before adding a floating IP, ARP-probe it for this long and do not take it while another host answers; negative: no probe")
 	arpLease := fs.Duration("arp-lease", 300*time.Millisecond, "the node answers ARP for its floating IPs only while the agent renews this lease (every 100 ms, while it works); set the operator's --arp-lease alike; negative: no lease")
 	probeSecret := fs.String("probe-secret", "egressnat-probe-key", "Secret in --namespace holding the key that authenticates the operator's probes (the operator creates it)")
 	resync := fs.Duration("resync", 30*time.Second, "period (jittered) of the full recomputation and re-apply, and of the background check of the nftables table that repairs changes made outside egressnat")

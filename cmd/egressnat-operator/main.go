@@ -49,7 +49,7 @@ func run() error {
 	fs.IntVar(&probe.Misses, "probe-misses", probe.Misses, "consecutive unanswered probes that make a node Down")
 	fs.DurationVar(&probe.RefusedGrace, "probe-refused-grace", probe.RefusedGrace, "a node whose kernel refuses probes (its agent is not listening) stays Up for this long after its agent last answered")
 	fs.DurationVar(&probe.HeartbeatTimeout, "heartbeat-timeout", probe.HeartbeatTimeout, "a node whose agent's heartbeat (it advances while the agent's sync loop makes progress) has not moved for this long is Down")
-	arpLease := fs.Duration("arp-lease", operator.DefaultARPLease, "the agents' --arp-lease: a node that went silent keeps its floating IPs until this (plus two probe intervals) after its agent last answered, when its kernel has surely stopped answering ARP for them; negative: no wait")
+	arpLease := fs.Duration("arp-lease", operator.DefaultARPLease, "the agents' --arp-lease: a node that went silent keeps its floating IPs until this (plus one probe interval) after its agent last answered, when its kernel has surely stopped answering ARP for them; negative: no wait")
 	probeSecret := fs.String("probe-secret", "egressnat-probe-key", "Secret in --namespace holding the probe key (key \"key\"); created with a random key when missing")
 	gatewayNamespaces := fs.String("gateway-namespaces", "", "comma-separated namespaces whose NetworkGatewayGroups are honoured besides kube-system; groups elsewhere are ignored (give the agents the same list)")
 	markMask := fs.String("mark-mask", fmt.Sprintf("%#08x", selector.DefaultMarkMask), "the agents' --mark-mask: how many gateway nodes they can route to (policies beyond get an OutOfMarks condition)")

@@ -68,8 +68,8 @@ type Config struct {
 	LeaderLease string
 	// ARPLease is the agents' --arp-lease: a node whose agent stopped
 	// refreshing stops answering ARP for its floating IPs within it. A node
-	// that went silent keeps its IPs until ARPLease plus two probe
-	// intervals after its agent last answered, so that its kernel has
+	// that went silent keeps its IPs until ARPLease plus one probe
+	// interval after its agent last answered, so that its kernel has
 	// surely stopped answering for them when the new holder takes them.
 	// 0 means DefaultARPLease; negative, no wait.
 	ARPLease time.Duration
@@ -534,7 +534,9 @@ func (c *Controller) arpHold(node string) time.Time {
 	if last.IsZero() {
 		return time.Time{}
 	}
-	until := last.Add(c.cfg.ARPLease + 2*c.cfg.Probe.Interval)
+	// The agent answered at last; it froze before the next probe (one
+	// interval later), so its last renewal came before last + interval.
+	until := last.Add(c.cfg.ARPLease + c.cfg.Probe.Interval)
 	if !c.clock.Now().Before(until) {
 		return time.Time{}
 	}

@@ -463,7 +463,7 @@ func TestSilentHolderKeepsIPsForARPLease(t *testing.T) {
 	c.prober.mu.Lock()
 	c.prober.nodes["n1"] = &probeState{known: true, healthy: false, misses: 3, lastAlive: epoch}
 	c.prober.mu.Unlock()
-	hold := DefaultARPLease + 2*DefaultProbeConfig.Interval
+	hold := DefaultARPLease + DefaultProbeConfig.Interval
 
 	cl.clk.SetTime(epoch.Add(hold - time.Millisecond))
 	c.mustReconcile(t)

@@ -219,8 +219,8 @@ const (
 
 // keepARP renews the ARP lease every arpRenewal until ctx ends: from the
 // start (a restarted agent keeps its kernel state until its first sync,
-// ARP included), then while the sync loop makes progress and the fence is
-// down.
+// ARP included), then while the sync loop makes progress, the fence is
+// down and the node is not recovering.
 func (a *agent) keepARP(ctx context.Context) {
 	t := a.clock.NewTicker(arpRenewal)
 	defer t.Stop()
@@ -245,7 +245,11 @@ func (a *agent) keepARP(ctx context.Context) {
 			continue
 		}
 		stuck = false
-		if fenced, _ := a.fence.state(); fenced {
+		// Fenced: nothing held. Recovering (after a heal or a stall):
+		// the IPs may have moved; the sync releases those a fresh read
+		// does not confirm, and the lease is renewed again once the
+		// caches agree with the API.
+		if fenced, recovering := a.fence.state(); fenced || recovering {
 			a.arpTick.Store(now.UnixNano())
 			continue
 		}

@@ -177,13 +177,24 @@ func (f *fence) watch(ctx context.Context) {
 // network (the kernel kept answering ARP for its addresses all along), and
 // fencing at once would drop every IP it holds; if it is cut off, it
 // fences FenceAfter from now.
+//
+// Its floating IPs may have moved meanwhile (the operator saw it silent,
+// its ARP lease ran out): it recovers as after a heal, holding (and
+// renewing the ARP lease of) only what a fresh read of the API confirms,
+// until its caches agree with such a read.
 func (f *fence) stalled(gap time.Duration) {
 	f.mu.Lock()
-	if now := f.clock.Now(); now.After(f.lastProbe) {
+	now := f.clock.Now()
+	if now.After(f.lastProbe) {
 		f.lastProbe = now
 	}
+	if !f.fenced {
+		f.recovering, f.lastKick = true, now
+	}
 	f.mu.Unlock()
-	f.log.Warn("the agent did not run for a while; observing the operator leader's probes afresh", zap.Duration("gap", gap))
+	f.log.Warn("the agent did not run for a while; observing the operator leader's probes afresh and confirming its floating IPs with the API",
+		zap.Duration("gap", gap))
+	f.kick()
 }
 
 func (f *fence) evaluate(ctx context.Context) {

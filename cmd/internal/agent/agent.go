@@ -218,9 +218,8 @@ const (
 )
 
 // keepARP renews the ARP lease every arpRenewal until ctx ends: from the
-// start (a restarted agent keeps its kernel state until its first sync,
-// ARP included), then while the sync loop makes progress, the fence is
-// down and the node is not recovering.
+// first apply on, while the sync loop makes progress, the fence is down
+// and the node is not recovering.
 func (a *agent) keepARP(ctx context.Context) {
 	t := a.clock.NewTicker(arpRenewal)
 	defer t.Stop()
@@ -235,6 +234,14 @@ func (a *agent) keepARP(ctx context.Context) {
 		now := a.clock.Now()
 		if b := a.beat.Load(); b != lastBeat {
 			lastBeat, beatAt = b, now
+		}
+		if a.held.Load() == nil {
+			// Not before the first apply: the IPs the kernel still holds
+			// from before a restart may have moved meanwhile (the lease
+			// ran out while no agent renewed it); the first apply, from
+			// fresh caches, renews the lease of those it keeps.
+			a.arpTick.Store(now.UnixNano())
+			continue
 		}
 		if a.synced.Load() && now.Sub(beatAt) > arpStuck {
 			if !stuck {

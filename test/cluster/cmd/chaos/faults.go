@@ -384,11 +384,13 @@ func (p *planner) planMidApply(f *fault) *fault {
 			w.setDetail(f, fmt.Sprintf("%s now role=%s (%s)", sc.flip.key(), labels["role"], next))
 			return w.killAgent(node)
 		}
-		f.undo = func(context.Context) error {
+		f.undo = func(ctx context.Context) error {
 			err := w.startAgent(node)
-			// From here the agent can catch up: the old source is
-			// accepted for 3 s more.
-			w.src.SettleExpect(sc.flip.key(), 3*time.Second)
+			// From here the agent can catch up, once its node and the
+			// flipping pod's node reach the API server (a pulled cable
+			// or a cut may still hide the change from them): the old
+			// source is accepted for 3 s more.
+			w.settleWhenReachable(context.WithoutCancel(ctx), sc.flip.key(), sc.cp, 3*time.Second, node, sc.flip.Node)
 			return err
 		}
 	} else {

@@ -314,3 +314,52 @@ func readStatus(ctx context.Context, dyn dynamic.Interface) (map[string]*v1.Netw
 func fromUnstructured(u *unstructured.Unstructured, into any) error {
 	return runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, into)
 }
+
+// apiBlocked reports whether node cannot reach the API server (on cp)
+// now: the API server is stopped, either node's cable is pulled, or a
+// switch rule cuts the way between them (all traffic or the API port).
+// A change made through the API meanwhile cannot reach the node's agent.
+func (w *world) apiBlocked(node, cp string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.apiDown || w.isolated[node] > 0 || w.isolated[cp] > 0 {
+		return true
+	}
+	np, cpp := w.ports[node], w.ports[cp]
+	for _, rules := range w.rules {
+		for _, r := range rules {
+			if (r.from == np && r.to == cpp) || (r.from == cpp && r.to == np) {
+				if r.match == "" || strings.Contains(r.match, "6443") {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+// settleWhenReachable ends pod's transition grace settle after the nodes
+// can all reach the API server again (they learn the change only then),
+// or after ctx ends.
+func (w *world) settleWhenReachable(ctx context.Context, pod, cp string, settle time.Duration, nodes ...string) {
+	go func() {
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			blocked := false
+			for _, n := range nodes {
+				blocked = blocked || w.apiBlocked(n, cp)
+			}
+			if !blocked {
+				w.src.SettleExpect(pod, settle)
+				return
+			}
+			select {
+			case <-ctx.Done():
+				w.src.SettleExpect(pod, settle)
+				return
+			case <-t.C:
+			}
+		}
+	}()
+}

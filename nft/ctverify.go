@@ -107,17 +107,11 @@ func (d *Dataplane) VerifyReleased(ctx context.Context, ips []netip.Addr) (CTVer
 		if !ok {
 			return nil
 		}
-		deleted, err := deleteFlow(c, f)
-		if err != nil {
-			errs = append(errs, err)
-			if len(errs) > 10 {
-				return errors.Join(errs...)
-			}
-		}
+		deleted, err := deleteCounted(c, f, &errs)
 		if deleted {
 			v.add(ip, CTVerifyIP{Flushed: 1})
 		}
-		return nil
+		return err
 	})
 	if err != nil {
 		return v, err
@@ -184,17 +178,11 @@ func (d *Dataplane) VerifyTaken(ctx context.Context, ips []netip.Addr) (CTVerify
 			return nil
 		}
 		v.add(ip, CTVerifyIP{Wrong: 1})
-		deleted, err := deleteFlow(c, f)
-		if err != nil {
-			errs = append(errs, err)
-			if len(errs) > 10 {
-				return errors.Join(errs...)
-			}
-		}
+		deleted, err := deleteCounted(c, f, &errs)
 		if deleted {
 			v.add(ip, CTVerifyIP{Flushed: 1})
 		}
-		return nil
+		return err
 	})
 	if err != nil {
 		return v, err
@@ -471,18 +459,10 @@ func modelOfKernel(ctx context.Context, r tableReader) (*snatModel, error) {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		s, err := r.set(name)
-		if errors.Is(err, errNotFound) {
-			return nil, nil
+		el, err := r.elementsOf(name)
+		if err == nil {
+			elems[name] = el
 		}
-		if err != nil {
-			return nil, err
-		}
-		el, err := r.elements(s)
-		if errors.Is(err, errNotFound) {
-			return nil, nil
-		}
-		elems[name] = el
 		return el, err
 	}
 	return modelOfRules(rules, read)
@@ -647,4 +627,17 @@ func (c *SNATCheck) Policies() map[netip.Addr][]string {
 		slices.Sort(out[k])
 	}
 	return out
+}
+
+// deleteCounted deletes f, collecting a failure in errs; it returns an
+// error (stop) once more than ten deletions failed.
+func deleteCounted(c *conntrack.Conn, f *conntrack.Flow, errs *[]error) (bool, error) {
+	deleted, err := deleteFlow(c, f)
+	if err != nil {
+		*errs = append(*errs, err)
+		if len(*errs) > 10 {
+			return deleted, errors.Join(*errs...)
+		}
+	}
+	return deleted, nil
 }

@@ -1,7 +1,6 @@
 package nft
 
 import (
-	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -17,19 +16,7 @@ const remotePod = "10.244.3.5"
 // through the gateway node, from port to server.
 func (l *relLab) sendRerouted(port int, server string) {
 	l.t.Helper()
-	err := l.inNS("peer", func() error {
-		c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(remotePod), uint16(port))),
-			net.UDPAddrFromAddrPort(netip.MustParseAddrPort(server+":"+relUDPPort)))
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		_, err = c.Write([]byte("x"))
-		return err
-	})
-	if err != nil {
-		l.t.Fatal(err)
-	}
+	l.sendFrom("peer", remotePod, port, server)
 }
 
 // TestForwardGuard: traffic another node rerouted to this one (in on the

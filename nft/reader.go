@@ -41,6 +41,23 @@ func (r tableReader) sets() ([]*nftables.Set, error) {
 }
 
 // elements lists a set's elements; errNotFound when the set is gone.
+// elementsOf returns the elements of the set name; nil when the table or
+// the set does not exist.
+func (r tableReader) elementsOf(name string) ([]nftables.SetElement, error) {
+	s, err := r.set(name)
+	if errors.Is(err, errNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	el, err := r.elements(s)
+	if errors.Is(err, errNotFound) {
+		return nil, nil
+	}
+	return el, err
+}
+
 func (r tableReader) elements(s *nftables.Set) ([]nftables.SetElement, error) {
 	el, err := r.c.GetSetElements(s)
 	if errors.Is(err, unix.ENOENT) {

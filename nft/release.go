@@ -291,17 +291,7 @@ func releasedExprs(exprs []expr.Any) ([]expr.Any, bool) {
 
 // floating reads the floating record; nil when there is no table or set.
 func (r tableReader) floating() ([]netip.Addr, error) {
-	s, err := r.set(setFloating)
-	if errors.Is(err, errNotFound) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	el, err := r.elements(s)
-	if errors.Is(err, errNotFound) {
-		return nil, nil
-	}
+	el, err := r.elementsOf(setFloating)
 	if err != nil {
 		return nil, err
 	}

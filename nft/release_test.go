@@ -288,10 +288,13 @@ func (l *relLab) udpServers() map[string]chan netip.AddrPort {
 }
 
 // send sends one datagram from the pod, from port, to server.
-func (l *relLab) send(port int, server string) {
+func (l *relLab) send(port int, server string) { l.sendFrom("pod", relPod, port, server) }
+
+// sendFrom sends one datagram from src:port in role's namespace to server.
+func (l *relLab) sendFrom(role, src string, port int, server string) {
 	l.t.Helper()
-	err := l.inNS("pod", func() error {
-		c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(relPod), uint16(port))),
+	err := l.inNS(role, func() error {
+		c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(src), uint16(port))),
 			net.UDPAddrFromAddrPort(netip.MustParseAddrPort(server+":"+relUDPPort)))
 		if err != nil {
 			return err

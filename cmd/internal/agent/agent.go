@@ -122,6 +122,10 @@ func (a *agent) Ready() error {
 		return errors.New("caches not synced")
 	case a.syncErr.Load() != nil:
 		return fmt.Errorf("last sync failed: %v", *a.syncErr.Load())
+	case a.held.Load() == nil:
+		// Pods that start on this node before the first apply would
+		// leave with the node's address (a rebooted node).
+		return errors.New("first apply not done")
 	}
 	return nil
 }
@@ -252,6 +256,7 @@ func (a *agent) keepARP(ctx context.Context) {
 			continue
 		}
 		stuck = false
+		a.fence.checkStall()
 		// Fenced: nothing held. Recovering (after a heal or a stall):
 		// the IPs may have moved; the sync releases those a fresh read
 		// does not confirm, and the lease is renewed again once the

@@ -154,22 +154,39 @@ const stallGap = time.Second
 func (f *fence) watch(ctx context.Context) {
 	t := f.clock.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
-	last := f.clock.Now()
+	f.mu.Lock()
+	f.lastTick = f.clock.Now()
+	f.mu.Unlock()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C():
 		}
-		if gap := f.clock.Since(last); gap >= stallGap {
-			f.stalled(gap)
-		}
-		last = f.clock.Now()
+		f.checkStall()
+		now := f.clock.Now()
 		f.evaluate(ctx)
 		f.mu.Lock()
-		f.lastTick = last
+		f.lastTick = now
 		f.mu.Unlock()
 	}
+}
+
+// checkStall reports a stall when the fence's ticker has not run for
+// stallGap. Whatever runs first after the agent resumes calls it (the
+// fence's ticker, the ARP renewal, the sync), so that nothing acts on the
+// old state before the stall is known.
+func (f *fence) checkStall() {
+	f.mu.Lock()
+	now := f.clock.Now()
+	gap := now.Sub(f.lastTick)
+	if f.lastTick.IsZero() || gap < stallGap {
+		f.mu.Unlock()
+		return
+	}
+	f.lastTick = now // reported once
+	f.mu.Unlock()
+	f.stalled(gap)
 }
 
 // stalled starts the observation of probes afresh after the agent itself
@@ -294,6 +311,7 @@ func (f *fence) state() (fenced, recovering bool) {
 // Policies whose egress IP the node gives up drop their traffic (fail
 // closed) instead of leaving with the node IP.
 func (f *fence) restrict(ctx context.Context, st selector.NodeState) selector.NodeState {
+	f.checkStall()
 	fenced, recovering := f.state()
 	if !fenced && !recovering {
 		return st

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/cmd/internal/probe"
 	"github.com/egressnat/egressnat/nft"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -357,4 +358,44 @@ func TestKeepARP(t *testing.T) {
 	}
 	cancel()
 	<-done
+}
+
+// TestReadyAfterFirstApply: the agent is ready only once its first apply
+// is done: pods on a rebooted node must not start while their traffic
+// would leave with the node's address.
+func TestReadyAfterFirstApply(t *testing.T) {
+	ta := newTestAgent(t, cluster()...)
+	ta.synced.Store(true)
+	if err := ta.Ready(); err == nil || err.Error() != "first apply not done" {
+		t.Fatalf("before the first apply: Ready() = %v", err)
+	}
+	ta.mustSync(t)
+	if err := ta.Ready(); err != nil {
+		t.Fatalf("after the first apply: Ready() = %v", err)
+	}
+}
+
+// TestStallSeenBySync: when the sync runs first after the agent resumes
+// (before the fence's ticker), it sees the stall itself: it holds only
+// what a fresh read confirms.
+func TestStallSeenBySync(t *testing.T) {
+	ta := newTestAgent(t, cluster()...)
+	ta.synced.Store(true)
+	ta.mustSync(t)
+	ta.fence.mu.Lock()
+	ta.fence.lastTick = ta.clk.Now()
+	ta.fence.mu.Unlock()
+	ta.clk.Step(3 * time.Second) // stopped; meanwhile gw-a's IP moved to n2
+	if _, err := ta.dyn.Resource(kube.GatewayGVR).Namespace("kube-system").UpdateStatus(context.Background(),
+		unstructuredOf(t, gatewayObj("gw-a", fipA, node2)), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	ta.reapply.Store(true)
+	ta.mustSync(t)
+	if _, recovering := ta.fence.state(); !recovering {
+		t.Fatal("the sync did not see the stall")
+	}
+	if st := ta.lastApplied(t); len(st.FloatingIPs) != 0 {
+		t.Fatalf("after a stall the sync applied floating IPs %v the API no longer gives", st.FloatingIPs)
+	}
 }

@@ -393,7 +393,7 @@ func run(ctx context.Context, o options, kinds []string) (code int) {
 			go func() { defer wg.Done(); w.runFault(ctx, f2, f1.id, &applied) }()
 		}
 		wg.Wait()
-		gap := 200*time.Millisecond + time.Duration(pl.rng.Int64N(int64(1300*time.Millisecond)))
+		gap := 100*time.Millisecond + time.Duration(pl.rng.Int64N(int64(600*time.Millisecond)))
 		select {
 		case <-ctx.Done():
 		case <-time.After(gap):

@@ -169,6 +169,8 @@ type agent struct {
 	held atomic.Pointer[[]netip.Addr]
 	// arpTick: the clock at the last tick keepARP handled (for tests).
 	arpTick atomic.Int64
+	// checks: the conntrack checks running in the background.
+	checks sync.WaitGroup
 }
 
 // RunWithReady runs the agent until ctx ends, handing its readiness check
@@ -216,9 +218,19 @@ func (a *agent) releaseAll(ctx context.Context) {
 // that made no progress for this long stops renewing it (the operator
 // declares the node Down after --heartbeat-timeout, 10 s by default: by
 // then its kernel no longer answers ARP for the IPs that move).
+//
+// arpProbeWindow: the lease is renewed only while the operator leader's
+// probes keep coming (at most this long apart: its 100 ms interval, with
+// room for jitter). The leader moves the IPs of a node it cannot reach
+// ARPLease plus one probe interval after its last answer; a node that no
+// longer hears the leader stops answering ARP before that: after at most
+// arpProbeWindow plus the lease. Without a leader (while a new one is
+// elected, a few seconds) no lease is renewed: neighbours keep their
+// cached entries meanwhile.
 const (
-	arpRenewal = 100 * time.Millisecond
-	arpStuck   = 5 * time.Second
+	arpRenewal     = 100 * time.Millisecond
+	arpStuck       = 5 * time.Second
+	arpProbeWindow = 120 * time.Millisecond
 )
 
 // keepARP renews the ARP lease every arpRenewal until ctx ends: from the
@@ -257,6 +269,10 @@ func (a *agent) keepARP(ctx context.Context) {
 		}
 		stuck = false
 		a.fence.checkStall()
+		if a.fence.sinceProbe() > arpProbeWindow {
+			a.arpTick.Store(now.UnixNano())
+			continue
+		}
 		// Fenced: nothing held. Recovering (after a heal or a stall):
 		// the IPs may have moved; the sync releases those a fresh read
 		// does not confirm, and the lease is renewed again once the
@@ -704,7 +720,9 @@ func (a *agent) verifyConntrack(ctx context.Context, prev *[]netip.Addr, held []
 	if len(taken) == 0 && len(released) == 0 {
 		return
 	}
+	a.checks.Add(1)
 	go func() {
+		defer a.checks.Done()
 		if len(released) > 0 {
 			r, err := a.cfg.Dataplane.VerifyReleased(ctx, released)
 			a.reportConntrack(metrics.SideReleased, released, r, err)
@@ -771,7 +789,9 @@ func (a *agent) releaseMoved(ctx context.Context, st selector.NodeState) {
 	}
 	rest := slices.DeleteFunc(slices.Clone(*prev), func(ip netip.Addr) bool { return !keep[ip] })
 	a.held.Store(&rest)
+	a.checks.Add(1)
 	go func() {
+		defer a.checks.Done()
 		r, err := a.cfg.Dataplane.VerifyReleased(ctx, gone)
 		a.reportConntrack(metrics.SideReleased, gone, r, err)
 	}()

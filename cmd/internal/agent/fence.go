@@ -76,6 +76,13 @@ func newFence(cfg Config, log *zap.Logger, clk clock.WithTickerAndDelayedExecuti
 		beat: func() uint64 { return 0 }}
 }
 
+// sinceProbe returns how long ago the last probe that counts arrived.
+func (f *fence) sinceProbe() time.Duration {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.clock.Since(f.lastProbe)
+}
+
 // probed records a probe that counts: the current leader's.
 func (f *fence) probed() {
 	f.mu.Lock()

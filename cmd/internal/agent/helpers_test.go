@@ -351,6 +351,7 @@ func newTestAgent(t *testing.T, objs ...runtime.Object) *testAgent {
 	ta := &testAgent{clk: clocktesting.NewFakeClock(epoch), dp: &fakeDataplane{}, api: &fakeAPI{up: true},
 		rec: record.NewFakeRecorder(100), core: core, dyn: dyn}
 	ta.agent = newAgent(testConfig(t, clients, ta.dp), ta.clk)
+	t.Cleanup(ta.checks.Wait) // background conntrack checks log through t
 	ta.recorder = ta.rec
 	ta.fence.readyz = ta.api.readyz
 	newIndexer := func() cache.Indexer {

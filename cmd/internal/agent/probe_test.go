@@ -309,8 +309,8 @@ func TestFenceAfterStall(t *testing.T) {
 }
 
 // TestKeepARP: the ARP lease is renewed every 100 ms from the first apply
-// on, and not while the agent's loop made no progress for arpStuck, while
-// it recovers or while it is fenced.
+// on, while the leader's probes come, and not while the agent's loop made
+// no progress for arpStuck, while it recovers or while it is fenced.
 func TestKeepARP(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -318,10 +318,14 @@ func TestKeepARP(t *testing.T) {
 	done := make(chan struct{})
 	go func() { ta.keepARP(ctx); close(done) }()
 	eventually(t, "the ARP ticker", func() bool { return ta.clk.HasWaiters() })
+	leaderProbes := true
 	step := func(n int) int {
 		before := ta.dp.renewals()
 		for range n {
 			ta.clk.Step(arpRenewal)
+			if leaderProbes {
+				ta.fence.probed()
+			}
 			eventually(t, "the ARP tick", func() bool { return ta.arpTick.Load() == ta.clk.Now().UnixNano() })
 		}
 		return ta.dp.renewals() - before
@@ -342,6 +346,15 @@ func TestKeepARP(t *testing.T) {
 	ta.beat.Add(1)
 	if n := step(3); n == 0 {
 		t.Fatal("loop progressing again: no renewal")
+	}
+	leaderProbes = false
+	step(1)
+	if n := step(3); n != 0 {
+		t.Fatalf("no leader probe for over %v: %d renewals, want none", arpProbeWindow, n)
+	}
+	leaderProbes = true
+	if n := step(3); n == 0 {
+		t.Fatal("leader probes again: no renewal")
 	}
 	ta.fence.mu.Lock()
 	ta.fence.recovering = true

@@ -339,7 +339,7 @@ func (f *fence) restrict(ctx context.Context, st selector.NodeState) selector.No
 			f.mu.Unlock()
 			if done {
 				f.log.Info("watch caches agree with a fresh read of the API; recovery over",
-					zap.Strings("ips", addrStrings(fresh)))
+					zap.Strings("ips", addrList(slices.SortedFunc(maps.Keys(fresh), netip.Addr.Compare))))
 			}
 			return st
 		default:
@@ -363,13 +363,6 @@ func (f *fence) restrict(ctx context.Context, st selector.NodeState) selector.No
 	return out
 }
 
-func addrStrings(m map[netip.Addr]bool) []string {
-	out := make([]string, 0, len(m))
-	for _, a := range slices.SortedFunc(maps.Keys(m), netip.Addr.Compare) {
-		out = append(out, a.String())
-	}
-	return out
-}
 
 // confirmedHoldings reads the groups from the API server (not the cache)
 // and returns the floating IPs their status gives to this node.

@@ -133,6 +133,25 @@ func (c *Cluster) AgentReady(ctx context.Context, node string) error {
 	return nil
 }
 
+// WaitAgentReady waits until the node's agent is ready (AgentReady).
+func (c *Cluster) WaitAgentReady(ctx context.Context, node string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := c.AgentReady(ctx, node)
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("agent on %s not ready after %v: %w", node, timeout, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
 // NodeHasTable reports whether the nftables table "ip egressnat" exists
 // on the node.
 func (c *Cluster) NodeHasTable(ctx context.Context, node string) (bool, error) {

@@ -148,6 +148,14 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 			return nil, err
 		}
 	}
+	// As a DaemonSet rollout would, wait until every agent is ready (caches
+	// synced, first apply done): a test that fails a node right after the
+	// start must not meet an agent that has not applied anything yet.
+	for _, n := range c.Lab.Nodes() {
+		if err := c.WaitAgentReady(ctx, n.Name, time.Minute); err != nil {
+			return nil, err
+		}
+	}
 	if o.KubeProxy {
 		o.Log("starting kube-proxy (nftables mode) on every node")
 		if err := c.StartKubeProxies(ctx); err != nil {

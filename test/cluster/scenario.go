@@ -79,7 +79,7 @@ func TestMainOptions(m *testing.M, opts Options, c **Cluster) int {
 	}
 	*c = cl
 	code := m.Run()
-	if code != 0 {
+	if code != 0 || os.Getenv("EGRESSNAT_TEST_LOGS") != "" {
 		fmt.Fprintln(os.Stderr, cl.Logs())
 	}
 	if err := cl.Close(); err != nil {

@@ -44,7 +44,19 @@ func TestGatewayNodeLoss(t *testing.T) {
 	if err := c.KillNode(holder); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.Heal(holder) }) //nolint:errcheck
+	revived := false
+	t.Cleanup(func() {
+		// A failed test must not leave the node dead for the next ones:
+		// revive it as a reboot would (its agent starts cut off).
+		if !revived {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if err := c.ReviveNode(ctx, holder, 10*time.Second); err != nil {
+				t.Logf("revive %s: %v", holder, err)
+				c.Heal(holder) //nolint:errcheck
+			}
+		}
+	})
 	gap, err := s.WaitRecovered(t0, 5*time.Second)
 	if err != nil {
 		t.Fatalf("connection did not survive: %v", err)
@@ -78,6 +90,7 @@ func TestGatewayNodeLoss(t *testing.T) {
 		t.Fatalf("no FloatingIPMoved event for 192.0.2.100: %q", events)
 	}
 
+	revived = true
 	revive(t, holder)
 	settleNoDuplicates(t, 10*time.Second)
 	time.Sleep(2 * time.Second) // the returning node is Up again by now

@@ -362,6 +362,10 @@ func (a *agent) run(ctx context.Context) error {
 	a.gateways, a.policies = infs[3].GetIndexer(), infs[4].GetIndexer()
 	// The fence runs from the start, before the caches sync: a node that
 	// starts cut off must release its floating IPs.
+	if w := cfg.Clients.Watches; w != nil {
+		w.OnChange = a.watchChanged
+	}
+	go a.refreshWhileStale(ctx)
 	go a.fence.serveProbes(ctx, l)
 	go a.fence.watch(ctx)
 	go a.keepARP(ctx)
@@ -577,6 +581,78 @@ func (a *agent) observe(st selector.NodeState) {
 	m.ConntrackFlushed.Add(float64(r.ConntrackDeleted))
 }
 
+// staleRefresh: how often the groups are read from the API while their
+// cache may be behind it.
+const staleRefresh = 500 * time.Millisecond
+
+// freshCustom reads the groups, and the policies, from the API when their
+// cache may be behind it (its watch failed or ended and has not started
+// again: client-go waits up to 30 s before it lists again after repeated
+// failures, for example after API server restarts). A node must learn at
+// once that it holds a floating IP, or no longer does. It returns nil for
+// what is current in the cache or could not be read (the cache is then the
+// best there is).
+func (a *agent) freshCustom(ctx context.Context) (groups []*v1.NetworkGatewayGroup, policies []*v1.EgressNATPolicy) {
+	if stale, _ := a.cfg.Clients.Watches.Stale(kube.GatewayGVR.Resource); stale {
+		var err error
+		if groups, err = a.fence.readGroups(ctx); err != nil {
+			a.log.Debug("gateway groups from the API", zap.Error(err))
+		}
+	}
+	if stale, _ := a.cfg.Clients.Watches.Stale(kube.PolicyGVR.Resource); stale {
+		var err error
+		if policies, err = listFresh[v1.EgressNATPolicy](ctx, a.cfg.Clients, kube.PolicyGVR); err != nil {
+			a.log.Debug("policies from the API", zap.Error(err))
+		}
+	}
+	return groups, policies
+}
+
+// staleCustom reports whether the groups' or the policies' cache may be
+// behind the API.
+func (a *agent) staleCustom() bool {
+	g, _ := a.cfg.Clients.Watches.Stale(kube.GatewayGVR.Resource)
+	p, _ := a.cfg.Clients.Watches.Stale(kube.PolicyGVR.Resource)
+	return g || p
+}
+
+// refreshWhileStale asks for a sync every staleRefresh while the groups'
+// or the policies' cache may be behind the API, until ctx ends.
+func (a *agent) refreshWhileStale(ctx context.Context) {
+	t := a.clock.NewTicker(staleRefresh)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C():
+		}
+		if a.staleCustom() && a.synced.Load() {
+			a.recompute()
+		}
+	}
+}
+
+// watchChanged logs an informer turning stale or current, and recomputes
+// once it is current: its cache now has what was missed. A watch that the
+// API server ends at its timeout (every few minutes) is only debugged.
+func (a *agent) watchChanged(informer string, stale bool, err error, since time.Time) {
+	quiet := errors.Is(err, kube.ErrWatchEnded)
+	switch {
+	case stale && quiet:
+		a.log.Debug("watch ended; its cache may be behind the API until it watches again", zap.String("informer", informer))
+	case stale:
+		a.log.Warn("watch failing; its cache may be behind the API until it watches again", zap.String("informer", informer), zap.Error(err))
+	case quiet:
+		a.log.Debug("watching again", zap.String("informer", informer))
+	default:
+		a.log.Info("watching again", zap.String("informer", informer), zap.Duration("after", time.Since(since)))
+	}
+	if !stale && a.synced.Load() {
+		a.recompute()
+	}
+}
+
 // recompute asks the sync loop for a full recomputation of the state.
 func (a *agent) recompute() {
 	a.full.Store(true)
@@ -636,7 +712,20 @@ func (a *agent) sync(ctx context.Context) (err error) {
 		a.last = nil
 	}
 	if a.full.Swap(false) || a.tracker == nil {
-		tr, warnings, err := selector.NewTracker(a.input())
+		in := a.input()
+		// A cache that may be behind is replaced by a fresh read, and the
+		// next sync recomputes again (from a fresh read while the cache is
+		// stale, from the cache once it is current).
+		if groups, policies := a.freshCustom(ctx); groups != nil || policies != nil {
+			if groups != nil {
+				in.Groups = groups
+			}
+			if policies != nil {
+				in.Policies = policies
+			}
+			a.full.Store(true)
+		}
+		tr, warnings, err := selector.NewTracker(in)
 		if err != nil {
 			return fmt.Errorf("compute desired state: %w", err)
 		}

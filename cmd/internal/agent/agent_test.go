@@ -2,15 +2,21 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/selector"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
+	clienttesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
 	clocktesting "k8s.io/utils/clock/testing"
 )
@@ -335,6 +341,100 @@ func TestRunAgainstFakeCluster(t *testing.T) {
 		return slices.Equal(st.FloatingIPs, prefixes(fipA, fipB))
 	}))
 
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+}
+
+// TestStaleGroupsReadFromAPI: while the groups' watch is down (client-go
+// waits up to 30 s before it lists again), the agent reads the groups from
+// the API every staleRefresh, so that it takes a floating IP the operator
+// gave it meanwhile at once; once the watch is back, its cache serves.
+func TestStaleGroupsReadFromAPI(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	clients, _, dyn := fakeClients(t, cluster()...)
+	clients.Watches = &kube.WatchHealth{}
+	var mu sync.Mutex
+	var first *watch.FakeWatcher
+	down := true
+	dyn.PrependWatchReactor("networkgatewaygroups", func(clienttesting.Action) (bool, watch.Interface, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if first == nil {
+			first = watch.NewFake()
+			return true, first, nil
+		}
+		if down {
+			return true, nil, errors.New("dial tcp 192.0.2.1:6443: connect: connection refused")
+		}
+		return true, watch.NewFake(), nil
+	})
+	// The informer's lists fail too while the watch is down; the agent's
+	// own reads answer (the API server came back, the reflector waits).
+	dyn.PrependReactor("list", "networkgatewaygroups", func(clienttesting.Action) (bool, runtime.Object, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if down && first != nil && first.IsStopped() {
+			return true, nil, errors.New("dial tcp 192.0.2.1:6443: connect: connection refused")
+		}
+		return false, nil, nil
+	})
+	dp := &fakeDataplane{}
+	clk := clocktesting.NewFakeClock(epoch)
+	a := newAgent(testConfig(t, clients, dp), clk)
+	a.fence.readyz = (&fakeAPI{up: true}).readyz
+	a.fence.readGroups = func(context.Context) ([]*v1.NetworkGatewayGroup, error) {
+		var out []*v1.NetworkGatewayGroup
+		for _, name := range []string{"gw-a", "gw-b"} {
+			obj, err := dyn.Tracker().Get(kube.GatewayGVR, "kube-system", name)
+			if err != nil {
+				return nil, err
+			}
+			g, err := kube.FromUnstructured[v1.NetworkGatewayGroup](obj)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, g)
+		}
+		return out, nil
+	}
+	done := make(chan error, 1)
+	go func() { done <- a.run(ctx) }()
+	holds := func(ips ...string) func() bool {
+		return func() bool { st, ok := dp.last(); return ok && slices.Equal(st.FloatingIPs, prefixes(ips...)) }
+	}
+	eventually(t, "gw-a's IP applied", holds(fipA))
+	stale := func() bool { s, _ := clients.Watches.Stale(kube.GatewayGVR.Resource); return s }
+	if stale() {
+		t.Fatal("groups stale while watching")
+	}
+
+	// The API server goes away: the watch ends and cannot start again.
+	mu.Lock()
+	first.Stop()
+	mu.Unlock()
+	eventually(t, "the groups' cache stale", stale)
+	// The operator gives gw-b's IP to this node: the cache cannot know.
+	gw := unstructuredOf(t, gatewayObj("gw-b", fipB, node1))
+	if _, err := dyn.Resource(kube.GatewayGVR).Namespace("kube-system").UpdateStatus(ctx, gw, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if cached := a.cachedHoldings(); cached[netip.MustParseAddr(fipB)] {
+		t.Fatal("the cache saw the change without a watch")
+	}
+	eventually(t, "gw-b's IP taken from a fresh read", func() bool {
+		clk.Step(staleRefresh)
+		return holds(fipA, fipB)()
+	})
+
+	// The watch is back: the cache catches up and serves again.
+	mu.Lock()
+	down = false
+	mu.Unlock()
+	eventually(t, "the groups' cache current", func() bool { return !stale() })
+	eventually(t, "the cache holds gw-b's IP", func() bool { return a.cachedHoldings()[netip.MustParseAddr(fipB)] })
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("run: %v", err)

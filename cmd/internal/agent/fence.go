@@ -20,6 +20,7 @@ import (
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/utils/clock"
 )
 
@@ -52,6 +53,9 @@ type fence struct {
 	cached func() map[netip.Addr]bool
 	// event reports a fence rising (true) or lifting (false).
 	event func(fenced bool, detail string)
+	// readGroups reads the groups from the API server, not the cache
+	// (listGroups; tests replace it).
+	readGroups func(ctx context.Context) ([]*v1.NetworkGatewayGroup, error)
 	// beat is the agent's heartbeat, sent in probe replies.
 	beat func() uint64
 
@@ -73,7 +77,8 @@ func newFence(cfg Config, log *zap.Logger, clk clock.WithTickerAndDelayedExecuti
 	return &fence{cfg: cfg, log: log, clock: clk, readyz: func(ctx context.Context) error {
 		return cfg.Clients.Core.Discovery().RESTClient().Get().AbsPath("/readyz").Do(ctx).Error()
 	}, resetConns: cfg.Clients.ResetConnections, kick: kick, holding: holding, lastProbe: clk.Now(), apiReachable: true,
-		beat: func() uint64 { return 0 }}
+		beat:       func() uint64 { return 0 },
+		readGroups: func(ctx context.Context) ([]*v1.NetworkGatewayGroup, error) { return listGroups(ctx, cfg.Clients) }}
 }
 
 // sinceProbe returns how long ago the last probe that counts arrived.
@@ -363,25 +368,40 @@ func (f *fence) restrict(ctx context.Context, st selector.NodeState) selector.No
 	return out
 }
 
-
 // confirmedHoldings reads the groups from the API server (not the cache)
 // and returns the floating IPs their status gives to this node.
 func (f *fence) confirmedHoldings(ctx context.Context) (map[netip.Addr]bool, error) {
+	groups, err := f.readGroups(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return holdingsOf(groups, f.cfg.Node), nil
+}
+
+// listGroups reads every NetworkGatewayGroup from the API server (not the
+// cache), giving up after a second.
+func listGroups(ctx context.Context, clients *kube.Clients) ([]*v1.NetworkGatewayGroup, error) {
+	return listFresh[v1.NetworkGatewayGroup](ctx, clients, kube.GatewayGVR)
+}
+
+// listFresh reads every object of a custom resource from the API server
+// (not the cache), giving up after a second.
+func listFresh[T any](ctx context.Context, clients *kube.Clients, gvr schema.GroupVersionResource) ([]*T, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
-	list, err := f.cfg.Clients.Dynamic.Resource(kube.GatewayGVR).List(ctx, metav1.ListOptions{})
+	list, err := clients.Dynamic.Resource(gvr).List(ctx, metav1.ListOptions{})
 	if err != nil {
-		return nil, fmt.Errorf("list gateways: %w", err)
+		return nil, fmt.Errorf("list %s: %w", gvr.Resource, err)
 	}
-	groups := make([]*v1.NetworkGatewayGroup, 0, len(list.Items))
+	out := make([]*T, 0, len(list.Items))
 	for i := range list.Items {
-		g, err := kube.FromUnstructured[v1.NetworkGatewayGroup](&list.Items[i])
+		obj, err := kube.FromUnstructured[T](&list.Items[i])
 		if err != nil {
 			return nil, err
 		}
-		groups = append(groups, g)
+		out = append(out, obj)
 	}
-	return holdingsOf(groups, f.cfg.Node), nil
+	return out, nil
 }
 
 // holdingsOf returns the floating IPs the groups' statuses give to node.

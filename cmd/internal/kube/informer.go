@@ -29,26 +29,42 @@ const listRetry = 250 * time.Millisecond
 // Errors a retry cannot fix (forbidden, unknown resource) fail at once, so
 // the reflector reports them. The informer opts out of streaming lists
 // (WatchList): their retries use that same growing backoff.
-func newInformer(list func(context.Context, metav1.ListOptions) (runtime.Object, error),
+//
+// health (may be nil) learns when the informer, called name, may be
+// behind the API (see WatchHealth).
+func newInformer(name string, health *WatchHealth, list func(context.Context, metav1.ListOptions) (runtime.Object, error),
 	watchFn func(context.Context, metav1.ListOptions) (watch.Interface, error), obj runtime.Object) cache.SharedIndexInformer {
+	failed := func(err error) { health.failed(name, err) }
 	lw := &listWatch{ListWatch: cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
-			return retry(ctx, func() (runtime.Object, error) { return list(ctx, o) })
+			return retry(ctx, failed, func() (runtime.Object, error) { return list(ctx, o) })
 		},
 		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
-			return retry(ctx, func() (watch.Interface, error) { return watchFn(ctx, o) })
+			w, err := retry(ctx, failed, func() (watch.Interface, error) { return watchFn(ctx, o) })
+			if err != nil {
+				return nil, err
+			}
+			health.watching(name)
+			return health.track(name, w), nil
 		},
 	}}
 	return cache.NewSharedIndexInformer(lw, obj, 0, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
 }
 
 // retry calls fn every listRetry until it succeeds, ctx ends, or it fails
-// in a way a retry cannot fix.
-func retry[T any](ctx context.Context, fn func() (T, error)) (T, error) {
+// in a way a retry cannot fix; failed learns of every failure.
+func retry[T any](ctx context.Context, failed func(error), fn func() (T, error)) (T, error) {
 	for {
 		out, err := fn()
+		if err != nil && ctx.Err() == nil {
+			failed(err)
+		}
+		// A resource version the server does not have yet is the
+		// reflector's to handle: it lists again from the latest state
+		// (retrying the same version would wait on the server's cache).
 		if err == nil || ctx.Err() != nil || apierrors.IsForbidden(err) || apierrors.IsUnauthorized(err) ||
-			apierrors.IsNotFound(err) || apierrors.IsBadRequest(err) || apierrors.IsGone(err) || apierrors.IsResourceExpired(err) {
+			apierrors.IsNotFound(err) || apierrors.IsBadRequest(err) || apierrors.IsGone(err) || apierrors.IsResourceExpired(err) ||
+			apierrors.HasStatusCause(err, metav1.CauseTypeResourceVersionTooLarge) {
 			return out, err
 		}
 		select {
@@ -72,7 +88,7 @@ func (*listWatch) IsWatchListSemanticsUnSupported() bool { return true }
 // pod of a list at once before a transform can run.
 func (c *Clients) PodInformer() cache.SharedIndexInformer {
 	pods := c.Core.CoreV1().Pods(metav1.NamespaceAll)
-	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return pods.List(ctx, o) },
+	return newInformer("pods", c.Watches, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return pods.List(ctx, o) },
 		pods.Watch, &corev1.Pod{})
 }
 
@@ -101,8 +117,8 @@ var listPageSize int64 = 2000
 // answers resourceVersion "0" in one piece from its cache).
 func (c *Clients) SlimPodInformer(slim cache.TransformFunc) cache.SharedIndexInformer {
 	pods := c.Core.CoreV1().Pods(metav1.NamespaceAll)
-	inf := newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
-		return listSlim(ctx, func(o metav1.ListOptions) (*corev1.PodList, error) { return pods.List(ctx, o) }, o, slim)
+	inf := newInformer("pods", c.Watches, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+		return listSlim(ctx, func(err error) { c.Watches.failed("pods", err) }, func(o metav1.ListOptions) (*corev1.PodList, error) { return pods.List(ctx, o) }, o, slim)
 	}, pods.Watch, &corev1.Pod{})
 	_ = inf.SetTransform(func(obj any) (any, error) { // fails only once the informer runs
 		if p, ok := obj.(*corev1.Pod); ok && len(p.Spec.Containers) == 0 {
@@ -116,12 +132,12 @@ func (c *Clients) SlimPodInformer(slim cache.TransformFunc) cache.SharedIndexInf
 // listSlim lists every pod page by page and returns slim(pod) of each. The
 // list holds pointers, which the reflector hands on as they are (it would
 // copy every item of a []corev1.Pod).
-func listSlim(ctx context.Context, list func(metav1.ListOptions) (*corev1.PodList, error),
+func listSlim(ctx context.Context, failed func(error), list func(metav1.ListOptions) (*corev1.PodList, error),
 	o metav1.ListOptions, slim cache.TransformFunc) (*metainternalversion.List, error) {
 	o.ResourceVersion, o.ResourceVersionMatch, o.Continue, o.Limit = "", "", "", listPageSize
 	out := &metainternalversion.List{}
 	for {
-		page, err := retry(ctx, func() (*corev1.PodList, error) { return list(o) })
+		page, err := retry(ctx, failed, func() (*corev1.PodList, error) { return list(o) })
 		if (apierrors.IsResourceExpired(err) || apierrors.IsGone(err)) && o.Continue != "" {
 			// The continue token outlived the server's history:
 			// start again from the current state.
@@ -163,28 +179,28 @@ func listSlim(ctx context.Context, list func(metav1.ListOptions) (*corev1.PodLis
 // NamespaceInformer watches every namespace.
 func (c *Clients) NamespaceInformer() cache.SharedIndexInformer {
 	ns := c.Core.CoreV1().Namespaces()
-	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return ns.List(ctx, o) },
+	return newInformer("namespaces", c.Watches, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return ns.List(ctx, o) },
 		ns.Watch, &corev1.Namespace{})
 }
 
 // NodeInformer watches every node.
 func (c *Clients) NodeInformer() cache.SharedIndexInformer {
 	nodes := c.Core.CoreV1().Nodes()
-	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return nodes.List(ctx, o) },
+	return newInformer("nodes", c.Watches, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return nodes.List(ctx, o) },
 		nodes.Watch, &corev1.Node{})
 }
 
 // LeaseInformer watches the Leases of one namespace.
 func (c *Clients) LeaseInformer(namespace string) cache.SharedIndexInformer {
 	leases := c.Core.CoordinationV1().Leases(namespace)
-	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return leases.List(ctx, o) },
+	return newInformer("leases", c.Watches, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return leases.List(ctx, o) },
 		leases.Watch, &coordinationv1.Lease{})
 }
 
 // DynamicInformer watches a custom resource in every namespace.
 func (c *Clients) DynamicInformer(gvr schema.GroupVersionResource) cache.SharedIndexInformer {
 	r := c.Dynamic.Resource(gvr)
-	return newInformer(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return r.List(ctx, o) },
+	return newInformer(gvr.Resource, c.Watches, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return r.List(ctx, o) },
 		r.Watch, &unstructured.Unstructured{})
 }
 

@@ -46,7 +46,7 @@ func TestListSlimRestartsOnExpiredContinue(t *testing.T) {
 		p := obj.(*corev1.Pod)
 		return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace}}, nil
 	}
-	got, err := listSlim(context.Background(), list, metav1.ListOptions{ResourceVersion: "0", Limit: 500}, slim)
+	got, err := listSlim(context.Background(), func(error) {}, list, metav1.ListOptions{ResourceVersion: "0", Limit: 500}, slim)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,7 +69,7 @@ func TestListSlimRestartsOnExpiredContinue(t *testing.T) {
 	forbidden := func(metav1.ListOptions) (*corev1.PodList, error) {
 		return nil, apierrors.NewForbidden(schema.GroupResource{Resource: "pods"}, "", fmt.Errorf("no"))
 	}
-	if _, err := listSlim(context.Background(), forbidden, metav1.ListOptions{}, slim); !apierrors.IsForbidden(err) {
+	if _, err := listSlim(context.Background(), func(error) {}, forbidden, metav1.ListOptions{}, slim); !apierrors.IsForbidden(err) {
 		t.Errorf("got %v, want forbidden", err)
 	}
 }

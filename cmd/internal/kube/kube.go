@@ -64,6 +64,9 @@ type Clients struct {
 	Config  *rest.Config
 	Core    kubernetes.Interface
 	Dynamic dynamic.Interface
+	// Watches learns whether the informers' caches may be behind the API
+	// (nil in fakes: never stale).
+	Watches *WatchHealth
 	// conns tracks every connection to the API server (nil in fakes).
 	conns *connrotation.ConnectionTracker
 }
@@ -128,7 +131,7 @@ func NewClients(kubeconfig string) (*Clients, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dynamic client: %w", err)
 	}
-	return &Clients{Config: cfg, Core: core, Dynamic: dyn, conns: conns}, nil
+	return &Clients{Config: cfg, Core: core, Dynamic: dyn, Watches: &WatchHealth{}, conns: conns}, nil
 }
 
 // FromUnstructured converts an object of the dynamic client to its type.

@@ -108,8 +108,8 @@ type Config struct {
 	// ProbeSecret names the Secret, in Namespace, with the probe key;
 	// "" means probe.SecretName.
 	ProbeSecret string
-	Dataplane      Dataplane
-	Log            *zap.Logger
+	Dataplane   Dataplane
+	Log         *zap.Logger
 	// Metrics are updated when set.
 	Metrics *metrics.Agent
 }
@@ -162,8 +162,8 @@ type agent struct {
 	// beat is the heartbeat: it advances only while the sync loop makes
 	// progress (every loop turn, and every second while idle); probe
 	// replies carry it, and the Lease is renewed only while it moves.
-	beat       atomic.Uint64
-	leaseBeat  uint64 // beat at the last renewal; only renewLease
+	beat      atomic.Uint64
+	leaseBeat uint64 // beat at the last renewal; only renewLease
 	// held: the floating IPs of the last successful apply (read by the
 	// fence to release them, written by the sync loop).
 	held atomic.Pointer[[]netip.Addr]

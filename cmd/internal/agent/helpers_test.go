@@ -31,19 +31,19 @@ import (
 
 // fakeDataplane records what the agent asks of the kernel.
 type fakeDataplane struct {
-	mu       sync.Mutex
-	attempts int                  // Apply and Cleanup calls, failed or not
-	applied  []selector.NodeState // states applied successfully (Cleanup: the empty state)
-	failNext int                  // the next failNext Applies and Cleanups fail
-	releases int                  // ReleaseFloating calls
-	released [][]netip.Addr       // Release calls
-	calls    []string             // "apply", "cleanup", "release", "release-all" in order
-	rechecks int
-	block    chan struct{} // when set, Apply waits for it to close
-	verified []string      // conntrack checks: "released [ips]", "taken [ips]"
-	arpRenewals int        // KeepARP calls
-	drift    string     // what Verify reports
-	result   nft.Result // what LastResult reports
+	mu          sync.Mutex
+	attempts    int                  // Apply and Cleanup calls, failed or not
+	applied     []selector.NodeState // states applied successfully (Cleanup: the empty state)
+	failNext    int                  // the next failNext Applies and Cleanups fail
+	releases    int                  // ReleaseFloating calls
+	released    [][]netip.Addr       // Release calls
+	calls       []string             // "apply", "cleanup", "release", "release-all" in order
+	rechecks    int
+	block       chan struct{} // when set, Apply waits for it to close
+	verified    []string      // conntrack checks: "released [ips]", "taken [ips]"
+	arpRenewals int           // KeepARP calls
+	drift       string        // what Verify reports
+	result      nft.Result    // what LastResult reports
 }
 
 var errApply = errors.New("netlink: device busy")

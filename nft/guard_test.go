@@ -2,6 +2,7 @@ package nft
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -19,6 +20,37 @@ func (l *relLab) sendRerouted(port int, server string) {
 	l.sendFrom("peer", remotePod, port, server)
 }
 
+// expectRerouted sends a datagram the peer rerouted through the gateway
+// from port to server, and checks the source server sees (want), or that
+// nothing leaves (want "").
+func (l *relLab) expectRerouted(seen map[string]chan netip.AddrPort, port int, server, want string) {
+	l.t.Helper()
+	l.sendRerouted(port, server)
+	select {
+	case got := <-seen[server]:
+		if want == "" {
+			l.t.Fatalf("%s saw the rerouted datagram from %s: it should have been dropped", server, got)
+		}
+		if got.Addr() != netip.MustParseAddr(want) {
+			l.t.Fatalf("%s saw the rerouted datagram from %s, want %s", server, got, want)
+		}
+	case <-time.After(relWaitLeak):
+		if want != "" {
+			l.t.Fatalf("%s saw nothing from port %d, want a datagram from %s", server, port, want)
+		}
+	}
+}
+
+// rerouteFromPeer makes the peer route its remote pod's traffic to the
+// servers through the gateway (as a source node of a Reroute policy does).
+func (l *relLab) rerouteFromPeer() {
+	l.t.Helper()
+	l.ip("peer", "addr", "add", remotePod+"/32", "dev", "lo")
+	for _, s := range []string{relServer1, relServer2} {
+		l.ip("peer", "route", "add", s+"/32", "via", relGW)
+	}
+}
+
 // TestForwardGuard: traffic another node rerouted to this one (in on the
 // uplink from a pod address, out by the uplink to the outside) leaves with
 // the floating IP when a gateway rule of this node SNATs it, and is dropped
@@ -28,28 +60,12 @@ func (l *relLab) sendRerouted(port int, server string) {
 func TestForwardGuard(t *testing.T) {
 	l := newRelLab(t)
 	seen := l.udpServers()
-	l.ip("peer", "addr", "add", remotePod+"/32", "dev", "lo")
-	for _, s := range []string{relServer1, relServer2} {
-		l.ip("peer", "route", "add", s+"/32", "via", relGW)
-	}
+	l.rerouteFromPeer()
 	// Without egressnat's table the CNI masquerades rerouted traffic: the
 	// leak the guard closes.
 	expectRerouted := func(port int, server, want string) {
 		t.Helper()
-		l.sendRerouted(port, server)
-		select {
-		case got := <-seen[server]:
-			if want == "" {
-				t.Fatalf("%s saw the rerouted datagram from %s: it should have been dropped", server, got)
-			}
-			if got.Addr() != netip.MustParseAddr(want) {
-				t.Fatalf("%s saw the rerouted datagram from %s, want %s", server, got, want)
-			}
-		case <-time.After(relWaitLeak):
-			if want != "" {
-				t.Fatalf("%s saw nothing from port %d, want a datagram from %s", server, port, want)
-			}
-		}
+		l.expectRerouted(seen, port, server, want)
 	}
 	expectRerouted(6000, relServer1, relGW)
 
@@ -91,4 +107,53 @@ func TestForwardGuard(t *testing.T) {
 		t.Fatal(err)
 	}
 	expectRerouted(6007, relServer1, relGW)
+}
+
+// TestBootGuard: a node without its table (rebooted, or its ruleset
+// flushed) gets the guard table before its agent can reach the API: the
+// traffic other nodes still reroute to it is dropped instead of being
+// masqueraded to the node's address, its own pods are not concerned; an
+// existing table is left as it is; the first Apply converges from there.
+func TestBootGuard(t *testing.T) {
+	l := newRelLab(t)
+	seen := l.udpServers()
+	l.rerouteFromPeer()
+	l.expectRerouted(seen, 6100, relServer1, relGW) // the leak, without a table
+
+	internal := []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
+	d := l.dataplane(-1)
+	if ok, err := d.Guard(ctxT(t), nil); err != nil || ok {
+		t.Fatalf("guard without cluster networks: %v %v, want nothing installed", ok, err)
+	}
+	if ok, err := d.Guard(ctxT(t), internal); err != nil || !ok {
+		t.Fatalf("guard on a node without a table: %v %v, want installed", ok, err)
+	}
+	l.expectRerouted(seen, 6101, relServer1, "")
+	l.expectFrom(seen, 6102, relServer1, relGW) // the node's own pod: as without egressnat
+	if addrs := l.exec("gw", "ip", "-4", "addr", "show", "dev", relUplink); strings.Contains(addrs, relFloat1) {
+		t.Fatalf("the guard added a floating IP: %s", addrs)
+	}
+
+	// The first Apply converges from the guard table.
+	web := relGateway("web", relFloat1, relServer1+"/32")
+	web.Sources = append(web.Sources, netip.MustParseAddr(remotePod))
+	st := selector.NodeState{Policies: []selector.PolicyState{web},
+		FloatingIPs: []netip.Prefix{netip.MustParsePrefix(relFloat1 + "/24")}, Excluded: internal}
+	mustApply(t, d, st)
+	mustVerify(t, d, "after the first apply")
+	l.expectRerouted(seen, 6103, relServer1, relFloat1)
+
+	// An agent restart with the table in place: the guard changes nothing.
+	before := l.exec("gw", "nft", "list", "table", "ip", "egressnat")
+	d2 := l.dataplane(-1)
+	if ok, err := d2.Guard(ctxT(t), internal); err != nil || ok {
+		t.Fatalf("guard with the table in place: %v %v, want nothing installed", ok, err)
+	}
+	if after := l.exec("gw", "nft", "list", "table", "ip", "egressnat"); after != before {
+		t.Fatalf("the guard changed an existing table:\n%s\nwas\n%s", after, before)
+	}
+	l.expectRerouted(seen, 6104, relServer1, relFloat1)
+	if err := d2.Cleanup(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -52,6 +52,7 @@ func run() error {
 	fenceAfter := fs.Duration("fence-after", time.Second, "a node holding floating IPs that has seen no probe of the operator leader for this long and cannot reach the API server releases them")
 	arpProbeWait := fs.Duration("arp-probe-wait", 50*time.Millisecond, "before adding a floating IP, ARP-probe it for this long and do not take it while another host answers; negative: no probe")
 	arpLease := fs.Duration("arp-lease", 300*time.Millisecond, "the node answers ARP for its floating IPs only while the agent renews this lease (every 100 ms, while it works); set the operator's --arp-lease alike; negative: no lease")
+	stateDir := fs.String("state-dir", "/var/lib/egressnat", "directory kept across reboots (a hostPath) where the agent saves the cluster networks its guard table needs before it can reach the API server; empty: none saved")
 	probeSecret := fs.String("probe-secret", "egressnat-probe-key", "Secret in --namespace holding the key that authenticates the operator's probes (the operator creates it)")
 	resync := fs.Duration("resync", 30*time.Second, "period (jittered) of the full recomputation and re-apply, and of the background check of the nftables table that repairs changes made outside egressnat")
 	podCIDRs := fs.String("pod-cidrs", "", "comma-separated pod CIDRs never steered, for CNIs that leave Node spec.podCIDRs empty (those of the Nodes are always excluded)")
@@ -133,7 +134,7 @@ func run() error {
 	return agent.RunWithReady(ctx, agent.Config{
 		Clients: clients, Node: *node, Uplink: upName, Subnets: subnets, Gateways: gateways, Namespace: *namespace,
 		LeaseDuration: *leaseDuration, RenewInterval: *renewInterval, ResyncPeriod: *resync,
-		FallbackToNodeIP: *fallback, PodCIDRs: pods, ServiceCIDRs: services, MarkMask: uint32(mask), GatewayNamespaces: gwNamespaces, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, ProbeSecret: *probeSecret,
+		FallbackToNodeIP: *fallback, PodCIDRs: pods, ServiceCIDRs: services, MarkMask: uint32(mask), GatewayNamespaces: gwNamespaces, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, ProbeSecret: *probeSecret, StateDir: *stateDir,
 		Dataplane: dp, Log: log, Metrics: m,
 	}, func(check func() error) { ready <- check })
 }

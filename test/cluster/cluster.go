@@ -227,7 +227,9 @@ func (c *Cluster) StartAgent(node string) error {
 	// The environment of the DaemonSet: MEMORY_LIMIT is its limits.memory.
 	args := append([]string{"env", "MEMORY_LIMIT=" + AgentMemoryLimit, filepath.Join(c.binDir, "egressnat-agent"),
 		"--kubeconfig=" + c.agentKubeconfig, "--node-name=" + node, "--namespace=" + SystemNamespace,
-		"--uplink=" + n.Uplink, fmt.Sprintf("--health-addr=:%d", AgentHealthPort), "--log-format=console"}, c.opts.AgentArgs...)
+		"--uplink=" + n.Uplink, fmt.Sprintf("--health-addr=:%d", AgentHealthPort), "--log-format=console",
+		// The node's disk: it survives the node's reboots (WipeNodeState).
+		"--state-dir=" + filepath.Join(c.Lab.WorkDir(), "state", node)}, c.opts.AgentArgs...)
 	p, err := c.Lab.Start(n.NetNS, filepath.Join(c.Lab.WorkDir(), "agent-"+node+".log"), args...)
 	if err != nil {
 		return fmt.Errorf("start agent on %s: %w", node, err)

@@ -404,3 +404,60 @@ func waitLeaseRenewal(t *testing.T, node string, since time.Time, timeout time.D
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// A gateway reboots while the API server is down: its IPs cannot move and
+// its agent cannot learn them again. Until it can, the traffic the source
+// node still reroutes to it is dropped by the guard table the agent
+// installs at its start, never masqueraded to the node's own address; once
+// the API server is back the node takes its IP again.
+func TestGatewayRebootDuringAPIOutage(t *testing.T) {
+	p, holder := setup(t, scenario)
+	holderIP := c.Lab.Node(holder).IP
+	c.API.StopAPIServer()
+	restarted := false
+	t.Cleanup(func() {
+		if !restarted {
+			c.API.StartAPIServer(context.Background()) //nolint:errcheck
+		}
+	})
+	// The reboot: the agent dies, the kernel's state is gone, the agent
+	// starts again and cannot reach the API server.
+	if err := c.Agents[holder].Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WipeNodeState(ctxT(t), holder); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.StartAgent(holder); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ok, err := c.NodeHasTable(ctxT(t), holder)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("no guard table on %s 10 s after its agent started", holder)
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for i := range 3 {
+		src, err := c.Source(ctxT(t), p, ext1())
+		if err == nil {
+			t.Fatalf("new connection %d during the outage left with %s (the node is %s): want it dropped", i, src, holderIP)
+		}
+	}
+	if err := c.API.StartAPIServer(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	if _, err := c.WaitSource(ctxT(t), p, ext1(), fip100, 30*time.Second); err != nil {
+		t.Fatalf("after the outage: %v", err)
+	}
+	settleNoDuplicates(t, 10*time.Second)
+}

@@ -71,6 +71,9 @@ type Dataplane interface {
 	Recheck()
 	// LastResult is what the last Apply or Cleanup did.
 	LastResult() nft.Result
+	// Guard installs the table with only its fixed rules (the forward
+	// guard) when the node has none, before the first Apply.
+	Guard(ctx context.Context, internal []netip.Prefix) (bool, error)
 }
 
 // Config of the agent.
@@ -105,6 +108,10 @@ type Config struct {
 	// operator leader for this long and cannot reach the API server
 	// releases them.
 	FenceAfter time.Duration
+	// StateDir keeps what the agent needs before it can reach the API
+	// server after a reboot (the cluster networks of the last apply, for
+	// the guard table); "" keeps nothing.
+	StateDir string
 	// ProbeSecret names the Secret, in Namespace, with the probe key;
 	// "" means probe.SecretName.
 	ProbeSecret string
@@ -169,6 +176,9 @@ type agent struct {
 	held atomic.Pointer[[]netip.Addr]
 	// arpTick: the clock at the last tick keepARP handled (for tests).
 	arpTick atomic.Int64
+	// savedNets: the cluster networks last written to StateDir (only the
+	// sync loop, after guardAtStart).
+	savedNets string
 	// checks: the conntrack checks running in the background.
 	checks sync.WaitGroup
 }
@@ -310,6 +320,9 @@ func (a *agent) cachedHoldings() map[netip.Addr]bool {
 
 func (a *agent) run(ctx context.Context) error {
 	cfg := a.cfg
+	// First of all, before the API server is reached: a rebooted node
+	// drops the traffic still rerouted to it until its first apply.
+	a.guardAtStart(ctx)
 	if cfg.Metrics != nil {
 		go a.scrapeCounters(ctx)
 	}
@@ -758,6 +771,7 @@ func (a *agent) sync(ctx context.Context) (err error) {
 		return fmt.Errorf("apply: %w", err)
 	}
 	a.logChanges(st, a.clock.Since(start))
+	a.saveNetworks(st.Excluded)
 	a.observe(st)
 	a.observePods(dirty)
 	a.last = &st

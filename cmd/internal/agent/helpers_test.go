@@ -109,6 +109,13 @@ func (d *fakeDataplane) verifiedNow() []string {
 	return slices.Clone(d.verified)
 }
 
+func (d *fakeDataplane) Guard(_ context.Context, internal []netip.Prefix) (bool, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.calls = append(d.calls, "guard "+fmt.Sprint(internal))
+	return len(internal) > 0, nil
+}
+
 func (d *fakeDataplane) KeepARP(context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

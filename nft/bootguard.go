@@ -1,0 +1,51 @@
+package nft
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+
+	"github.com/egressnat/egressnat/selector"
+	"go.uber.org/zap"
+)
+
+// Guard installs the table without any policy, only its fixed rules, when
+// the node has no table at all: after a reboot, or a flushed ruleset. Until
+// the first Apply (which needs the API server), traffic other nodes still
+// reroute here is dropped by the forward guard instead of leaving with the
+// node's address through the CNI's masquerade; internal holds the
+// cluster-internal destinations (the pod CIDRs are what the guard matches),
+// as the last Apply before the reboot knew them.
+//
+// It changes nothing when the table exists (an agent restart: the table
+// from before serves until the first Apply), and touches no address,
+// route, ARP lease or conntrack entry: the first Apply converges from here
+// as from any table. installed reports whether it created the table.
+func (d *Dataplane) Guard(ctx context.Context, internal []netip.Prefix) (installed bool, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(internal) == 0 {
+		return false, nil // nothing the guard could match
+	}
+	ks, err := d.nf.read(ctx)
+	if err != nil {
+		return false, err
+	}
+	if ks.exists {
+		return false, nil
+	}
+	st := selector.NodeState{Excluded: internal}
+	n, err := normalizeState(st)
+	if err != nil {
+		return false, fmt.Errorf("invalid state: %w", err)
+	}
+	want := desiredNFT{state: st, marks: map[netip.Addr]int{}, sources: n.sources, dests: n.dests, jumps: preSrcTargets(st)}
+	plan := d.nf.plan(ks, want)
+	d.nf.cache = nil // the first Apply reads the kernel
+	if _, err := d.nf.exec.run(ctx, &plan.Plan); err != nil {
+		return false, fmt.Errorf("install the guard table: %w", err)
+	}
+	d.log.Info("no table found: installed the guard table until the first apply", zap.String("table", d.cfg.Table),
+		zap.Int("internalPrefixes", len(internal)))
+	return true, nil
+}

@@ -771,7 +771,11 @@ func (a *agent) sync(ctx context.Context) (err error) {
 		return fmt.Errorf("apply: %w", err)
 	}
 	a.logChanges(st, a.clock.Since(start))
-	a.saveNetworks(st.Excluded)
+	if len(st.Policies) == 0 && len(st.FloatingIPs) == 0 {
+		a.saveNetworks(nil) // cleaned up: nothing to guard
+	} else {
+		a.saveNetworks(st.Excluded)
+	}
 	a.observe(st)
 	a.observePods(dirty)
 	a.last = &st

@@ -36,7 +36,7 @@ func (a *agent) guardAtStart(ctx context.Context) {
 
 // saveNetworks writes the cluster-internal destinations of an apply when
 // they changed since the last write (atomically: a crash leaves the old
-// file or the new one).
+// file or the new one); none removes the file.
 func (a *agent) saveNetworks(nets []netip.Prefix) {
 	if a.cfg.StateDir == "" {
 		return
@@ -45,7 +45,15 @@ func (a *agent) saveNetworks(nets []netip.Prefix) {
 	if text == a.savedNets {
 		return
 	}
-	if err := writeAtomic(filepath.Join(a.cfg.StateDir, networksFile), text); err != nil {
+	path := filepath.Join(a.cfg.StateDir, networksFile)
+	if text == "" {
+		// Nothing applied (no policy, no floating IP: the table is gone):
+		// no node reroutes here, no guard is needed after a reboot.
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			a.log.Warn("remove the saved cluster networks", zap.Error(err))
+			return
+		}
+	} else if err := writeAtomic(path, text); err != nil {
 		a.log.Warn("save the cluster networks", zap.Error(err))
 		return
 	}

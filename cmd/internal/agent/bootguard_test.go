@@ -46,6 +46,13 @@ func TestGuardAtStart(t *testing.T) {
 		t.Fatalf("changed networks not written: %v", saved)
 	}
 
+	// Nothing to apply any more: the file goes (no guard after a reboot).
+	ta.saveNetworks(nil)
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("saved networks kept after the cleanup: %v", err)
+	}
+	ta.saveNetworks(st.Excluded)
+
 	// The next agent (a restart, a reboot) guards with them and the flags'.
 	next := newTestAgent(t, cluster()...)
 	next.cfg.StateDir = dir

@@ -12,10 +12,14 @@ import (
 // Guard installs the table without any policy, only its fixed rules, when
 // the node has no table at all: after a reboot, or a flushed ruleset. Until
 // the first Apply (which needs the API server), traffic other nodes still
-// reroute here is dropped by the forward guard instead of leaving with the
-// node's address through the CNI's masquerade; internal holds the
-// cluster-internal destinations (the pod CIDRs are what the guard matches),
-// as the last Apply before the reboot knew them.
+// reroute here is dropped instead of leaving with the node's address
+// through the CNI's masquerade: every packet that comes in on the uplink
+// from a cluster-internal source to an outside destination (ruleBootGuard,
+// in prerouting: also the flows whose first packets were masqueraded
+// before the table existed, which conntrack keeps masquerading past any
+// NAT chain). internal holds the cluster-internal destinations (the pod
+// CIDRs are what the guard matches), as the last Apply before the reboot
+// knew them.
 //
 // It changes nothing when the table exists (an agent restart: the table
 // from before serves until the first Apply), and touches no address,
@@ -39,7 +43,7 @@ func (d *Dataplane) Guard(ctx context.Context, internal []netip.Prefix) (install
 	if err != nil {
 		return false, fmt.Errorf("invalid state: %w", err)
 	}
-	want := desiredNFT{state: st, marks: map[netip.Addr]int{}, sources: n.sources, dests: n.dests, jumps: preSrcTargets(st)}
+	want := desiredNFT{state: st, marks: map[netip.Addr]int{}, sources: n.sources, dests: n.dests, jumps: preSrcTargets(st), bootGuard: true}
 	plan := d.nf.plan(ks, want)
 	d.nf.cache = nil // the first Apply reads the kernel
 	if _, err := d.nf.exec.run(ctx, &plan.Plan); err != nil {

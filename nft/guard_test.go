@@ -129,6 +129,9 @@ func TestBootGuard(t *testing.T) {
 		t.Fatalf("guard on a node without a table: %v %v, want installed", ok, err)
 	}
 	l.expectRerouted(seen, 6101, relServer1, "")
+	// The flow masqueraded before the guard (its conntrack entry pins the
+	// masquerade past any NAT chain) is dropped too.
+	l.expectRerouted(seen, 6100, relServer1, "")
 	l.expectFrom(seen, 6102, relServer1, relGW) // the node's own pod: as without egressnat
 	if addrs := l.exec("gw", "ip", "-4", "addr", "show", "dev", relUplink); strings.Contains(addrs, relFloat1) {
 		t.Fatalf("the guard added a floating IP: %s", addrs)

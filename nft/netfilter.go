@@ -266,6 +266,8 @@ type desiredNFT struct {
 	dests    map[string][]ipRange    // by dst set name
 	floating []netip.Addr            // target content of the floating set
 	jumps    map[netip.Addr]string   // target content of the setPreSrc map
+	// bootGuard: the guard table (Dataplane.Guard), not an applied state.
+	bootGuard bool
 }
 
 // setDefs returns the sets the state needs.
@@ -426,7 +428,7 @@ func (nf *netfilter) plan(ks *nftState, want desiredNFT) *nftPlan {
 	// Chains no longer wanted are deleted last (phase 5b), once no map
 	// element jumps to them.
 	chains := chainDefs(want.state)
-	p.wantRules = desiredRules(nf.cfg, want.state, want.marks, want.jumps)
+	p.wantRules = desiredRules(nf.cfg, want.state, want.marks, want.jumps, want.bootGuard)
 	var rebuild []string
 	for _, name := range slices.Sorted(maps.Keys(chains)) {
 		have, ok := ks.chains[name]

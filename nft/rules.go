@@ -159,6 +159,8 @@ const nullBindingComment = "marked by egressnat: keep from masquerade"
 // forwardGuardComment marks the last postrouting rule.
 const forwardGuardComment = "rerouted here, not SNATed by egressnat: drop, never masquerade"
 
+const bootGuardComment = "no apply since the node started: traffic rerouted here is dropped"
+
 const floatingGuardComment = "floating IPs are egress-only: no new inbound flows"
 
 // ctStateNew is the ct state bit of a packet that opens a connection.
@@ -219,6 +221,14 @@ const (
 	// send it out with this node's address. It is dropped instead (fail
 	// closed). Only new connections reach a NAT chain.
 	ruleForwardGuard
+	// ruleBootGuard: ip saddr @internal iifname <uplink> fib daddr type !=
+	// local counter drop, in prerouting after the internal return, only
+	// in the guard table (Dataplane.Guard) that holds the place until the
+	// first Apply. Every packet, not only new connections: a rebooted
+	// node whose network came up before its agent masqueraded the first
+	// rerouted packets, and conntrack would keep masquerading the rest of
+	// those flows past the forward guard.
+	ruleBootGuard
 )
 
 // ctDirReply is the ct direction of a reply (IP_CT_DIR_REPLY).
@@ -325,6 +335,16 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 			&expr.Counter{},
 			&expr.Verdict{Kind: expr.VerdictDrop},
 		}
+	case ruleBootGuard:
+		return []expr.Any{
+			loadAddr(12), lookup(r.src),
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.oif)},
+			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+			&expr.Counter{},
+			&expr.Verdict{Kind: expr.VerdictDrop},
+		}
 	case ruleNullBinding:
 		return []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
@@ -386,6 +406,8 @@ func (r rule) String() string {
 		fmt.Fprintf(&b, "meta mark & %#08x != 0 counter snat to ip saddr", r.mask)
 	case ruleForwardGuard:
 		fmt.Fprintf(&b, "iifname %q oifname %q counter drop", r.oif, r.oif)
+	case ruleBootGuard:
+		fmt.Fprintf(&b, "iifname %q fib daddr type != local counter drop", r.oif)
 	}
 	if r.comment != "" {
 		fmt.Fprintf(&b, " comment %q", r.comment)
@@ -438,12 +460,20 @@ func ifname(name string) []byte {
 // overlapping destinations: postrouting) the rules are one per destination
 // as written, in precedence order (see rankedRules), so that the same
 // policy wins on every node.
-func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, jumps map[netip.Addr]string) map[string][]rule {
+//
+// bootGuard: the guard table (Dataplane.Guard) also drops, in prerouting,
+// every packet other nodes reroute here.
+func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, jumps map[netip.Addr]string, bootGuard bool) map[string][]rule {
 	out := map[string][]rule{chainPrerouting: nil, chainPostrouting: nil, chainMulti: nil}
 	out[chainPrerouting] = append(out[chainPrerouting],
 		rule{chain: chainPrerouting, kind: ruleGuard, comment: floatingGuardComment, dst: setFloating},
 		rule{chain: chainPrerouting, kind: ruleReplyReturn, comment: replyComment},
-		rule{chain: chainPrerouting, kind: ruleInternalReturn, comment: internalComment, dst: setInternal},
+		rule{chain: chainPrerouting, kind: ruleInternalReturn, comment: internalComment, dst: setInternal})
+	if bootGuard {
+		out[chainPrerouting] = append(out[chainPrerouting],
+			rule{chain: chainPrerouting, kind: ruleBootGuard, comment: bootGuardComment, src: setInternal, oif: cfg.Uplink})
+	}
+	out[chainPrerouting] = append(out[chainPrerouting],
 		rule{chain: chainPrerouting, kind: ruleDispatch, comment: dispatchComment, dst: setPreSrc})
 	// Postrouting: cluster-internal destinations are left alone; traffic
 	// this node reroutes (marked) is kept from every SNAT, ours and the

@@ -19,24 +19,13 @@ func (a *agent) keepProbeKey(ctx context.Context) {
 	if name == "" {
 		name = probe.SecretName
 	}
-	for {
-		wait := 30 * time.Second
-		key, _, err := kube.ProbeKey(ctx, a.cfg.Clients.Core, a.cfg.Namespace, name, false)
-		switch {
-		case err != nil && ctx.Err() != nil:
-			return
-		case err != nil:
-			if a.fence.key.Load() == nil {
-				wait = 200 * time.Millisecond // the operator creates it at its start
-			}
-			a.log.Warn("load the probe key", zap.Error(err))
-		default:
-			a.fence.key.Store(&key)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-a.clock.After(wait):
-		}
-	}
+	kube.KeepProbeKey(ctx, kube.ProbeKeyLoop{
+		Client: a.cfg.Clients.Core, Namespace: a.cfg.Namespace, Name: name,
+		// The operator creates it at its start; a loaded key serves
+		// until the next reload.
+		Retry: 200 * time.Millisecond, RetryWithKey: 30 * time.Second,
+		Loaded: func(key []byte, _ bool) { a.fence.key.Store(&key) },
+		Failed: func(err error) { a.log.Warn("load the probe key", zap.Error(err)) },
+		Clock:  a.clock,
+	})
 }

@@ -11,6 +11,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/clock"
 )
 
 // ProbeKey reads the probe key (package probe) from the Secret
@@ -45,4 +46,53 @@ func ProbeKey(ctx context.Context, client kubernetes.Interface, namespace, name 
 		return nil, false, fmt.Errorf("probe secret %s/%s: key %q holds %d bytes, want at least %d", namespace, name, probe.SecretKey, len(key), probe.MinKeyLen)
 	}
 	return key, created, nil
+}
+
+// ProbeKeyLoop keeps a probe key loaded (KeepProbeKey).
+type ProbeKeyLoop struct {
+	Client          kubernetes.Interface
+	Namespace, Name string
+	// Create: create the Secret with a random key when it is missing.
+	Create bool
+	// Retry: how soon a failed load is tried again; RetryWithKey: the
+	// same once a key was loaded (the old key serves meanwhile).
+	Retry, RetryWithKey time.Duration
+	// Loaded receives each key loaded, with whether this load created it;
+	// Failed each error.
+	Loaded func(key []byte, created bool)
+	Failed func(err error)
+	Clock  clock.Clock
+}
+
+// probeKeyReload: how often a loaded key is read again (a rotated key
+// takes effect without a restart).
+const probeKeyReload = 30 * time.Second
+
+// KeepProbeKey loads the probe key until ctx ends: again every 30 s once
+// loaded, and after l.Retry (l.RetryWithKey once a key was loaded) when a
+// load fails.
+func KeepProbeKey(ctx context.Context, l ProbeKeyLoop) {
+	loaded := false
+	for {
+		wait := probeKeyReload
+		key, created, err := ProbeKey(ctx, l.Client, l.Namespace, l.Name, l.Create)
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return
+		case err != nil:
+			wait = l.Retry
+			if loaded {
+				wait = l.RetryWithKey
+			}
+			l.Failed(err)
+		default:
+			loaded = true
+			l.Loaded(key, created)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-l.Clock.After(wait):
+		}
+	}
 }

@@ -2,6 +2,7 @@ package operator
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -483,5 +484,48 @@ func TestSilentHolderKeepsIPsForARPLease(t *testing.T) {
 	c.mustReconcile(t)
 	if got := cl.gateway(t, "gw").Status.FloatingIPs[fip1]; got == "n2" {
 		t.Fatalf("a refusing agent's node kept %s", fip1)
+	}
+}
+
+// TestUnprobedNodesKeepTheirIPs: a replica that just started (or just
+// took the lead) has not probed the nodes to a conclusion yet: unknown is
+// not Down, a holder keeps its IPs and no node gets a new one. Once the
+// probes say the holder is Down, its IPs move.
+func TestUnprobedNodesKeepTheirIPs(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	first := cl.controller(t, false)
+	first.setHealth("n1", true, epoch)
+	first.setHealth("n2", true, epoch)
+	first.mustReconcile(t)
+	g := cl.gateway(t, "gw")
+	holders := maps.Clone(g.Status.FloatingIPs)
+	if len(holders) != 2 {
+		t.Fatalf("first leader's assignment: %v", holders)
+	}
+
+	// A new replica leads before any probe of it finished.
+	next := cl.controller(t, false)
+	next.waitCaches(t, cl)
+	next.events()
+	cl.clk.Step(time.Second)
+	next.mustReconcile(t)
+	if g := cl.gateway(t, "gw"); !mapsEqual(g.Status.FloatingIPs, holders) || len(g.Status.RecentMoves) != 0 {
+		t.Fatalf("a leader without probe results moved IPs: %v (were %v), moves %+v", g.Status.FloatingIPs, holders, g.Status.RecentMoves)
+	}
+	for _, e := range next.events() {
+		if strings.Contains(e, "FloatingIPMoved") || strings.Contains(e, "no node") {
+			t.Fatalf("a leader without probe results: %s", e)
+		}
+	}
+
+	// Its probes conclude: fip1's holder is Down, the other node Up.
+	down := holders[fip1]
+	up := map[string]string{"n1": "n2", "n2": "n1"}[down]
+	next.setHealth(down, false, epoch)
+	next.setHealth(up, true, cl.clk.Now())
+	next.waitCaches(t, cl)
+	next.mustReconcile(t)
+	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] != up {
+		t.Fatalf("after the probes: %s on %s, want %s", fip1, g.Status.FloatingIPs[fip1], up)
 	}
 }

@@ -53,34 +53,23 @@ func (c *Controller) otherLeader(term int64) bool {
 
 // keepProbeKey loads the probe key from its Secret, creating the Secret
 // with a random key when it does not exist, and reloads it every 30 s (a
-// rotated key takes effect without a restart). Until it has a key the
-// replica sends no probe.
+// rotated key takes effect without a restart); a failed load is retried
+// every second. Until it has a key the replica sends no probe.
 func (c *Controller) keepProbeKey(ctx context.Context) {
-	for {
-		wait := 30 * time.Second
-		if err := c.loadProbeKey(ctx); err != nil {
-			if ctx.Err() != nil {
-				return
-			}
-			c.cfg.Log.Warn("load the probe key; probing stops until it loads", zap.Error(err))
-			wait = time.Second
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-c.clock.After(wait):
-		}
-	}
+	kube.KeepProbeKey(ctx, c.probeKeyLoop())
 }
 
-func (c *Controller) loadProbeKey(ctx context.Context) error {
-	key, created, err := kube.ProbeKey(ctx, c.cfg.Clients.Core, c.cfg.AgentNamespace, c.cfg.ProbeSecret, true)
-	if err != nil {
-		return err
+func (c *Controller) probeKeyLoop() kube.ProbeKeyLoop {
+	return kube.ProbeKeyLoop{
+		Client: c.cfg.Clients.Core, Namespace: c.cfg.AgentNamespace, Name: c.cfg.ProbeSecret, Create: true,
+		Retry: time.Second, RetryWithKey: time.Second,
+		Loaded: func(key []byte, created bool) {
+			if created {
+				c.cfg.Log.Info("created the probe key", zap.String("secret", c.cfg.AgentNamespace+"/"+c.cfg.ProbeSecret))
+			}
+			c.probeKey.Store(&key)
+		},
+		Failed: func(err error) { c.cfg.Log.Warn("load the probe key; probing stops until it loads", zap.Error(err)) },
+		Clock:  c.clock,
 	}
-	if created {
-		c.cfg.Log.Info("created the probe key", zap.String("secret", c.cfg.AgentNamespace+"/"+c.cfg.ProbeSecret))
-	}
-	c.probeKey.Store(&key)
-	return nil
 }

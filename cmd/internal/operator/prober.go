@@ -129,6 +129,16 @@ func (p *prober) health(node string) (healthy bool, lastAlive time.Time) {
 	return s.healthy, s.lastAlive
 }
 
+// known reports whether the probes reached a conclusion about the node
+// (an answer, a refusal, or Misses silent probes in a row): a replica that
+// just started knows nothing of the nodes yet.
+func (p *prober) known(node string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s, ok := p.nodes[node]
+	return ok && s.known
+}
+
 // silentSince returns, for a node Down because its probes went
 // unanswered, when its agent last answered; zero otherwise (healthy, or
 // Down for another reason: a refusing or stuck agent).

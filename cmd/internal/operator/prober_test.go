@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/cmd/internal/probe"
 	"go.uber.org/zap/zaptest"
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -182,6 +183,20 @@ func TestProbeSender(t *testing.T) {
 	}
 }
 
+// loadProbeKeyOnce runs the replica's probe key loop until its first load
+// or failure.
+func loadProbeKeyOnce(c *testController) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	l := c.probeKeyLoop()
+	var err error
+	loaded, failed := l.Loaded, l.Failed
+	l.Loaded = func(k []byte, created bool) { loaded(k, created); cancel() }
+	l.Failed = func(e error) { failed(e); err = e; cancel() }
+	kube.KeepProbeKey(ctx, l)
+	return err
+}
+
 // TestProbeKey: the first replica creates the Secret with a random key, the
 // others load the same key; a key too short is refused (no probes).
 func TestProbeKey(t *testing.T) {
@@ -190,7 +205,7 @@ func TestProbeKey(t *testing.T) {
 	b := cl.controllerWith(t, func(cfg *Config) { cfg.Identity = "op-1" })
 	ctx := context.Background()
 	for _, c := range []*testController{a, b} {
-		if err := c.loadProbeKey(ctx); err != nil {
+		if err := loadProbeKeyOnce(c); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -207,7 +222,7 @@ func TestProbeKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := cl.controllerWith(t, func(cfg *Config) { cfg.Identity = "op-2" })
-	if err := c.loadProbeKey(ctx); err == nil || c.probeKey.Load() != nil {
+	if err := loadProbeKeyOnce(c); err == nil || c.probeKey.Load() != nil {
 		t.Fatalf("short key accepted: %v", err)
 	}
 }

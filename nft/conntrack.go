@@ -28,6 +28,45 @@ type ctMatcher struct {
 	// (their reply does not go back to the source): masqueraded flows of
 	// sources this node must reroute untranslated.
 	translated map[netip.Addr][]spanSet
+	// snatAllowed: for each floating IP this node holds, the (source,
+	// destination) pairs its Gateway policies SNAT to it. An entry
+	// translated to one of them that no such pair allows is stray: its
+	// source left the policy (or the destination did) while an agent
+	// crashed between the table change and the conntrack clean-up, and
+	// conntrack would keep SNATing the flow to the floating IP. Set on the
+	// first Apply only.
+	snatAllowed map[netip.Addr][]gatewayMatch
+	// untranslated: set on the first Apply only; see nullStray.
+	untranslated *nullStray
+}
+
+// nullStray finds untranslated flows (a null binding: the node rerouted
+// them to a gateway) from a cluster-internal source, not one of the node's
+// own addresses, to a policy's destination, that the node no longer
+// reroutes: a pod left a Reroute policy while an agent crashed between the
+// table change and the conntrack clean-up. Conntrack would keep the flow
+// untranslated, and its packets, no longer marked, would leave by the main
+// route with the pod's own address.
+type nullStray struct {
+	internal, dests spanSet
+	local           map[netip.Addr]bool
+	reroute         map[netip.Addr][]spanSet // source -> its Reroute policies' destinations
+}
+
+func (n *nullStray) match(f *conntrack.Flow) bool {
+	src, dst := f.TupleOrig.IP.SourceAddress, f.TupleOrig.IP.DestinationAddress
+	if f.TupleReply.IP.DestinationAddress != src || f.TupleReply.IP.SourceAddress != dst {
+		return false // translated (SNAT or DNAT)
+	}
+	if n.local[src] || !n.internal.contains(src) || !n.dests.contains(dst) {
+		return false
+	}
+	for _, ss := range n.reroute[src] {
+		if ss.contains(dst) {
+			return false
+		}
+	}
+	return true
 }
 
 func (m *ctMatcher) addTranslated(a netip.Addr, dests spanSet) {
@@ -47,7 +86,8 @@ type gatewayMatch struct {
 }
 
 func (m *ctMatcher) empty() bool {
-	return len(m.replyDst) == 0 && len(m.bySource) == 0 && len(m.gateways) == 0 && len(m.translated) == 0
+	return len(m.replyDst) == 0 && len(m.bySource) == 0 && len(m.gateways) == 0 && len(m.translated) == 0 &&
+		len(m.snatAllowed) == 0 && m.untranslated == nil
 }
 
 func (m *ctMatcher) addSource(a netip.Addr, dests spanSet) {
@@ -82,6 +122,17 @@ func (m *ctMatcher) match(f *conntrack.Flow) bool {
 		if g.sources[src] && g.dests.contains(dst) && f.TupleReply.IP.DestinationAddress != g.egress {
 			return true
 		}
+	}
+	if m.untranslated != nil && m.untranslated.match(f) {
+		return true
+	}
+	if allowed, held := m.snatAllowed[f.TupleReply.IP.DestinationAddress]; held && src != f.TupleReply.IP.DestinationAddress {
+		for _, g := range allowed {
+			if g.sources[src] && g.dests.contains(dst) {
+				return false
+			}
+		}
+		return true
 	}
 	return false
 }

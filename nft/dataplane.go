@@ -518,7 +518,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	}
 
 	// 6. Conntrack, only after everything above succeeded.
-	m := conntrackMatcher(plan, n, givenUp, !d.applied)
+	m := conntrackMatcher(plan, n, givenUp, !d.applied, slices.Collect(maps.Keys(addrs)))
 	flushed, err := d.ct.flush(ctx, m)
 	res.ConntrackDeleted = flushed
 	if err != nil {
@@ -572,17 +572,46 @@ func failClosed(st selector.NodeState, dropped []netip.Addr) (selector.NodeState
 // Reroute policy has its translated flows to the policy's destinations
 // deleted: here they must leave untranslated (null binding) for the
 // gateway; a translated one was masqueraded before the policy took it.
-func conntrackMatcher(plan *nftPlan, n *normalized, givenUp []netip.Addr, first bool) *ctMatcher {
+// And every flow SNATed to a floating IP this node holds that none of its
+// Gateway policies would SNAT there is deleted (snatAllowed), and every
+// untranslated flow of a cluster-internal source to a policy destination
+// that is no longer rerouted (nullStray). local: the uplink's addresses
+// (the node's own flows are never touched).
+func conntrackMatcher(plan *nftPlan, n *normalized, givenUp []netip.Addr, first bool, local []netip.Addr) *ctMatcher {
 	m := snatMatcher(givenUp)
 	if first {
+		m.snatAllowed = map[netip.Addr][]gatewayMatch{}
+		for _, f := range n.floating {
+			m.snatAllowed[f.Addr()] = nil
+		}
 		for _, p := range n.state.Policies {
+			if _, held := m.snatAllowed[p.EgressIP]; !held || p.Mode != selector.ModeGateway {
+				continue
+			}
+			g := gatewayMatch{sources: map[netip.Addr]bool{}, dests: newSpanSet(n.dests[dstSetName(p.Name)]), egress: p.EgressIP}
+			for _, a := range n.sources[srcSetName(p.Name)] {
+				g.sources[a] = true
+			}
+			m.snatAllowed[p.EgressIP] = append(m.snatAllowed[p.EgressIP], g)
+		}
+		ns := &nullStray{internal: newSpanSet(n.dests[setInternal]), local: map[netip.Addr]bool{}, reroute: map[netip.Addr][]spanSet{}}
+		for _, a := range local {
+			ns.local[a] = true
+		}
+		var allDests [][]ipRange
+		for _, p := range n.state.Policies {
+			allDests = append(allDests, n.dests[dstSetName(p.Name)])
 			if p.Mode != selector.ModeReroute {
 				continue
 			}
 			dests := newSpanSet(n.dests[dstSetName(p.Name)])
 			for _, a := range n.sources[srcSetName(p.Name)] {
 				m.addTranslated(a, dests)
+				ns.reroute[a] = append(ns.reroute[a], dests)
 			}
+		}
+		if ns.dests = newSpanSet(allDests...); len(ns.dests) > 0 && len(ns.internal) > 0 {
+			m.untranslated = ns
 		}
 	}
 	keys := map[string]bool{}

@@ -288,6 +288,37 @@ func (c *Controller) Lead(ctx context.Context, term int64) {
 	}
 }
 
+// requireFreshCandidates: while a floating IP needs a holder (it has none,
+// or its holder is Down), a node whose agent last answered longer ago than
+// a failed holder takes to be detected (it holds nothing: it is probed at
+// the slow interval, its last answer may be a second old) gets no new IP:
+// it may have died since. It is probed at once instead, and its answer
+// asks for another reconcile.
+func (c *Controller) requireFreshCandidates(groups []gateway.Group, nodes []gateway.Node, current map[netip.Addr]string) {
+	up := map[string]bool{}
+	for _, n := range nodes {
+		up[n.Name] = n.Up
+	}
+	need := false
+	for _, g := range groups {
+		for _, ip := range g.FloatingIPs {
+			if !up[current[ip]] {
+				need = true
+			}
+		}
+	}
+	if !need {
+		return
+	}
+	within := c.cfg.Probe.Interval*time.Duration(c.cfg.Probe.Misses) + c.cfg.Probe.Timeout
+	for i := range nodes {
+		if nodes[i].Up && !nodes[i].Stale && !c.prober.fresh(nodes[i].Name, within) {
+			nodes[i].Stale = true
+			c.prober.hurry(nodes[i].Name)
+		}
+	}
+}
+
 // probeTargets: every node with an InternalIP; holders of floating IPs are
 // probed at the fast interval.
 func (c *Controller) probeTargets() []probeTarget {
@@ -351,6 +382,7 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	checks := selector.CheckGroups(c.groupObjects(), c.cfg.GatewayNamespaces, selector.ReservedFrom(facts))
 	groups, groupObjs := c.currentGroups(checks)
 	current := c.currentAssignment(groupObjs, checks)
+	c.requireFreshCandidates(groups, nodes, current)
 	assignment := gateway.Assign(groups, nodes, current)
 	moves := c.moves(current, assignment, nodes, now)
 

@@ -159,6 +159,7 @@ func TestReconcileMoves(t *testing.T) {
 
 	c.setHealth("n1", false, epoch)
 	cl.clk.Step(1412 * time.Millisecond)
+	c.healthy("n2") // the new holder answered lately
 	c.mustReconcile(t)
 	g := cl.gateway(t, "gw")
 	if want := map[string]string{fip1: "n2", fip2: "n2"}; !mapsEqual(g.Status.FloatingIPs, want) {
@@ -247,6 +248,7 @@ func TestReconcileStatusConflict(t *testing.T) {
 	refused := cl.conflictOnce()
 	c.setHealth("n1", false, epoch)
 	cl.clk.Step(500 * time.Millisecond)
+	c.healthy("n2")
 	err := c.reconcile(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "update status of gateway kube-system/gw") || refused() != 1 {
 		t.Fatalf("reconcile with a conflicting status write: %v (%d refused)", err, refused())
@@ -257,6 +259,7 @@ func TestReconcileStatusConflict(t *testing.T) {
 
 	c.waitCaches(t, cl)
 	cl.clk.Step(200 * time.Millisecond)
+	c.healthy("n2")
 	c.mustReconcile(t)
 	g := cl.gateway(t, "gw")
 	if g.Status.FloatingIPs[fip1] != "n2" || g.Status.Nodes["n1"] != v1.NodeDown {
@@ -316,6 +319,7 @@ func TestLeaderChange(t *testing.T) {
 	// a leads while n1 is Down (for a): fip1 moves to n2.
 	a.setHealth("n1", false, epoch)
 	cl.clk.Step(time.Second)
+	a.healthy("n2")
 	a.mustReconcile(t)
 	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] != "n2" || g.Status.Nodes["n1"] != v1.NodeDown {
 		t.Fatalf("a did not move %s: %+v", fip1, g.Status)
@@ -363,6 +367,7 @@ func TestLeaderChangeStaleCache(t *testing.T) {
 	// a moves fip1 away from n1, which it sees Down, and loses the lead.
 	a.setHealth("n1", false, epoch)
 	cl.clk.Step(time.Second)
+	a.healthy("n2")
 	a.mustReconcile(t)
 	b.waitCaches(t, cl)
 	moved := cl.gateway(t, "gw")
@@ -527,5 +532,41 @@ func TestUnprobedNodesKeepTheirIPs(t *testing.T) {
 	next.mustReconcile(t)
 	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] != up {
 		t.Fatalf("after the probes: %s on %s, want %s", fip1, g.Status.FloatingIPs[fip1], up)
+	}
+}
+
+// TestStaleCandidateProbedFirst: a node that holds nothing is probed at
+// the slow interval, so its last answer may be a second old. When its IPs'
+// holder goes Down it is not given them on that old answer (it may have
+// died since): it is probed at once, and gets them when it answers.
+func TestStaleCandidateProbedFirst(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	c := cl.controller(t, false)
+	c.healthy("n1", "n2")
+	c.mustReconcile(t)
+	c.waitCaches(t, cl)
+	g := cl.gateway(t, "gw")
+	holder := g.Status.FloatingIPs[fip1]
+	other := map[string]string{"n1": "n2", "n2": "n1"}[holder]
+
+	cl.clk.Step(time.Second)
+	c.setHealth(holder, false, epoch)
+	c.mustReconcile(t)
+	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] == other {
+		t.Fatalf("%s given to %s on an answer 1 s old", fip1, other)
+	}
+	c.prober.mu.Lock()
+	urgent := c.prober.nodes[other].urgent && c.prober.nodes[other].next.IsZero()
+	c.prober.mu.Unlock()
+	if !urgent {
+		t.Fatalf("%s not probed at once", other)
+	}
+
+	// Its answer: fresh, the IP moves.
+	c.waitCaches(t, cl)
+	c.healthy(other)
+	c.mustReconcile(t)
+	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] != other {
+		t.Fatalf("after %s answered: %s on %q", other, fip1, g.Status.FloatingIPs[fip1])
 	}
 }

@@ -85,6 +85,9 @@ type probeState struct {
 	why                      string
 	next                     time.Time
 	inFlight                 bool
+	// urgent: probed at the next round, and its answer asks for a
+	// reconcile (the operator waits on it to choose a holder).
+	urgent bool
 }
 
 // sender says what this replica signs its probes as: the key, its role
@@ -127,6 +130,24 @@ func (p *prober) health(node string) (healthy bool, lastAlive time.Time) {
 		return false, time.Time{}
 	}
 	return s.healthy, s.lastAlive
+}
+
+// fresh reports whether the node's agent answered within the last within.
+func (p *prober) fresh(node string, within time.Duration) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s, ok := p.nodes[node]
+	return ok && !s.lastAlive.IsZero() && p.now().Sub(s.lastAlive) <= within
+}
+
+// hurry probes the node at the next round, and asks for a reconcile when
+// it answers (a node probed at the slow interval, about to be chosen).
+func (p *prober) hurry(node string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if s, ok := p.nodes[node]; ok && !s.urgent {
+		s.urgent, s.next = true, time.Time{}
+	}
 }
 
 // known reports whether the probes reached a conclusion about the node
@@ -198,7 +219,7 @@ func (p *prober) round(ctx context.Context) {
 			continue
 		}
 		interval := p.cfg.SlowInterval
-		if t.fast || !s.healthy {
+		if t.fast || !s.healthy || s.urgent {
 			interval = p.cfg.Interval
 		}
 		s.next = now.Add(interval)
@@ -266,6 +287,10 @@ func (p *prober) record(ctx context.Context, node string, ip netip.Addr, a answe
 	if !wasKnown && !changed {
 		s.known = false // not conclusive yet
 	}
+	hurried := s.urgent && a == answered
+	if hurried {
+		s.urgent = false
+	}
 	healthy, why := s.healthy, s.why
 	p.mu.Unlock()
 	if changed && ctx.Err() == nil {
@@ -274,6 +299,8 @@ func (p *prober) record(ctx context.Context, node string, ip netip.Addr, a answe
 		} else {
 			p.log.Warn("node is not healthy", zap.String("node", node), zap.String("ip", ip.String()), zap.String("why", why))
 		}
+		p.onChange()
+	} else if hurried && ctx.Err() == nil {
 		p.onChange()
 	}
 }

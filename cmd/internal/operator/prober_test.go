@@ -226,3 +226,36 @@ func TestProbeKey(t *testing.T) {
 		t.Fatalf("short key accepted: %v", err)
 	}
 }
+
+// TestProberHurry: a hurried node is probed at the next round, and its
+// next answer asks for a reconcile even though its health did not change;
+// freshness counts from the last answer.
+func TestProberHurry(t *testing.T) {
+	changes := 0
+	now := time.Unix(1000, 0)
+	p := newProber(DefaultProbeConfig, zaptest.NewLogger(t), nil, func() { changes++ })
+	p.now = func() time.Time { return now }
+	ip := netip.MustParseAddr("192.0.2.11")
+	p.nodes["n1"] = &probeState{ip: ip, since: now, known: true, healthy: true, lastAlive: now, next: now.Add(time.Second)}
+	now = now.Add(time.Second)
+	if p.fresh("n1", 400*time.Millisecond) {
+		t.Fatal("an answer 1 s old is fresh")
+	}
+	p.record(context.Background(), "n1", ip, answered, 1)
+	if changes != 0 || !p.fresh("n1", 400*time.Millisecond) {
+		t.Fatalf("an unhurried answer: %d reconciles, fresh %v", changes, p.fresh("n1", 400*time.Millisecond))
+	}
+	p.hurry("n1")
+	if s := p.nodes["n1"]; !s.urgent || !s.next.IsZero() {
+		t.Fatalf("hurried: %+v", s)
+	}
+	p.record(context.Background(), "n1", ip, silent, 0)
+	if changes != 0 {
+		t.Fatal("a silent probe of a hurried node asked for a reconcile")
+	}
+	p.record(context.Background(), "n1", ip, answered, 1)
+	p.record(context.Background(), "n1", ip, answered, 1)
+	if changes != 1 {
+		t.Fatalf("%d reconciles after the hurried node answered, want 1", changes)
+	}
+}

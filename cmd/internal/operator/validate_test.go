@@ -65,10 +65,10 @@ func annotate(l *coordinationv1.Lease, kv ...string) *coordinationv1.Lease {
 	return l
 }
 
-// healthy makes every node answer the probes.
+// healthy makes every node answer the probes, now.
 func (c *testController) healthy(nodes ...string) {
 	for _, n := range nodes {
-		c.setHealth(n, true, epoch)
+		c.setHealth(n, true, c.clock.Now())
 	}
 }
 
@@ -241,6 +241,7 @@ func TestFloatingIPConflict(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.waitCaches(t, cl)
+	c.healthy("n1", "n2") // fresh answers: candidates for the freed IP
 	c.mustReconcile(t)
 	young = cl.gateway(t, "a-young")
 	if young.Status.FloatingIPs[fip1] == "" || young.Status.AssignedCount != 2 {

@@ -112,6 +112,9 @@ type Controller struct {
 	// statuses, so that an IP keeps its node while the cache does not show
 	// the write yet; only the leader sets it.
 	assignment map[netip.Addr]string
+	// standbys: nodes holding nothing that are probed at the fast
+	// interval (setStandbys).
+	standbys map[string]bool
 
 	// recMu serializes reconciles (a lost term's Lead may still be ending
 	// when the next one starts); only reconcile uses what follows.
@@ -290,11 +293,12 @@ func (c *Controller) Lead(ctx context.Context, term int64) {
 
 // requireFreshCandidates: while a floating IP needs a holder (it has none,
 // or its holder is Down), a node whose agent last answered longer ago than
-// a failed holder takes to be detected (it holds nothing: it is probed at
-// the slow interval, its last answer may be a second old) gets no new IP:
-// it may have died since. It is probed at once instead, and its answer
-// asks for another reconcile.
-func (c *Controller) requireFreshCandidates(groups []gateway.Group, nodes []gateway.Node, current map[netip.Addr]string) {
+// a failed holder takes to be detected (it holds nothing: unless it is a
+// standby (setStandbys) it is probed at the slow interval, its last answer
+// may be a second old) gets no new IP: it may have died since. It is
+// probed at once instead, and its answer asks for another reconcile.
+// waiting reports whether such a candidate is being probed.
+func (c *Controller) requireFreshCandidates(groups []gateway.Group, nodes []gateway.Node, current map[netip.Addr]string) (waiting bool) {
 	up := map[string]bool{}
 	for _, n := range nodes {
 		up[n.Name] = n.Up
@@ -308,19 +312,59 @@ func (c *Controller) requireFreshCandidates(groups []gateway.Group, nodes []gate
 		}
 	}
 	if !need {
-		return
+		return false
 	}
 	within := c.cfg.Probe.Interval*time.Duration(c.cfg.Probe.Misses) + c.cfg.Probe.Timeout
 	for i := range nodes {
 		if nodes[i].Up && !nodes[i].Stale && !c.prober.fresh(nodes[i].Name, within) {
 			nodes[i].Stale = true
 			c.prober.hurry(nodes[i].Name)
+			waiting = true
 		}
 	}
+	return waiting
 }
 
-// probeTargets: every node with an InternalIP; holders of floating IPs are
-// probed at the fast interval.
+// maxStandbys: at most this many nodes that hold nothing are probed at the
+// fast interval as standbys (besides the holders).
+const maxStandbys = 8
+
+// setStandbys chooses the nodes probed at the fast interval although they
+// hold nothing: for each group, the first two Up nodes (by name) that can
+// hold one of its IPs, at most maxStandbys in all. A holder's failure then
+// finds a candidate with a fresh answer, and the move does not wait for a
+// probe.
+func (c *Controller) setStandbys(groups []gateway.Group, nodes []gateway.Node, assignment map[netip.Addr]string) {
+	holding := map[string]bool{}
+	for _, n := range assignment {
+		holding[n] = true
+	}
+	standbys := map[string]bool{}
+	for _, g := range groups {
+		picked := 0
+		for _, n := range nodes { // sorted by name
+			if picked == 2 || len(standbys) == maxStandbys {
+				break
+			}
+			if !n.Up || holding[n.Name] {
+				continue
+			}
+			for _, ip := range g.FloatingIPs {
+				if slices.ContainsFunc(n.Subnets, func(p netip.Prefix) bool { return p.Contains(ip) }) {
+					standbys[n.Name] = true
+					picked++
+					break
+				}
+			}
+		}
+	}
+	c.mu.Lock()
+	c.standbys = standbys
+	c.mu.Unlock()
+}
+
+// probeTargets: every node with an InternalIP; holders of floating IPs and
+// standbys (setStandbys) are probed at the fast interval.
 func (c *Controller) probeTargets() []probeTarget {
 	holders := map[string]bool{}
 	for _, obj := range c.gateways.List() {
@@ -330,6 +374,9 @@ func (c *Controller) probeTargets() []probeTarget {
 	}
 	c.mu.Lock()
 	for _, n := range c.assignment {
+		holders[n] = true
+	}
+	for n := range c.standbys {
 		holders[n] = true
 	}
 	c.mu.Unlock()
@@ -382,8 +429,19 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	checks := selector.CheckGroups(c.groupObjects(), c.cfg.GatewayNamespaces, selector.ReservedFrom(facts))
 	groups, groupObjs := c.currentGroups(checks)
 	current := c.currentAssignment(groupObjs, checks)
-	c.requireFreshCandidates(groups, nodes, current)
+	waiting := c.requireFreshCandidates(groups, nodes, current)
 	assignment := gateway.Assign(groups, nodes, current)
+	if waiting {
+		// A candidate is being probed: an IP that found no holder stays
+		// where it was for now (moved, and recorded as a move, once the
+		// candidate answers), instead of going unassigned meanwhile.
+		for ip, n := range current {
+			if _, ok := assignment[ip]; !ok {
+				assignment[ip] = n
+			}
+		}
+	}
+	c.setStandbys(groups, nodes, assignment)
 	moves := c.moves(current, assignment, nodes, now)
 
 	var errs []string

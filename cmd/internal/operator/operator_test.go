@@ -552,8 +552,8 @@ func TestStaleCandidateProbedFirst(t *testing.T) {
 	cl.clk.Step(time.Second)
 	c.setHealth(holder, false, epoch)
 	c.mustReconcile(t)
-	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] == other {
-		t.Fatalf("%s given to %s on an answer 1 s old", fip1, other)
+	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] != holder {
+		t.Fatalf("%s on %q while %s is probed, want it kept on %s until then", fip1, g.Status.FloatingIPs[fip1], other, holder)
 	}
 	c.prober.mu.Lock()
 	urgent := c.prober.nodes[other].urgent && c.prober.nodes[other].next.IsZero()
@@ -566,7 +566,34 @@ func TestStaleCandidateProbedFirst(t *testing.T) {
 	c.waitCaches(t, cl)
 	c.healthy(other)
 	c.mustReconcile(t)
-	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] != other {
-		t.Fatalf("after %s answered: %s on %q", other, fip1, g.Status.FloatingIPs[fip1])
+	g = cl.gateway(t, "gw")
+	if g.Status.FloatingIPs[fip1] != other || len(g.Status.RecentMoves) == 0 || g.Status.RecentMoves[0].From != holder {
+		t.Fatalf("after %s answered: %s on %q, moves %+v", other, fip1, g.Status.FloatingIPs[fip1], g.Status.RecentMoves)
+	}
+}
+
+// TestStandbysProbedFast: besides the holders, up to two nodes per group
+// that could hold its IPs are probed at the fast interval.
+func TestStandbysProbedFast(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	c := cl.controller(t, false)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", false, epoch)
+	c.mustReconcile(t)
+	c.waitCaches(t, cl)
+	fast := func() map[string]bool {
+		out := map[string]bool{}
+		for _, p := range c.probeTargets() {
+			out[p.name] = p.fast
+		}
+		return out
+	}
+	if f := fast(); !f["n1"] || f["n2"] {
+		t.Fatalf("n1 holds, n2 is Down: fast %v", f)
+	}
+	c.healthy("n2")
+	c.mustReconcile(t)
+	if f := fast(); !f["n1"] || !f["n2"] {
+		t.Fatalf("n2 Up, a standby: fast %v", f)
 	}
 }

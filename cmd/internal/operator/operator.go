@@ -299,14 +299,10 @@ func (c *Controller) Lead(ctx context.Context, term int64) {
 // probed at once instead, and its answer asks for another reconcile.
 // waiting reports whether such a candidate is being probed.
 func (c *Controller) requireFreshCandidates(groups []gateway.Group, nodes []gateway.Node, current map[netip.Addr]string) (waiting bool) {
-	up := map[string]bool{}
-	for _, n := range nodes {
-		up[n.Name] = n.Up
-	}
 	need := false
 	for _, g := range groups {
 		for _, ip := range g.FloatingIPs {
-			if !up[current[ip]] {
+			if !nodeUp(nodes, current[ip]) {
 				need = true
 			}
 		}
@@ -330,37 +326,42 @@ func (c *Controller) requireFreshCandidates(groups []gateway.Group, nodes []gate
 const maxStandbys = 8
 
 // setStandbys chooses the nodes probed at the fast interval although they
-// hold nothing: for each group, the first two Up nodes (by name) that can
-// hold one of its IPs, at most maxStandbys in all. A holder's failure then
-// finds a candidate with a fresh answer, and the move does not wait for a
-// probe.
+// hold nothing: those the assignment would choose if every holder failed
+// (at most maxStandbys). A holder's failure then finds its successor with
+// a fresh answer, and the move does not wait for a probe.
 func (c *Controller) setStandbys(groups []gateway.Group, nodes []gateway.Node, assignment map[netip.Addr]string) {
 	holding := map[string]bool{}
 	for _, n := range assignment {
 		holding[n] = true
 	}
-	standbys := map[string]bool{}
-	for _, g := range groups {
-		picked := 0
-		for _, n := range nodes { // sorted by name
-			if picked == 2 || len(standbys) == maxStandbys {
-				break
-			}
-			if !n.Up || holding[n.Name] {
-				continue
-			}
-			for _, ip := range g.FloatingIPs {
-				if slices.ContainsFunc(n.Subnets, func(p netip.Prefix) bool { return p.Contains(ip) }) {
-					standbys[n.Name] = true
-					picked++
-					break
-				}
-			}
+	alt := slices.Clone(nodes)
+	for i := range alt {
+		alt[i].Stale = false // a candidate waiting for its probe is one
+		if holding[alt[i].Name] {
+			alt[i].Up = false
 		}
+	}
+	standbys := map[string]bool{}
+	next := gateway.Assign(groups, alt, nil)
+	for _, ip := range slices.SortedFunc(maps.Keys(next), netip.Addr.Compare) {
+		if len(standbys) == maxStandbys {
+			break
+		}
+		standbys[next[ip]] = true
 	}
 	c.mu.Lock()
 	c.standbys = standbys
 	c.mu.Unlock()
+}
+
+// nodeUp reports whether the named node is Up.
+func nodeUp(nodes []gateway.Node, name string) bool {
+	for _, n := range nodes {
+		if n.Name == name {
+			return n.Up
+		}
+	}
+	return false
 }
 
 // probeTargets: every node with an InternalIP; holders of floating IPs and
@@ -432,11 +433,12 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	waiting := c.requireFreshCandidates(groups, nodes, current)
 	assignment := gateway.Assign(groups, nodes, current)
 	if waiting {
-		// A candidate is being probed: an IP that found no holder stays
+		// A candidate is being probed: an IP that needs a holder stays
 		// where it was for now (moved, and recorded as a move, once the
-		// candidate answers), instead of going unassigned meanwhile.
+		// candidate answers), instead of going unassigned or to a less
+		// preferred node meanwhile.
 		for ip, n := range current {
-			if _, ok := assignment[ip]; !ok {
+			if !nodeUp(nodes, n) {
 				assignment[ip] = n
 			}
 		}

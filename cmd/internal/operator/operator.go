@@ -291,34 +291,29 @@ func (c *Controller) Lead(ctx context.Context, term int64) {
 	}
 }
 
-// requireFreshCandidates: while a floating IP needs a holder (it has none,
-// or its holder is Down), a node whose agent last answered longer ago than
-// a failed holder takes to be detected (it holds nothing: unless it is a
-// standby (setStandbys) it is probed at the slow interval, its last answer
-// may be a second old) gets no new IP: it may have died since. It is
-// probed at once instead, and its answer asks for another reconcile.
-// waiting reports whether such a candidate is being probed.
-func (c *Controller) requireFreshCandidates(groups []gateway.Group, nodes []gateway.Node, current map[netip.Addr]string) (waiting bool) {
-	need := false
-	for _, g := range groups {
-		for _, ip := range g.FloatingIPs {
-			if !nodeUp(nodes, current[ip]) {
-				need = true
-			}
-		}
-	}
-	if !need {
-		return false
-	}
+// assignFresh is gateway.Assign, except that no node is given an IP on an
+// old answer: a node that holds nothing is probed at the slow interval
+// (unless it is a standby, setStandbys), and its last answer may be a
+// second old; it may have died since. When the assignment gives an IP to
+// such a node, the node is probed at once (its answer asks for another
+// reconcile) and the IP stays where it was meanwhile: on its old holder
+// (the move is recorded when it happens), or nowhere. A choice that does
+// not depend on an old answer is made at once.
+func (c *Controller) assignFresh(groups []gateway.Group, nodes []gateway.Node, current map[netip.Addr]string) map[netip.Addr]string {
+	assignment := gateway.Assign(groups, nodes, current)
 	within := c.cfg.Probe.Interval*time.Duration(c.cfg.Probe.Misses) + c.cfg.Probe.Timeout
-	for i := range nodes {
-		if nodes[i].Up && !nodes[i].Stale && !c.prober.fresh(nodes[i].Name, within) {
-			nodes[i].Stale = true
-			c.prober.hurry(nodes[i].Name)
-			waiting = true
+	for ip, n := range assignment {
+		if current[ip] == n || c.prober.fresh(n, within) || !c.prober.known(n) {
+			continue // kept, or chosen on a fresh answer (unknown nodes get nothing new: Stale)
+		}
+		c.prober.hurry(n)
+		if old, ok := current[ip]; ok {
+			assignment[ip] = old
+		} else {
+			delete(assignment, ip)
 		}
 	}
-	return waiting
+	return assignment
 }
 
 // maxStandbys: at most this many nodes that hold nothing are probed at the
@@ -352,16 +347,6 @@ func (c *Controller) setStandbys(groups []gateway.Group, nodes []gateway.Node, a
 	c.mu.Lock()
 	c.standbys = standbys
 	c.mu.Unlock()
-}
-
-// nodeUp reports whether the named node is Up.
-func nodeUp(nodes []gateway.Node, name string) bool {
-	for _, n := range nodes {
-		if n.Name == name {
-			return n.Up
-		}
-	}
-	return false
 }
 
 // probeTargets: every node with an InternalIP; holders of floating IPs and
@@ -430,19 +415,7 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	checks := selector.CheckGroups(c.groupObjects(), c.cfg.GatewayNamespaces, selector.ReservedFrom(facts))
 	groups, groupObjs := c.currentGroups(checks)
 	current := c.currentAssignment(groupObjs, checks)
-	waiting := c.requireFreshCandidates(groups, nodes, current)
-	assignment := gateway.Assign(groups, nodes, current)
-	if waiting {
-		// A candidate is being probed: an IP that needs a holder stays
-		// where it was for now (moved, and recorded as a move, once the
-		// candidate answers), instead of going unassigned or to a less
-		// preferred node meanwhile.
-		for ip, n := range current {
-			if !nodeUp(nodes, n) {
-				assignment[ip] = n
-			}
-		}
-	}
+	assignment := c.assignFresh(groups, nodes, current)
 	c.setStandbys(groups, nodes, assignment)
 	moves := c.moves(current, assignment, nodes, now)
 

@@ -134,7 +134,7 @@ func run() error {
 	return agent.RunWithReady(ctx, agent.Config{
 		Clients: clients, Node: *node, Uplink: upName, Subnets: subnets, Gateways: gateways, Namespace: *namespace,
 		LeaseDuration: *leaseDuration, RenewInterval: *renewInterval, ResyncPeriod: *resync,
-		FallbackToNodeIP: *fallback, PodCIDRs: pods, ServiceCIDRs: services, MarkMask: uint32(mask), GatewayNamespaces: gwNamespaces, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, ProbeSecret: *probeSecret, StateDir: *stateDir,
+		FallbackToNodeIP: *fallback, PodCIDRs: pods, ServiceCIDRs: services, MarkMask: uint32(mask), GatewayNamespaces: gwNamespaces, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, ProbeSecret: *probeSecret, StateDir: *stateDir, ARPLease: *arpLease,
 		Dataplane: dp, Log: log, Metrics: m,
 	}, func(check func() error) { ready <- check })
 }

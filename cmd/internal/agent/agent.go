@@ -108,6 +108,11 @@ type Config struct {
 	// operator leader for this long and cannot reach the API server
 	// releases them.
 	FenceAfter time.Duration
+	// ARPLease: how long the node answers ARP for its floating IPs after
+	// the agent's last renewal (nft.Config.ARPLease; 0 or less: no lease).
+	// A lease that ran out for want of the leader's probes makes the agent
+	// confirm its IPs with the API before it renews again.
+	ARPLease time.Duration
 	// StateDir keeps what the agent needs before it can reach the API
 	// server after a reboot (the cluster networks of the last apply, for
 	// the guard table); "" keeps nothing.
@@ -251,6 +256,10 @@ func (a *agent) keepARP(ctx context.Context) {
 	defer t.Stop()
 	lastBeat, beatAt := a.beat.Load(), a.clock.Now()
 	failing, stuck := false, false
+	// lastRenew: the last renewal; lapsed: the lease ran out for want of
+	// the leader's probes (see fence.leaseLapsed).
+	var lastRenew time.Time
+	lapsed := false
 	for {
 		select {
 		case <-ctx.Done():
@@ -280,6 +289,17 @@ func (a *agent) keepARP(ctx context.Context) {
 		stuck = false
 		a.fence.checkStall()
 		if a.fence.sinceProbe() > arpProbeWindow {
+			if a.cfg.ARPLease > 0 && !lastRenew.IsZero() && now.Sub(lastRenew) >= a.cfg.ARPLease {
+				lapsed = true
+			}
+			a.arpTick.Store(now.UnixNano())
+			continue
+		}
+		if lapsed {
+			// The leader's probes are back after the lease ran out: it
+			// may have moved the IPs meanwhile.
+			lapsed, lastRenew = false, time.Time{}
+			a.fence.leaseLapsed()
 			a.arpTick.Store(now.UnixNano())
 			continue
 		}
@@ -292,6 +312,9 @@ func (a *agent) keepARP(ctx context.Context) {
 			continue
 		}
 		err := a.cfg.Dataplane.KeepARP(ctx)
+		if err == nil {
+			lastRenew = now
+		}
 		switch {
 		case err != nil && !failing && ctx.Err() == nil:
 			a.log.Warn("renew the ARP lease", zap.Error(err))
@@ -632,7 +655,16 @@ func (a *agent) staleCustom() bool {
 // refreshWhileStale asks for a sync every staleRefresh while the groups'
 // or the policies' cache may be behind the API, until ctx ends.
 func (a *agent) refreshWhileStale(ctx context.Context) {
-	t := a.clock.NewTicker(staleRefresh)
+	a.every(ctx, staleRefresh, func() {
+		if a.staleCustom() && a.synced.Load() {
+			a.recompute()
+		}
+	})
+}
+
+// every calls fn every period until ctx ends.
+func (a *agent) every(ctx context.Context, period time.Duration, fn func()) {
+	t := a.clock.NewTicker(period)
 	defer t.Stop()
 	for {
 		select {
@@ -640,9 +672,7 @@ func (a *agent) refreshWhileStale(ctx context.Context) {
 			return
 		case <-t.C():
 		}
-		if a.staleCustom() && a.synced.Load() {
-			a.recompute()
-		}
+		fn()
 	}
 }
 

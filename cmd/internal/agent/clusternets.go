@@ -125,19 +125,12 @@ func (a *agent) logListFailure(what string, err error) {
 // watchClusterNets re-lists the cluster networks every period until ctx
 // ends; a change asks for a recomputation.
 func (a *agent) watchClusterNets(ctx context.Context) {
-	t := a.clock.NewTicker(a.cfg.ResyncPeriod)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C():
-		}
+	a.every(ctx, a.cfg.ResyncPeriod, func() {
 		if a.refreshClusterNets(ctx) {
 			a.log.Info("cluster-internal destinations changed", zap.Int("count", len(a.nets.get())))
 			a.recompute()
 		}
-	}
+	})
 }
 
 func sortPrefixes(ps []netip.Prefix) {

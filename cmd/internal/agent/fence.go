@@ -226,6 +226,22 @@ func (f *fence) stalled(gap time.Duration) {
 	f.kick()
 }
 
+// leaseLapsed starts a recovery when the leader's probes come back after
+// the node's ARP lease ran out for want of them: the leader moves a silent
+// node's IPs once its lease has surely run out, so they may be elsewhere
+// now. The node renews the lease (answers ARP) again only for what a fresh
+// read of the API confirms, as after a heal; otherwise it would answer
+// for an IP its new holder answers for too, until its watch caught up.
+func (f *fence) leaseLapsed() {
+	f.mu.Lock()
+	if !f.fenced {
+		f.recovering, f.lastKick = true, f.clock.Now()
+	}
+	f.mu.Unlock()
+	f.log.Warn("the ARP lease ran out without the operator leader's probes; confirming the floating IPs with the API before answering ARP again")
+	f.kick()
+}
+
 func (f *fence) evaluate(ctx context.Context) {
 	f.mu.Lock()
 	sinceProbe := f.clock.Since(f.lastProbe)

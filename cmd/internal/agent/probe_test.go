@@ -315,6 +315,7 @@ func TestKeepARP(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	ta := newTestAgent(t, cluster()...)
+	ta.cfg.ARPLease = 300 * time.Millisecond
 	done := make(chan struct{})
 	go func() { ta.keepARP(ctx); close(done) }()
 	eventually(t, "the ARP ticker", func() bool { return ta.clk.HasWaiters() })
@@ -349,12 +350,33 @@ func TestKeepARP(t *testing.T) {
 	}
 	leaderProbes = false
 	step(1)
-	if n := step(3); n != 0 {
+	if n := step(1); n != 0 {
 		t.Fatalf("no leader probe for over %v: %d renewals, want none", arpProbeWindow, n)
 	}
 	leaderProbes = true
 	if n := step(3); n == 0 {
-		t.Fatal("leader probes again: no renewal")
+		t.Fatal("leader probes again within the lease: no renewal")
+	}
+	if _, recovering := ta.fence.state(); recovering {
+		t.Fatal("a gap shorter than the lease started a recovery")
+	}
+	// A gap longer than the lease: the leader may have moved the IPs; the
+	// lease is renewed again once a fresh read confirmed them.
+	leaderProbes = false
+	step(1) // the last probe 100 ms ago: renewed
+	if n := step(4); n != 0 {
+		t.Fatalf("no leader probe for 500 ms: %d renewals, want none", n)
+	}
+	leaderProbes = true
+	if n := step(3); n != 0 {
+		t.Fatalf("leader probes again after the lease ran out: %d renewals before a fresh read, want none", n)
+	}
+	if _, recovering := ta.fence.state(); !recovering {
+		t.Fatal("the lease ran out: no recovery")
+	}
+	ta.mustSync(t) // the fresh read agrees with the cache: recovery over
+	if n := step(3); n == 0 {
+		t.Fatal("recovered: no renewal")
 	}
 	ta.fence.mu.Lock()
 	ta.fence.recovering = true

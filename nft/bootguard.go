@@ -17,15 +17,18 @@ import (
 // from a cluster-internal source to an outside destination (ruleBootGuard,
 // in prerouting: also the flows whose first packets were masqueraded
 // before the table existed, which conntrack keeps masquerading past any
-// NAT chain). internal holds the cluster-internal destinations (the pod
-// CIDRs are what the guard matches), as the last Apply before the reboot
-// knew them.
+// NAT chain), and every packet from a cluster-internal source (the node's
+// own pods) to one of dests, the policy destinations the last Apply knew
+// (ruleBootGuardPods): until the first Apply no pod's traffic to them may
+// leave with the node's address. internal holds the cluster-internal
+// destinations (the pod CIDRs are what the guard matches), as the last
+// Apply before the reboot knew them.
 //
 // It changes nothing when the table exists (an agent restart: the table
 // from before serves until the first Apply), and touches no address,
 // route, ARP lease or conntrack entry: the first Apply converges from here
 // as from any table. installed reports whether it created the table.
-func (d *Dataplane) Guard(ctx context.Context, internal []netip.Prefix) (installed bool, err error) {
+func (d *Dataplane) Guard(ctx context.Context, internal, dests []netip.Prefix) (installed bool, err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if len(internal) == 0 {
@@ -43,6 +46,13 @@ func (d *Dataplane) Guard(ctx context.Context, internal []netip.Prefix) (install
 	if err != nil {
 		return false, fmt.Errorf("invalid state: %w", err)
 	}
+	var ds []netip.Prefix
+	for _, p := range dests {
+		if p.IsValid() && p.Addr().Unmap().Is4() {
+			ds = append(ds, netip.PrefixFrom(p.Addr().Unmap(), p.Bits()).Masked())
+		}
+	}
+	n.dests[setBootDests] = mergeOverlaps(prefixRanges(ds))
 	want := desiredNFT{state: st, marks: map[netip.Addr]int{}, sources: n.sources, dests: n.dests, jumps: preSrcTargets(st), bootGuard: true}
 	plan := d.nf.plan(ks, want)
 	d.nf.cache = nil // the first Apply reads the kernel

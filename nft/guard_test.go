@@ -112,8 +112,10 @@ func TestForwardGuard(t *testing.T) {
 // TestBootGuard: a node without its table (rebooted, or its ruleset
 // flushed) gets the guard table before its agent can reach the API: the
 // traffic other nodes still reroute to it is dropped instead of being
-// masqueraded to the node's address, its own pods are not concerned; an
-// existing table is left as it is; the first Apply converges from there.
+// masqueraded to the node's address, its own pods' traffic to a policy
+// destination of the last apply is held, the rest of it is not concerned;
+// an existing table is left as it is; the first Apply converges from
+// there.
 func TestBootGuard(t *testing.T) {
 	l := newRelLab(t)
 	seen := l.udpServers()
@@ -122,17 +124,21 @@ func TestBootGuard(t *testing.T) {
 
 	internal := []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
 	d := l.dataplane(-1)
-	if ok, err := d.Guard(ctxT(t), nil); err != nil || ok {
+	dests := []netip.Prefix{netip.MustParsePrefix(relServer1 + "/32")}
+	if ok, err := d.Guard(ctxT(t), nil, dests); err != nil || ok {
 		t.Fatalf("guard without cluster networks: %v %v, want nothing installed", ok, err)
 	}
-	if ok, err := d.Guard(ctxT(t), internal); err != nil || !ok {
+	if ok, err := d.Guard(ctxT(t), internal, dests); err != nil || !ok {
 		t.Fatalf("guard on a node without a table: %v %v, want installed", ok, err)
 	}
 	l.expectRerouted(seen, 6101, relServer1, "")
 	// The flow masqueraded before the guard (its conntrack entry pins the
 	// masquerade past any NAT chain) is dropped too.
 	l.expectRerouted(seen, 6100, relServer1, "")
-	l.expectFrom(seen, 6102, relServer1, relGW) // the node's own pod: as without egressnat
+	// The node's own pod: held to a policy destination of the last apply,
+	// as without egressnat elsewhere.
+	l.expectNothing(seen, 6102, relServer1)
+	l.expectFrom(seen, 6105, relServer2, relGW)
 	if addrs := l.exec("gw", "ip", "-4", "addr", "show", "dev", relUplink); strings.Contains(addrs, relFloat1) {
 		t.Fatalf("the guard added a floating IP: %s", addrs)
 	}
@@ -149,7 +155,7 @@ func TestBootGuard(t *testing.T) {
 	// An agent restart with the table in place: the guard changes nothing.
 	before := l.exec("gw", "nft", "list", "table", "ip", "egressnat")
 	d2 := l.dataplane(-1)
-	if ok, err := d2.Guard(ctxT(t), internal); err != nil || ok {
+	if ok, err := d2.Guard(ctxT(t), internal, dests); err != nil || ok {
 		t.Fatalf("guard with the table in place: %v %v, want nothing installed", ok, err)
 	}
 	if after := l.exec("gw", "nft", "list", "table", "ip", "egressnat"); after != before {

@@ -297,6 +297,9 @@ func (nf *netfilter) plan(ks *nftState, want desiredNFT) *nftPlan {
 		prevGateway:   ks.gatewayEgress(),
 	}
 	defs := setDefs(want.state)
+	if want.bootGuard {
+		defs = append(defs, setDef{name: setBootDests, kind: kindInterval, comment: "policy destinations of the last apply: dropped from pods until the first apply"})
+	}
 
 	// Phase 1: table and missing sets. Sets of the wrong kind are recreated
 	// with the chains (phase 4).

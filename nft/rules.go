@@ -35,6 +35,9 @@ const (
 	// chainMulti for an address several policies select. One hash lookup
 	// per packet, whatever the number of policies and pods.
 	setPreSrc = "pre-src"
+	// setBootDests, only in the guard table (Dataplane.Guard): the policy
+	// destinations of the last apply before the node's restart.
+	setBootDests = "boot-dests"
 	// chainMulti holds, in policy order, the rules of every Reroute and
 	// Drop policy, for addresses several policies select.
 	chainMulti = "multi"
@@ -161,6 +164,8 @@ const forwardGuardComment = "rerouted here, not SNATed by egressnat: drop, never
 
 const bootGuardComment = "no apply since the node started: traffic rerouted here is dropped"
 
+const bootGuardPodsComment = "no apply since the node started: cluster sources to policy destinations are held"
+
 const floatingGuardComment = "floating IPs are egress-only: no new inbound flows"
 
 // ctStateNew is the ct state bit of a packet that opens a connection.
@@ -229,6 +234,12 @@ const (
 	// rerouted packets, and conntrack would keep masquerading the rest of
 	// those flows past the forward guard.
 	ruleBootGuard
+	// ruleBootGuardPods: ip saddr @internal ip daddr @boot-dests counter
+	// drop, in prerouting after the internal return, only in the guard
+	// table: the node's own pods (and any other cluster source) sending to
+	// a policy destination of the last apply are held until the first
+	// apply says which of them may go and how.
+	ruleBootGuardPods
 )
 
 // ctDirReply is the ct direction of a reply (IP_CT_DIR_REPLY).
@@ -345,6 +356,13 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 			&expr.Counter{},
 			&expr.Verdict{Kind: expr.VerdictDrop},
 		}
+	case ruleBootGuardPods:
+		return []expr.Any{
+			loadAddr(12), lookup(r.src),
+			loadAddr(16), lookup(r.dst),
+			&expr.Counter{},
+			&expr.Verdict{Kind: expr.VerdictDrop},
+		}
 	case ruleNullBinding:
 		return []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
@@ -408,6 +426,8 @@ func (r rule) String() string {
 		fmt.Fprintf(&b, "iifname %q oifname %q counter drop", r.oif, r.oif)
 	case ruleBootGuard:
 		fmt.Fprintf(&b, "iifname %q fib daddr type != local counter drop", r.oif)
+	case ruleBootGuardPods:
+		fmt.Fprintf(&b, "ip daddr @%s counter drop", r.dst)
 	}
 	if r.comment != "" {
 		fmt.Fprintf(&b, " comment %q", r.comment)
@@ -471,7 +491,8 @@ func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, j
 		rule{chain: chainPrerouting, kind: ruleInternalReturn, comment: internalComment, dst: setInternal})
 	if bootGuard {
 		out[chainPrerouting] = append(out[chainPrerouting],
-			rule{chain: chainPrerouting, kind: ruleBootGuard, comment: bootGuardComment, src: setInternal, oif: cfg.Uplink})
+			rule{chain: chainPrerouting, kind: ruleBootGuard, comment: bootGuardComment, src: setInternal, oif: cfg.Uplink},
+			rule{chain: chainPrerouting, kind: ruleBootGuardPods, comment: bootGuardPodsComment, src: setInternal, dst: setBootDests})
 	}
 	out[chainPrerouting] = append(out[chainPrerouting],
 		rule{chain: chainPrerouting, kind: ruleDispatch, comment: dispatchComment, dst: setPreSrc})

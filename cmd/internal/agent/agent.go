@@ -73,7 +73,7 @@ type Dataplane interface {
 	LastResult() nft.Result
 	// Guard installs the table with only its fixed rules (the forward
 	// guard) when the node has none, before the first Apply.
-	Guard(ctx context.Context, internal []netip.Prefix) (bool, error)
+	Guard(ctx context.Context, internal, dests []netip.Prefix) (bool, error)
 }
 
 // Config of the agent.
@@ -181,9 +181,9 @@ type agent struct {
 	held atomic.Pointer[[]netip.Addr]
 	// arpTick: the clock at the last tick keepARP handled (for tests).
 	arpTick atomic.Int64
-	// savedNets: the cluster networks last written to StateDir (only the
-	// sync loop, after guardAtStart).
-	savedNets string
+	// saved: the cluster networks and policy destinations last written to
+	// StateDir (only the sync loop, after guardAtStart).
+	saved [2]string
 	// checks: the conntrack checks running in the background.
 	checks sync.WaitGroup
 }
@@ -802,9 +802,9 @@ func (a *agent) sync(ctx context.Context) (err error) {
 	}
 	a.logChanges(st, a.clock.Since(start))
 	if len(st.Policies) == 0 && len(st.FloatingIPs) == 0 {
-		a.saveNetworks(nil) // cleaned up: nothing to guard
+		a.saveState(nil) // cleaned up: nothing to guard
 	} else {
-		a.saveNetworks(st.Excluded)
+		a.saveState(&st)
 	}
 	a.observe(st)
 	a.observePods(dirty)

@@ -109,10 +109,10 @@ func (d *fakeDataplane) verifiedNow() []string {
 	return slices.Clone(d.verified)
 }
 
-func (d *fakeDataplane) Guard(_ context.Context, internal []netip.Prefix) (bool, error) {
+func (d *fakeDataplane) Guard(_ context.Context, internal, dests []netip.Prefix) (bool, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.calls = append(d.calls, "guard "+fmt.Sprint(internal))
+	d.calls = append(d.calls, "guard "+fmt.Sprint(internal)+" "+fmt.Sprint(dests))
 	return len(internal) > 0, nil
 }
 

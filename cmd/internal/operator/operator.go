@@ -291,20 +291,18 @@ func (c *Controller) Lead(ctx context.Context, term int64) {
 	}
 }
 
-// assignFresh is gateway.Assign, except that no node is given an IP on an
-// old answer: a node that holds nothing is probed at the slow interval
-// (unless it is a standby, setStandbys), and its last answer may be a
-// second old; it may have died since. When the assignment gives an IP to
-// such a node, the node is probed at once (its answer asks for another
-// reconcile) and the IP stays where it was meanwhile: on its old holder
-// (the move is recorded when it happens), or nowhere. A choice that does
-// not depend on an old answer is made at once.
+// assignFresh is gateway.Assign, except that no node is given a new IP
+// while its last probe went unanswered: a node that holds nothing is
+// probed at the slow interval (unless it is a standby, setStandbys) and
+// takes Misses seconds to be found Down; it may be dead already. Such a
+// node is probed at once (fast until it answers, and its answer asks for
+// another reconcile), and the IP stays where it was meanwhile: on its old
+// holder (the move is recorded when it happens), or nowhere.
 func (c *Controller) assignFresh(groups []gateway.Group, nodes []gateway.Node, current map[netip.Addr]string) map[netip.Addr]string {
 	assignment := gateway.Assign(groups, nodes, current)
-	within := c.cfg.Probe.Interval*time.Duration(c.cfg.Probe.Misses) + c.cfg.Probe.Timeout
 	for ip, n := range assignment {
-		if current[ip] == n || c.prober.fresh(n, within) || !c.prober.known(n) {
-			continue // kept, or chosen on a fresh answer (unknown nodes get nothing new: Stale)
+		if current[ip] == n || !c.prober.suspect(n) {
+			continue
 		}
 		c.prober.hurry(n)
 		if old, ok := current[ip]; ok {

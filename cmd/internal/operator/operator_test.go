@@ -536,9 +536,10 @@ func TestUnprobedNodesKeepTheirIPs(t *testing.T) {
 }
 
 // TestStaleCandidateProbedFirst: a node that holds nothing is probed at
-// the slow interval, so its last answer may be a second old. When its IPs'
-// holder goes Down it is not given them on that old answer (it may have
-// died since): it is probed at once, and gets them when it answers.
+// the slow interval, so it takes seconds to be found Down. When its last
+// probe went unanswered and an IP needs a holder, it is not given the IP
+// (it may be dead already): it is probed at once, and gets the IP when it
+// answers; the IP stays on its old holder meanwhile.
 func TestStaleCandidateProbedFirst(t *testing.T) {
 	cl := newCluster(t, objects()...)
 	c := cl.controller(t, false)
@@ -551,6 +552,9 @@ func TestStaleCandidateProbedFirst(t *testing.T) {
 
 	cl.clk.Step(time.Second)
 	c.setHealth(holder, false, epoch)
+	c.prober.mu.Lock()
+	c.prober.nodes[other].misses = 1 // its last (slow) probe went unanswered
+	c.prober.mu.Unlock()
 	c.mustReconcile(t)
 	if g := cl.gateway(t, "gw"); g.Status.FloatingIPs[fip1] != holder {
 		t.Fatalf("%s on %q while %s is probed, want it kept on %s until then", fip1, g.Status.FloatingIPs[fip1], other, holder)

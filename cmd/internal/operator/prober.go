@@ -132,12 +132,15 @@ func (p *prober) health(node string) (healthy bool, lastAlive time.Time) {
 	return s.healthy, s.lastAlive
 }
 
-// fresh reports whether the node's agent answered within the last within.
-func (p *prober) fresh(node string, within time.Duration) bool {
+// suspect reports whether the node's last probe went unanswered (its
+// node is not Down yet: fewer than Misses in a row). A node probed at the
+// slow interval takes Misses seconds to be found Down; meanwhile it is not
+// given a new floating IP.
+func (p *prober) suspect(node string) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s, ok := p.nodes[node]
-	return ok && !s.lastAlive.IsZero() && p.now().Sub(s.lastAlive) <= within
+	return ok && s.misses > 0
 }
 
 // hurry probes the node at the next round, and asks for a reconcile when

@@ -229,7 +229,7 @@ func TestProbeKey(t *testing.T) {
 
 // TestProberHurry: a hurried node is probed at the next round, and its
 // next answer asks for a reconcile even though its health did not change;
-// freshness counts from the last answer.
+// a node whose last probe went unanswered is suspect until it answers.
 func TestProberHurry(t *testing.T) {
 	changes := 0
 	now := time.Unix(1000, 0)
@@ -237,13 +237,13 @@ func TestProberHurry(t *testing.T) {
 	p.now = func() time.Time { return now }
 	ip := netip.MustParseAddr("192.0.2.11")
 	p.nodes["n1"] = &probeState{ip: ip, since: now, known: true, healthy: true, lastAlive: now, next: now.Add(time.Second)}
-	now = now.Add(time.Second)
-	if p.fresh("n1", 400*time.Millisecond) {
-		t.Fatal("an answer 1 s old is fresh")
-	}
 	p.record(context.Background(), "n1", ip, answered, 1)
-	if changes != 0 || !p.fresh("n1", 400*time.Millisecond) {
-		t.Fatalf("an unhurried answer: %d reconciles, fresh %v", changes, p.fresh("n1", 400*time.Millisecond))
+	if changes != 0 || p.suspect("n1") {
+		t.Fatalf("an unhurried answer: %d reconciles, suspect %v", changes, p.suspect("n1"))
+	}
+	p.record(context.Background(), "n1", ip, silent, 0)
+	if !p.suspect("n1") {
+		t.Fatal("a node whose last probe went unanswered is not suspect")
 	}
 	p.hurry("n1")
 	if s := p.nodes["n1"]; !s.urgent || !s.next.IsZero() {
@@ -255,7 +255,7 @@ func TestProberHurry(t *testing.T) {
 	}
 	p.record(context.Background(), "n1", ip, answered, 1)
 	p.record(context.Background(), "n1", ip, answered, 1)
-	if changes != 1 {
-		t.Fatalf("%d reconciles after the hurried node answered, want 1", changes)
+	if changes != 1 || p.suspect("n1") {
+		t.Fatalf("%d reconciles after the hurried node answered (want 1), suspect %v", changes, p.suspect("n1"))
 	}
 }

@@ -1,13 +1,17 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"time"
 
+	probeproto "github.com/egressnat/egressnat/leader/probe"
 	"github.com/egressnat/egressnat/test/lab"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -445,13 +449,32 @@ func applyManyGateways(ctx context.Context, h *harness) error {
 		return err
 	}
 	h.fakeListener = ln
+	// The fake agents answer the operators' authenticated probes with the
+	// key from the probe Secret (as an agent does), with a heartbeat that
+	// moves.
+	sec, err := h.c.Client.CoreV1().Secrets(agentNS).Get(ctx, probeproto.SecretName, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("probe secret: %w", err)
+	}
+	key := sec.Data[probeproto.SecretKey]
+	var beat atomic.Uint64
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			c.Close()
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(time.Second))
+				line, err := bufio.NewReader(io.LimitReader(c, probeproto.MaxLine)).ReadString('\n')
+				if err != nil {
+					return
+				}
+				if p, err := probeproto.Decode(key, line); err == nil {
+					_, _ = c.Write(probeproto.EncodeReply(key, p, beat.Add(1)))
+				}
+			}()
 		}
 	}()
 	leases := h.c.Client.CoordinationV1().Leases(agentNS)

@@ -16,7 +16,7 @@ import (
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
-	"github.com/egressnat/egressnat/cmd/internal/probe"
+	"github.com/egressnat/egressnat/leader/probe"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"

@@ -5,7 +5,7 @@ import (
 	"time"
 
 	"github.com/egressnat/egressnat/cmd/internal/kube"
-	"github.com/egressnat/egressnat/cmd/internal/probe"
+	"github.com/egressnat/egressnat/leader/probe"
 	"go.uber.org/zap"
 )
 

@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/egressnat/egressnat/cmd/internal/probe"
+	"github.com/egressnat/egressnat/leader/probe"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"

@@ -24,7 +24,7 @@ import (
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/cmd/internal/metrics"
-	"github.com/egressnat/egressnat/cmd/internal/probe"
+	"github.com/egressnat/egressnat/leader/probe"
 	"github.com/egressnat/egressnat/gateway"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"

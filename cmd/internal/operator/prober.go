@@ -13,7 +13,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/egressnat/egressnat/cmd/internal/probe"
+	"github.com/egressnat/egressnat/leader/probe"
 	"go.uber.org/zap"
 )
 

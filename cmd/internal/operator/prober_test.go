@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/egressnat/egressnat/cmd/internal/kube"
-	"github.com/egressnat/egressnat/cmd/internal/probe"
+	"github.com/egressnat/egressnat/leader/probe"
 	"go.uber.org/zap/zaptest"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"

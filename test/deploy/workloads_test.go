@@ -118,14 +118,31 @@ func TestAgentDaemonSet(t *testing.T) {
 	for _, ic := range spec.InitContainers {
 		noPrivilege(t, ic, "NET_ADMIN")
 	}
-	// The only host path is /proc/sys/net, for the init container.
+	// The only host paths are /proc/sys/net, for the init container, and
+	// the agent's state directory (kept across reboots for the guard
+	// table), which is the only thing the agent container mounts, at the
+	// path its --state-dir names.
+	stateVolume := ""
 	for _, v := range spec.Volumes {
-		if v.HostPath != nil && v.HostPath.Path != "/proc/sys/net" {
+		switch {
+		case v.HostPath == nil:
+		case v.HostPath.Path == "/proc/sys/net":
+		case v.HostPath.Path == "/var/lib/egressnat" && v.HostPath.Type != nil && *v.HostPath.Type == corev1.HostPathDirectoryOrCreate:
+			stateVolume = v.Name
+		default:
 			t.Errorf("agent: hostPath volume %s", v.HostPath.Path)
 		}
 	}
+	if stateVolume == "" {
+		t.Error("agent: no hostPath volume /var/lib/egressnat (DirectoryOrCreate) for --state-dir")
+	}
 	for _, vm := range c.VolumeMounts {
-		t.Errorf("agent container mounts %s; it needs no volume", vm.MountPath)
+		if vm.Name != stateVolume || vm.MountPath != "/var/lib/egressnat" || vm.ReadOnly {
+			t.Errorf("agent container mounts %s (%s); it needs only its state directory", vm.MountPath, vm.Name)
+		}
+	}
+	if !hasArg(c, "--state-dir=/var/lib/egressnat") {
+		t.Errorf("agent: args %v lack --state-dir=/var/lib/egressnat", c.Args)
 	}
 }
 

@@ -126,8 +126,8 @@ type Config struct {
 	Metrics *metrics.Agent
 }
 
-// Ready reports whether the agent applies its state: caches synced and the
-// last sync succeeded.
+// Ready reports whether the agent applies its state: caches synced, the
+// last sync succeeded after a first apply, and the probe key loaded.
 func (a *agent) Ready() error {
 	switch {
 	case !a.synced.Load():
@@ -138,6 +138,10 @@ func (a *agent) Ready() error {
 		// Pods that start on this node before the first apply would
 		// leave with the node's address (a rebooted node).
 		return errors.New("first apply not done")
+	case a.fence.key.Load() == nil:
+		// Without the key the agent cannot answer the operators' probes
+		// (the node counts as restarting) nor tell the leader's probes.
+		return errors.New("probe key not loaded")
 	}
 	return nil
 }

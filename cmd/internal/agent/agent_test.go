@@ -148,6 +148,8 @@ func TestLoopBackoff(t *testing.T) {
 	defer cancel()
 	ta := newTestAgent(t, cluster()...)
 	ta.synced.Store(true)
+	key := slices.Clone(probeKey)
+	ta.fence.key.Store(&key)
 	backoffs := []time.Duration{100, 200, 400, 800, 1600, 3200, 5000, 5000}
 	for i := range backoffs {
 		backoffs[i] *= time.Millisecond
@@ -292,7 +294,7 @@ func TestRenewLease(t *testing.T) {
 func TestRunAgainstFakeCluster(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	clients, core, dyn := fakeClients(t, cluster()...)
+	clients, core, dyn := fakeClients(t, append(cluster(), probeSecret())...)
 	dp := &fakeDataplane{}
 	a := newAgent(testConfig(t, clients, dp), clocktesting.NewFakeClock(epoch))
 	a.fence.readyz = (&fakeAPI{up: true}).readyz

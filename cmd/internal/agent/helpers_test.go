@@ -14,6 +14,7 @@ import (
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
+	"github.com/egressnat/egressnat/leader/probe"
 	"github.com/egressnat/egressnat/nft"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap/zaptest"
@@ -326,6 +327,12 @@ func cluster() []runtime.Object {
 		gatewayObj("gw-a", fipA, node1), gatewayObj("gw-b", fipB, node2),
 		policyObj("pa", "gw-a"), policyObj("pb", "gw-b"),
 	}
+}
+
+// probeSecret is the probe key's Secret, as the operator creates it.
+func probeSecret() *corev1.Secret {
+	return &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "egressnat-system", Name: probe.SecretName},
+		Data: map[string][]byte{probe.SecretKey: probeKey}}
 }
 
 // testAgent is an agent on a fake clock, a fake dataplane and fake

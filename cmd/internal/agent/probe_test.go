@@ -405,8 +405,13 @@ func TestReadyAfterFirstApply(t *testing.T) {
 		t.Fatalf("before the first apply: Ready() = %v", err)
 	}
 	ta.mustSync(t)
+	if err := ta.Ready(); err == nil || err.Error() != "probe key not loaded" {
+		t.Fatalf("after the first apply, without the probe key: Ready() = %v", err)
+	}
+	k := slices.Clone(probeKey)
+	ta.fence.key.Store(&k)
 	if err := ta.Ready(); err != nil {
-		t.Fatalf("after the first apply: Ready() = %v", err)
+		t.Fatalf("after the first apply, with the probe key: Ready() = %v", err)
 	}
 }
 

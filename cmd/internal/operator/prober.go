@@ -88,6 +88,8 @@ type probeState struct {
 	// urgent: probed at the next round, and its answer asks for a
 	// reconcile (the operator waits on it to choose a holder).
 	urgent bool
+	// fast: probed at the fast interval (a holder or a standby).
+	fast bool
 }
 
 // sender says what this replica signs its probes as: the key, its role
@@ -132,15 +134,16 @@ func (p *prober) health(node string) (healthy bool, lastAlive time.Time) {
 	return s.healthy, s.lastAlive
 }
 
-// suspect reports whether the node's last probe went unanswered (its
-// node is not Down yet: fewer than Misses in a row). A node probed at the
-// slow interval takes Misses seconds to be found Down; meanwhile it is not
-// given a new floating IP.
+// suspect reports whether the node is probed at the slow interval and its
+// last probe went unanswered (it is not Down yet: that takes Misses
+// seconds); meanwhile it is not given a new floating IP. A node probed at
+// the fast interval is Down within Misses intervals anyway: one missed
+// probe (a timeout under load) does not hold it back.
 func (p *prober) suspect(node string) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	s, ok := p.nodes[node]
-	return ok && s.misses > 0
+	return ok && s.misses > 0 && !s.fast
 }
 
 // hurry probes the node at the next round, and asks for a reconcile when
@@ -221,6 +224,7 @@ func (p *prober) round(ctx context.Context) {
 		if s.inFlight || now.Before(s.next) {
 			continue
 		}
+		s.fast = t.fast
 		interval := p.cfg.SlowInterval
 		if t.fast || !s.healthy || s.urgent {
 			interval = p.cfg.Interval

@@ -79,7 +79,10 @@ func TestGatewayNodeLoss(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.HasPrefix(out, "Down "+holder+">"+newHolder+": node "+holder+" Down: no health probe answer for") {
+	// The reason names the failed holder; its detection time is there when
+	// the leader had an answer from it before it died (not always right
+	// after the lab's start).
+	if !strings.HasPrefix(out, "Down "+holder+">"+newHolder+": node "+holder+" Down") {
 		t.Fatalf("status after the move: %q", out)
 	}
 	events, err := c.Kubectl(ctxT(t), "", "get", "events", "-n", "kube-system", "--field-selector", "reason=FloatingIPMoved", "-o", "jsonpath={.items[*].message}")

@@ -221,10 +221,16 @@ func (p *prober) round(ctx context.Context) {
 			s = &probeState{ip: t.ip, since: now}
 			p.nodes[t.name] = s
 		}
+		if t.fast && !s.fast && s.next.After(now.Add(p.cfg.Interval)) {
+			// It just became a holder (or a standby): probe it at the
+			// fast interval from now, not at the end of its slow one (a
+			// failure in that second would be found a second late).
+			s.next = now
+		}
+		s.fast = t.fast
 		if s.inFlight || now.Before(s.next) {
 			continue
 		}
-		s.fast = t.fast
 		interval := p.cfg.SlowInterval
 		if t.fast || !s.healthy || s.urgent {
 			interval = p.cfg.Interval

@@ -259,3 +259,35 @@ func TestProberHurry(t *testing.T) {
 		t.Fatalf("%d reconciles after the hurried node answered (want 1), suspect %v", changes, p.suspect("n1"))
 	}
 }
+
+// TestProberNewHolderProbedFast: a node probed at the slow interval that
+// becomes a holder is probed at once, not at the end of its slow interval.
+func TestProberNewHolderProbedFast(t *testing.T) {
+	now := time.Unix(1000, 0)
+	ip := netip.MustParseAddr("192.0.2.11")
+	fast := false
+	p := newProber(DefaultProbeConfig, zaptest.NewLogger(t), func() []probeTarget {
+		return []probeTarget{{name: "n1", ip: ip, fast: fast}}
+	}, func() {})
+	p.now = func() time.Time { return now }
+	var mu sync.Mutex
+	probes := 0
+	p.dial = func(context.Context, netip.Addr, int, time.Duration, probe.Probe, []byte) (answer, uint64) {
+		mu.Lock()
+		probes++
+		mu.Unlock()
+		return answered, 1
+	}
+	p.sender = func() ([]byte, string, string, int64, bool) { return testKey, probe.RoleLeader, "op-0", 1, true }
+	count := func() int { mu.Lock(); defer mu.Unlock(); return probes }
+	// Healthy, probed at the slow interval: its next probe is 1 s away.
+	p.nodes["n1"] = &probeState{ip: ip, since: now, known: true, healthy: true, lastAlive: now, next: now.Add(time.Second)}
+	now = now.Add(100 * time.Millisecond)
+	p.round(context.Background())
+	if count() != 0 {
+		t.Fatal("a slow-probed node probed before its slow interval")
+	}
+	fast = true // it became a holder
+	p.round(context.Background())
+	eventually(t, "the new holder probed at once", func() bool { return count() == 1 })
+}

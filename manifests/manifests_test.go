@@ -258,3 +258,44 @@ func TestBindAddresses(t *testing.T) {
 		t.Errorf("the operator probes port %d, the agents listen for probes on %d", opProbe, agentProbe)
 	}
 }
+
+// TestBootUnit: the boot unit (host/egressnat-boot-guard.service) runs the
+// copy the DaemonSet's agent keeps in its state directory, on the host path
+// that directory is, with the same --state-dir.
+func TestBootUnit(t *testing.T) {
+	b, err := os.ReadFile("host/egressnat-boot-guard.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var exec []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "ExecStart="); ok {
+			exec = strings.Fields(v)
+		}
+	}
+	if len(exec) == 0 || !slices.Contains(exec, "--boot-guard") {
+		t.Fatalf("ExecStart %q does not run --boot-guard", exec)
+	}
+	c, spec := workload(t, "agent-daemonset.yaml")
+	if slices.Contains(c.Args, "--boot-binary=false") {
+		t.Fatal("the agent does not keep the boot unit's binary")
+	}
+	var mount string
+	for _, m := range c.VolumeMounts {
+		if m.Name == "state" {
+			mount = m.MountPath
+		}
+	}
+	var hostDir string
+	for _, v := range spec.Volumes {
+		if v.Name == "state" && v.HostPath != nil {
+			hostDir = v.HostPath.Path
+		}
+	}
+	if mount == "" || hostDir == "" || !slices.Contains(c.Args, "--state-dir="+mount) {
+		t.Fatalf("agent state: mount %q host path %q args %q", mount, hostDir, c.Args)
+	}
+	if exec[0] != filepath.Join(hostDir, "egressnat-agent") || !slices.Contains(exec, "--state-dir="+hostDir) {
+		t.Fatalf("ExecStart %q: want %s/egressnat-agent with --state-dir=%s", exec, hostDir, hostDir)
+	}
+}

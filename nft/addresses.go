@@ -50,6 +50,9 @@ type addresses struct {
 	announced map[netip.Addr]bool
 	wg        *sync.WaitGroup
 	done      <-chan struct{}
+	// leaseFresh tells whether an IP's ARP lease is live (arpLease.fresh);
+	// a repeat of the gratuitous ARP is sent only then. nil: always.
+	leaseFresh func(netip.Addr) bool
 
 	// mu guards active. A background announcement sends for an IP only
 	// while active holds its generation, and sends under mu: once stop
@@ -445,8 +448,11 @@ func (ad *addresses) announce(link netlink.Link, ips []netip.Addr) error {
 	}
 	ad.mu.Unlock()
 	// send sends one round for the IPs still active in this generation,
-	// and reports how many there were.
-	send := func() (int, error) {
+	// and reports how many there were. A repeat (not the first round,
+	// right after the Apply that renewed the lease) skips an IP whose ARP
+	// lease is not live: the agent did not run for a while, and the IP may
+	// have moved meanwhile.
+	send := func(repeat bool) (int, error) {
 		ad.mu.Lock()
 		defer ad.mu.Unlock()
 		var errs []error
@@ -456,6 +462,9 @@ func (ad *addresses) announce(link netlink.Link, ips []netip.Addr) error {
 				continue
 			}
 			n++
+			if repeat && ad.leaseFresh != nil && !ad.leaseFresh(ip) {
+				continue
+			}
 			if err := unix.Sendto(fd, frames[ip], 0, to); err != nil {
 				errs = append(errs, fmt.Errorf("garp %s: %w", ip, err))
 			}
@@ -476,7 +485,7 @@ func (ad *addresses) announce(link netlink.Link, ips []netip.Addr) error {
 		finish()
 		return nil
 	}
-	if _, err := send(); err != nil {
+	if _, err := send(false); err != nil {
 		finish()
 		return err
 	}
@@ -502,7 +511,7 @@ func (ad *addresses) announce(link netlink.Link, ips []netip.Addr) error {
 				return
 			case <-t.C:
 			}
-			n, err := send()
+			n, err := send(true)
 			if err != nil {
 				ad.log.Warn("gratuitous arp failed", zap.Error(err))
 			}

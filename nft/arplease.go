@@ -88,6 +88,9 @@ type arpLease struct {
 	// yet (a restarted agent renews what its predecessor held).
 	held   []netip.Addr
 	loaded bool
+	// renewed: when the last write of the leases began (their timeouts
+	// start at its commit, a little later): fresh uses it.
+	renewed time.Time
 	// conn is a lasting nftables connection, dropped after any error;
 	// after close, every call makes its own.
 	conn   *nftables.Conn
@@ -203,6 +206,7 @@ func (a *arpLease) loadLocked() error {
 // element is gone: someone flushed the ruleset), the whole table is
 // written anew in one transaction.
 func (a *arpLease) writeLocked(hold, del []netip.Addr) error {
+	start := time.Now()
 	c, err := a.connLocked()
 	if err != nil {
 		return err
@@ -228,7 +232,7 @@ func (a *arpLease) writeLocked(hold, del []netip.Addr) error {
 		return c.Flush()
 	}()
 	if err == nil {
-		a.held = slices.Clone(hold)
+		a.held, a.renewed = slices.Clone(hold), start
 		return nil
 	}
 	a.dropConnLocked()
@@ -243,6 +247,7 @@ func (a *arpLease) writeLocked(hold, del []netip.Addr) error {
 // holding hold with live leases, in one transaction (add, delete and add
 // the table: the first add makes the delete valid when there is none).
 func (a *arpLease) rewriteLocked(hold []netip.Addr) error {
+	start := time.Now()
 	c, err := a.connLocked()
 	if err != nil {
 		return err
@@ -267,8 +272,22 @@ func (a *arpLease) rewriteLocked(hold []netip.Addr) error {
 		a.dropConnLocked()
 		return err
 	}
-	a.held = slices.Clone(hold)
+	a.held, a.renewed = slices.Clone(hold), start
 	return nil
+}
+
+// fresh reports whether the kernel answers ARP for ip as far as the lease
+// goes: its lease was written less than ARPLease ago (always, with the
+// lease disabled). Gratuitous ARP leaves through a packet socket, past the
+// arp table: a repeat is sent only while fresh says so, or an agent that
+// resumes after a pause would announce an IP that moved meanwhile.
+func (a *arpLease) fresh(ip netip.Addr) bool {
+	if !a.enabled() {
+		return true
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Contains(a.held, ip) && time.Since(a.renewed) < a.cfg.ARPLease
 }
 
 // arpState is what readLocked found.

@@ -114,6 +114,7 @@ func New(cfg Config) (*Dataplane, error) {
 	d.addr = &addresses{cfg: cfg, log: cfg.Logger, announced: map[netip.Addr]bool{}, wg: &d.wg, done: d.done}
 	d.ct = conntrackCleaner{cfg: cfg}
 	d.arp = &arpLease{cfg: cfg, log: cfg.Logger}
+	d.addr.leaseFresh = d.arp.fresh
 	return d, nil
 }
 

@@ -776,3 +776,35 @@ func TestRepeatedGARP(t *testing.T) {
 		t.Fatalf("announcements of a released IP: %d up to the release, %d after it (want 1, 0)", before, after)
 	}
 }
+
+// TestGARPOnlyWithLiveLease: gratuitous ARP leaves by a packet socket,
+// past the arp table's lease; a repeat goes out only while the IP's lease
+// is live. An agent that did not run for longer than the lease (stopped,
+// starved) must not announce, when it resumes, an IP that may have moved
+// meanwhile.
+func TestGARPOnlyWithLiveLease(t *testing.T) {
+	saved := garpSchedule
+	t.Cleanup(func() { garpSchedule = saved })
+	garpSchedule = []time.Duration{0, 100 * time.Millisecond, 600 * time.Millisecond, 900 * time.Millisecond}
+
+	l := newRelLab(t)
+	// No KeepARP: the lease written by the Apply runs out after 300 ms.
+	d, err := New(Config{Uplink: relUplink, NetNSFd: l.fd("gw"), Logger: zaptest.NewLogger(t), ARPProbeWait: -1, ARPLease: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	mac, err := net.ParseMAC(strings.TrimSpace(l.exec("gw", "cat", "/sys/class/net/"+relUplink+"/address")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	capture := l.captureARP("peer")
+	mustApply(t, d, selector.NodeState{
+		Policies:    []selector.PolicyState{relGateway("web", relFloat1, relServer1+"/32")},
+		FloatingIPs: []netip.Prefix{netip.MustParsePrefix(relFloat1 + "/24")},
+	})
+	seen := capture.collect(garpSchedule[len(garpSchedule)-1] + 400*time.Millisecond)
+	if garps := countARP(seen, mac, isGARP(relFloat1)); garps != 2 {
+		t.Fatalf("announcements seen %d, want 2 (at once and after 100 ms, within the lease; none at 600 and 900 ms, after it ran out)", garps)
+	}
+}

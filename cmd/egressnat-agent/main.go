@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -59,11 +60,10 @@ func run() error {
 	serviceCIDRs := fs.String("service-cidrs", "", "comma-separated Service CIDRs never steered, for API servers without ServiceCIDR objects (those listed are always excluded)")
 	gatewayNamespaces := fs.String("gateway-namespaces", "", "comma-separated namespaces whose NetworkGatewayGroups are honoured besides kube-system (the same as the operator's)")
 	fallback := fs.Bool("fallback-to-node-ip", false, "when no node holds a policy's egress IP, let its traffic leave with the node IP instead of dropping it")
+	bootBinary := fs.Bool("boot-binary", true, "keep a copy of this executable in --state-dir for the boot unit (--boot-guard), replaced when it differs")
+	bootGuard := fs.Bool("boot-guard", false, "install the guard table from --state-dir when the node has none, then exit; run at boot before the network starts (manifests/host/egressnat-boot-guard.service); needs no API server and no --node-name")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
-	}
-	if *node == "" {
-		return fmt.Errorf("--node-name (or NODE_NAME) is required")
 	}
 	mask, err := strconv.ParseUint(*markMask, 0, 32)
 	if err != nil || mask == 0 {
@@ -93,6 +93,15 @@ func run() error {
 		return err
 	}
 	defer log.Sync() //nolint:errcheck
+	if *bootGuard {
+		return runBootGuard(log, bootGuardConfig{
+			stateDir: *stateDir, uplink: *uplink, table: *table, mask: uint32(mask),
+			tableBase: *tableBase, rulePriority: *rulePriority, extra: slices.Concat(pods, services),
+		})
+	}
+	if *node == "" {
+		return fmt.Errorf("--node-name (or NODE_NAME) is required")
+	}
 
 	upName, subnets, err := agent.Uplink(*uplink)
 	if err != nil {
@@ -118,6 +127,20 @@ func run() error {
 	defer stop()
 	log.Info("starting", zap.String("node", *node), zap.String("uplink", upName), zap.String("subnets", kube.FormatSubnets(subnets)),
 		zap.Int64("goMemoryLimitMiB", memLimit>>20))
+	if *bootBinary && *stateDir != "" {
+		go func() {
+			exe, err := os.Executable()
+			if err == nil {
+				var copied bool
+				if copied, err = agent.KeepBootBinary(*stateDir, exe); copied {
+					log.Info("copied the agent for the boot unit", zap.String("node", *node), zap.String("dir", *stateDir))
+				}
+			}
+			if err != nil {
+				log.Warn("keep the boot unit's copy of the agent", zap.String("node", *node), zap.Error(err))
+			}
+		}()
+	}
 	m := metrics.NewAgent(nil)
 	ready := make(chan func() error, 1)
 	go func() {
@@ -160,4 +183,50 @@ func envOr(key, def string) string {
 		return v
 	}
 	return def
+}
+
+type bootGuardConfig struct {
+	stateDir, uplink, table string
+	mask                    uint32
+	tableBase, rulePriority int
+	extra                   []netip.Prefix
+}
+
+// runBootGuard is --boot-guard: the guard table from the state the agent
+// saved, before the node's network starts (no API server, no default
+// route yet: the uplink is the flag's or the one saved with the state).
+func runBootGuard(log *zap.Logger, cfg bootGuardConfig) error {
+	if cfg.stateDir == "" {
+		return fmt.Errorf("--boot-guard needs --state-dir")
+	}
+	up := cfg.uplink
+	if up == "" {
+		saved, err := agent.SavedUplink(cfg.stateDir)
+		if err != nil {
+			return err
+		}
+		up = saved
+	}
+	if up == "" {
+		log.Info("boot guard: no state saved (nothing applied on this node), nothing to guard", zap.String("stateDir", cfg.stateDir))
+		return nil
+	}
+	dp, err := nft.New(nft.Config{
+		Table: cfg.table, Uplink: up, MarkMask: cfg.mask, RouteTableBase: cfg.tableBase,
+		RulePriority: cfg.rulePriority, NetNSFd: -1, Logger: log,
+	})
+	if err != nil {
+		return fmt.Errorf("dataplane: %w", err)
+	}
+	defer dp.Close()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	installed, err := agent.BootGuard(ctx, dp, cfg.stateDir, cfg.extra)
+	if err != nil {
+		return fmt.Errorf("boot guard: %w", err)
+	}
+	log.Info("boot guard done", zap.Bool("installed", installed), zap.String("uplink", up), zap.String("stateDir", cfg.stateDir))
+	return nil
 }

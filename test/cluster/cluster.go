@@ -229,12 +229,34 @@ func (c *Cluster) StartAgent(node string) error {
 		"--kubeconfig=" + c.agentKubeconfig, "--node-name=" + node, "--namespace=" + SystemNamespace,
 		"--uplink=" + n.Uplink, fmt.Sprintf("--health-addr=:%d", AgentHealthPort), "--log-format=console",
 		// The node's disk: it survives the node's reboots (WipeNodeState).
-		"--state-dir=" + filepath.Join(c.Lab.WorkDir(), "state", node)}, c.opts.AgentArgs...)
+		"--state-dir=" + c.stateDir(node),
+		// BootGuard runs the lab's build instead of a copy per node.
+		"--boot-binary=false"}, c.opts.AgentArgs...)
 	p, err := c.Lab.Start(n.NetNS, filepath.Join(c.Lab.WorkDir(), "agent-"+node+".log"), args...)
 	if err != nil {
 		return fmt.Errorf("start agent on %s: %w", node, err)
 	}
 	c.Agents[node] = p
+	return nil
+}
+
+func (c *Cluster) stateDir(node string) string {
+	return filepath.Join(c.Lab.WorkDir(), "state", node)
+}
+
+// BootGuard runs what the boot unit (manifests/host) runs before a node's
+// network starts: egressnat-agent --boot-guard with the node's state
+// directory and no other flag (the uplink is the one saved there).
+func (c *Cluster) BootGuard(ctx context.Context, node string) error {
+	n := c.Lab.Node(node)
+	if n == nil {
+		return fmt.Errorf("no node %s", node)
+	}
+	out, err := c.Lab.Exec(ctx, n.NetNS, filepath.Join(c.binDir, "egressnat-agent"), "--boot-guard",
+		"--state-dir="+c.stateDir(node), "--log-format=console")
+	if err != nil {
+		return fmt.Errorf("boot guard on %s: %w: %s", node, err, out)
+	}
 	return nil
 }
 

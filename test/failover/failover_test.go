@@ -464,3 +464,86 @@ func TestGatewayRebootDuringAPIOutage(t *testing.T) {
 	}
 	settleNoDuplicates(t, 10*time.Second)
 }
+
+// A gateway reboots and its network comes back before its agent (as on a
+// real node: the network starts long before the kubelet starts pods), with
+// the API server down so its IPs cannot move. Without the boot unit the
+// traffic still rerouted to it leaves with the node's address the moment
+// the link is up; with the boot unit (egressnat-agent --boot-guard, run
+// before the network starts, from the state the agent saved) it is dropped
+// from the first packet, until the agent runs and the API server is back.
+func TestBootGuardBeforeNetwork(t *testing.T) {
+	p, holder := setup(t, scenario)
+	holderIP := c.Lab.Node(holder).IP
+	c.API.StopAPIServer()
+	restarted, cut := false, false
+	t.Cleanup(func() {
+		if cut {
+			c.Heal(holder) //nolint:errcheck
+		}
+		if !restarted {
+			c.API.StartAPIServer(context.Background()) //nolint:errcheck
+		}
+		if !c.Agents[holder].Running() {
+			c.StartAgent(holder) //nolint:errcheck
+		}
+	})
+	reboot := func() {
+		t.Helper()
+		if err := c.Partition(holder); err != nil {
+			t.Fatal(err)
+		}
+		cut = true
+		if c.Agents[holder].Running() {
+			if err := c.Agents[holder].Kill(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := c.WipeNodeState(ctxT(t), holder); err != nil {
+			t.Fatal(err)
+		}
+	}
+	up := func() {
+		t.Helper()
+		if err := c.Heal(holder); err != nil {
+			t.Fatal(err)
+		}
+		cut = false
+	}
+	// Without the boot unit: the lab reproduces the leak.
+	reboot()
+	up()
+	src, err := c.Source(ctxT(t), p, ext1())
+	if err != nil || src.Addr() != holderIP {
+		t.Fatalf("without the boot guard the connection went %v %v: want it to leave with %s (the lab no longer shows the window this test closes)", src, err, holderIP)
+	}
+	// With it: run before the link comes up.
+	reboot()
+	if err := c.BootGuard(ctxT(t), holder); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := c.NodeHasTable(ctxT(t), holder); err != nil || !ok {
+		t.Fatalf("no table on %s after the boot guard: %v", holder, err)
+	}
+	up()
+	for i := range 2 {
+		if src, err := c.Source(ctxT(t), p, ext1()); err == nil {
+			t.Fatalf("connection %d after the boot guard left with %s (the node is %s): want it dropped", i, src, holderIP)
+		}
+	}
+	// The agent starts, still without the API server: the table stays.
+	if err := c.StartAgent(holder); err != nil {
+		t.Fatal(err)
+	}
+	if src, err := c.Source(ctxT(t), p, ext1()); err == nil {
+		t.Fatalf("connection with the agent started during the outage left with %s: want it dropped", src)
+	}
+	if err := c.API.StartAPIServer(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	if _, err := c.WaitSource(ctxT(t), p, ext1(), fip100, 30*time.Second); err != nil {
+		t.Fatalf("after the outage: %v", err)
+	}
+	settleNoDuplicates(t, 10*time.Second)
+}

@@ -185,9 +185,9 @@ type agent struct {
 	held atomic.Pointer[[]netip.Addr]
 	// arpTick: the clock at the last tick keepARP handled (for tests).
 	arpTick atomic.Int64
-	// saved: the cluster networks and policy destinations last written to
-	// StateDir (only the sync loop, after guardAtStart).
-	saved [2]string
+	// saved: the text last written to each StateDir file, by file name
+	// (only the sync loop, after guardAtStart).
+	saved map[string]string
 	// checks: the conntrack checks running in the background.
 	checks sync.WaitGroup
 }
@@ -292,10 +292,14 @@ func (a *agent) keepARP(ctx context.Context) {
 		}
 		stuck = false
 		a.fence.checkStall()
+		// The lease ran out, by the agent's own clock: for want of the
+		// leader's probes, or because the agent itself did not run (stopped,
+		// starved of CPU; also shorter than a stall), when the probes queued
+		// meanwhile, handled before this tick, say nothing about now.
+		if a.cfg.ARPLease > 0 && !lastRenew.IsZero() && now.Sub(lastRenew) >= a.cfg.ARPLease {
+			lapsed = true
+		}
 		if a.fence.sinceProbe() > arpProbeWindow {
-			if a.cfg.ARPLease > 0 && !lastRenew.IsZero() && now.Sub(lastRenew) >= a.cfg.ARPLease {
-				lapsed = true
-			}
 			a.arpTick.Store(now.UnixNano())
 			continue
 		}

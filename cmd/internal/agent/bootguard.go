@@ -2,8 +2,10 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net/netip"
 	"os"
@@ -15,36 +17,138 @@ import (
 	"go.uber.org/zap"
 )
 
-// Files in Config.StateDir, kept across restarts and reboots (one CIDR per
-// line): the cluster-internal destinations and the policy destinations of
-// the last apply. At its start, before it can reach the API server, the
-// agent installs the guard table from them (Dataplane.Guard).
+// Files in Config.StateDir, kept across restarts and reboots: the
+// cluster-internal destinations and the policy destinations of the last
+// apply (one CIDR per line), and the uplink they were applied on. At its
+// start, before it can reach the API server, the agent installs the guard
+// table from them (Dataplane.Guard); so does the boot guard (BootGuard),
+// before the node's network comes up.
 const (
 	networksFile = "cluster-networks"
 	destsFile    = "policy-destinations"
+	uplinkFile   = "uplink"
+	// BootBinary is the copy of the agent's executable the boot unit runs
+	// (KeepBootBinary): the node's boot needs no image or runtime.
+	BootBinary = "egressnat-agent"
 )
+
+// KeepBootBinary copies the executable exe into stateDir as BootBinary
+// when the copy there differs from it (atomically: the boot unit finds the
+// old copy or the new one). copied reports whether it wrote.
+func KeepBootBinary(stateDir, exe string) (copied bool, err error) {
+	want, err := fileDigest(exe)
+	if err != nil {
+		return false, fmt.Errorf("read the agent's executable: %w", err)
+	}
+	dst := filepath.Join(stateDir, BootBinary)
+	if have, err := fileDigest(dst); err == nil && have == want {
+		return false, nil
+	}
+	src, err := os.Open(exe)
+	if err != nil {
+		return false, fmt.Errorf("read the agent's executable: %w", err)
+	}
+	defer src.Close()
+	if err := os.MkdirAll(stateDir, 0o755); err != nil {
+		return false, err
+	}
+	tmp, err := os.CreateTemp(stateDir, BootBinary+".*")
+	if err != nil {
+		return false, err
+	}
+	defer os.Remove(tmp.Name()) // gone by the rename when it succeeded
+	_, err = io.Copy(tmp, src)
+	if err == nil {
+		err = tmp.Chmod(0o755)
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), dst)
+	}
+	if err != nil {
+		return false, fmt.Errorf("copy the agent for the boot unit: %w", err)
+	}
+	return true, nil
+}
+
+func fileDigest(path string) ([sha256.Size]byte, error) {
+	var sum [sha256.Size]byte
+	f, err := os.Open(path)
+	if err != nil {
+		return sum, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return sum, err
+	}
+	copy(sum[:], h.Sum(nil))
+	return sum, nil
+}
+
+// Guarder installs the guard table (nft.Dataplane.Guard).
+type Guarder interface {
+	Guard(ctx context.Context, internal, dests []netip.Prefix) (bool, error)
+}
+
+// BootGuard installs the guard table from what the agent saved in
+// stateDir, plus extra (the --pod-cidrs and --service-cidrs flags), when
+// the node has no table. The agent calls it first thing; the boot unit
+// (egressnat-agent --boot-guard) calls it before the node's network comes
+// up, which closes the window between the network's start and the agent's.
+// A damaged file is reported and the rest is used. installed reports
+// whether a table was created.
+func BootGuard(ctx context.Context, dp Guarder, stateDir string, extra []netip.Prefix) (installed bool, err error) {
+	saved, errNets := loadNetworks(stateDir, networksFile)
+	dests, errDests := loadNetworks(stateDir, destsFile)
+	installed, err = dp.Guard(ctx, slices.Concat(saved, extra), dests)
+	if err != nil {
+		err = fmt.Errorf("install the guard table: %w", err)
+	}
+	return installed, errors.Join(err, errNets, errDests)
+}
+
+// SavedUplink returns the uplink of the last apply saved in stateDir; ""
+// when none was saved.
+func SavedUplink(stateDir string) (string, error) {
+	if stateDir == "" {
+		return "", nil
+	}
+	b, err := os.ReadFile(filepath.Join(stateDir, uplinkFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("read the saved uplink: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
 
 // guardAtStart installs the guard table when the node has none (a reboot,
 // a flushed ruleset), from the saved cluster networks and the flags'.
 func (a *agent) guardAtStart(ctx context.Context) {
-	saved, err := loadNetworks(a.cfg.StateDir, networksFile)
-	if err != nil {
-		a.log.Warn("read the saved cluster networks", zap.Error(err))
+	if _, err := BootGuard(ctx, a.cfg.Dataplane, a.cfg.StateDir, slices.Concat(a.cfg.PodCIDRs, a.cfg.ServiceCIDRs)); err != nil {
+		a.log.Error("guard at start", zap.Error(err))
 	}
-	dests, err := loadNetworks(a.cfg.StateDir, destsFile)
-	if err != nil {
-		a.log.Warn("read the saved policy destinations", zap.Error(err))
+	a.saved = map[string]string{}
+	for _, f := range []string{networksFile, destsFile} {
+		if nets, err := loadNetworks(a.cfg.StateDir, f); err == nil {
+			a.saved[f] = formatNetworks(nets)
+		}
 	}
-	nets := slices.Concat(saved, a.cfg.PodCIDRs, a.cfg.ServiceCIDRs)
-	if _, err := a.cfg.Dataplane.Guard(ctx, nets, dests); err != nil {
-		a.log.Error("install the guard table", zap.Error(err))
+	if up, err := SavedUplink(a.cfg.StateDir); err == nil && up != "" {
+		a.saved[uplinkFile] = up + "\n"
 	}
-	a.saved = [2]string{formatNetworks(saved), formatNetworks(dests)}
 }
 
 // saveState saves what the guard table needs after a reboot: the cluster
-// networks and the policy destinations of an apply (none: nothing applied,
-// the files go).
+// networks and the policy destinations of an apply, and the uplink (none:
+// nothing applied, the files go).
 func (a *agent) saveState(st *selector.NodeState) {
 	var nets, dests []netip.Prefix
 	if st != nil {
@@ -53,19 +157,26 @@ func (a *agent) saveState(st *selector.NodeState) {
 			dests = append(dests, p.Destinations...)
 		}
 	}
-	a.saveNetworks(networksFile, 0, nets)
-	a.saveNetworks(destsFile, 1, dests)
+	uplink := ""
+	if len(nets) > 0 {
+		uplink = a.cfg.Uplink + "\n"
+	}
+	a.saveFile(networksFile, formatNetworks(nets))
+	a.saveFile(destsFile, formatNetworks(dests))
+	a.saveFile(uplinkFile, uplink)
 }
 
-// saveNetworks writes the cluster-internal destinations of an apply when
-// they changed since the last write (atomically: a crash leaves the old
-// file or the new one); none removes the file.
-func (a *agent) saveNetworks(file string, slot int, nets []netip.Prefix) {
+// saveFile writes one file of the state directory when its text changed
+// since the last write (atomically: a crash leaves the old file or the
+// new one); "" removes the file.
+func (a *agent) saveFile(file, text string) {
 	if a.cfg.StateDir == "" {
 		return
 	}
-	text := formatNetworks(nets)
-	if text == a.saved[slot] {
+	if a.saved == nil {
+		a.saved = map[string]string{}
+	}
+	if old, ok := a.saved[file]; ok && old == text {
 		return
 	}
 	path := filepath.Join(a.cfg.StateDir, file)
@@ -80,7 +191,7 @@ func (a *agent) saveNetworks(file string, slot int, nets []netip.Prefix) {
 		a.log.Warn("save for the guard table", zap.String("file", path), zap.Error(err))
 		return
 	}
-	a.saved[slot] = text
+	a.saved[file] = text
 }
 
 func formatNetworks(nets []netip.Prefix) string {

@@ -32,6 +32,9 @@ func TestGuardAtStart(t *testing.T) {
 	if err != nil || !slices.Equal(nets, sortedPrefixes(st.Excluded)) {
 		t.Fatalf("saved networks %v %v, want %v", nets, err, st.Excluded)
 	}
+	if up, err := SavedUplink(dir); err != nil || up == "" || up != ta.cfg.Uplink {
+		t.Fatalf("saved uplink %q %v, want %q", up, err, ta.cfg.Uplink)
+	}
 	var want []netip.Prefix
 	for _, p := range st.Policies {
 		want = append(want, p.Destinations...)
@@ -57,7 +60,7 @@ func TestGuardAtStart(t *testing.T) {
 	}
 	// Nothing to apply any more: the files go (no guard after a reboot).
 	ta.saveState(nil)
-	for _, f := range []string{networksFile, destsFile} {
+	for _, f := range []string{networksFile, destsFile, uplinkFile} {
 		if _, err := os.Stat(filepath.Join(dir, f)); !os.IsNotExist(err) {
 			t.Fatalf("%s kept after the cleanup: %v", f, err)
 		}
@@ -88,8 +91,68 @@ func TestGuardAtStart(t *testing.T) {
 	}
 }
 
+// TestBootGuardReportsDamage: the boot unit's call guards with what it can
+// read and says what it could not (its exit status and log are all a
+// person sees at boot).
+func TestBootGuardReportsDamage(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, networksFile), []byte("10.244.0.0/16\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, destsFile), []byte("203.0.113.0/24\nnonsense\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dp := &fakeDataplane{}
+	extra := []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")}
+	_, err := BootGuard(context.Background(), dp, dir, extra)
+	if err == nil || !strings.Contains(err.Error(), destsFile) {
+		t.Fatalf("damaged destinations not reported: %v", err)
+	}
+	if got := dp.history(); !slices.Equal(got, []string{"guard [10.244.0.0/16 10.96.0.0/12] []"}) {
+		t.Fatalf("guard calls %v", got)
+	}
+	if up, err := SavedUplink(dir); up != "" || err != nil {
+		t.Fatalf("no uplink saved: %q %v", up, err)
+	}
+}
+
 func sortedPrefixes(ps []netip.Prefix) []netip.Prefix {
 	out := slices.Clone(ps)
 	slices.SortFunc(out, func(a, b netip.Prefix) int { return strings.Compare(a.String(), b.String()) })
 	return slices.Compact(out)
+}
+
+// TestKeepBootBinary: the copy for the boot unit is written when missing
+// or different, left alone when the same, and executable.
+func TestKeepBootBinary(t *testing.T) {
+	dir, state := t.TempDir(), filepath.Join(t.TempDir(), "state")
+	exe := filepath.Join(dir, "agent")
+	if err := os.WriteFile(exe, []byte("version 1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []bool{true, false} {
+		copied, err := KeepBootBinary(state, exe)
+		if err != nil || copied != want {
+			t.Fatalf("call %d: copied=%v err=%v, want copied=%v", i, copied, err, want)
+		}
+	}
+	dst := filepath.Join(state, BootBinary)
+	if fi, err := os.Stat(dst); err != nil || fi.Mode().Perm()&0o100 == 0 {
+		t.Fatalf("copy not executable: %v %v", fi, err)
+	}
+	if err := os.WriteFile(exe, []byte("version 2"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if copied, err := KeepBootBinary(state, exe); err != nil || !copied {
+		t.Fatalf("a new version not copied: %v %v", copied, err)
+	}
+	if b, _ := os.ReadFile(dst); string(b) != "version 2" {
+		t.Fatalf("copy holds %q", b)
+	}
+	if ents, _ := os.ReadDir(state); len(ents) != 1 {
+		t.Fatalf("temporary files left: %v", ents)
+	}
+	if _, err := KeepBootBinary(state, filepath.Join(dir, "missing")); err == nil {
+		t.Fatal("a missing executable not reported")
+	}
 }

@@ -345,6 +345,16 @@ func TestKeepARP(t *testing.T) {
 		t.Fatalf("loop stuck: %d renewals, want none", n)
 	}
 	ta.beat.Add(1)
+	// The lease ran out while the loop stood still: renewed again only
+	// after a fresh read confirmed the IPs.
+	if n := step(3); n != 0 {
+		t.Fatalf("loop progressing again after the lease ran out: %d renewals before a fresh read", n)
+	}
+	if _, recovering := ta.fence.state(); !recovering {
+		t.Fatal("loop progressing again after the lease ran out: no recovery")
+	}
+	ta.mustSync(t)
+	ta.beat.Add(1)
 	if n := step(3); n == 0 {
 		t.Fatal("loop progressing again: no renewal")
 	}
@@ -377,6 +387,26 @@ func TestKeepARP(t *testing.T) {
 	ta.mustSync(t) // the fresh read agrees with the cache: recovery over
 	if n := step(3); n == 0 {
 		t.Fatal("recovered: no renewal")
+	}
+	// The agent itself did not run for longer than the lease (SIGSTOP, CPU
+	// starvation; shorter than a stall), and the probes queued meanwhile
+	// were handled before its next tick: its own clock says the lease ran
+	// out, the leader may have moved the IPs; no renewal before a fresh read.
+	ta.fence.mu.Lock()
+	ta.fence.lastProbe = ta.clk.Now().Add(400 * time.Millisecond)
+	ta.fence.mu.Unlock()
+	before := ta.dp.renewals()
+	ta.clk.Step(400 * time.Millisecond)
+	eventually(t, "the ARP tick after the pause", func() bool { return ta.arpTick.Load() == ta.clk.Now().UnixNano() })
+	if n := ta.dp.renewals() - before; n != 0 {
+		t.Fatalf("lease ran out while the agent did not run: %d renewals before a fresh read, want none", n)
+	}
+	if _, recovering := ta.fence.state(); !recovering {
+		t.Fatal("the lease ran out while the agent did not run: no recovery")
+	}
+	ta.mustSync(t)
+	if n := step(3); n == 0 {
+		t.Fatal("recovered after the pause: no renewal")
 	}
 	ta.fence.mu.Lock()
 	ta.fence.recovering = true

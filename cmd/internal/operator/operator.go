@@ -573,7 +573,9 @@ func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selec
 		facts = append(facts, f)
 		l.ProbeHealthy, _ = c.prober.health(n.Name)
 		gn.Up = gateway.Up(l)
-		if !gn.Up && !c.prober.known(n.Name) && l.Registered && !(l.NodeReadyKnown && !l.NodeReady) {
+		// Only the probes (not the Node's own record) may say it is down.
+		probesDecide := l.Registered && !(l.NodeReadyKnown && !l.NodeReady)
+		if !gn.Up && !c.prober.known(n.Name) && probesDecide {
 			// Not probed to a conclusion yet (this replica just started,
 			// or the node just appeared): unknown is not Down. It keeps
 			// its IPs and gets no new one until the probes tell (within
@@ -581,7 +583,7 @@ func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selec
 			// reconcile).
 			gn.Up, gn.Stale = true, true
 		}
-		if until := c.arpHold(n.Name); !gn.Up && !until.IsZero() && l.Registered && !(l.NodeReadyKnown && !l.NodeReady) {
+		if until := c.arpHold(n.Name); !gn.Up && !until.IsZero() && probesDecide {
 			// Silent, but its kernel may still answer ARP for its IPs
 			// (its agent frozen): it keeps them, and gets no new one,
 			// until its ARP lease has surely run out.

@@ -273,6 +273,9 @@ func (p *planner) plan(kind string) *fault {
 		}
 		f.target, f.dur, f.locks = n, p.dur(2*time.Second), []string{"agent:" + n, "link:" + n, "api"}
 		f.note = "cable out, agent killed, kernel state wiped; back: cable in, agent started"
+		if w.bootGuard {
+			f.note = "cable out, agent killed, kernel state wiped; back: boot unit, cable in, agent started"
+		}
 		f.apply = func(ctx context.Context) error {
 			for _, pod := range sc.podsOn(n) {
 				w.src.Pause(pod)
@@ -287,6 +290,13 @@ func (p *planner) plan(kind string) *fault {
 			return c.WipeNodeState(ctx, n)
 		}
 		f.undo = func(ctx context.Context) error {
+			// The boot: the boot unit runs before the network starts
+			// (Before=network-pre.target), the agent's pod long after.
+			if w.bootGuard {
+				if err := c.BootGuard(ctx, n); err != nil {
+					return err
+				}
+			}
 			if err := c.Heal(n); err != nil {
 				return err
 			}

@@ -195,6 +195,7 @@ type options struct {
 	arpPeriod        time.Duration
 	convergeDeadline time.Duration
 	logs             string
+	bootGuard        bool
 }
 
 func main() {
@@ -211,6 +212,7 @@ func main() {
 	flag.DurationVar(&o.arpPeriod, "arp-period", 50*time.Millisecond, "ARP observer sampling period")
 	flag.DurationVar(&o.convergeDeadline, "converge", 5*time.Second, "how long after the last fault everything must agree")
 	flag.StringVar(&o.logs, "logs", "", "copy the logs of every process (agents, operators, API server, echo servers) into this directory at the end")
+	flag.BoolVar(&o.bootGuard, "boot-guard", true, "rebooted nodes run the boot unit (egressnat-agent --boot-guard) before their link comes back, as nodes with manifests/host/egressnat-boot-guard.service do; false: the agent's own guard only, after the link is up")
 	cleanup := flag.Bool("cleanup", false, "only remove what a crashed or -keep run left behind, and exit")
 	flag.Parse()
 	if *cleanup {
@@ -245,7 +247,7 @@ func main() {
 }
 
 func run(ctx context.Context, o options, kinds []string) (code int) {
-	fmt.Printf("# chaos seed=%d duration=%v faults from: %s\n", o.seed, o.duration, strings.Join(kinds, ","))
+	fmt.Printf("# chaos seed=%d duration=%v boot-guard=%v faults from: %s\n", o.seed, o.duration, o.bootGuard, strings.Join(kinds, ","))
 	c, err := cluster.Start(ctx, cluster.Options{
 		Prefix: prefix,
 		Nodes:  []lab.NodeConfig{{Name: "cp1", ControlPlane: true}, {Name: "worker1"}, {Name: "worker2"}, {Name: "worker3"}},
@@ -292,7 +294,7 @@ func run(ctx context.Context, o options, kinds []string) (code int) {
 	}()
 
 	sc := newScenario(c)
-	if w, err = newWorld(c, o.verbose); err != nil {
+	if w, err = newWorld(c, o.verbose, o.bootGuard); err != nil {
 		fmt.Fprintln(os.Stderr, "chaos:", err)
 		return 3
 	}

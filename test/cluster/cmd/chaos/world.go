@@ -59,6 +59,8 @@ type world struct {
 	status  *statusCache
 	start   time.Time
 	verbose bool
+	// bootGuard: rebooted nodes run the boot unit before their link is up.
+	bootGuard bool
 
 	// cmu serializes what changes c.Agents and c.Operators (the cluster's
 	// maps are not safe for concurrent use).
@@ -81,12 +83,12 @@ type world struct {
 	ports         map[string]string // node -> switch port
 }
 
-func newWorld(c *cluster.Cluster, verbose bool) (*world, error) {
+func newWorld(c *cluster.Cluster, verbose, bootGuard bool) (*world, error) {
 	dyn, err := dynamic.NewForConfig(c.API.Config())
 	if err != nil {
 		return nil, err
 	}
-	w := &world{c: c, dyn: dyn, verbose: verbose, start: time.Now(),
+	w := &world{c: c, dyn: dyn, verbose: verbose, bootGuard: bootGuard, start: time.Now(),
 		active: map[int]*fault{}, locks: map[string]int{}, rules: map[int][]switchRule{},
 		isolated: map[string]int{}, cuts: map[[2]string]int{}, ports: map[string]string{}}
 	for _, n := range c.Lab.Nodes() {

@@ -416,8 +416,13 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	floatingSet = slices.Compact(floatingSet)
 	floatingSet = slices.DeleteFunc(floatingSet, func(a netip.Addr) bool { return pr.conflicts[a] != nil })
 
-	// 1. Policy routing for new marks, before any rule sets them.
-	if err := d.rt.add(h, rs, marks, uplinkIndex, res); err != nil {
+	// 1. Policy routing for new marks, before any rule sets them; on a
+	// gateway, the reverse-path table for the traffic rerouted here.
+	routes := wanted{marks: marks}
+	if isGateway(st) {
+		routes.rp = rpPrefixes(st.Excluded)
+	}
+	if err := d.rt.add(h, rs, routes, uplinkIndex, res); err != nil {
 		return err
 	}
 
@@ -501,16 +506,13 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		return err
 	}
 	d.nf.cache = plan.after(d.nf, ks, want, slices.DeleteFunc(slices.Clone(floatingSet), func(a netip.Addr) bool { return slices.Contains(givenUp, a) }))
-	if err := d.rt.removeStale(h, rs, marks, uplinkIndex, res); err != nil {
+	if err := d.rt.removeStale(h, rs, routes, uplinkIndex, res); err != nil {
 		return err
 	}
 
-	// 5. A gateway must not ICMP-redirect pods' traffic away.
-	gateway := len(n.floating) > 0
-	for _, p := range st.Policies {
-		gateway = gateway || p.Mode == selector.ModeGateway
-	}
-	if gateway {
+	// 5. A gateway must not ICMP-redirect pods' traffic away, and its
+	// reverse-path check uses the packet's mark on the uplink.
+	if len(n.floating) > 0 || isGateway(st) {
 		changed, err := d.rt.gatewaySettings()
 		res.SysctlsChanged = changed
 		if err != nil {
@@ -530,6 +532,39 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	}
 	d.applied = true
 	return nil
+}
+
+// isGateway reports whether st has a Gateway policy: traffic other nodes
+// reroute here is SNATed here.
+func isGateway(st selector.NodeState) bool {
+	return slices.ContainsFunc(st.Policies, func(p selector.PolicyState) bool { return p.Mode == selector.ModeGateway })
+}
+
+// rpPrefixes are the routes of the reverse-path table: the cluster
+// networks (IPv4, wider than one address: the pod and Service CIDRs; the
+// sources of traffic rerouted here are pods), without those another one
+// covers.
+func rpPrefixes(excluded []netip.Prefix) []netip.Prefix {
+	var ps []netip.Prefix
+	for _, p := range excluded {
+		if p.IsValid() && p.Addr().Unmap().Is4() && p.Bits() < 32 {
+			ps = append(ps, netip.PrefixFrom(p.Addr().Unmap(), p.Bits()).Masked())
+		}
+	}
+	slices.SortFunc(ps, func(a, b netip.Prefix) int {
+		if c := a.Bits() - b.Bits(); c != 0 {
+			return c
+		}
+		return a.Addr().Compare(b.Addr())
+	})
+	var out []netip.Prefix
+	for _, p := range ps {
+		if !slices.ContainsFunc(out, func(o netip.Prefix) bool { return o.Contains(p.Addr()) }) {
+			out = append(out, p)
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	return out
 }
 
 // failClosedGateways turns the Gateway policies whose egress IP is one of
@@ -738,7 +773,7 @@ func (d *Dataplane) cleanup(ctx context.Context, res *Result) error {
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}
-	if err := d.rt.removeStale(h, rs, nil, uplinkIndex, res); err != nil {
+	if err := d.rt.removeStale(h, rs, wanted{}, uplinkIndex, res); err != nil {
 		errs = append(errs, err)
 	}
 	clear(d.addr.announced)

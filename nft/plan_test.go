@@ -104,6 +104,7 @@ add chain ip egressnat pp-web
 add rule ip egressnat multi ip saddr @src-web ip daddr 203.0.113.128/25 counter meta mark set meta mark & 0xffffc0ff | 0x00000100 return comment "policy web: reroute via 192.0.2.12 mark 0x100"
 add rule ip egressnat multi ip saddr @src-gw ip daddr 203.0.113.0/24 counter return comment "policy gw: snat to 192.0.2.100"
 add rule ip egressnat multi ip saddr @src-web ip daddr 198.51.100.0/24 counter meta mark set meta mark & 0xffffc0ff | 0x00000100 return comment "policy web: reroute via 192.0.2.12 mark 0x100"
+add rule ip egressnat postrouting meta mark & 0x00003f00 == 0x00003f00 meta mark set meta mark & 0xffffc0ff comment "reverse-path mark cleared: not a reroute mark"
 add rule ip egressnat postrouting ip daddr @internal return comment "cluster-internal destinations are never steered"
 add rule ip egressnat postrouting meta mark & 0x00003f00 != 0 counter snat to ip saddr comment "marked by egressnat: keep from masquerade"
 add rule ip egressnat postrouting ip saddr @src-gw ip daddr @dst-gw oifname "eth0" counter snat to 192.0.2.100 comment "policy gw: snat to 192.0.2.100"
@@ -114,6 +115,7 @@ add chain ip egressnat prerouting { type filter hook prerouting priority -150; p
 add rule ip egressnat prerouting ip daddr @floating ct state new counter drop comment "floating IPs are egress-only: no new inbound flows"
 add rule ip egressnat prerouting ct direction reply return comment "only the original direction of a connection is steered"
 add rule ip egressnat prerouting ip daddr @internal return comment "cluster-internal destinations are never steered"
+add rule ip egressnat prerouting ip saddr @internal iifname "eth0" fib daddr type != local meta mark set meta mark & 0xffffc0ff | 0x00003f00 comment "rerouted here: reverse-path check by the uplink (src_valid_mark)"
 add rule ip egressnat prerouting ip saddr vmap @pre-src comment "sources of reroute and drop policies: jump to their chain"
 `
 	if got != want {
@@ -126,6 +128,7 @@ add rule ip egressnat prerouting ip saddr vmap @pre-src comment "sources of rero
   ip saddr @src-gw ip daddr 203.0.113.0/24 counter return comment "policy gw: snat to 192.0.2.100"
   ip saddr @src-web ip daddr 198.51.100.0/24 counter meta mark set meta mark & 0xffffc0ff | 0x00000100 return comment "policy web: reroute via 192.0.2.12 mark 0x100"
 chain postrouting
+  meta mark & 0x00003f00 == 0x00003f00 meta mark set meta mark & 0xffffc0ff comment "reverse-path mark cleared: not a reroute mark"
   ip daddr @internal return comment "cluster-internal destinations are never steered"
   meta mark & 0x00003f00 != 0 counter snat to ip saddr comment "marked by egressnat: keep from masquerade"
   ip saddr @src-gw ip daddr @dst-gw oifname "eth0" counter snat to 192.0.2.100 comment "policy gw: snat to 192.0.2.100"
@@ -136,6 +139,7 @@ chain prerouting
   ip daddr @floating ct state new counter drop comment "floating IPs are egress-only: no new inbound flows"
   ct direction reply return comment "only the original direction of a connection is steered"
   ip daddr @internal return comment "cluster-internal destinations are never steered"
+  ip saddr @internal iifname "eth0" fib daddr type != local meta mark set meta mark & 0xffffc0ff | 0x00003f00 comment "rerouted here: reverse-path check by the uplink (src_valid_mark)"
   ip saddr vmap @pre-src comment "sources of reroute and drop policies: jump to their chain"
 set dst-gw { 203.0.113.0-203.0.113.255 }
 set dst-web { 198.51.100.0-198.51.100.255, 203.0.113.128-203.0.113.255 }
@@ -328,9 +332,9 @@ func TestPlanSwapSteps(t *testing.T) {
 	kinds = slices.Compact(kinds)
 	want := []string{
 		"add set src-g-swap", "add element src-g-swap",
-		"flush chain postrouting", "rule postrouting reads @internal", "rule postrouting reads no set", "rule postrouting reads @src-g-swap", "rule postrouting reads @internal",
+		"flush chain postrouting", "rule postrouting reads no set", "rule postrouting reads @internal", "rule postrouting reads no set", "rule postrouting reads @src-g-swap", "rule postrouting reads @internal",
 		"add element src-g", "delete element src-g",
-		"flush chain postrouting", "rule postrouting reads @internal", "rule postrouting reads no set", "rule postrouting reads @src-g", "rule postrouting reads @internal",
+		"flush chain postrouting", "rule postrouting reads no set", "rule postrouting reads @internal", "rule postrouting reads no set", "rule postrouting reads @src-g", "rule postrouting reads @internal",
 		"delete set src-g-swap",
 	}
 	if !slices.Equal(kinds, want) {

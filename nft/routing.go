@@ -37,7 +37,7 @@ func (rt routing) tableFor(index int) int { return rt.cfg.RouteTableBase + index
 // ourTable reports whether table is one of ours and its index.
 func (rt routing) ourTable(table int) (int, bool) {
 	idx := table - rt.cfg.RouteTableBase
-	return idx, idx >= 1 && idx <= selector.MarkCapacity(rt.cfg.MarkMask)
+	return idx, idx >= 1 && idx <= selector.MaxMarkIndex(rt.cfg.MarkMask)
 }
 
 func retryDump[T any](f func() (T, error)) (T, error) {
@@ -133,16 +133,72 @@ func ruleMatches(r netlink.Rule, want *netlink.Rule) bool {
 		(r.Type == 0 || r.Type == unix.FR_ACT_TO_TBL)
 }
 
-// addRoutes adds or repoints the default route of every wanted table and adds
-// the missing fwmark rules. It removes nothing.
-func (rt routing) add(h *netlink.Handle, rs *routeState, marks map[netip.Addr]int, uplinkIndex int, res *Result) error {
-	nhs := make([]netip.Addr, 0, len(marks))
-	for nh := range marks {
+// rpIndex is the mark index of the reverse-path table (0: none with this
+// mask).
+func (rt routing) rpIndex() int { return selector.RPMarkIndex(rt.cfg.MarkMask) }
+
+// wantRPRoute routes p by the uplink in the reverse-path table: the route
+// the strict reverse-path check of a packet rerouted here (marked
+// rpMark in prerouting, src_valid_mark on the uplink) finds for its
+// source. Only the check uses it: a packet rerouted here goes to an
+// outside destination, which no route of this table covers.
+func (rt routing) wantRPRoute(p netip.Prefix, uplinkIndex int) *netlink.Route {
+	return &netlink.Route{
+		Family:    netlink.FAMILY_V4,
+		Table:     rt.tableFor(rt.rpIndex()),
+		Dst:       &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), 32)},
+		LinkIndex: uplinkIndex,
+		Scope:     netlink.SCOPE_LINK,
+		Type:      unix.RTN_UNICAST,
+		Protocol:  unix.RTPROT_STATIC,
+	}
+}
+
+func rpRouteMatches(r netlink.Route, p netip.Prefix, uplinkIndex int) bool {
+	if r.Dst == nil || r.Gw != nil || r.LinkIndex != uplinkIndex || r.Src != nil || len(r.MultiPath) != 0 ||
+		(r.Type != unix.RTN_UNICAST && r.Type != 0) {
+		return false
+	}
+	dst, ok := netip.AddrFromSlice(r.Dst.IP.To4())
+	ones, _ := r.Dst.Mask.Size()
+	return ok && netip.PrefixFrom(dst, ones) == p
+}
+
+// wanted is the policy routing an Apply wants: a table per next hop
+// (marks) and the reverse-path table (rp: its prefixes, none without).
+type wanted struct {
+	marks map[netip.Addr]int
+	rp    []netip.Prefix
+}
+
+// tables maps every wanted table to the test its routes must pass.
+func (rt routing) tables(w wanted, uplinkIndex int) map[int]func(netlink.Route) bool {
+	out := map[int]func(netlink.Route) bool{}
+	for nh, idx := range w.marks {
+		out[rt.tableFor(idx)] = func(r netlink.Route) bool {
+			// The route RouteReplace repointed counts as ours too.
+			return routeMatches(r, nh, uplinkIndex) || isDefault(r.Dst) && r.Priority == 0 && r.Tos == 0
+		}
+	}
+	if len(w.rp) > 0 && rt.rpIndex() != 0 {
+		out[rt.tableFor(rt.rpIndex())] = func(r netlink.Route) bool {
+			return slices.ContainsFunc(w.rp, func(p netip.Prefix) bool { return rpRouteMatches(r, p, uplinkIndex) })
+		}
+	}
+	return out
+}
+
+// add adds or repoints the default route of every wanted next hop's
+// table, the routes of the reverse-path table, and the missing fwmark
+// rules. It removes nothing.
+func (rt routing) add(h *netlink.Handle, rs *routeState, w wanted, uplinkIndex int, res *Result) error {
+	nhs := make([]netip.Addr, 0, len(w.marks))
+	for nh := range w.marks {
 		nhs = append(nhs, nh)
 	}
 	slices.SortFunc(nhs, netip.Addr.Compare)
 	for _, nh := range nhs {
-		idx := marks[nh]
+		idx := w.marks[nh]
 		table := rt.tableFor(idx)
 		ok := false
 		for _, r := range rs.routes[table] {
@@ -157,35 +213,53 @@ func (rt routing) add(h *netlink.Handle, rs *routeState, marks map[netip.Addr]in
 			res.RoutesChanged++
 			rt.log.Info("route added", zap.Int("table", table), zap.Stringer("gateway", nh))
 		}
-		want := rt.wantRule(idx)
-		found := false
-		for _, r := range rs.rules {
-			if ruleMatches(r, want) {
-				found = true
-			}
+		if err := rt.addRule(h, rs, idx, zap.Stringer("gateway", nh), res); err != nil {
+			return err
 		}
-		if !found {
-			if err := h.RuleAdd(want); err != nil && !errors.Is(err, unix.EEXIST) {
-				return fmt.Errorf("add ip rule fwmark %#x table %d: %w", want.Mark, table, err)
+	}
+	if idx := rt.rpIndex(); idx != 0 && len(w.rp) > 0 {
+		table := rt.tableFor(idx)
+		for _, p := range w.rp {
+			if slices.ContainsFunc(rs.routes[table], func(r netlink.Route) bool { return rpRouteMatches(r, p, uplinkIndex) }) {
+				continue
 			}
-			res.IPRulesChanged++
-			rt.log.Info("ip rule added", zap.Int("table", table), zap.String("mark", fmt.Sprintf("%#x", want.Mark)), zap.Stringer("gateway", nh))
+			if err := h.RouteReplace(rt.wantRPRoute(p, uplinkIndex)); err != nil {
+				return fmt.Errorf("add reverse-path route table %d %s: %w", table, p, err)
+			}
+			res.RoutesChanged++
+			rt.log.Info("reverse-path route added", zap.Int("table", table), zap.Stringer("dst", p))
+		}
+		if err := rt.addRule(h, rs, idx, zap.String("for", "reverse-path check"), res); err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
-// removeStaleRoutes deletes our rules and routes that the wanted marks do not
-// use. Call it after the nftables rules stopped producing the stale marks.
-func (rt routing) removeStale(h *netlink.Handle, rs *routeState, marks map[netip.Addr]int, uplinkIndex int, res *Result) error {
-	wantTable := map[int]netip.Addr{}
-	for nh, idx := range marks {
-		wantTable[rt.tableFor(idx)] = nh
+// addRule adds the fwmark rule of mark index idx when it is missing.
+func (rt routing) addRule(h *netlink.Handle, rs *routeState, idx int, what zap.Field, res *Result) error {
+	want := rt.wantRule(idx)
+	for _, r := range rs.rules {
+		if ruleMatches(r, want) {
+			return nil
+		}
 	}
+	if err := h.RuleAdd(want); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("add ip rule fwmark %#x table %d: %w", want.Mark, want.Table, err)
+	}
+	res.IPRulesChanged++
+	rt.log.Info("ip rule added", zap.Int("table", want.Table), zap.String("mark", fmt.Sprintf("%#x", want.Mark)), what)
+	return nil
+}
+
+// removeStale deletes our rules and routes that w does not want. Call it
+// after the nftables rules stopped producing the stale marks.
+func (rt routing) removeStale(h *netlink.Handle, rs *routeState, w wanted, uplinkIndex int, res *Result) error {
+	want := rt.tables(w, uplinkIndex)
 	var errs []error
 	for _, r := range rs.rules {
 		idx, _ := rt.ourTable(r.Table)
-		if _, ok := wantTable[r.Table]; ok && ruleMatches(r, rt.wantRule(idx)) {
+		if _, ok := want[r.Table]; ok && ruleMatches(r, rt.wantRule(idx)) {
 			continue
 		}
 		if err := h.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
@@ -201,13 +275,10 @@ func (rt routing) removeStale(h *netlink.Handle, rs *routeState, marks map[netip
 	}
 	slices.Sort(tables)
 	for _, table := range tables {
-		nh, wanted := wantTable[table]
+		keep := want[table]
 		for _, r := range rs.routes[table] {
-			if wanted && routeMatches(r, nh, uplinkIndex) {
+			if keep != nil && keep(r) {
 				continue
-			}
-			if wanted && isDefault(r.Dst) && r.Priority == 0 && r.Tos == 0 {
-				continue // the route RouteReplace repointed
 			}
 			if err := h.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
 				errs = append(errs, fmt.Errorf("delete route table %d: %w", table, err))
@@ -221,14 +292,20 @@ func (rt routing) removeStale(h *netlink.Handle, rs *routeState, marks map[netip
 }
 
 // gatewaySysctls are the settings a gateway node needs: no ICMP redirects
-// (they would send pods' traffic past the gateway) and liberal TCP window
+// (they would send pods' traffic past the gateway); liberal TCP window
 // tracking, so that a flow conntrack picks up mid-stream after a failover is
-// never marked invalid for a window it did not see open.
+// never marked invalid for a window it did not see open; and, on the uplink
+// only, the packet's mark in the reverse-path check (src_valid_mark), so
+// that strict rp_filter accepts the traffic other nodes reroute here (marked
+// in prerouting, its source found by the reverse-path table) whatever route
+// the pod network has for its source (an overlay device, another node).
+// rp_filter itself is left as the host has it.
 func (rt routing) gatewaySysctls() map[string]string {
 	return map[string]string{
 		"/proc/sys/net/ipv4/conf/all/send_redirects":                              "0",
 		filepath.Join("/proc/sys/net/ipv4/conf", rt.cfg.Uplink, "send_redirects"): "0",
 		"/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal":                     "1",
+		filepath.Join("/proc/sys/net/ipv4/conf", rt.cfg.Uplink, "src_valid_mark"): "1",
 	}
 }
 
@@ -253,4 +330,24 @@ func (rt routing) gatewaySettings() (int, error) {
 		return nil
 	})
 	return changed, err
+}
+
+// DefaultRouteLink returns the name of the interface of the IPv4 default
+// route in the current network namespace: the uplink when none is given
+// (the agent's --uplink, egressnatctl prepare-node's).
+func DefaultRouteLink() (string, error) {
+	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return "", fmt.Errorf("list routes: %w", err)
+	}
+	for _, r := range routes {
+		if isDefault(r.Dst) && r.LinkIndex > 0 {
+			l, err := netlink.LinkByIndex(r.LinkIndex)
+			if err != nil {
+				return "", fmt.Errorf("find the default route's link: %w", err)
+			}
+			return l.Attrs().Name, nil
+		}
+	}
+	return "", errors.New("no IPv4 default route: pass --uplink")
 }

@@ -168,6 +168,10 @@ const bootGuardPodsComment = "no apply since the node started: cluster sources t
 
 const floatingGuardComment = "floating IPs are egress-only: no new inbound flows"
 
+const rpMarkComment = "rerouted here: reverse-path check by the uplink (src_valid_mark)"
+
+const rpUnmarkComment = "reverse-path mark cleared: not a reroute mark"
+
 // ctStateNew is the ct state bit of a packet that opens a connection.
 const ctStateNew = 1 << 3
 
@@ -240,6 +244,18 @@ const (
 	// a policy destination of the last apply are held until the first
 	// apply says which of them may go and how.
 	ruleBootGuardPods
+	// ruleRPMark: ip saddr @internal iifname <uplink> fib daddr type !=
+	// local meta mark set meta mark & ~mask | rpMark, in prerouting on a
+	// gateway: traffic other nodes reroute here gets the reverse-path mark
+	// before routing, so that the reverse-path check (src_valid_mark on
+	// the uplink) finds its pod source by the uplink through the
+	// reverse-path table, also under strict rp_filter with an overlay.
+	ruleRPMark
+	// ruleRPUnmark: meta mark & mask == rpMark meta mark set meta mark &
+	// ~mask, first in postrouting: the reverse-path mark is not a reroute
+	// mark, the null binding must not keep such a packet from the
+	// gateway's SNAT or from the forward guard.
+	ruleRPUnmark
 )
 
 // ctDirReply is the ct direction of a reply (IP_CT_DIR_REPLY).
@@ -363,6 +379,44 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 			&expr.Counter{},
 			&expr.Verdict{Kind: expr.VerdictDrop},
 		}
+	case ruleRPMark:
+		return []expr.Any{
+			loadAddr(12), lookup(r.src),
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.oif)},
+			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Bitwise{
+				SourceRegister: 1,
+				DestRegister:   1,
+				Len:            4,
+				Mask:           binaryutil.NativeEndian.PutUint32(^r.mask),
+				Xor:            binaryutil.NativeEndian.PutUint32(r.mark & r.mask),
+			},
+			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+		}
+	case ruleRPUnmark:
+		return []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Bitwise{
+				SourceRegister: 1,
+				DestRegister:   1,
+				Len:            4,
+				Mask:           binaryutil.NativeEndian.PutUint32(r.mask),
+				Xor:            binaryutil.NativeEndian.PutUint32(0),
+			},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.mark & r.mask)},
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Bitwise{
+				SourceRegister: 1,
+				DestRegister:   1,
+				Len:            4,
+				Mask:           binaryutil.NativeEndian.PutUint32(^r.mask),
+				Xor:            binaryutil.NativeEndian.PutUint32(0),
+			},
+			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+		}
 	case ruleNullBinding:
 		return []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
@@ -428,6 +482,10 @@ func (r rule) String() string {
 		fmt.Fprintf(&b, "iifname %q fib daddr type != local counter drop", r.oif)
 	case ruleBootGuardPods:
 		fmt.Fprintf(&b, "ip daddr @%s counter drop", r.dst)
+	case ruleRPMark:
+		fmt.Fprintf(&b, "iifname %q fib daddr type != local meta mark set meta mark & %#08x | %#08x", r.oif, ^r.mask, r.mark&r.mask)
+	case ruleRPUnmark:
+		fmt.Fprintf(&b, "meta mark & %#08x == %#08x meta mark set meta mark & %#08x", r.mask, r.mark&r.mask, ^r.mask)
 	}
 	if r.comment != "" {
 		fmt.Fprintf(&b, " comment %q", r.comment)
@@ -493,6 +551,17 @@ func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, j
 		out[chainPrerouting] = append(out[chainPrerouting],
 			rule{chain: chainPrerouting, kind: ruleBootGuard, comment: bootGuardComment, src: setInternal, oif: cfg.Uplink},
 			rule{chain: chainPrerouting, kind: ruleBootGuardPods, comment: bootGuardPodsComment, src: setInternal, dst: setBootDests})
+	}
+	// A gateway marks what other nodes reroute to it for the reverse-path
+	// check, and clears the mark again first thing in postrouting.
+	if idx := selector.RPMarkIndex(cfg.MarkMask); idx != 0 && slices.ContainsFunc(st.Policies, func(p selector.PolicyState) bool {
+		return p.Mode == selector.ModeGateway
+	}) {
+		rpMark := selector.MarkValue(cfg.MarkMask, idx)
+		out[chainPrerouting] = append(out[chainPrerouting],
+			rule{chain: chainPrerouting, kind: ruleRPMark, comment: rpMarkComment, src: setInternal, oif: cfg.Uplink, mask: cfg.MarkMask, mark: rpMark})
+		out[chainPostrouting] = append(out[chainPostrouting],
+			rule{chain: chainPostrouting, kind: ruleRPUnmark, comment: rpUnmarkComment, mask: cfg.MarkMask, mark: rpMark})
 	}
 	out[chainPrerouting] = append(out[chainPrerouting],
 		rule{chain: chainPrerouting, kind: ruleDispatch, comment: dispatchComment, dst: setPreSrc})

@@ -24,22 +24,43 @@ const (
 // when an operator configures a wide mask.
 const MaxMarks = 65535
 
-// MarkCapacity returns how many distinct next hops fit in mask: every
-// non-zero value made of mask bits, at most MaxMarks.
-func MarkCapacity(mask uint32) int {
+// MaxMarkIndex returns the highest mark index mask can express: every
+// non-zero value made of mask bits, at most MaxMarks+1.
+func MaxMarkIndex(mask uint32) int {
 	n := bits.OnesCount32(mask)
-	if n >= 16 {
-		return MaxMarks
+	if n > 16 {
+		return MaxMarks + 1
 	}
 	return 1<<n - 1
 }
 
-// MarkValue returns the packet mark for a next hop index (1-based): the bits
+// RPMarkIndex is the mark index a gateway reserves for the traffic other
+// nodes reroute to it (the highest: with mask 0x3f00, mark 0x3f00): the
+// reverse-path check of such packets looks their source up by that mark
+// (see nft). 0 when mask has a single bit, too narrow to reserve one.
+func RPMarkIndex(mask uint32) int {
+	if m := MaxMarkIndex(mask); m >= 2 {
+		return m
+	}
+	return 0
+}
+
+// MarkCapacity returns how many distinct next hops fit in mask: every
+// mark index but RPMarkIndex's, at most MaxMarks.
+func MarkCapacity(mask uint32) int {
+	m := MaxMarkIndex(mask)
+	if RPMarkIndex(mask) != 0 {
+		m--
+	}
+	return min(m, MaxMarks)
+}
+
+// MarkValue returns the packet mark for a mark index (1-based): the bits
 // of index are spread over the set bits of mask, lowest first. With mask
 // 0x3f00, index 1 is 0x100, index 2 is 0x200, index 3 is 0x300. It returns 0
 // when index is out of range.
 func MarkValue(mask uint32, index int) uint32 {
-	if index < 1 || index > MarkCapacity(mask) {
+	if index < 1 || index > MaxMarkIndex(mask) {
 		return 0
 	}
 	var v uint32

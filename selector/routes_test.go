@@ -42,7 +42,8 @@ func TestMarkValue(t *testing.T) {
 		{0x8001, 2, 0x8000}, // second bit
 		{0x8001, 3, 0x8001},
 		{0xffffffff, 65535, 0xffff},
-		{0xffffffff, 65536, 0},
+		{0xffffffff, 65536, 0x10000}, // the reverse-path mark
+		{0xffffffff, 65537, 0},
 	}
 	for _, tt := range tests {
 		got := MarkValue(tt.mask, tt.index)
@@ -50,9 +51,17 @@ func TestMarkValue(t *testing.T) {
 			t.Errorf("MarkValue(%#x, %d) = %#x, want %#x", tt.mask, tt.index, got, tt.want)
 		}
 	}
-	for mask, want := range map[uint32]int{0: 0, 0x100: 1, 0x3f00: 63, 0xffff0000: 65535, 0xffffffff: 65535} {
-		if got := MarkCapacity(mask); got != want {
-			t.Errorf("MarkCapacity(%#x) = %d, want %d", mask, got, want)
+	// One index is reserved for the reverse-path mark, but with one bit.
+	for mask, want := range map[uint32][2]int{0: {0, 0}, 0x100: {1, 0}, 0x300: {2, 3}, 0x3f00: {62, 63},
+		0xffff0000: {65534, 65535}, 0xffffffff: {65535, 65536}} {
+		if got := MarkCapacity(mask); got != want[0] {
+			t.Errorf("MarkCapacity(%#x) = %d, want %d", mask, got, want[0])
+		}
+		if got := RPMarkIndex(mask); got != want[1] {
+			t.Errorf("RPMarkIndex(%#x) = %d, want %d", mask, got, want[1])
+		}
+		if rp := RPMarkIndex(mask); rp != 0 && rp <= MarkCapacity(mask) {
+			t.Errorf("%#x: the reverse-path index %d is a next hop's", mask, rp)
 		}
 	}
 }
@@ -99,16 +108,16 @@ func TestAllocateMarks(t *testing.T) {
 		},
 		{
 			name:     "stale reused when mask is full",
-			mask:     0x0300, // 3 values
-			nextHops: addrs("192.0.2.1", "192.0.2.2", "192.0.2.9"),
-			existing: assign("192.0.2.1", 1, "192.0.2.2", 3, "192.0.2.7", 2),
-			want:     assign("192.0.2.1", 1, "192.0.2.2", 3, "192.0.2.9", 2),
+			mask:     0x0300, // 3 values, 2 for next hops (3 is the reverse-path mark)
+			nextHops: addrs("192.0.2.1", "192.0.2.9"),
+			existing: assign("192.0.2.1", 1, "192.0.2.7", 2),
+			want:     assign("192.0.2.1", 1, "192.0.2.9", 2),
 		},
 		{
 			name:     "exhausted",
 			mask:     0x0300,
-			nextHops: addrs("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"),
-			wantErr:  "holds 3 next hops, 4 needed",
+			nextHops: addrs("192.0.2.1", "192.0.2.2", "192.0.2.3"),
+			wantErr:  "holds 2 next hops, 3 needed",
 		},
 		{
 			name:     "zero mask",
@@ -119,9 +128,9 @@ func TestAllocateMarks(t *testing.T) {
 		{
 			name:     "out of range existing ignored",
 			mask:     0x0300,
-			nextHops: addrs("192.0.2.1"),
-			existing: assign("192.0.2.1", 7),
-			want:     assign("192.0.2.1", 1),
+			nextHops: addrs("192.0.2.1", "192.0.2.2"),
+			existing: assign("192.0.2.1", 7, "192.0.2.2", 3), // 3: the reverse-path mark (held by an older version)
+			want:     assign("192.0.2.1", 1, "192.0.2.2", 2),
 		},
 		{
 			name:     "index claimed twice: lower address keeps it",
@@ -186,14 +195,14 @@ func TestLimitNextHops(t *testing.T) {
 		}
 		return out
 	}
-	const mask = 0x3 // 3 marks
-	kept, dropped := LimitNextHops(mask, a("192.0.2.3", "192.0.2.1", "192.0.2.2"), nil)
-	if !slices.Equal(kept, a("192.0.2.1", "192.0.2.2", "192.0.2.3")) || dropped != nil {
+	const mask = 0x3 // 3 marks, 2 for next hops
+	kept, dropped := LimitNextHops(mask, a("192.0.2.2", "192.0.2.1"), nil)
+	if !slices.Equal(kept, a("192.0.2.1", "192.0.2.2")) || dropped != nil {
 		t.Fatalf("within capacity: kept %v dropped %v", kept, dropped)
 	}
 	kept, dropped = LimitNextHops(mask, a("192.0.2.5", "192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"),
 		map[netip.Addr]int{netip.MustParseAddr("192.0.2.5"): 1, netip.MustParseAddr("192.0.2.9"): 2})
-	if !slices.Equal(kept, a("192.0.2.1", "192.0.2.2", "192.0.2.5")) || !slices.Equal(dropped, a("192.0.2.3", "192.0.2.4")) {
+	if !slices.Equal(kept, a("192.0.2.1", "192.0.2.5")) || !slices.Equal(dropped, a("192.0.2.2", "192.0.2.3", "192.0.2.4")) {
 		t.Fatalf("beyond capacity: kept %v dropped %v", kept, dropped)
 	}
 	if _, err := AllocateMarks(mask, kept, nil); err != nil {
@@ -206,8 +215,8 @@ func TestUnroutableHolders(t *testing.T) {
 		"n1": netip.MustParseAddr("192.0.2.11"), "n2": netip.MustParseAddr("192.0.2.12"),
 		"n3": netip.MustParseAddr("192.0.2.13"), "n4": netip.MustParseAddr("192.0.2.14"),
 	}
-	if got := UnroutableHolders(0x3, holders); !slices.Equal(got, []string{"n4"}) {
-		t.Fatalf("got %v, want [n4]", got)
+	if got := UnroutableHolders(0x3, holders); !slices.Equal(got, []string{"n3", "n4"}) {
+		t.Fatalf("got %v, want [n3 n4]", got)
 	}
 	if got := UnroutableHolders(0x3f00, holders); got != nil {
 		t.Fatalf("got %v, want none", got)

@@ -73,7 +73,7 @@ const (
 	tenantNS     = "bi-tenant" // a tenant namespace for groups
 	gatewayNS    = "kube-system"
 	selPodLabel  = "client"
-	manyGateways = 66 // > 63, the marks of the default mark mask 0x3f00
+	manyGateways = 66 // > 62, the next-hop marks of the default mark mask 0x3f00
 )
 
 // groupYAML is a NetworkGatewayGroup; ips are written as given (strings,
@@ -318,7 +318,7 @@ func cases() []badCase {
 			YAML: policyYAML(policySpec{name: "bi-17-sources", sources: strings.Repeat(selSource, 17), dests: []string{ext2Net}})},
 
 		// Beyond single objects.
-		{Name: "mark-space-exhausted", About: fmt.Sprintf("%d gateway nodes (fake Nodes with agent Leases answering the health probes), %d groups and %d policies: more next hops than the 63 marks of mask 0x3f00", manyGateways, manyGateways, manyGateways),
+		{Name: "mark-space-exhausted", About: fmt.Sprintf("%d gateway nodes (fake Nodes with agent Leases answering the health probes), %d groups and %d policies: more next hops than the 62 next-hop marks of mask 0x3f00", manyGateways, manyGateways, manyGateways),
 			Apply: applyManyGateways, Undo: undoManyGateways,
 			Concerns: []objRef{nodeRef("cp1"), nodeRef("worker1"), nodeRef("worker2"), basePolicyRef}},
 		{Name: "spoofed-subnet-advertisement", About: "worker2's agent Lease rewritten (admin token) to claim 198.51.100.13/24, and a group with 198.51.100.50",

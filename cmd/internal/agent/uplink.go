@@ -7,6 +7,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/egressnat/egressnat/nft"
 )
 
 // Uplink returns the uplink interface (name, or the interface of the IPv4
@@ -21,20 +23,12 @@ func Uplink(name string) (string, []netip.Prefix, error) {
 			return "", nil, fmt.Errorf("find uplink %s: %w", name, err)
 		}
 	} else {
-		routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
+		def, err := nft.DefaultRouteLink()
 		if err != nil {
-			return "", nil, fmt.Errorf("list routes: %w", err)
+			return "", nil, err
 		}
-		for _, r := range routes {
-			if (r.Dst == nil || r.Dst.String() == "0.0.0.0/0") && r.LinkIndex > 0 {
-				if link, err = netlink.LinkByIndex(r.LinkIndex); err != nil {
-					return "", nil, fmt.Errorf("find default route's link: %w", err)
-				}
-				break
-			}
-		}
-		if link == nil {
-			return "", nil, fmt.Errorf("no IPv4 default route: pass --uplink")
+		if link, err = netlink.LinkByName(def); err != nil {
+			return "", nil, fmt.Errorf("find uplink %s: %w", def, err)
 		}
 	}
 	addrs, err := netlink.AddrList(link, netlink.FAMILY_V4)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/egressnat/egressnat/cmd/internal/kube"
+	"github.com/egressnat/egressnat/nft"
 	"github.com/egressnat/egressnat/selector"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
@@ -41,7 +42,7 @@ Commands:
   conntrack [--netns NAME] [--ip IP]... [-o text|json]
         on a gateway node: the flows SNATed to each floating IP, and the
         flows of its Gateway policies not translated to their egress IP
-  prepare-node [--proc-sys-net DIR]
+  prepare-node [--proc-sys-net DIR] [--uplink IFACE]
         set the sysctls a gateway node needs (the agent's init container)
 
 The kubeconfig is --kubeconfig, else $KUBECONFIG, else ~/.kube/config.
@@ -327,6 +328,7 @@ func run(ctx context.Context, prog string, args []string, stdout, stderr io.Writ
 	case "prepare-node":
 		fs := newFlagSet("prepare-node")
 		dir := fs.String("proc-sys-net", "/proc/sys/net", "the host's /proc/sys/net (mounted from the host in the agent's init container)")
+		uplink := fs.String("uplink", "", "the agent's uplink (src_valid_mark is set on it); the interface of the default route when empty, as the agent's --uplink")
 		pos, err := parseInterleaved(fs, args)
 		if err != nil {
 			return flagError(err)
@@ -334,7 +336,12 @@ func run(ctx context.Context, prog string, args []string, stdout, stderr io.Writ
 		if len(pos) > 0 {
 			return usagef("prepare-node takes no arguments, got %q", strings.Join(pos, " "))
 		}
-		return PrepareNode(filepath.Clean(*dir), stdout)
+		if *uplink == "" {
+			if *uplink, err = nft.DefaultRouteLink(); err != nil {
+				return err
+			}
+		}
+		return PrepareNode(filepath.Clean(*dir), *uplink, stdout)
 	}
 	return usagef("unknown command %q", cmd)
 }

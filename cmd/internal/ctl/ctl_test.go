@@ -78,6 +78,8 @@ func TestPrepareNode(t *testing.T) {
 		"ipv4/conf/default/send_redirects":      "1",
 		"ipv4/conf/eth0/send_redirects":         "1",
 		"ipv4/conf/lo/send_redirects":           "0",
+		"ipv4/conf/eth0/src_valid_mark":         "0",
+		"ipv4/conf/lo/src_valid_mark":           "0",
 		"netfilter/nf_conntrack_tcp_be_liberal": "0",
 	}
 	for p, v := range files {
@@ -90,7 +92,7 @@ func TestPrepareNode(t *testing.T) {
 		}
 	}
 	var out bytes.Buffer
-	if err := PrepareNode(dir, &out); err != nil {
+	if err := PrepareNode(dir, "eth0", &out); err != nil {
 		t.Fatal(err)
 	}
 	for p := range files {
@@ -99,26 +101,27 @@ func TestPrepareNode(t *testing.T) {
 			t.Fatal(err)
 		}
 		want := "0"
-		if strings.HasPrefix(p, "netfilter") {
-			want = "1"
+		if strings.HasPrefix(p, "netfilter") || p == "ipv4/conf/eth0/src_valid_mark" {
+			want = "1" // src_valid_mark on the uplink only
 		}
 		if strings.TrimSpace(string(b)) != want {
 			t.Errorf("%s = %q, want %s", p, b, want)
 		}
 	}
-	if strings.Contains(out.String(), "lo/") || strings.Count(out.String(), "\n") != 4 {
+	if strings.Contains(out.String(), "lo/") || strings.Count(out.String(), "\n") != 5 {
 		t.Errorf("changes reported:\n%s", out.String())
 	}
 	out.Reset()
-	if err := PrepareNode(dir, &out); err != nil || out.Len() != 0 {
+	if err := PrepareNode(dir, "eth0", &out); err != nil || out.Len() != 0 {
 		t.Errorf("second run changed %q (%v)", out.String(), err)
 	}
 	want := []SysctlWrite{
 		{"ipv4/conf/all/send_redirects", "0"}, {"ipv4/conf/default/send_redirects", "0"},
 		{"ipv4/conf/a/send_redirects", "0"}, {"ipv4/conf/b/send_redirects", "0"},
+		{"ipv4/conf/b/src_valid_mark", "1"},
 		{"netfilter/nf_conntrack_tcp_be_liberal", "1"},
 	}
-	if got := GatewaySysctls([]string{"b", "a"}); !slices.Equal(got, want) {
+	if got := GatewaySysctls([]string{"b", "a"}, "b"); !slices.Equal(got, want) {
 		t.Errorf("GatewaySysctls: %v", got)
 	}
 }

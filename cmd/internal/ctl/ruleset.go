@@ -83,7 +83,7 @@ type PolicyCounter struct {
 func ReadRuleset(ctx context.Context, o RulesetOptions) (*Ruleset, error) {
 	rs := &Ruleset{Table: o.Table, Chains: []ChainDump{}, Sets: []SetDump{}, Counters: []PolicyCounter{},
 		IPRules: []string{}, Routes: []string{}, RulePriority: o.RulePriority,
-		FirstTable: o.RouteTableBase + 1, LastTable: o.RouteTableBase + selector.MarkCapacity(o.MarkMask)}
+		FirstTable: o.RouteTableBase + 1, LastTable: o.RouteTableBase + selector.MaxMarkIndex(o.MarkMask)}
 	t, err := nft.ReadTable(ctx, o.NetNSFd, o.Table)
 	if err != nil {
 		return nil, permissionHint(fmt.Errorf("read nftables table %s: %w", o.Table, err))

@@ -18,17 +18,23 @@ type SysctlWrite struct {
 }
 
 // GatewaySysctls lists what a gateway node needs, given the interfaces
-// under ipv4/conf (all and default included): no ICMP redirects anywhere
-// (they would send pods' traffic past the gateway) and liberal TCP window
-// tracking (a flow picked up mid-stream after a failover is not marked
-// invalid). It is pure.
-func GatewaySysctls(interfaces []string) []SysctlWrite {
+// under ipv4/conf (all and default included) and the uplink: no ICMP
+// redirects anywhere (they would send pods' traffic past the gateway),
+// liberal TCP window tracking (a flow picked up mid-stream after a failover
+// is not marked invalid), and on the uplink only the packet's mark in the
+// reverse-path check (src_valid_mark: strict rp_filter then accepts the
+// traffic other nodes reroute to it, which the agent marks). rp_filter
+// itself is never changed. It is pure.
+func GatewaySysctls(interfaces []string, uplink string) []SysctlWrite {
 	ifs := append([]string{"all", "default"}, interfaces...)
 	slices.Sort(ifs[2:])
 	ifs = slices.Compact(ifs)
 	var out []SysctlWrite
 	for _, i := range ifs {
 		out = append(out, SysctlWrite{Path: filepath.Join("ipv4", "conf", i, "send_redirects"), Value: "0"})
+	}
+	if uplink != "" {
+		out = append(out, SysctlWrite{Path: filepath.Join("ipv4", "conf", uplink, "src_valid_mark"), Value: "1"})
 	}
 	return append(out, SysctlWrite{Path: filepath.Join("netfilter", "nf_conntrack_tcp_be_liberal"), Value: "1"})
 }
@@ -37,7 +43,7 @@ func GatewaySysctls(interfaces []string) []SysctlWrite {
 // /proc/sys/net) where they differ and reports each change to w. The agent
 // container's own /proc/sys is read-only, so its init container runs this;
 // the agent then finds the values set and writes nothing.
-func PrepareNode(dir string, w io.Writer) error {
+func PrepareNode(dir, uplink string, w io.Writer) error {
 	entries, err := os.ReadDir(filepath.Join(dir, "ipv4", "conf"))
 	if err != nil {
 		return fmt.Errorf("list interfaces: %w", err)
@@ -50,7 +56,7 @@ func PrepareNode(dir string, w io.Writer) error {
 	}
 	conntrackLoaded := false
 	var errs []error
-	for _, s := range GatewaySysctls(ifs) {
+	for _, s := range GatewaySysctls(ifs, uplink) {
 		path := filepath.Join(dir, s.Path)
 		cur, err := os.ReadFile(path)
 		if errors.Is(err, fs.ErrNotExist) && filepath.Dir(s.Path) == "netfilter" && !conntrackLoaded {

@@ -236,9 +236,10 @@ func TestFlagsExist(t *testing.T) {
 	for _, ic := range ds.Spec.Template.Spec.InitContainers {
 		// Run the init container's command against a fake /proc/sys/net.
 		fake := t.TempDir()
-		for _, p := range []string{"ipv4/conf/all/send_redirects", "ipv4/conf/default/send_redirects", "ipv4/conf/eth0/send_redirects", "netfilter/nf_conntrack_tcp_be_liberal"} {
-			os.MkdirAll(filepath.Join(fake, filepath.Dir(p)), 0o755)   //nolint:errcheck
-			os.WriteFile(filepath.Join(fake, p), []byte("1\n"), 0o644) //nolint:errcheck
+		for p, v := range map[string]string{"ipv4/conf/all/send_redirects": "1", "ipv4/conf/default/send_redirects": "1",
+			"ipv4/conf/eth0/send_redirects": "1", "ipv4/conf/eth0/src_valid_mark": "0", "netfilter/nf_conntrack_tcp_be_liberal": "0"} {
+			os.MkdirAll(filepath.Join(fake, filepath.Dir(p)), 0o755)    //nolint:errcheck
+			os.WriteFile(filepath.Join(fake, p), []byte(v+"\n"), 0o644) //nolint:errcheck
 		}
 		args := slices.Clone(ic.Command[1:])
 		for i, a := range args {
@@ -246,12 +247,18 @@ func TestFlagsExist(t *testing.T) {
 				args[i] = "--proc-sys-net=" + fake
 			}
 		}
+		// On a node the uplink is the default route's interface; this
+		// machine's is not the fake's.
+		args = append(args, "--uplink=eth0")
 		out, err := exec.Command(filepath.Join(bin, strings.TrimPrefix(ic.Command[0], "/")), args...).CombinedOutput()
 		if err != nil {
 			t.Errorf("init container %s %v: %v\n%s", ic.Command[0], args, err, out)
 		}
 		if b, _ := os.ReadFile(filepath.Join(fake, "ipv4/conf/eth0/send_redirects")); strings.TrimSpace(string(b)) != "0" {
 			t.Errorf("init container did not clear send_redirects: %q", b)
+		}
+		if b, _ := os.ReadFile(filepath.Join(fake, "ipv4/conf/eth0/src_valid_mark")); strings.TrimSpace(string(b)) != "1" {
+			t.Errorf("init container did not set src_valid_mark on the uplink: %q", b)
 		}
 	}
 }

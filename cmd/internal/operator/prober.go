@@ -70,6 +70,11 @@ const (
 	silent   answer = iota // nothing within the timeout, or an unauthenticated reply
 	refused                // the node's kernel refused the connection
 	answered               // the agent answered with a valid reply
+	// late: silent, but the probe took far longer than its timeout: this
+	// replica did not run in time (CPU starvation), and the agent's reply
+	// may have been waiting unread. It says nothing about the node: no
+	// miss, no answer.
+	late
 )
 
 type probeState struct {
@@ -246,13 +251,21 @@ func (p *prober) round(ctx context.Context) {
 	}
 }
 
+// lateSlack: a silent probe that took longer than its timeout plus this
+// was not judged in time by this replica (see late).
+const lateSlack = 50 * time.Millisecond
+
 // probe sends one probe and records the answer.
 func (p *prober) probe(ctx context.Context, node string, ip netip.Addr) {
 	a, beat := silent, uint64(0)
 	if p.sender != nil {
 		if key, role, id, term, ok := p.sender(); ok {
 			pr := probe.Probe{Role: role, Identity: id, Term: term, Counter: p.nextCounter(), Node: ip}
+			start := p.now()
 			a, beat = p.dial(ctx, ip, p.cfg.Port, p.cfg.Timeout, pr, key)
+			if a == silent && p.now().Sub(start) > p.cfg.Timeout+lateSlack {
+				a = late
+			}
 		}
 	}
 	p.record(ctx, node, ip, a, beat)
@@ -268,6 +281,11 @@ func (p *prober) record(ctx context.Context, node string, ip netip.Addr, a answe
 		return
 	}
 	s.inFlight = false
+	if a == late {
+		p.mu.Unlock()
+		p.log.Debug("probe judged late: neither a miss nor an answer", zap.String("node", node), zap.String("ip", ip.String()))
+		return
+	}
 	wasHealthy, wasKnown := s.healthy, s.known
 	s.known = true
 	switch a {

@@ -291,3 +291,43 @@ func TestProberNewHolderProbedFast(t *testing.T) {
 	p.round(context.Background())
 	eventually(t, "the new holder probed at once", func() bool { return count() == 1 })
 }
+
+// TestProberLateProbeIsNoMiss: a probe that came back silent long after its
+// timeout (this replica did not run in time; the agent's reply may have
+// been waiting unread) is neither a miss nor an answer: a node answering
+// the leader's probes is not declared Down because the leader was starved.
+// A silent probe on time is a miss.
+func TestProberLateProbeIsNoMiss(t *testing.T) {
+	now := time.Unix(1000, 0)
+	ip := netip.MustParseAddr("192.0.2.11")
+	p := newProber(DefaultProbeConfig, zaptest.NewLogger(t), func() []probeTarget {
+		return []probeTarget{{name: "n1", ip: ip, fast: true}}
+	}, func() {})
+	var mu sync.Mutex
+	p.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	took := 3 * DefaultProbeConfig.Timeout
+	p.dial = func(context.Context, netip.Addr, int, time.Duration, probe.Probe, []byte) (answer, uint64) {
+		mu.Lock()
+		now = now.Add(took)
+		mu.Unlock()
+		return silent, 0
+	}
+	p.sender = func() ([]byte, string, string, int64, bool) { return testKey, probe.RoleLeader, "op-0", 1, true }
+	p.nodes["n1"] = &probeState{ip: ip, since: now, known: true, healthy: true, lastAlive: now, fast: true}
+	for range DefaultProbeConfig.Misses + 2 {
+		p.probe(context.Background(), "n1", ip)
+	}
+	p.mu.Lock()
+	misses := p.nodes["n1"].misses
+	p.mu.Unlock()
+	if h, _ := p.health("n1"); !h || misses != 0 {
+		t.Fatalf("late probes counted as misses: healthy %v, %d misses", h, misses)
+	}
+	took = DefaultProbeConfig.Timeout
+	for range DefaultProbeConfig.Misses {
+		p.probe(context.Background(), "n1", ip)
+	}
+	if h, _ := p.health("n1"); h {
+		t.Fatal("silent probes on time did not make the node Down")
+	}
+}

@@ -88,9 +88,13 @@ type arpLease struct {
 	// yet (a restarted agent renews what its predecessor held).
 	held   []netip.Addr
 	loaded bool
-	// renewed: when the last write of the leases began (their timeouts
-	// start at its commit, a little later): fresh uses it.
-	renewed time.Time
+	// leases: when the live lease of each held IP was last written in
+	// full (the write began then; the timeout starts at its commit, a
+	// little later). Only KeepARP renews the lease of an IP already held
+	// (and Apply gives one to an IP it adds): every other write of the
+	// table keeps an IP's lease to what is left of it, so that no write
+	// brings back a lease that ran out (the IP may have moved meanwhile).
+	leases map[netip.Addr]time.Time
 	// conn is a lasting nftables connection, dropped after any error;
 	// after close, every call makes its own.
 	conn   *nftables.Conn
@@ -176,7 +180,7 @@ func (a *arpLease) keep(ctx context.Context) error {
 	if len(a.held) == 0 {
 		return nil // nothing held, nothing to answer for: no table needed
 	}
-	return a.writeLocked(a.held, nil)
+	return a.writeLocked(a.held, nil, a.held)
 }
 
 // loadLocked reads the held set back once, so that a restarted agent
@@ -198,20 +202,59 @@ func (a *arpLease) loadLocked() error {
 	return nil
 }
 
-// writeLocked makes the kernel's held set hold and renews the leases of
-// all of them, in one transaction: held gets hold added (a no-op for the
-// ones it has) and del deleted (IPs known to be in it), live is flushed
-// and refilled with hold (so a lease never depends on how the kernel
-// updates an element's timeout). When that fails (the table, a set or an
-// element is gone: someone flushed the ruleset), the whole table is
-// written anew in one transaction.
-func (a *arpLease) writeLocked(hold, del []netip.Addr) error {
+// liveElements are the live set's elements for hold: a full lease for the
+// IPs of full, what is left of its lease for every other (none when it ran
+// out).
+func (a *arpLease) liveElements(hold, full []netip.Addr, now time.Time) []nftables.SetElement {
+	var out []nftables.SetElement
+	for _, ip := range hold {
+		d := a.cfg.ARPLease
+		if !slices.Contains(full, ip) {
+			t, ok := a.leases[ip]
+			if !ok {
+				continue
+			}
+			if d -= now.Sub(t); d < time.Millisecond {
+				continue
+			}
+		}
+		out = append(out, arpElements([]netip.Addr{ip}, d)...)
+	}
+	return out
+}
+
+// leasesWritten records the leases of a write begun at start.
+func (a *arpLease) leasesWritten(hold, full []netip.Addr, start time.Time) {
+	if a.leases == nil {
+		a.leases = map[netip.Addr]time.Time{}
+	}
+	for ip := range a.leases {
+		if !slices.Contains(hold, ip) {
+			delete(a.leases, ip)
+		}
+	}
+	for _, ip := range full {
+		if slices.Contains(hold, ip) {
+			a.leases[ip] = start
+		}
+	}
+}
+
+// writeLocked makes the kernel's held set hold, in one transaction: held
+// gets hold added (a no-op for the ones it has) and del deleted (IPs known
+// to be in it), live is flushed and refilled (so a lease never depends on
+// how the kernel updates an element's timeout): a full lease for the IPs
+// of full, what is left of their lease for the others. When that fails
+// (the table, a set or an element is gone: someone flushed the ruleset),
+// the whole table is written anew in one transaction.
+func (a *arpLease) writeLocked(hold, del, full []netip.Addr) error {
 	start := time.Now()
+	live := a.liveElements(hold, full, start)
 	c, err := a.connLocked()
 	if err != nil {
 		return err
 	}
-	held, live := a.heldSet(), a.liveSet()
+	held, liveSet := a.heldSet(), a.liveSet()
 	err = func() error {
 		if len(hold) > 0 {
 			if err := c.SetAddElements(held, arpElements(hold, 0)); err != nil {
@@ -223,20 +266,21 @@ func (a *arpLease) writeLocked(hold, del []netip.Addr) error {
 				return err
 			}
 		}
-		c.FlushSet(live)
-		if len(hold) > 0 {
-			if err := c.SetAddElements(live, arpElements(hold, a.cfg.ARPLease)); err != nil {
+		c.FlushSet(liveSet)
+		if len(live) > 0 {
+			if err := c.SetAddElements(liveSet, live); err != nil {
 				return err
 			}
 		}
 		return c.Flush()
 	}()
 	if err == nil {
-		a.held, a.renewed = slices.Clone(hold), start
+		a.held = slices.Clone(hold)
+		a.leasesWritten(hold, full, start)
 		return nil
 	}
 	a.dropConnLocked()
-	if rerr := a.rewriteLocked(hold); rerr != nil {
+	if rerr := a.rewriteLocked(hold, full); rerr != nil {
 		return fmt.Errorf("arp lease: %w (rewriting the table: %w)", err, rerr)
 	}
 	a.log.Warn("arp table rewritten", zap.String("table", a.cfg.Table), zap.Stringers("held", hold), zap.NamedError("cause", err))
@@ -246,8 +290,9 @@ func (a *arpLease) writeLocked(hold, del []netip.Addr) error {
 // rewriteLocked replaces the arp table, whatever state it is in, by one
 // holding hold with live leases, in one transaction (add, delete and add
 // the table: the first add makes the delete valid when there is none).
-func (a *arpLease) rewriteLocked(hold []netip.Addr) error {
+func (a *arpLease) rewriteLocked(hold, full []netip.Addr) error {
 	start := time.Now()
+	liveElems := a.liveElements(hold, full, start)
 	c, err := a.connLocked()
 	if err != nil {
 		return err
@@ -261,7 +306,7 @@ func (a *arpLease) rewriteLocked(hold []netip.Addr) error {
 	if err := c.AddSet(held, arpElements(hold, 0)); err != nil {
 		return err
 	}
-	if err := c.AddSet(live, arpElements(hold, a.cfg.ARPLease)); err != nil {
+	if err := c.AddSet(live, liveElems); err != nil {
 		return err
 	}
 	accept := nftables.ChainPolicyAccept
@@ -272,7 +317,8 @@ func (a *arpLease) rewriteLocked(hold []netip.Addr) error {
 		a.dropConnLocked()
 		return err
 	}
-	a.held, a.renewed = slices.Clone(hold), start
+	a.held = slices.Clone(hold)
+	a.leasesWritten(hold, full, start)
 	return nil
 }
 
@@ -287,7 +333,8 @@ func (a *arpLease) fresh(ip netip.Addr) bool {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return slices.Contains(a.held, ip) && time.Since(a.renewed) < a.cfg.ARPLease
+	t, ok := a.leases[ip]
+	return ok && slices.Contains(a.held, ip) && time.Since(t) < a.cfg.ARPLease
 }
 
 // arpState is what readLocked found.
@@ -370,8 +417,12 @@ func (a *arpLease) readLocked(c *nftables.Conn) (arpState, error) {
 
 // ensure is the full Apply's step, before floating IPs are added: the
 // arp table exists, exactly ours, held holds exactly hold (IPs that are
-// not ours leave it), and every one of them has a live lease.
-func (a *arpLease) ensure(hold []netip.Addr) error {
+// not ours leave it), the IPs of taking (about to be added) have a live
+// lease, and every other keeps what is left of its own: an Apply never
+// brings back a lease that ran out (the agent stopped, or lost the
+// leader's probes, and the IP may have moved meanwhile; KeepARP renews it
+// once that is ruled out).
+func (a *arpLease) ensure(hold, taking []netip.Addr) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	c, err := a.connLocked()
@@ -388,14 +439,14 @@ func (a *arpLease) ensure(hold []netip.Addr) error {
 		if st.exists {
 			a.log.Warn("arp table not as written: rewritten", zap.String("table", a.cfg.Table))
 		}
-		return a.rewriteLocked(hold)
+		return a.rewriteLocked(hold, taking)
 	}
 	del, _ := diffAddrs(hold, st.held) // in the kernel, not wanted
-	return a.writeLocked(hold, del)
+	return a.writeLocked(hold, del, taking)
 }
 
 // hold makes held hold exactly ips (sorted), the IPs known to be held
-// that are not in ips leaving it, and renews every lease.
+// that are not in ips leaving it; the leases keep what is left of them.
 func (a *arpLease) hold(ips []netip.Addr) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -403,7 +454,7 @@ func (a *arpLease) hold(ips []netip.Addr) error {
 		return err
 	}
 	del, _ := diffAddrs(ips, a.held)
-	return a.writeLocked(ips, del)
+	return a.writeLocked(ips, del, nil)
 }
 
 // unhold removes ips from held (all: every IP) and from live.
@@ -418,7 +469,7 @@ func (a *arpLease) unhold(ips []netip.Addr, all bool) error {
 		return nil
 	}
 	del, _ := diffAddrs(keep, a.held)
-	return a.writeLocked(keep, del)
+	return a.writeLocked(keep, del, nil)
 }
 
 // remove deletes the arp table (Cleanup, or the lease disabled).
@@ -467,9 +518,10 @@ func (d *Dataplane) KeepARP(ctx context.Context) error {
 }
 
 // applyARP is the full Apply's step before the floating IPs are added:
-// hold (the IPs held during the Apply) have live leases, or, with the
-// lease disabled, there is no arp table.
-func (d *Dataplane) applyARP(hold []netip.Addr) error {
+// hold (the IPs held during the Apply) are in the arp table, taking (those
+// it adds) with live leases, the others with what is left of theirs; or,
+// with the lease disabled, there is no arp table.
+func (d *Dataplane) applyARP(hold, taking []netip.Addr) error {
 	if !d.arp.enabled() {
 		deleted, err := d.arp.remove()
 		if deleted {
@@ -477,7 +529,7 @@ func (d *Dataplane) applyARP(hold []netip.Addr) error {
 		}
 		return err
 	}
-	if err := d.arp.ensure(hold); err != nil {
+	if err := d.arp.ensure(hold, taking); err != nil {
 		return fmt.Errorf("arp lease: %w", err)
 	}
 	return nil

@@ -620,3 +620,50 @@ func TestKeepARPCost(t *testing.T) {
 	t.Logf("KeepARP: %v per call (%d calls)", time.Since(start)/n, n)
 	expectARPSets(t, l, "after keeping", []string{relFloat1, relFloat2}, []string{relFloat1, relFloat2})
 }
+
+// TestARPLeaseNotRevived: only KeepARP renews the lease of an IP already
+// held. After the lease ran out (the agent stopped), neither the release of
+// another IP (which rewrites the arp table) nor an Apply brings it back:
+// the IP may have moved meanwhile. An IP an Apply adds gets its lease at
+// once; KeepARP renews the others.
+func TestARPLeaseNotRevived(t *testing.T) {
+	l := newRelLab(t)
+	d := arpDataplane(l, 0)
+	lease := d.cfg.ARPLease
+	p := newARPProber(l)
+	st := arpGateway() // relFloat1 and relFloat2
+	mustApply(t, d, st)
+	for _, ip := range []string{relFloat1, relFloat2} {
+		if _, ok := p.ask(ip, time.Second); !ok {
+			t.Fatalf("%s not answered right after the Apply", ip)
+		}
+	}
+	// The agent stops: no KeepARP; the leases run out.
+	time.Sleep(lease + arpSlack)
+	if _, ok := p.ask(relFloat2, 2*arpSlack); ok {
+		t.Fatal("answered after the lease ran out")
+	}
+	// It resumes and releases relFloat1 first (it moved): relFloat2's
+	// lease stays out.
+	if _, err := d.Release(ctxT(t), addrList(relFloat1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := p.ask(relFloat2, 2*arpSlack); ok {
+		t.Fatal("the release of another IP brought the lease back")
+	}
+	// An Apply that still holds relFloat2 and takes relFloat1 back: the
+	// taken IP is answered, the kept one not until KeepARP.
+	mustApply(t, d, st)
+	if _, ok := p.ask(relFloat1, time.Second); !ok {
+		t.Fatal("an IP the Apply added is not answered")
+	}
+	if _, ok := p.ask(relFloat2, 2*arpSlack); ok {
+		t.Fatal("an Apply brought back a lease that ran out")
+	}
+	if err := d.KeepARP(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := p.ask(relFloat2, time.Second); !ok {
+		t.Fatal("not answered after KeepARP")
+	}
+}

@@ -452,11 +452,19 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 
 	// 3. Floating IPs and gratuitous ARP. First their ARP leases: every
 	// IP held during this Apply (taken or kept, and given up but still
-	// on the uplink) is in the arp table's held set with a live lease, so
-	// the node answers ARP for a new one as soon as it is added (and
-	// stops unless KeepARP renews it). The table is created or repaired
-	// here; with the lease disabled, deleted.
-	if err := d.applyARP(union(ours, givenUp)); err != nil {
+	// on the uplink) is in the arp table's held set; one it adds gets a
+	// live lease, so the node answers ARP for it as soon as it is added
+	// (and stops unless KeepARP renews it); the others keep what is left
+	// of theirs (only KeepARP renews a lease: an Apply right after the
+	// agent resumed must not answer again for an IP that moved). The
+	// table is created or repaired here; with the lease disabled, deleted.
+	var taking []netip.Addr
+	for _, ip := range ours {
+		if _, present := addrs[ip]; !present {
+			taking = append(taking, ip)
+		}
+	}
+	if err := d.applyARP(union(ours, givenUp), taking); err != nil {
 		return err
 	}
 	var wantPrefixes []netip.Prefix

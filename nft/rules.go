@@ -323,18 +323,7 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 	case ruleInternalReturn:
 		return []expr.Any{loadAddr(16), lookup(r.dst), &expr.Verdict{Kind: expr.VerdictReturn}}
 	case ruleReroute:
-		out := append(match(),
-			&expr.Counter{},
-			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-			&expr.Bitwise{
-				SourceRegister: 1,
-				DestRegister:   1,
-				Len:            4,
-				Mask:           binaryutil.NativeEndian.PutUint32(^r.mask),
-				Xor:            binaryutil.NativeEndian.PutUint32(r.mark & r.mask),
-			},
-			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
-		)
+		out := append(append(match(), &expr.Counter{}), setMark(^r.mask, r.mark&r.mask)...)
 		if r.pfx.IsValid() {
 			out = append(out, &expr.Verdict{Kind: expr.VerdictReturn})
 		}
@@ -380,58 +369,24 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 			&expr.Verdict{Kind: expr.VerdictDrop},
 		}
 	case ruleRPMark:
-		return []expr.Any{
+		return append([]expr.Any{
 			loadAddr(12), lookup(r.src),
 			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.oif)},
 			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
-			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-			&expr.Bitwise{
-				SourceRegister: 1,
-				DestRegister:   1,
-				Len:            4,
-				Mask:           binaryutil.NativeEndian.PutUint32(^r.mask),
-				Xor:            binaryutil.NativeEndian.PutUint32(r.mark & r.mask),
-			},
-			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
-		}
+		}, setMark(^r.mask, r.mark&r.mask)...)
 	case ruleRPUnmark:
-		return []expr.Any{
-			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-			&expr.Bitwise{
-				SourceRegister: 1,
-				DestRegister:   1,
-				Len:            4,
-				Mask:           binaryutil.NativeEndian.PutUint32(r.mask),
-				Xor:            binaryutil.NativeEndian.PutUint32(0),
-			},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.mark & r.mask)},
-			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-			&expr.Bitwise{
-				SourceRegister: 1,
-				DestRegister:   1,
-				Len:            4,
-				Mask:           binaryutil.NativeEndian.PutUint32(^r.mask),
-				Xor:            binaryutil.NativeEndian.PutUint32(0),
-			},
-			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
-		}
+		return slices.Concat(loadMark(r.mask, 0),
+			[]expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.mark & r.mask)}},
+			setMark(^r.mask, 0))
 	case ruleNullBinding:
-		return []expr.Any{
-			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-			&expr.Bitwise{
-				SourceRegister: 1,
-				DestRegister:   1,
-				Len:            4,
-				Mask:           binaryutil.NativeEndian.PutUint32(r.mask),
-				Xor:            binaryutil.NativeEndian.PutUint32(0),
-			},
+		return append(loadMark(r.mask, 0),
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
 			&expr.Counter{},
 			loadAddr(12),
 			&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1},
-		}
+		)
 	}
 	return nil
 }
@@ -514,6 +469,25 @@ func matchPrefix(offset uint32, p netip.Prefix) []expr.Any {
 		out = append(out, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: m, Xor: []byte{0, 0, 0, 0}})
 	}
 	return append(out, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: net4[:]})
+}
+
+// loadMark loads the packet mark into register 1 as (mark & keep) ^ xor.
+func loadMark(keep, xor uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{
+			SourceRegister: 1,
+			DestRegister:   1,
+			Len:            4,
+			Mask:           binaryutil.NativeEndian.PutUint32(keep),
+			Xor:            binaryutil.NativeEndian.PutUint32(xor),
+		},
+	}
+}
+
+// setMark sets the packet mark to (mark & keep) ^ xor.
+func setMark(keep, xor uint32) []expr.Any {
+	return append(loadMark(keep, xor), &expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
 }
 
 func loadAddr(offset uint32) *expr.Payload {

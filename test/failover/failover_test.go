@@ -455,14 +455,7 @@ func TestGatewayRebootDuringAPIOutage(t *testing.T) {
 			t.Fatalf("new connection %d during the outage left with %s (the node is %s): want it dropped", i, src, holderIP)
 		}
 	}
-	if err := c.API.StartAPIServer(ctxT(t)); err != nil {
-		t.Fatal(err)
-	}
-	restarted = true
-	if _, err := c.WaitSource(ctxT(t), p, ext1(), fip100, 30*time.Second); err != nil {
-		t.Fatalf("after the outage: %v", err)
-	}
-	settleNoDuplicates(t, 10*time.Second)
+	apiBack(t, p, &restarted)
 }
 
 // A gateway reboots and its network comes back before its agent (as on a
@@ -538,10 +531,18 @@ func TestBootGuardBeforeNetwork(t *testing.T) {
 	if src, err := c.Source(ctxT(t), p, ext1()); err == nil {
 		t.Fatalf("connection with the agent started during the outage left with %s: want it dropped", src)
 	}
+	apiBack(t, p, &restarted)
+}
+
+// apiBack starts the API server again after an outage (restarted records
+// it for the test's cleanup) and waits until the pod's new connections
+// leave with the floating IP again and every IP has one holder.
+func apiBack(t *testing.T, p *cluster.Pod, restarted *bool) {
+	t.Helper()
 	if err := c.API.StartAPIServer(ctxT(t)); err != nil {
 		t.Fatal(err)
 	}
-	restarted = true
+	*restarted = true
 	if _, err := c.WaitSource(ctxT(t), p, ext1(), fip100, 30*time.Second); err != nil {
 		t.Fatalf("after the outage: %v", err)
 	}

@@ -274,11 +274,18 @@ func (a *agent) keepARP(ctx context.Context) {
 		if b := a.beat.Load(); b != lastBeat {
 			lastBeat, beatAt = b, now
 		}
-		if a.held.Load() == nil {
+		held := a.held.Load()
+		if held == nil {
 			// Not before the first apply: the IPs the kernel still holds
 			// from before a restart may have moved meanwhile (the lease
-			// ran out while no agent renewed it); the first apply, from
-			// fresh caches, renews the lease of those it keeps.
+			// ran out while no agent renewed it).
+			a.arpTick.Store(now.UnixNano())
+			continue
+		}
+		if len(*held) == 0 {
+			// Nothing held, no lease to keep (nor to run out: the next
+			// IP taken gets its lease from the apply that adds it).
+			lastRenew, lapsed = time.Time{}, false
 			a.arpTick.Store(now.UnixNano())
 			continue
 		}

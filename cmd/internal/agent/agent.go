@@ -652,7 +652,7 @@ func (a *agent) freshCustom(ctx context.Context) (groups []*v1.NetworkGatewayGro
 	}
 	if stale, _ := a.cfg.Clients.Watches.Stale(kube.PolicyGVR.Resource); stale {
 		var err error
-		if policies, err = listFresh[v1.EgressNATPolicy](ctx, a.cfg.Clients, kube.PolicyGVR); err != nil {
+		if policies, err = kube.ListFresh[v1.EgressNATPolicy](ctx, a.cfg.Clients, kube.PolicyGVR); err != nil {
 			a.log.Debug("policies from the API", zap.Error(err))
 		}
 	}

@@ -49,6 +49,10 @@ type clusterNets struct {
 	mu     sync.Mutex
 	nets   []netip.Prefix
 	failed map[string]bool // what could not be listed, logged once
+	// last: what each listing last returned, kept while a listing fails
+	// for want of the API server (an outage must not make the agent
+	// steer traffic to the Service CIDRs or the API server).
+	last map[string][]netip.Prefix
 }
 
 func (c *clusterNets) get() []netip.Prefix {
@@ -64,38 +68,53 @@ func (c *clusterNets) get() []netip.Prefix {
 func (a *agent) refreshClusterNets(ctx context.Context) bool {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	var nets []netip.Prefix
+	const epsWhat, cidrsWhat = "the API server's EndpointSlice (default/kubernetes)", "ServiceCIDRs"
+	var fromEPs, fromCIDRs []netip.Prefix
 	// The API server's EndpointSlice reconciler names its slice after the
 	// Service: one get, which RBAC can allow by name.
-	eps, err := a.cfg.Clients.Core.DiscoveryV1().EndpointSlices(metav1.NamespaceDefault).Get(ctx, "kubernetes", metav1.GetOptions{})
-	if err != nil {
-		if !apierrors.IsNotFound(err) {
-			a.logListFailure("the API server's EndpointSlice (default/kubernetes)", err)
+	eps, epsErr := a.cfg.Clients.Core.DiscoveryV1().EndpointSlices(metav1.NamespaceDefault).Get(ctx, "kubernetes", metav1.GetOptions{})
+	if epsErr != nil {
+		if !apierrors.IsNotFound(epsErr) {
+			a.logListFailure(epsWhat, epsErr)
 		}
 	} else {
 		for _, e := range eps.Endpoints {
 			for _, addr := range e.Addresses {
 				if ip, err := netip.ParseAddr(addr); err == nil {
-					nets = append(nets, netip.PrefixFrom(ip.Unmap(), ip.Unmap().BitLen()))
+					fromEPs = append(fromEPs, netip.PrefixFrom(ip.Unmap(), ip.Unmap().BitLen()))
 				}
 			}
 		}
 	}
-	cidrs, err := a.cfg.Clients.Core.NetworkingV1().ServiceCIDRs().List(ctx, metav1.ListOptions{})
-	if err != nil {
-		a.logListFailure("ServiceCIDRs", err)
+	cidrs, cidrsErr := a.cfg.Clients.Core.NetworkingV1().ServiceCIDRs().List(ctx, metav1.ListOptions{})
+	if cidrsErr != nil {
+		a.logListFailure(cidrsWhat, cidrsErr)
 	} else {
 		for _, sc := range cidrs.Items {
 			for _, c := range sc.Spec.CIDRs {
 				if p, err := netip.ParsePrefix(c); err == nil {
-					nets = append(nets, p.Masked())
+					fromCIDRs = append(fromCIDRs, p.Masked())
 				}
 			}
 		}
 	}
-	sortPrefixes(nets)
 	a.nets.mu.Lock()
 	defer a.nets.mu.Unlock()
+	if a.nets.last == nil {
+		a.nets.last = map[string][]netip.Prefix{}
+	}
+	// A listing the API server answered replaces the last one (also with
+	// nothing: NotFound, Forbidden); one that could not reach it keeps it.
+	for what, got := range map[string]struct {
+		nets []netip.Prefix
+		err  error
+	}{epsWhat: {fromEPs, epsErr}, cidrsWhat: {fromCIDRs, cidrsErr}} {
+		if got.err == nil || apierrors.IsNotFound(got.err) || apierrors.IsForbidden(got.err) {
+			a.nets.last[what] = got.nets
+		}
+	}
+	nets := slices.Concat(a.nets.last[epsWhat], a.nets.last[cidrsWhat])
+	sortPrefixes(nets)
 	if slices.Equal(a.nets.nets, nets) {
 		return false
 	}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"slices"
 	"strings"
@@ -56,6 +57,20 @@ func TestClusterDestinationsExcluded(t *testing.T) {
 	}
 	if ta.refreshClusterNets(context.Background()) {
 		t.Fatal("an unchanged listing reported a change")
+	}
+	// The API server cannot be reached: the last listings are kept (an
+	// outage must not let selected pods' traffic to a Service be steered).
+	down := func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, errors.New("dial tcp 192.0.2.2:6443: connect: connection refused")
+	}
+	ta.core.PrependReactor("get", "endpointslices", down)
+	ta.core.PrependReactor("list", "servicecidrs", down)
+	if ta.refreshClusterNets(context.Background()) {
+		t.Fatalf("an unreachable API server changed the cluster networks: %v", ta.nets.get())
+	}
+	ta.mustSync(t)
+	if got := ta.lastApplied(t).Excluded; !slices.Equal(got, want) {
+		t.Fatalf("excluded during the outage %v, want %v", got, want)
 	}
 }
 

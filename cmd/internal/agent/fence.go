@@ -19,8 +19,6 @@ import (
 	"github.com/egressnat/egressnat/leader/probe"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/utils/clock"
 )
 
@@ -397,27 +395,7 @@ func (f *fence) confirmedHoldings(ctx context.Context) (map[netip.Addr]bool, err
 // listGroups reads every NetworkGatewayGroup from the API server (not the
 // cache), giving up after a second.
 func listGroups(ctx context.Context, clients *kube.Clients) ([]*v1.NetworkGatewayGroup, error) {
-	return listFresh[v1.NetworkGatewayGroup](ctx, clients, kube.GatewayGVR)
-}
-
-// listFresh reads every object of a custom resource from the API server
-// (not the cache), giving up after a second.
-func listFresh[T any](ctx context.Context, clients *kube.Clients, gvr schema.GroupVersionResource) ([]*T, error) {
-	ctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	list, err := clients.Dynamic.Resource(gvr).List(ctx, metav1.ListOptions{})
-	if err != nil {
-		return nil, fmt.Errorf("list %s: %w", gvr.Resource, err)
-	}
-	out := make([]*T, 0, len(list.Items))
-	for i := range list.Items {
-		obj, err := kube.FromUnstructured[T](&list.Items[i])
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, obj)
-	}
-	return out, nil
+	return kube.ListFresh[v1.NetworkGatewayGroup](ctx, clients, kube.GatewayGVR)
 }
 
 // holdingsOf returns the floating IPs the groups' statuses give to node.

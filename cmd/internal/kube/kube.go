@@ -315,3 +315,24 @@ func LeaseNodeFacts(annotations map[string]string, f *selector.NodeFacts) error 
 	}
 	return errors.Join(errs...)
 }
+
+// ListFresh reads every object of a custom resource from the API server
+// (not a cache), giving up after a second: what a controller decides from
+// while its informer's cache may be behind the API (Watches).
+func ListFresh[T any](ctx context.Context, clients *Clients, gvr schema.GroupVersionResource) ([]*T, error) {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	list, err := clients.Dynamic.Resource(gvr).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", gvr.Resource, err)
+	}
+	out := make([]*T, 0, len(list.Items))
+	for i := range list.Items {
+		obj, err := FromUnstructured[T](&list.Items[i])
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, obj)
+	}
+	return out, nil
+}

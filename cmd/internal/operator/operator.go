@@ -410,8 +410,9 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	now := c.clock.Now()
 	seen := map[string]bool{} // subjects of c.warned still around
 	nodes, facts := c.currentNodes(seen)
-	checks := selector.CheckGroups(c.groupObjects(), c.cfg.GatewayNamespaces, selector.ReservedFrom(facts))
-	groups, groupObjs := c.currentGroups(checks)
+	objs := c.groupObjects(ctx)
+	checks := selector.CheckGroups(objs, c.cfg.GatewayNamespaces, selector.ReservedFrom(facts))
+	groups, groupObjs := c.currentGroups(objs, checks)
 	current := c.currentAssignment(groupObjs, checks)
 	assignment := c.assignFresh(groups, nodes, current)
 	c.setStandbys(groups, nodes, assignment)
@@ -456,10 +457,7 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	c.assignment = written
 	c.mu.Unlock()
 
-	var pols []*v1.EgressNATPolicy
-	for _, obj := range c.policies.List() {
-		pols = append(pols, obj.(*v1.EgressNATPolicy))
-	}
+	pols := c.policyObjects(ctx)
 	slices.SortFunc(pols, func(a, b *v1.EgressNATPolicy) int { return strings.Compare(a.Name, b.Name) })
 	res := make([]gateway.Resolution, len(pols))
 	var accepted []*v1.EgressNATPolicy
@@ -698,7 +696,21 @@ func (c *Controller) warnSubnets(n *corev1.Node, ignored []selector.IgnoredSubne
 }
 
 // groupObjects returns the groups of the cache.
-func (c *Controller) groupObjects() []*v1.NetworkGatewayGroup {
+// groupObjects returns the groups from the cache; from the API server
+// while the cache may be behind it (its watch failed or ended and has not
+// started again: client-go waits up to 30 s before it lists again after
+// API server restarts). Deciding from a stale cache, the leader would
+// write nothing where the status it last wrote differs from the cache, or
+// be refused (409) where it writes: a node's status would stay Down, an
+// IP on its old holder, until the watch came back.
+func (c *Controller) groupObjects(ctx context.Context) []*v1.NetworkGatewayGroup {
+	if stale, _ := c.cfg.Clients.Watches.Stale(kube.GatewayGVR.Resource); stale {
+		objs, err := kube.ListFresh[v1.NetworkGatewayGroup](ctx, c.cfg.Clients, kube.GatewayGVR)
+		if err == nil {
+			return objs
+		}
+		c.cfg.Log.Debug("gateway groups from the API", zap.Error(err))
+	}
 	var objs []*v1.NetworkGatewayGroup
 	for _, obj := range c.gateways.List() {
 		objs = append(objs, obj.(*v1.NetworkGatewayGroup))
@@ -706,12 +718,28 @@ func (c *Controller) groupObjects() []*v1.NetworkGatewayGroup {
 	return objs
 }
 
+// policyObjects returns the policies as groupObjects the groups.
+func (c *Controller) policyObjects(ctx context.Context) []*v1.EgressNATPolicy {
+	if stale, _ := c.cfg.Clients.Watches.Stale(kube.PolicyGVR.Resource); stale {
+		objs, err := kube.ListFresh[v1.EgressNATPolicy](ctx, c.cfg.Clients, kube.PolicyGVR)
+		if err == nil {
+			return objs
+		}
+		c.cfg.Log.Debug("policies from the API", zap.Error(err))
+	}
+	var objs []*v1.EgressNATPolicy
+	for _, obj := range c.policies.List() {
+		objs = append(objs, obj.(*v1.EgressNATPolicy))
+	}
+	return objs
+}
+
 // currentGroups returns the groups, sorted by namespace/name, each with the
 // floating IPs its check allows, and copies of their objects in the same
 // order.
-func (c *Controller) currentGroups(checks map[string]selector.GroupCheck) ([]gateway.Group, []*v1.NetworkGatewayGroup) {
+func (c *Controller) currentGroups(from []*v1.NetworkGatewayGroup, checks map[string]selector.GroupCheck) ([]gateway.Group, []*v1.NetworkGatewayGroup) {
 	var objs []*v1.NetworkGatewayGroup
-	for _, g := range c.groupObjects() {
+	for _, g := range from {
 		objs = append(objs, g.DeepCopy())
 	}
 	slices.SortFunc(objs, func(a, b *v1.NetworkGatewayGroup) int {

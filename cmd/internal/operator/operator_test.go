@@ -2,18 +2,24 @@ package operator
 
 import (
 	"context"
+	"errors"
 	"maps"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
+	"github.com/egressnat/egressnat/cmd/internal/kube"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/utils/ptr"
 )
 
@@ -599,5 +605,83 @@ func TestStandbysProbedFast(t *testing.T) {
 	c.mustReconcile(t)
 	if f := fast(); !f["n1"] || !f["n2"] {
 		t.Fatalf("n2 Up, a standby: fast %v", f)
+	}
+}
+
+// TestStaleWatchDecidesFromAPI: after an API server restart the groups'
+// watch fails and client-go waits (up to 30 s) before it lists again; the
+// status in the API meanwhile says a live node is Down (written while the
+// node's agent restarted), the stale cache still says Up. The leader reads
+// the groups from the API while the watch is down and writes the node Up;
+// from the cache it would find nothing to change.
+func TestStaleWatchDecidesFromAPI(t *testing.T) {
+	cl := newCluster(t, objects()...)
+	cl.optimisticConcurrency(t)
+	cl.clients.Watches = &kube.WatchHealth{}
+	var mu sync.Mutex
+	down := false
+	var live []watch.Interface
+	cl.dyn.PrependWatchReactor("networkgatewaygroups", func(a k8stesting.Action) (bool, watch.Interface, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if down {
+			return true, nil, errors.New("dial tcp 192.0.2.1:6443: connect: connection refused")
+		}
+		w, err := cl.dyn.Tracker().Watch(kube.GatewayGVR, a.GetNamespace())
+		live = append(live, w)
+		return true, w, err
+	})
+	// The reflector's lists (from a resourceVersion) keep failing while
+	// the watch is down, so that its cache stays behind; a plain read (the
+	// leader's own) answers: the API server is back, client-go waits.
+	cl.dyn.PrependReactor("list", "networkgatewaygroups", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		l, ok := a.(interface{ GetListOptions() metav1.ListOptions })
+		if down && ok && l.GetListOptions().ResourceVersion != "" {
+			return true, nil, errors.New("dial tcp 192.0.2.1:6443: connect: connection refused")
+		}
+		return false, nil, nil
+	})
+	c := cl.controller(t, false)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", true, epoch)
+	c.mustReconcile(t)
+	if g := cl.gateway(t, "gw"); g.Status.Nodes["n1"] != v1.NodeUp {
+		t.Fatalf("n1 not Up: %+v", g.Status)
+	}
+	// The API server restarts: the watch ends and cannot start again.
+	c.waitCaches(t, cl)
+	mu.Lock()
+	down = true
+	for _, w := range live {
+		w.Stop()
+	}
+	mu.Unlock()
+	eventually(t, "the groups' watch found down", func() bool {
+		stale, _ := cl.clients.Watches.Stale(kube.GatewayGVR.Resource)
+		return stale
+	})
+	// In the API (not in the cache): n1 Down.
+	g := cl.gateway(t, "gw")
+	g.Status.Nodes["n1"] = v1.NodeDown
+	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &unstructured.Unstructured{Object: m}
+	u.SetGroupVersionKind(v1.GroupVersion.WithKind("NetworkGatewayGroup"))
+	if _, err := cl.dyn.Resource(kube.GatewayGVR).Namespace(g.Namespace).UpdateStatus(context.Background(), u, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// The API answers reads again (the reflector still waits).
+	for _, obj := range c.gateways.List() {
+		if cached := obj.(*v1.NetworkGatewayGroup); cached.Status.Nodes["n1"] != v1.NodeUp {
+			t.Fatalf("the cache caught up (n1 %q): the test would prove nothing", cached.Status.Nodes["n1"])
+		}
+	}
+	c.mustReconcile(t)
+	if g := cl.gateway(t, "gw"); g.Status.Nodes["n1"] != v1.NodeUp {
+		t.Fatalf("the leader decided from its stale cache: n1 still %q in the API", g.Status.Nodes["n1"])
 	}
 }

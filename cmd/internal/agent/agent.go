@@ -15,6 +15,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -188,6 +189,10 @@ type agent struct {
 	// saved: the text last written to each StateDir file, by file name
 	// (only the sync loop, after guardAtStart).
 	saved map[string]string
+	// podsFreshUntil (unix nanoseconds): until then, after the pods'
+	// watch failed or started again, every sync also reads this node's
+	// pods from the API (freshLocalPods).
+	podsFreshUntil atomic.Int64
 	// checks: the conntrack checks running in the background.
 	checks sync.WaitGroup
 }
@@ -671,8 +676,12 @@ func (a *agent) staleCustom() bool {
 // or the policies' cache may be behind the API, until ctx ends.
 func (a *agent) refreshWhileStale(ctx context.Context) {
 	a.every(ctx, staleRefresh, func() {
-		if a.staleCustom() && a.synced.Load() {
+		switch {
+		case !a.synced.Load():
+		case a.staleCustom():
 			a.recompute()
+		case a.podsFresh():
+			a.kick() // the sync reads this node's pods from the API
 		}
 	})
 }
@@ -706,8 +715,59 @@ func (a *agent) watchChanged(informer string, stale bool, err error, since time.
 	default:
 		a.log.Info("watching again", zap.String("informer", informer), zap.Duration("after", time.Since(since)))
 	}
+	if informer == "pods" && !quiet {
+		// A watch started again after a failure may still not deliver
+		// (seen for seconds after API server restarts): this node's own
+		// pods are read from the API for a while.
+		a.podsFreshUntil.Store(a.clock.Now().Add(podsFreshWindow).UnixNano())
+	}
 	if !stale && a.synced.Load() {
 		a.recompute()
+	}
+}
+
+// podsFreshWindow: how long after the pods' watch failed or started again
+// every sync also reads this node's pods from the API.
+const podsFreshWindow = 30 * time.Second
+
+// podsFresh reports whether syncs read this node's pods from the API.
+func (a *agent) podsFresh() bool {
+	stale, _ := a.cfg.Clients.Watches.Stale("pods")
+	return stale || a.clock.Now().UnixNano() < a.podsFreshUntil.Load()
+}
+
+// freshLocalPods reads this node's pods from the API and gives the
+// tracker those the cache has otherwise (labels, address, phase) or not
+// at all, and drops from it the node's pods the API no longer has: a label
+// change must reach the node's own rules even while the pods' cache lags
+// (a pod made unselected would go on leaving with the floating IP, one
+// made selected with the node's address). The cache takes over again once
+// it has the same.
+func (a *agent) freshLocalPods(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	list, err := a.cfg.Clients.Core.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + a.cfg.Node})
+	if err != nil {
+		a.log.Debug("this node's pods from the API", zap.Error(err))
+		return
+	}
+	fresh := map[string]bool{}
+	for i := range list.Items {
+		p := &list.Items[i]
+		key := p.Namespace + "/" + p.Name
+		fresh[key] = true
+		want := selectorPod(p)
+		if obj, ok, _ := a.pods.GetByKey(key); ok {
+			if c, isPod := obj.(*corev1.Pod); isPod && reflect.DeepEqual(selectorPod(c), want) {
+				continue
+			}
+		}
+		a.tracker.SetPod(want)
+	}
+	for _, obj := range a.pods.List() {
+		if p, ok := obj.(*corev1.Pod); ok && p.Spec.NodeName == a.cfg.Node && !fresh[p.Namespace+"/"+p.Name] {
+			a.tracker.DeletePod(p.Namespace, p.Name)
+		}
 	}
 }
 
@@ -795,6 +855,9 @@ func (a *agent) sync(ctx context.Context) (err error) {
 		for key := range dirty {
 			a.updatePod(key)
 		}
+	}
+	if a.podsFresh() {
+		a.freshLocalPods(ctx)
 	}
 	st := a.tracker.State()
 	a.holding.Store(len(st.FloatingIPs) > 0)

@@ -13,6 +13,7 @@ import (
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/selector"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
@@ -437,6 +438,87 @@ func TestStaleGroupsReadFromAPI(t *testing.T) {
 	mu.Unlock()
 	eventually(t, "the groups' cache current", func() bool { return !stale() })
 	eventually(t, "the cache holds gw-b's IP", func() bool { return a.cachedHoldings()[netip.MustParseAddr(fipB)] })
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+}
+
+// TestLocalPodsReadWhileWatchLags: after the pods' watch failed, a watch
+// that starts again may still not deliver (seen for seconds after API
+// server restarts). For a while every sync reads this node's pods from the
+// API: a label change that makes a pod unselected reaches the node's rules
+// although the cache has not seen it.
+func TestLocalPodsReadWhileWatchLags(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	clients, core, _ := fakeClients(t, cluster()...)
+	clients.Watches = &kube.WatchHealth{}
+	podsGVR := corev1.SchemeGroupVersion.WithResource("pods")
+	var mu sync.Mutex
+	lagging, failures := false, 0
+	var live []watch.Interface
+	core.PrependWatchReactor("pods", func(a clienttesting.Action) (bool, watch.Interface, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if lagging {
+			if failures < 2 {
+				failures++
+				return true, nil, errors.New("dial tcp 192.0.2.1:6443: connect: connection refused")
+			}
+			return true, watch.NewFake(), nil // started, never delivers
+		}
+		w, err := core.Tracker().Watch(podsGVR, a.GetNamespace())
+		live = append(live, w)
+		return true, w, err
+	})
+	dp := &fakeDataplane{}
+	clk := clocktesting.NewFakeClock(epoch)
+	a := newAgent(testConfig(t, clients, dp), clk)
+	a.fence.readyz = (&fakeAPI{up: true}).readyz
+	done := make(chan error, 1)
+	go func() { done <- a.run(ctx) }()
+	source := func(ip netip.Addr) bool {
+		st, ok := dp.last()
+		if !ok {
+			return false
+		}
+		for _, p := range st.Policies {
+			if slices.Contains(p.Sources, ip) {
+				return true
+			}
+		}
+		return false
+	}
+	eventually(t, "web-1 selected", func() bool { return source(web1IP) })
+
+	// The API server restarts: the watch ends, fails, and starts again,
+	// lagging.
+	mu.Lock()
+	lagging = true
+	for _, w := range live {
+		w.Stop()
+	}
+	mu.Unlock()
+	eventually(t, "the pods' watch started again", func() bool {
+		stale, _ := clients.Watches.Stale("pods")
+		return !stale && a.podsFresh()
+	})
+	pod, err := core.CoreV1().Pods("app").Get(ctx, "web-1", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod.Labels = map[string]string{"app": "db"}
+	if _, err := core.CoreV1().Pods("app").Update(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if obj, ok, _ := a.pods.GetByKey("app/web-1"); !ok || obj.(*corev1.Pod).Labels["app"] != "web" {
+		t.Fatal("the cache saw the change without a watch")
+	}
+	eventually(t, "web-1 unselected from a fresh read", func() bool {
+		clk.Step(staleRefresh)
+		return !source(web1IP)
+	})
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("run: %v", err)

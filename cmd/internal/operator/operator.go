@@ -32,6 +32,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
@@ -704,32 +705,27 @@ func (c *Controller) warnSubnets(n *corev1.Node, ignored []selector.IgnoredSubne
 // be refused (409) where it writes: a node's status would stay Down, an
 // IP on its old holder, until the watch came back.
 func (c *Controller) groupObjects(ctx context.Context) []*v1.NetworkGatewayGroup {
-	if stale, _ := c.cfg.Clients.Watches.Stale(kube.GatewayGVR.Resource); stale {
-		objs, err := kube.ListFresh[v1.NetworkGatewayGroup](ctx, c.cfg.Clients, kube.GatewayGVR)
-		if err == nil {
-			return objs
-		}
-		c.cfg.Log.Debug("gateway groups from the API", zap.Error(err))
-	}
-	var objs []*v1.NetworkGatewayGroup
-	for _, obj := range c.gateways.List() {
-		objs = append(objs, obj.(*v1.NetworkGatewayGroup))
-	}
-	return objs
+	return decideFrom[v1.NetworkGatewayGroup](ctx, c, kube.GatewayGVR, c.gateways)
 }
 
 // policyObjects returns the policies as groupObjects the groups.
 func (c *Controller) policyObjects(ctx context.Context) []*v1.EgressNATPolicy {
-	if stale, _ := c.cfg.Clients.Watches.Stale(kube.PolicyGVR.Resource); stale {
-		objs, err := kube.ListFresh[v1.EgressNATPolicy](ctx, c.cfg.Clients, kube.PolicyGVR)
+	return decideFrom[v1.EgressNATPolicy](ctx, c, kube.PolicyGVR, c.policies)
+}
+
+// decideFrom returns the objects of gvr from the informer's cache, or from
+// the API server while that cache may be behind it.
+func decideFrom[T any](ctx context.Context, c *Controller, gvr schema.GroupVersionResource, cached cache.Store) []*T {
+	if stale, _ := c.cfg.Clients.Watches.Stale(gvr.Resource); stale {
+		objs, err := kube.ListFresh[T](ctx, c.cfg.Clients, gvr)
 		if err == nil {
 			return objs
 		}
-		c.cfg.Log.Debug("policies from the API", zap.Error(err))
+		c.cfg.Log.Debug("read from the API while its watch is down", zap.String("resource", gvr.Resource), zap.Error(err))
 	}
-	var objs []*v1.EgressNATPolicy
-	for _, obj := range c.policies.List() {
-		objs = append(objs, obj.(*v1.EgressNATPolicy))
+	var objs []*T
+	for _, obj := range cached.List() {
+		objs = append(objs, obj.(*T))
 	}
 	return objs
 }

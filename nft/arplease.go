@@ -333,8 +333,8 @@ func (a *arpLease) fresh(ip netip.Addr) bool {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	t, ok := a.leases[ip]
-	return ok && slices.Contains(a.held, ip) && time.Since(t) < a.cfg.ARPLease
+	t, ok := a.leases[ip] // only held IPs have one
+	return ok && time.Since(t) < a.cfg.ARPLease
 }
 
 // arpState is what readLocked found.
@@ -485,7 +485,7 @@ func (a *arpLease) remove() (bool, error) {
 		a.dropConnLocked()
 		return false, fmt.Errorf("list arp tables: %w", err)
 	}
-	a.held, a.loaded = nil, true
+	a.held, a.loaded, a.leases = nil, true, nil
 	if !slices.ContainsFunc(tables, func(t *nftables.Table) bool { return t.Name == a.cfg.Table }) {
 		return false, nil
 	}

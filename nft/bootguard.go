@@ -46,13 +46,7 @@ func (d *Dataplane) Guard(ctx context.Context, internal, dests []netip.Prefix) (
 	if err != nil {
 		return false, fmt.Errorf("invalid state: %w", err)
 	}
-	var ds []netip.Prefix
-	for _, p := range dests {
-		if p.IsValid() && p.Addr().Unmap().Is4() {
-			ds = append(ds, netip.PrefixFrom(p.Addr().Unmap(), p.Bits()).Masked())
-		}
-	}
-	n.dests[setBootDests] = mergeOverlaps(prefixRanges(ds))
+	n.dests[setBootDests] = mergeOverlaps(prefixRanges(ipv4Prefixes(dests)))
 	want := desiredNFT{state: st, marks: map[netip.Addr]int{}, sources: n.sources, dests: n.dests, jumps: preSrcTargets(st), bootGuard: true}
 	plan := d.nf.plan(ks, want)
 	d.nf.cache = nil // the first Apply reads the kernel

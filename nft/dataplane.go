@@ -554,9 +554,9 @@ func isGateway(st selector.NodeState) bool {
 // covers.
 func rpPrefixes(excluded []netip.Prefix) []netip.Prefix {
 	var ps []netip.Prefix
-	for _, p := range excluded {
-		if p.IsValid() && p.Addr().Unmap().Is4() && p.Bits() < 32 {
-			ps = append(ps, netip.PrefixFrom(p.Addr().Unmap(), p.Bits()).Masked())
+	for _, p := range ipv4Prefixes(excluded) {
+		if p.Bits() < 32 {
+			ps = append(ps, p)
 		}
 	}
 	slices.SortFunc(ps, func(a, b netip.Prefix) int {
@@ -572,6 +572,18 @@ func rpPrefixes(excluded []netip.Prefix) []netip.Prefix {
 		}
 	}
 	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	return out
+}
+
+// ipv4Prefixes returns the valid IPv4 prefixes of ps (an IPv4-mapped
+// address unmapped), masked; the others are left out.
+func ipv4Prefixes(ps []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range ps {
+		if q := netip.PrefixFrom(p.Addr().Unmap(), p.Bits()); p.IsValid() && q.IsValid() && q.Addr().Is4() {
+			out = append(out, q.Masked())
+		}
+	}
 	return out
 }
 

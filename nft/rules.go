@@ -291,6 +291,17 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 		s := set(name)
 		return &expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID}
 	}
+	// reroutedHere: ip saddr @src iifname <oif> fib daddr type != local,
+	// a packet from a cluster source another node rerouted here.
+	reroutedHere := func() []expr.Any {
+		return []expr.Any{
+			loadAddr(12), lookup(r.src),
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.oif)},
+			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+		}
+	}
 	match := func() []expr.Any {
 		var out []expr.Any
 		if r.src != "" {
@@ -352,15 +363,10 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 			&expr.Verdict{Kind: expr.VerdictDrop},
 		}
 	case ruleBootGuard:
-		return []expr.Any{
-			loadAddr(12), lookup(r.src),
-			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.oif)},
-			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+		return append(reroutedHere(),
 			&expr.Counter{},
 			&expr.Verdict{Kind: expr.VerdictDrop},
-		}
+		)
 	case ruleBootGuardPods:
 		return []expr.Any{
 			loadAddr(12), lookup(r.src),
@@ -369,13 +375,7 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 			&expr.Verdict{Kind: expr.VerdictDrop},
 		}
 	case ruleRPMark:
-		return append([]expr.Any{
-			loadAddr(12), lookup(r.src),
-			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.oif)},
-			&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
-		}, setMark(^r.mask, r.mark&r.mask)...)
+		return append(reroutedHere(), setMark(^r.mask, r.mark&r.mask)...)
 	case ruleRPUnmark:
 		return slices.Concat(loadMark(r.mask, 0),
 			[]expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.mark & r.mask)}},
@@ -528,9 +528,7 @@ func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, j
 	}
 	// A gateway marks what other nodes reroute to it for the reverse-path
 	// check, and clears the mark again first thing in postrouting.
-	if idx := selector.RPMarkIndex(cfg.MarkMask); idx != 0 && slices.ContainsFunc(st.Policies, func(p selector.PolicyState) bool {
-		return p.Mode == selector.ModeGateway
-	}) {
+	if idx := selector.RPMarkIndex(cfg.MarkMask); idx != 0 && isGateway(st) {
 		rpMark := selector.MarkValue(cfg.MarkMask, idx)
 		out[chainPrerouting] = append(out[chainPrerouting],
 			rule{chain: chainPrerouting, kind: ruleRPMark, comment: rpMarkComment, src: setInternal, oif: cfg.Uplink, mask: cfg.MarkMask, mark: rpMark})

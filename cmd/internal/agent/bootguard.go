@@ -104,13 +104,27 @@ type Guarder interface {
 // A damaged file is reported and the rest is used. installed reports
 // whether a table was created.
 func BootGuard(ctx context.Context, dp Guarder, stateDir string, extra []netip.Prefix) (installed bool, err error) {
+	installed, _, err = bootGuard(ctx, dp, stateDir, extra)
+	return installed, err
+}
+
+// bootGuard is BootGuard; read also returns the text of each saved list it
+// read whole, by file name.
+func bootGuard(ctx context.Context, dp Guarder, stateDir string, extra []netip.Prefix) (installed bool, read map[string]string, err error) {
+	read = map[string]string{}
 	saved, errNets := loadNetworks(stateDir, networksFile)
+	if errNets == nil {
+		read[networksFile] = formatNetworks(saved)
+	}
 	dests, errDests := loadNetworks(stateDir, destsFile)
+	if errDests == nil {
+		read[destsFile] = formatNetworks(dests)
+	}
 	installed, err = dp.Guard(ctx, slices.Concat(saved, extra), dests)
 	if err != nil {
 		err = fmt.Errorf("install the guard table: %w", err)
 	}
-	return installed, errors.Join(err, errNets, errDests)
+	return installed, read, errors.Join(err, errNets, errDests)
 }
 
 // SavedUplink returns the uplink of the last apply saved in stateDir; ""
@@ -132,15 +146,11 @@ func SavedUplink(stateDir string) (string, error) {
 // guardAtStart installs the guard table when the node has none (a reboot,
 // a flushed ruleset), from the saved cluster networks and the flags'.
 func (a *agent) guardAtStart(ctx context.Context) {
-	if _, err := BootGuard(ctx, a.cfg.Dataplane, a.cfg.StateDir, slices.Concat(a.cfg.PodCIDRs, a.cfg.ServiceCIDRs)); err != nil {
+	_, read, err := bootGuard(ctx, a.cfg.Dataplane, a.cfg.StateDir, slices.Concat(a.cfg.PodCIDRs, a.cfg.ServiceCIDRs))
+	if err != nil {
 		a.log.Error("guard at start", zap.Error(err))
 	}
-	a.saved = map[string]string{}
-	for _, f := range []string{networksFile, destsFile} {
-		if nets, err := loadNetworks(a.cfg.StateDir, f); err == nil {
-			a.saved[f] = formatNetworks(nets)
-		}
-	}
+	a.saved = read
 	if up, err := SavedUplink(a.cfg.StateDir); err == nil && up != "" {
 		a.saved[uplinkFile] = up + "\n"
 	}

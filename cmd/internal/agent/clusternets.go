@@ -105,14 +105,13 @@ func (a *agent) refreshClusterNets(ctx context.Context) bool {
 	}
 	// A listing the API server answered replaces the last one (also with
 	// nothing: NotFound, Forbidden); one that could not reach it keeps it.
-	for what, got := range map[string]struct {
-		nets []netip.Prefix
-		err  error
-	}{epsWhat: {fromEPs, epsErr}, cidrsWhat: {fromCIDRs, cidrsErr}} {
-		if got.err == nil || apierrors.IsNotFound(got.err) || apierrors.IsForbidden(got.err) {
-			a.nets.last[what] = got.nets
+	keep := func(what string, nets []netip.Prefix, err error) {
+		if err == nil || apierrors.IsNotFound(err) || apierrors.IsForbidden(err) {
+			a.nets.last[what] = nets
 		}
 	}
+	keep(epsWhat, fromEPs, epsErr)
+	keep(cidrsWhat, fromCIDRs, cidrsErr)
 	nets := slices.Concat(a.nets.last[epsWhat], a.nets.last[cidrsWhat])
 	sortPrefixes(nets)
 	if slices.Equal(a.nets.nets, nets) {

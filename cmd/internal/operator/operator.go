@@ -696,7 +696,6 @@ func (c *Controller) warnSubnets(n *corev1.Node, ignored []selector.IgnoredSubne
 	c.recorder.Event(ref, corev1.EventTypeWarning, "UplinkSubnetIgnored", msg)
 }
 
-// groupObjects returns the groups of the cache.
 // groupObjects returns the groups from the cache; from the API server
 // while the cache may be behind it (its watch failed or ended and has not
 // started again: client-go waits up to 30 s before it lists again after

@@ -35,9 +35,14 @@ deps:
 	$(GO) mod download
 	cd test/tools/kube && $(GO) mod download
 
-# kube-binaries builds and caches kube-apiserver and kubectl (minutes, once).
+# kube-binaries builds and caches kube-apiserver and kubectl (minutes, once);
+# kube-proxy too for the targets that run it.
 kube-binaries: deps
 	$(GO) run ./test/apiserver/cmd/kube-binaries
+
+.PHONY: kube-proxy
+kube-proxy: deps
+	$(GO) run ./test/apiserver/cmd/kube-binaries -kube-proxy
 
 vet:
 	$(GO) vet ./...
@@ -52,9 +57,27 @@ test-unit:
 # test runs every tier, one package at a time (the lab tests measure timing
 # and must not share two cores): vet, unit tests, generated-file freshness,
 # the real API server tests, the kernel tests in network namespaces, the lab
-# end-to-end and failover tests.
-test: deps kube-binaries build vet
+# end-to-end (on the default lab: routed /32 pods, loose rp_filter,
+# iptables-nft masquerade, kube-proxy in nftables mode) and failover
+# tests; then the end-to-end suite again on every lab mode of E2E_MATRIX.
+test: deps kube-binaries kube-proxy build vet
 	$(GO) test -count=1 -p 1 -timeout 40m ./...
+	$(MAKE) --no-print-directory e2e-matrix
+
+# E2E_MATRIX: the lab modes the end-to-end suite also runs on in make test
+# (test/cluster.ParseMode: pod network, rp_filter, CNI masquerade, MTUs,
+# kube-proxy mode). Each takes about 80 s on 2 cores.
+E2E_MATRIX ?= overlay/strict/iptables-nft/kp-iptables \
+	overlay/strict/nft/kp-nftables \
+	routed/strict/iptables-legacy/mtu1450/podmtu1500/kp-iptables \
+	overlay/off/iptables-legacy/mtu1450/kp-nftables
+
+.PHONY: e2e-matrix
+e2e-matrix: deps kube-binaries kube-proxy build
+	@for m in $(E2E_MATRIX); do \
+		echo "e2e on lab mode $$m"; \
+		EGRESSNAT_E2E_MODE=$$m $(GO) test -count=1 -timeout 15m ./test/e2e/ || exit 1; \
+	done
 
 demo: deps kube-binaries build
 	$(GO) run ./test/cluster/cmd/demo $(DEMO_FLAGS)
@@ -95,6 +118,5 @@ bench-scale: deps kube-binaries build
 # behind; one line per object, last `badinput tried=<n> harmed=<k>`, exit 1
 # when k > 0. Subsets: make badinput BADINPUT_FLAGS="-only floating-ip -v".
 .PHONY: badinput
-badinput: deps kube-binaries
-	$(GO) run ./test/apiserver/cmd/kube-binaries -kube-proxy
+badinput: deps kube-binaries kube-proxy
 	$(GO) run ./test/badinput $(BADINPUT_FLAGS)

@@ -1,6 +1,7 @@
 package nft
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -182,14 +183,25 @@ func normalizeState(st selector.NodeState) (*normalized, error) {
 		}
 		n.dests[dstSetName(p.Name)] = mergeOverlaps(prefixRanges(dsts))
 	}
-	var excluded []netip.Prefix
-	for _, e := range st.Excluded {
-		if !e.IsValid() || !e.Addr().Unmap().Is4() {
-			return nil, fmt.Errorf("excluded destination %s is not ipv4", e)
-		}
-		excluded = append(excluded, netip.PrefixFrom(e.Addr().Unmap(), e.Bits()))
+	excluded, err := ipv4Only("excluded destination", st.Excluded)
+	if err != nil {
+		return nil, err
 	}
 	n.dests[setInternal] = mergeOverlaps(prefixRanges(excluded))
+	var held []ipRange
+	for _, p := range st.Policies {
+		held = append(held, n.dests[dstSetName(p.Name)]...)
+	}
+	slices.SortFunc(held, compareRange)
+	n.dests[setHeldDests] = mergeOverlaps(held)
+	podNets, err := ipv4Only("pod network", st.PodNetworks)
+	if err != nil {
+		return nil, err
+	}
+	n.dests[setPodNets] = mergeOverlaps(prefixRanges(podNets))
+	if n.sources[setKnown], err = normalizeSources(selector.PolicyState{Name: "known pods", Sources: st.LocalPods}); err != nil {
+		return nil, err
+	}
 	for _, f := range st.FloatingIPs {
 		if !f.IsValid() || !f.Addr().Unmap().Is4() {
 			return nil, fmt.Errorf("floating ip %s is not ipv4", f)
@@ -200,6 +212,18 @@ func normalizeState(st selector.NodeState) (*normalized, error) {
 	n.floating = slices.CompactFunc(n.floating, func(a, b netip.Prefix) bool { return a.Addr() == b.Addr() })
 	n.state = st
 	return n, nil
+}
+
+// ipv4Only returns ps unmapped, or an error naming what (a non-IPv4 prefix).
+func ipv4Only(what string, ps []netip.Prefix) ([]netip.Prefix, error) {
+	out := make([]netip.Prefix, 0, len(ps))
+	for _, e := range ps {
+		if !e.IsValid() || !e.Addr().Unmap().Is4() {
+			return nil, fmt.Errorf("%s %s is not ipv4", what, e)
+		}
+		out = append(out, netip.PrefixFrom(e.Addr().Unmap(), e.Bits()))
+	}
+	return out, nil
 }
 
 // mergeOverlaps joins overlapping ranges (interval sets reject overlaps);
@@ -420,7 +444,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	// gateway, the reverse-path table for the traffic rerouted here.
 	routes := wanted{marks: marks}
 	if isGateway(st) {
-		routes.rp = rpPrefixes(st.Excluded)
+		routes.rp, routes.reply = rpRoutes(st), replyRoutes(st)
 	}
 	if err := d.rt.add(h, rs, routes, uplinkIndex, res); err != nil {
 		return err
@@ -441,6 +465,9 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		d.nf.policies[srcSetName(p.Name)] = p.Name
 	}
 	for _, name := range slices.Sorted(maps.Keys(plan.sourceChanges)) {
+		if !strings.HasPrefix(name, srcPrefix) {
+			continue // the known pods
+		}
 		policy, ok := d.nf.policies[name]
 		if !ok {
 			policy = strings.TrimPrefix(name, srcPrefix) // removed policy: its set key
@@ -546,6 +573,31 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 // reroute here is SNATed here.
 func isGateway(st selector.NodeState) bool {
 	return slices.ContainsFunc(st.Policies, func(p selector.PolicyState) bool { return p.Mode == selector.ModeGateway })
+}
+
+// rpRoutes are the routes of the reverse-path table: the cluster networks
+// on the uplink (rpPrefixes), for the reverse-path check only.
+func rpRoutes(st selector.NodeState) []rpRoute {
+	var out []rpRoute
+	for _, p := range rpPrefixes(st.Excluded) {
+		out = append(out, rpRoute{dst: p})
+	}
+	return out
+}
+
+// replyRoutes are the routes of the reply table: the other nodes' pod
+// CIDRs via those nodes (NodeState.ReturnRoutes), for the replies to the
+// traffic they reroute here.
+func replyRoutes(st selector.NodeState) []rpRoute {
+	var out []rpRoute
+	for _, r := range st.ReturnRoutes {
+		if r.Dst.IsValid() && r.Dst.Bits() > 0 && r.Dst.Addr().Unmap().Is4() && r.Via.Unmap().Is4() {
+			out = append(out, rpRoute{dst: netip.PrefixFrom(r.Dst.Addr().Unmap(), r.Dst.Bits()).Masked(), via: r.Via.Unmap()})
+		}
+	}
+	slices.SortFunc(out, func(a, b rpRoute) int { return cmp.Or(a.dst.Addr().Compare(b.dst.Addr()), a.dst.Bits()-b.dst.Bits()) })
+	// One route per prefix (the table holds one).
+	return slices.CompactFunc(out, func(a, b rpRoute) bool { return a.dst == b.dst })
 }
 
 // rpPrefixes are the routes of the reverse-path table: the cluster

@@ -18,7 +18,8 @@ import (
 // whole table (see applySources). Everything else takes the full path.
 
 // shapeOf copies what the incremental path compares of a state: all but the
-// policies' sources, whose content the cache holds (nftState.sources).
+// policies' sources and the local pods, whose content the cache holds
+// (nftState.sources).
 func shapeOf(st selector.NodeState) *selector.NodeState {
 	out := &selector.NodeState{
 		Policies:    make([]selector.PolicyState, len(st.Policies)),
@@ -26,6 +27,8 @@ func shapeOf(st selector.NodeState) *selector.NodeState {
 		Excluded:    slices.Clone(st.Excluded),
 
 		ClusterFloatingIPs: slices.Clone(st.ClusterFloatingIPs),
+		PodNetworks:        slices.Clone(st.PodNetworks),
+		ReturnRoutes:       slices.Clone(st.ReturnRoutes),
 	}
 	for i, p := range st.Policies {
 		p.Sources = nil
@@ -37,9 +40,10 @@ func shapeOf(st selector.NodeState) *selector.NodeState {
 }
 
 // sameShape reports whether st differs from the applied shape at most in
-// its policies' sources.
+// its policies' sources and its local pods.
 func sameShape(applied *selector.NodeState, st selector.NodeState) bool {
 	if len(applied.Policies) != len(st.Policies) ||
+		!slices.Equal(applied.PodNetworks, st.PodNetworks) || !slices.Equal(applied.ReturnRoutes, st.ReturnRoutes) ||
 		!slices.Equal(applied.FloatingIPs, st.FloatingIPs) || !slices.Equal(applied.Excluded, st.Excluded) || !slices.Equal(applied.ClusterFloatingIPs, st.ClusterFloatingIPs) {
 		return false
 	}
@@ -110,16 +114,34 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 			changes = append(changes, change{policy: p, set: name, now: now, added: added, removed: removed})
 		}
 	}
+	// The known pods: a set like a policy's sources, read by one rule,
+	// with no dispatch entry and no conntrack to clean (a held packet's
+	// flow was never confirmed).
+	var known *change
+	if have, ok := ks.sources[setKnown]; ok && !slices.Equal(have, st.LocalPods) {
+		now, err := normalizeSources(selector.PolicyState{Name: "known pods", Sources: st.LocalPods})
+		if err != nil {
+			return true, fmt.Errorf("invalid state: %w", err)
+		}
+		if added, removed := diffAddrs(have, now); len(added)+len(removed) > 0 {
+			known = &change{set: setKnown, now: now, added: added, removed: removed}
+		}
+	} else if !ok {
+		return false, nil
+	}
 	total := 0
 	for _, c := range changes {
 		total += len(c.added) + len(c.removed)
+	}
+	if known != nil {
+		total += len(known.added) + len(known.removed)
 	}
 	if total > maxBatchElements/2 {
 		// More than a transaction: the full path orders big changes
 		// (sets filled before rules read them, map entries moved in place).
 		return false, nil
 	}
-	if len(changes) == 0 {
+	if len(changes) == 0 && known == nil {
 		res.Incremental = true
 		return true, nil
 	}
@@ -193,14 +215,16 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		}
 	}
 	res.Incremental = true
-	for set, a := range fresh {
-		ks.sources[set] = a
+	sets := changes
+	if known != nil {
+		sets = append(slices.Clip(changes), *known)
+		fresh[setKnown] = known.now
 	}
 
 	// Additions, the map, then removals: usually one transaction (the
 	// change is at most half a batch), and additions first in any case.
 	var adds, dels []step
-	for _, c := range changes {
+	for _, c := range sets {
 		if ks.sets[c.set] == nil {
 			d.nf.cache = nil
 			return false, nil
@@ -224,6 +248,9 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 	res.Transactions = n
 	if err != nil {
 		return true, err
+	}
+	for set, a := range fresh {
+		ks.sources[set] = a
 	}
 	for a := range affected {
 		delete(jumps, a)

@@ -280,7 +280,10 @@ func setDefs(st selector.NodeState) []setDef {
 	}
 	return append(out, setDef{name: setFloating, comment: "floating IPs added by egressnat"},
 		setDef{name: setInternal, kind: kindInterval, comment: "cluster-internal destinations: never steered"},
-		setDef{name: setPreSrc, kind: kindVerdict, comment: "sources of reroute and drop policies -> their chain"})
+		setDef{name: setPreSrc, kind: kindVerdict, comment: "sources of reroute and drop policies -> their chain"},
+		setDef{name: setKnown, comment: "this node's pods egressnat knows"},
+		setDef{name: setPodNets, kind: kindInterval, comment: "pod networks"},
+		setDef{name: setHeldDests, kind: kindInterval, comment: "every policy's destinations: held from pods egressnat does not know yet"})
 }
 
 // plan computes the ordered changes from ks to want: new sets, additions,
@@ -563,6 +566,9 @@ func rebuildStep(p *nftPlan, ks *nftState, want desiredNFT, chains map[string]ch
 		for _, r := range p.wantRules[name] {
 			if n, ok := use[r.src]; ok {
 				r.src = n
+			}
+			if n, ok := use[r.known]; ok {
+				r.known = n
 			}
 			s.ops = append(s.ops, Op{Verb: VerbAdd, rule: &r})
 			s.bytes += bytesRule

@@ -83,7 +83,9 @@ func TestPlanText(t *testing.T) {
 		{Name: "web", Sources: addrList("10.244.1.2", "10.244.1.3"), Destinations: []netip.Prefix{p("198.51.100.0/24"), p("203.0.113.128/25")},
 			Written: []netip.Prefix{p("198.51.100.0/24"), p("203.0.113.128/25")}, Created: t0.Add(time.Hour),
 			Mode: selector.ModeReroute, EgressIP: a("192.0.2.101"), NextHop: a("192.0.2.12")},
-	}, Excluded: []netip.Prefix{p("10.96.0.0/12"), p("10.244.0.0/16")}}
+	}, Excluded: []netip.Prefix{p("10.96.0.0/12"), p("10.244.0.0/16")},
+		LocalPods: addrList("10.244.1.2", "10.244.1.3", "10.244.1.9"), PodNetworks: []netip.Prefix{p("10.244.0.0/16")},
+		ReturnRoutes: []selector.ReturnRoute{{Dst: p("10.244.2.0/24"), Via: a("192.0.2.12")}}}
 	got := change(t, nf, st, false).String()
 	want := `add table ip egressnat
 add set ip egressnat src-gw { type ipv4_addr; comment "sources of policy gw"; }
@@ -93,11 +95,17 @@ add set ip egressnat dst-web { type ipv4_addr; flags interval; comment "destinat
 add set ip egressnat floating { type ipv4_addr; comment "floating IPs added by egressnat"; }
 add set ip egressnat internal { type ipv4_addr; flags interval; comment "cluster-internal destinations: never steered"; }
 add set ip egressnat pre-src { type ipv4_addr : verdict; comment "sources of reroute and drop policies -> their chain"; }
+add set ip egressnat known-pods { type ipv4_addr; comment "this node's pods egressnat knows"; }
+add set ip egressnat pod-nets { type ipv4_addr; flags interval; comment "pod networks"; }
+add set ip egressnat held-dests { type ipv4_addr; flags interval; comment "every policy's destinations: held from pods egressnat does not know yet"; }
 add element ip egressnat src-gw { 10.244.1.2, 10.244.2.2 }
 add element ip egressnat dst-gw { 203.0.113.0-203.0.113.255 }
 add element ip egressnat src-web { 10.244.1.2, 10.244.1.3 }
 add element ip egressnat dst-web { 198.51.100.0-198.51.100.255, 203.0.113.128-203.0.113.255 }
 add element ip egressnat internal { 10.96.0.0-10.111.255.255, 10.244.0.0-10.244.255.255 }
+add element ip egressnat known-pods { 10.244.1.2, 10.244.1.3, 10.244.1.9 }
+add element ip egressnat pod-nets { 10.244.0.0-10.244.255.255 }
+add element ip egressnat held-dests { 198.51.100.0-198.51.100.255, 203.0.113.0-203.0.113.255 }
 add chain ip egressnat multi
 add chain ip egressnat postrouting { type nat hook postrouting priority 99; policy accept; }
 add chain ip egressnat pp-web
@@ -113,9 +121,11 @@ add rule ip egressnat pp-web ip daddr @dst-web counter meta mark set meta mark &
 add element ip egressnat pre-src { 10.244.1.2 : jump multi, 10.244.1.3 : jump pp-web }
 add chain ip egressnat prerouting { type filter hook prerouting priority -150; policy accept; }
 add rule ip egressnat prerouting ip daddr @floating ct state new counter drop comment "floating IPs are egress-only: no new inbound flows"
+add rule ip egressnat prerouting ct direction reply ct mark & 0x00003f00 == 0x00003f00 meta mark set meta mark & 0xffffc0ff | 0x00003e00 comment "reply to traffic rerouted here: back by the uplink to the node that sent it"
 add rule ip egressnat prerouting ct direction reply return comment "only the original direction of a connection is steered"
 add rule ip egressnat prerouting ip daddr @internal return comment "cluster-internal destinations are never steered"
-add rule ip egressnat prerouting ip saddr @internal iifname "eth0" fib daddr type != local meta mark set meta mark & 0xffffc0ff | 0x00003f00 comment "rerouted here: reverse-path check by the uplink (src_valid_mark)"
+add rule ip egressnat prerouting ip saddr @internal iifname "eth0" fib daddr type != local meta mark set meta mark & 0xffffc0ff | 0x00003f00 ct mark set ct mark & 0xffffc0ff | 0x00003f00 comment "rerouted here: reverse-path check by the uplink (src_valid_mark)"
+add rule ip egressnat prerouting iifname != "eth0" ip saddr @pod-nets ip saddr != @known-pods ip daddr @held-dests counter drop comment "a pod egressnat does not know yet, to a policy destination: held until it does"
 add rule ip egressnat prerouting ip saddr vmap @pre-src comment "sources of reroute and drop policies: jump to their chain"
 `
 	if got != want {
@@ -137,14 +147,19 @@ chain pp-web
   ip daddr @dst-web counter meta mark set meta mark & 0xffffc0ff | 0x00000100 comment "policy web: reroute via 192.0.2.12 mark 0x100"
 chain prerouting
   ip daddr @floating ct state new counter drop comment "floating IPs are egress-only: no new inbound flows"
+  ct direction reply ct mark & 0x00003f00 == 0x00003f00 meta mark set meta mark & 0xffffc0ff | 0x00003e00 comment "reply to traffic rerouted here: back by the uplink to the node that sent it"
   ct direction reply return comment "only the original direction of a connection is steered"
   ip daddr @internal return comment "cluster-internal destinations are never steered"
-  ip saddr @internal iifname "eth0" fib daddr type != local meta mark set meta mark & 0xffffc0ff | 0x00003f00 comment "rerouted here: reverse-path check by the uplink (src_valid_mark)"
+  ip saddr @internal iifname "eth0" fib daddr type != local meta mark set meta mark & 0xffffc0ff | 0x00003f00 ct mark set ct mark & 0xffffc0ff | 0x00003f00 comment "rerouted here: reverse-path check by the uplink (src_valid_mark)"
+  iifname != "eth0" ip saddr @pod-nets ip saddr != @known-pods ip daddr @held-dests counter drop comment "a pod egressnat does not know yet, to a policy destination: held until it does"
   ip saddr vmap @pre-src comment "sources of reroute and drop policies: jump to their chain"
 set dst-gw { 203.0.113.0-203.0.113.255 }
 set dst-web { 198.51.100.0-198.51.100.255, 203.0.113.128-203.0.113.255 }
 set floating {  }
+set held-dests { 198.51.100.0-198.51.100.255, 203.0.113.0-203.0.113.255 }
 set internal { 10.96.0.0-10.111.255.255, 10.244.0.0-10.244.255.255 }
+set known-pods { 10.244.1.2, 10.244.1.3, 10.244.1.9 }
+set pod-nets { 10.244.0.0-10.244.255.255 }
 set pre-src { 10.244.1.2 : jump multi, 10.244.1.3 : jump pp-web }
 set src-gw { 10.244.1.2, 10.244.2.2 }
 set src-web { 10.244.1.2, 10.244.1.3 }

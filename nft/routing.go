@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -142,33 +143,69 @@ func (rt routing) rpIndex() int { return selector.RPMarkIndex(rt.cfg.MarkMask) }
 // rpMark in prerouting, src_valid_mark on the uplink) finds for its
 // source. Only the check uses it: a packet rerouted here goes to an
 // outside destination, which no route of this table covers.
-func (rt routing) wantRPRoute(p netip.Prefix, uplinkIndex int) *netlink.Route {
-	return &netlink.Route{
+//
+// The reply table's routes have a next hop (via) and are used for
+// forwarding: the replies to traffic rerouted here (marked in prerouting,
+// ruleRPReply) go back to the node that sent it by the uplink.
+func (rt routing) wantRPRoute(idx int, p rpRoute, uplinkIndex int) *netlink.Route {
+	r := &netlink.Route{
 		Family:    netlink.FAMILY_V4,
-		Table:     rt.tableFor(rt.rpIndex()),
-		Dst:       &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), 32)},
+		Table:     rt.tableFor(idx),
+		Dst:       &net.IPNet{IP: net.IP(p.dst.Addr().AsSlice()), Mask: net.CIDRMask(p.dst.Bits(), 32)},
 		LinkIndex: uplinkIndex,
 		Scope:     netlink.SCOPE_LINK,
 		Type:      unix.RTN_UNICAST,
 		Protocol:  unix.RTPROT_STATIC,
 	}
+	if p.via.IsValid() {
+		r.Gw, r.Scope = net.IP(p.via.AsSlice()), netlink.SCOPE_UNIVERSE
+	}
+	return r
 }
 
-func rpRouteMatches(r netlink.Route, p netip.Prefix, uplinkIndex int) bool {
-	if r.Dst == nil || r.Gw != nil || r.LinkIndex != uplinkIndex || r.Src != nil || len(r.MultiPath) != 0 ||
+// rpRoute is a route of the reverse-path table: dst on the uplink, via a
+// node when valid.
+type rpRoute struct {
+	dst netip.Prefix
+	via netip.Addr
+}
+
+func rpRouteMatches(r netlink.Route, p rpRoute, uplinkIndex int) bool {
+	if r.Dst == nil || r.LinkIndex != uplinkIndex || r.Src != nil || len(r.MultiPath) != 0 ||
 		(r.Type != unix.RTN_UNICAST && r.Type != 0) {
+		return false
+	}
+	if gw, _ := netip.AddrFromSlice(r.Gw.To4()); gw.Unmap() != p.via {
 		return false
 	}
 	dst, ok := netip.AddrFromSlice(r.Dst.IP.To4())
 	ones, _ := r.Dst.Mask.Size()
-	return ok && netip.PrefixFrom(dst, ones) == p
+	return ok && netip.PrefixFrom(dst, ones) == p.dst
 }
 
 // wanted is the policy routing an Apply wants: a table per next hop
 // (marks) and the reverse-path table (rp: its prefixes, none without).
 type wanted struct {
 	marks map[netip.Addr]int
-	rp    []netip.Prefix
+	rp    []rpRoute
+	reply []rpRoute
+}
+
+// replyIndex is the mark index of the reply table (0: none with this
+// mask).
+func (rt routing) replyIndex() int { return selector.ReplyMarkIndex(rt.cfg.MarkMask) }
+
+// special are the reverse-path and reply tables a state wants, by mark
+// index, with their routes.
+func (rt routing) special(w wanted) map[int][]rpRoute {
+	out := map[int][]rpRoute{}
+	if idx := rt.rpIndex(); idx != 0 && len(w.rp) > 0 {
+		out[idx] = w.rp
+	}
+	if idx := rt.replyIndex(); idx != 0 && len(w.reply) > 0 {
+		out[idx] = w.reply
+	}
+	return out
 }
 
 // tables maps every wanted table to the test its routes must pass.
@@ -180,9 +217,9 @@ func (rt routing) tables(w wanted, uplinkIndex int) map[int]func(netlink.Route) 
 			return routeMatches(r, nh, uplinkIndex) || isDefault(r.Dst) && r.Priority == 0 && r.Tos == 0
 		}
 	}
-	if len(w.rp) > 0 && rt.rpIndex() != 0 {
-		out[rt.tableFor(rt.rpIndex())] = func(r netlink.Route) bool {
-			return slices.ContainsFunc(w.rp, func(p netip.Prefix) bool { return rpRouteMatches(r, p, uplinkIndex) })
+	for idx, routes := range rt.special(w) {
+		out[rt.tableFor(idx)] = func(r netlink.Route) bool {
+			return slices.ContainsFunc(routes, func(p rpRoute) bool { return rpRouteMatches(r, p, uplinkIndex) })
 		}
 	}
 	return out
@@ -217,19 +254,24 @@ func (rt routing) add(h *netlink.Handle, rs *routeState, w wanted, uplinkIndex i
 			return err
 		}
 	}
-	if idx := rt.rpIndex(); idx != 0 && len(w.rp) > 0 {
+	special := rt.special(w)
+	for _, idx := range slices.Sorted(maps.Keys(special)) {
 		table := rt.tableFor(idx)
-		for _, p := range w.rp {
+		what := "reverse-path check"
+		if idx == rt.replyIndex() {
+			what = "replies to rerouted traffic"
+		}
+		for _, p := range special[idx] {
 			if slices.ContainsFunc(rs.routes[table], func(r netlink.Route) bool { return rpRouteMatches(r, p, uplinkIndex) }) {
 				continue
 			}
-			if err := h.RouteReplace(rt.wantRPRoute(p, uplinkIndex)); err != nil {
-				return fmt.Errorf("add reverse-path route table %d %s: %w", table, p, err)
+			if err := h.RouteReplace(rt.wantRPRoute(idx, p, uplinkIndex)); err != nil {
+				return fmt.Errorf("add route table %d %s via %s: %w", table, p.dst, p.via, err)
 			}
 			res.RoutesChanged++
-			rt.log.Info("reverse-path route added", zap.Int("table", table), zap.Stringer("dst", p))
+			rt.log.Info("route added", zap.Int("table", table), zap.Stringer("dst", p.dst), zap.Stringer("via", p.via), zap.String("for", what))
 		}
-		if err := rt.addRule(h, rs, idx, zap.String("for", "reverse-path check"), res); err != nil {
+		if err := rt.addRule(h, rs, idx, zap.String("for", what), res); err != nil {
 			return err
 		}
 	}

@@ -38,6 +38,13 @@ const (
 	// setBootDests, only in the guard table (Dataplane.Guard): the policy
 	// destinations of the last apply before the node's restart.
 	setBootDests = "boot-dests"
+	// setKnown: this node's pods the agent knows (selector.NodeState.
+	// LocalPods); setPodNets: the pod networks; setHeldDests: every
+	// policy's destinations. A packet from a pod network to a policy
+	// destination whose source is not known is held (ruleHold).
+	setKnown     = "known-pods"
+	setPodNets   = "pod-nets"
+	setHeldDests = "held-dests"
 	// chainMulti holds, in policy order, the rules of every Reroute and
 	// Drop policy, for addresses several policies select.
 	chainMulti = "multi"
@@ -170,6 +177,10 @@ const floatingGuardComment = "floating IPs are egress-only: no new inbound flows
 
 const rpMarkComment = "rerouted here: reverse-path check by the uplink (src_valid_mark)"
 
+const rpReplyComment = "reply to traffic rerouted here: back by the uplink to the node that sent it"
+
+const holdComment = "a pod egressnat does not know yet, to a policy destination: held until it does"
+
 const rpUnmarkComment = "reverse-path mark cleared: not a reroute mark"
 
 // ctStateNew is the ct state bit of a packet that opens a connection.
@@ -251,6 +262,25 @@ const (
 	// the uplink) finds its pod source by the uplink through the
 	// reverse-path table, also under strict rp_filter with an overlay.
 	ruleRPMark
+	// ruleRPReply: ct direction reply ct mark & mask == rpMark meta mark
+	// set meta mark & ~mask | replyMark, in prerouting before the reply
+	// return, on a gateway that knows the other nodes' pod CIDRs: a reply
+	// to traffic rerouted here (ruleRPMark also sets rpMark in the ct
+	// mark) is routed by the reply table, which routes those CIDRs via
+	// their nodes by the uplink: it goes back the way its request came,
+	// not by an overlay the source node's strict reverse-path check would
+	// refuse it from. A pod no route covers falls through to the main
+	// table.
+	ruleRPReply
+	// ruleHold: iifname != <uplink> ip saddr @pod-nets ip saddr !=
+	// @known-pods ip daddr @held-dests counter drop, in prerouting before
+	// the dispatch: a pod the agent has not evaluated yet (its address is
+	// not in the API yet, or not in the agent's cache) may be selected by
+	// a policy; its traffic to any policy destination is held until the
+	// agent knows it, so that it never leaves with the node's address.
+	// Every packet, not only the first: conntrack would otherwise keep
+	// the flow's first decision.
+	ruleHold
 	// ruleRPUnmark: meta mark & mask == rpMark meta mark set meta mark &
 	// ~mask, first in postrouting: the reverse-path mark is not a reroute
 	// mark, the null binding must not keep such a packet from the
@@ -272,7 +302,9 @@ type rule struct {
 	dst     string // destination set, or the set/map of guard and dispatch
 	mask    uint32 // reroute, null binding
 	mark    uint32 // reroute
+	ctMark  uint32 // reply: the ct mark it matches
 	oif     string // gateway
+	known   string // hold: the set of known sources
 	egress  netip.Addr
 	// pfx, when valid, is the one destination the rule matches instead of
 	// the dst set: rules of overlapping policies, one per destination, in
@@ -375,7 +407,28 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 			&expr.Verdict{Kind: expr.VerdictDrop},
 		}
 	case ruleRPMark:
-		return append(reroutedHere(), setMark(^r.mask, r.mark&r.mask)...)
+		return slices.Concat(reroutedHere(), setMark(^r.mask, r.mark&r.mask), setCtMark(^r.mask, r.mark&r.mask))
+	case ruleRPReply:
+		return slices.Concat([]expr.Any{
+			&expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{ctDirReply}},
+			&expr.Ct{Register: 1, Key: expr.CtKeyMARK},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(r.mask), Xor: binaryutil.NativeEndian.PutUint32(0)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.ctMark & r.mask)},
+		}, setMark(^r.mask, r.mark&r.mask))
+	case ruleHold:
+		known := lookup(r.known)
+		known.Invert = true
+		return []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname(r.oif)},
+			loadAddr(12), lookup(r.src),
+			loadAddr(12), known,
+			loadAddr(16), lookup(r.dst),
+			&expr.Counter{},
+			&expr.Verdict{Kind: expr.VerdictDrop},
+		}
 	case ruleRPUnmark:
 		return slices.Concat(loadMark(r.mask, 0),
 			[]expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.mark & r.mask)}},
@@ -397,6 +450,9 @@ func (r rule) sets() []string {
 	if r.src != "" {
 		out = append(out, r.src)
 	}
+	if r.known != "" {
+		out = append(out, r.known)
+	}
 	if r.dst != "" && !r.pfx.IsValid() {
 		out = append(out, r.dst)
 	}
@@ -406,6 +462,9 @@ func (r rule) sets() []string {
 // String prints the rule in nft syntax.
 func (r rule) String() string {
 	var b strings.Builder
+	if r.kind == ruleHold {
+		fmt.Fprintf(&b, "iifname != %q ", r.oif)
+	}
 	if r.src != "" {
 		fmt.Fprintf(&b, "ip saddr @%s ", r.src)
 	}
@@ -438,7 +497,12 @@ func (r rule) String() string {
 	case ruleBootGuardPods:
 		fmt.Fprintf(&b, "ip daddr @%s counter drop", r.dst)
 	case ruleRPMark:
-		fmt.Fprintf(&b, "iifname %q fib daddr type != local meta mark set meta mark & %#08x | %#08x", r.oif, ^r.mask, r.mark&r.mask)
+		fmt.Fprintf(&b, "iifname %q fib daddr type != local meta mark set meta mark & %#08x | %#08x ct mark set ct mark & %#08x | %#08x",
+			r.oif, ^r.mask, r.mark&r.mask, ^r.mask, r.mark&r.mask)
+	case ruleRPReply:
+		fmt.Fprintf(&b, "ct direction reply ct mark & %#08x == %#08x meta mark set meta mark & %#08x | %#08x", r.mask, r.ctMark&r.mask, ^r.mask, r.mark&r.mask)
+	case ruleHold:
+		fmt.Fprintf(&b, "ip saddr != @%s ip daddr @%s counter drop", r.known, r.dst)
 	case ruleRPUnmark:
 		fmt.Fprintf(&b, "meta mark & %#08x == %#08x meta mark set meta mark & %#08x", r.mask, r.mark&r.mask, ^r.mask)
 	}
@@ -485,6 +549,21 @@ func loadMark(keep, xor uint32) []expr.Any {
 	}
 }
 
+// setCtMark sets the conntrack mark to (ct mark & keep) ^ xor.
+func setCtMark(keep, xor uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeyMARK},
+		&expr.Bitwise{
+			SourceRegister: 1,
+			DestRegister:   1,
+			Len:            4,
+			Mask:           binaryutil.NativeEndian.PutUint32(keep),
+			Xor:            binaryutil.NativeEndian.PutUint32(xor),
+		},
+		&expr.Ct{Register: 1, Key: expr.CtKeyMARK, SourceRegister: true},
+	}
+}
+
 // setMark sets the packet mark to (mark & keep) ^ xor.
 func setMark(keep, xor uint32) []expr.Any {
 	return append(loadMark(keep, xor), &expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
@@ -517,8 +596,17 @@ func ifname(name string) []byte {
 // every packet other nodes reroute here.
 func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, jumps map[netip.Addr]string, bootGuard bool) map[string][]rule {
 	out := map[string][]rule{chainPrerouting: nil, chainPostrouting: nil, chainMulti: nil}
+	rpIdx := selector.RPMarkIndex(cfg.MarkMask)
+	rpMark := selector.MarkValue(cfg.MarkMask, rpIdx)
+	gateway := rpIdx != 0 && isGateway(st)
 	out[chainPrerouting] = append(out[chainPrerouting],
-		rule{chain: chainPrerouting, kind: ruleGuard, comment: floatingGuardComment, dst: setFloating},
+		rule{chain: chainPrerouting, kind: ruleGuard, comment: floatingGuardComment, dst: setFloating})
+	if replyIdx := selector.ReplyMarkIndex(cfg.MarkMask); gateway && replyIdx != 0 && len(st.ReturnRoutes) > 0 {
+		out[chainPrerouting] = append(out[chainPrerouting],
+			rule{chain: chainPrerouting, kind: ruleRPReply, comment: rpReplyComment, mask: cfg.MarkMask,
+				mark: selector.MarkValue(cfg.MarkMask, replyIdx), ctMark: rpMark})
+	}
+	out[chainPrerouting] = append(out[chainPrerouting],
 		rule{chain: chainPrerouting, kind: ruleReplyReturn, comment: replyComment},
 		rule{chain: chainPrerouting, kind: ruleInternalReturn, comment: internalComment, dst: setInternal})
 	if bootGuard {
@@ -528,12 +616,15 @@ func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, j
 	}
 	// A gateway marks what other nodes reroute to it for the reverse-path
 	// check, and clears the mark again first thing in postrouting.
-	if idx := selector.RPMarkIndex(cfg.MarkMask); idx != 0 && isGateway(st) {
-		rpMark := selector.MarkValue(cfg.MarkMask, idx)
+	if gateway {
 		out[chainPrerouting] = append(out[chainPrerouting],
 			rule{chain: chainPrerouting, kind: ruleRPMark, comment: rpMarkComment, src: setInternal, oif: cfg.Uplink, mask: cfg.MarkMask, mark: rpMark})
 		out[chainPostrouting] = append(out[chainPostrouting],
 			rule{chain: chainPostrouting, kind: ruleRPUnmark, comment: rpUnmarkComment, mask: cfg.MarkMask, mark: rpMark})
+	}
+	if len(st.PodNetworks) > 0 && len(st.Policies) > 0 && !bootGuard {
+		out[chainPrerouting] = append(out[chainPrerouting],
+			rule{chain: chainPrerouting, kind: ruleHold, comment: holdComment, oif: cfg.Uplink, src: setPodNets, known: setKnown, dst: setHeldDests})
 	}
 	out[chainPrerouting] = append(out[chainPrerouting],
 		rule{chain: chainPrerouting, kind: ruleDispatch, comment: dispatchComment, dst: setPreSrc})
@@ -688,6 +779,14 @@ func normalize(exprs []expr.Any) []expr.Any {
 		case *expr.Lookup:
 			c := *v
 			c.SetID = 0
+			out[i] = &c
+		case *expr.Ct:
+			// google/nftables v0.3.0 reads a ct set back without its
+			// source register: compare the key only.
+			c := *v
+			if c.SourceRegister {
+				c.Register, c.SourceRegister = 0, false
+			}
 			out[i] = &c
 		case *expr.NAT:
 			// The kernel reports an unset max register as the min one.

@@ -45,11 +45,26 @@ func RPMarkIndex(mask uint32) int {
 	return 0
 }
 
+// ReplyMarkIndex is the mark index a gateway reserves for the replies to
+// the traffic other nodes reroute to it (the one below RPMarkIndex: with
+// mask 0x3f00, mark 0x3e00): they are routed back to the node that sent
+// the request by the uplink (see nft). 0 when mask has fewer than three
+// bits: the replies then follow the main table.
+func ReplyMarkIndex(mask uint32) int {
+	if m := MaxMarkIndex(mask); m >= 7 {
+		return m - 1
+	}
+	return 0
+}
+
 // MarkCapacity returns how many distinct next hops fit in mask: every
-// mark index but RPMarkIndex's, at most MaxMarks.
+// mark index but RPMarkIndex's and ReplyMarkIndex's, at most MaxMarks.
 func MarkCapacity(mask uint32) int {
 	m := MaxMarkIndex(mask)
 	if RPMarkIndex(mask) != 0 {
+		m--
+	}
+	if ReplyMarkIndex(mask) != 0 {
 		m--
 	}
 	return min(m, MaxMarks)

@@ -51,17 +51,24 @@ func TestMarkValue(t *testing.T) {
 			t.Errorf("MarkValue(%#x, %d) = %#x, want %#x", tt.mask, tt.index, got, tt.want)
 		}
 	}
-	// One index is reserved for the reverse-path mark, but with one bit.
-	for mask, want := range map[uint32][2]int{0: {0, 0}, 0x100: {1, 0}, 0x300: {2, 3}, 0x3f00: {62, 63},
-		0xffff0000: {65534, 65535}, 0xffffffff: {65535, 65536}} {
+	// One index is reserved for the reverse-path mark, but with one bit,
+	// and one for the replies, but with fewer than three.
+	for mask, want := range map[uint32][3]int{0: {0, 0, 0}, 0x100: {1, 0, 0}, 0x300: {2, 3, 0}, 0x700: {5, 7, 6}, 0x3f00: {61, 63, 62},
+		0xffff0000: {65533, 65535, 65534}, 0xffffffff: {65534, 65536, 65535}} {
 		if got := MarkCapacity(mask); got != want[0] {
 			t.Errorf("MarkCapacity(%#x) = %d, want %d", mask, got, want[0])
 		}
 		if got := RPMarkIndex(mask); got != want[1] {
 			t.Errorf("RPMarkIndex(%#x) = %d, want %d", mask, got, want[1])
 		}
+		if got := ReplyMarkIndex(mask); got != want[2] {
+			t.Errorf("ReplyMarkIndex(%#x) = %d, want %d", mask, got, want[2])
+		}
 		if rp := RPMarkIndex(mask); rp != 0 && rp <= MarkCapacity(mask) {
 			t.Errorf("%#x: the reverse-path index %d is a next hop's", mask, rp)
+		}
+		if r := ReplyMarkIndex(mask); r != 0 && r <= MarkCapacity(mask) {
+			t.Errorf("%#x: the reply index %d is a next hop's", mask, r)
 		}
 	}
 }

@@ -57,6 +57,12 @@ type Input struct {
 	// tests).
 	GatewayNamespaces []string
 	Reserved          Reserved
+	// PodCIDRs maps node name → its pod CIDRs (Node.spec.podCIDRs), and
+	// ExtraPodCIDRs are pod networks the Nodes do not list (--pod-cidrs):
+	// they become NodeState.PodNetworks and, on a gateway, its
+	// ReturnRoutes.
+	PodCIDRs      map[string][]netip.Prefix
+	ExtraPodCIDRs []netip.Prefix
 }
 
 // Desired computes the state this node should apply. Policies whose spec
@@ -139,7 +145,63 @@ func desired(in Input) (NodeState, []string, []*CompiledPolicy, error) {
 		st.Policies = append(st.Policies, ps)
 		compiled = append(compiled, cp)
 	}
+	st.LocalPods = localPods(in.Node, in.Pods)
+	st.PodNetworks, st.ReturnRoutes = podNetworks(in, st)
 	return st, warn, compiled, nil
+}
+
+// knownLocal reports whether p is one of node's pods whose address the
+// node holds back no traffic from (see NodeState.LocalPods).
+func knownLocal(node string, p Pod) bool {
+	return p.Node == node && !p.HostNetwork && !p.Terminated && p.IP.Unmap().Is4()
+}
+
+// localPods returns the addresses of node's known pods, sorted, without
+// duplicates.
+func localPods(node string, pods []Pod) []netip.Addr {
+	var out []netip.Addr
+	for _, p := range pods {
+		if knownLocal(node, p) {
+			out = append(out, p.IP.Unmap())
+		}
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return slices.Compact(out)
+}
+
+// podNetworks returns the merged pod networks and, when st has a Gateway
+// policy, the routes back to the other nodes' pods (each node's IPv4 pod
+// CIDRs via its address, sorted).
+func podNetworks(in Input, st NodeState) ([]netip.Prefix, []ReturnRoute) {
+	nets := clusterDestinations(in.ExtraPodCIDRs)
+	var routes []ReturnRoute
+	gateway := slices.ContainsFunc(st.Policies, func(p PolicyState) bool { return p.Mode == ModeGateway })
+	for node, cidrs := range in.PodCIDRs {
+		own := clusterDestinations(cidrs)
+		nets = append(nets, own...)
+		via, ok := in.NodeIPs[node]
+		onLink := slices.ContainsFunc(in.LocalSubnets, func(s netip.Prefix) bool {
+			return s.IsValid() && netip.PrefixFrom(s.Addr().Unmap(), s.Bits()).Contains(via.Unmap())
+		})
+		if !gateway || node == in.Node || !ok || !via.Unmap().Is4() || !onLink {
+			continue // a node beyond a router: its replies follow the main table
+		}
+		for _, c := range own {
+			routes = append(routes, ReturnRoute{Dst: c, Via: via.Unmap()})
+		}
+	}
+	slices.SortFunc(routes, func(a, b ReturnRoute) int {
+		return cmp.Or(comparePrefix(a.Dst, b.Dst), a.Via.Compare(b.Via))
+	})
+	// Two nodes claiming one pod CIDR: neither is trusted with it.
+	var kept []ReturnRoute
+	for i, r := range routes {
+		if (i > 0 && routes[i-1].Dst == r.Dst) || (i+1 < len(routes) && routes[i+1].Dst == r.Dst) {
+			continue
+		}
+		kept = append(kept, r)
+	}
+	return MergePrefixes(nets), kept
 }
 
 // holder returns the node that the group's status says holds ip, or "".

@@ -708,10 +708,12 @@ func TestDesiredFollowsPolicyFallback(t *testing.T) {
 }
 
 // unranked drops what ranks overlapping policies (see TestDesiredRanks)
-// and the cluster's floating IPs (TestDesiredClusterFloating), so that
+// the cluster's floating IPs (TestDesiredClusterFloating) and the local
+// pods (TestLocalPodsAndPodNetworks), so that
 // state tables need not repeat them.
 func unranked(st NodeState) NodeState {
 	st.ClusterFloatingIPs = nil
+	st.LocalPods = nil // TestLocalPodsAndPodNetworks
 	st.Policies = slices.Clone(st.Policies)
 	for i := range st.Policies {
 		st.Policies[i].Written, st.Policies[i].Created = nil, time.Time{}
@@ -804,5 +806,73 @@ func TestDesiredChecksGroups(t *testing.T) {
 	in.GatewayNamespaces = nil
 	if got, err := Desired(in); err != nil || len(got.FloatingIPs) != 4 {
 		t.Fatalf("unchecked: %v %v", got.FloatingIPs, err)
+	}
+}
+
+// TestLocalPodsAndPodNetworks: the node's known pods (not host-network,
+// not terminated, with an IPv4 address), the merged pod networks, and on a
+// gateway only the routes back to the other nodes' pod CIDRs (a CIDR two
+// nodes claim is routed to neither).
+func TestLocalPodsAndPodNetworks(t *testing.T) {
+	base := func() Input {
+		return Input{Node: "n1",
+			NodeIPs: map[string]netip.Addr{"n1": netip.MustParseAddr("192.0.2.1"), "n2": netip.MustParseAddr("192.0.2.2"), "n3": netip.MustParseAddr("192.0.2.3"),
+				"n5": netip.MustParseAddr("198.51.100.5")},
+			LocalSubnets: selPrefixes("192.0.2.0/24"),
+			Namespaces:   map[string]map[string]string{"a": {}},
+			PodCIDRs: map[string][]netip.Prefix{
+				"n1": selPrefixes("10.244.0.0/24"), "n2": selPrefixes("10.244.1.0/24", "fd00::/64"),
+				"n3": selPrefixes("10.244.2.0/24"), "n4": selPrefixes("10.244.3.0/24"), // n4: no address
+				"n5": selPrefixes("10.244.5.0/24"), // n5: beyond a router
+			},
+			ExtraPodCIDRs: selPrefixes("10.244.0.0/16", "10.250.0.0/24"),
+			Pods: []Pod{
+				{Namespace: "a", Name: "p1", Node: "n1", IP: netip.MustParseAddr("10.244.0.9")},
+				{Namespace: "a", Name: "p2", Node: "n1", IP: netip.MustParseAddr("10.244.0.3")},
+				{Namespace: "a", Name: "same-ip", Node: "n1", IP: netip.MustParseAddr("10.244.0.3")},
+				{Namespace: "a", Name: "host", Node: "n1", IP: netip.MustParseAddr("192.0.2.1"), HostNetwork: true},
+				{Namespace: "a", Name: "done", Node: "n1", IP: netip.MustParseAddr("10.244.0.7"), Terminated: true},
+				{Namespace: "a", Name: "pending", Node: "n1"},
+				{Namespace: "a", Name: "v6", Node: "n1", IP: netip.MustParseAddr("fd00::5")},
+				{Namespace: "a", Name: "other", Node: "n2", IP: netip.MustParseAddr("10.244.1.4")},
+			},
+		}
+	}
+	in := base()
+	st, err := Desired(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := selAddrs("10.244.0.3", "10.244.0.9"); !slices.Equal(st.LocalPods, want) {
+		t.Errorf("local pods %v, want %v", st.LocalPods, want)
+	}
+	if want := selPrefixes("10.244.0.0/16", "10.250.0.0/24"); !slices.Equal(st.PodNetworks, want) {
+		t.Errorf("pod networks %v, want %v", st.PodNetworks, want)
+	}
+	if st.ReturnRoutes != nil {
+		t.Errorf("not a gateway, yet return routes %v", st.ReturnRoutes)
+	}
+
+	// A gateway: routes to n2 and n3, none to itself, to n4 nor to n5.
+	in = base()
+	in.Groups = []*v1.NetworkGatewayGroup{selGroup("gw", []string{"192.0.2.100"}, "192.0.2.100", "n1")}
+	in.Policies = []*v1.EgressNATPolicy{selPolicy("web", "gw", []v1.EgressSource{selSrc(v1.LabelSelector{}, v1.LabelSelector{})}, "203.0.113.0/24")}
+	if st, err = Desired(in); err != nil {
+		t.Fatal(err)
+	}
+	want := []ReturnRoute{
+		{Dst: netip.MustParsePrefix("10.244.1.0/24"), Via: netip.MustParseAddr("192.0.2.2")},
+		{Dst: netip.MustParsePrefix("10.244.2.0/24"), Via: netip.MustParseAddr("192.0.2.3")},
+	}
+	if len(st.Policies) != 1 || st.Policies[0].Mode != ModeGateway || !slices.Equal(st.ReturnRoutes, want) {
+		t.Errorf("gateway: policies %+v return routes %v, want %v", st.Policies, st.ReturnRoutes, want)
+	}
+	// n3 claims n2's CIDR too: neither is trusted with it.
+	in.PodCIDRs["n3"] = selPrefixes("10.244.1.0/24")
+	if st, err = Desired(in); err != nil {
+		t.Fatal(err)
+	}
+	if st.ReturnRoutes != nil {
+		t.Errorf("a CIDR two nodes claim is routed: %v", st.ReturnRoutes)
 	}
 }

@@ -39,6 +39,27 @@ type NodeState struct {
 	// MergePrefixes). Traffic to them is never steered, whatever a
 	// policy's destinations say, also while a policy fails closed.
 	Excluded []netip.Prefix
+	// LocalPods: the addresses of this node's pods the agent knows (not
+	// host-network, not terminated), sorted. A packet from a pod network
+	// (PodNetworks) to a policy destination whose source is not one of
+	// them comes from a pod the agent has not evaluated yet: it is held
+	// (dropped) until the agent knows the pod, so that no selected pod's
+	// first packets leave with the node's address.
+	LocalPods []netip.Addr
+	// PodNetworks: the pod CIDRs (Node.spec.podCIDRs and --pod-cidrs),
+	// sorted and merged. No pod is held when empty.
+	PodNetworks []netip.Prefix
+	// ReturnRoutes, on a gateway: each other node's pod CIDRs via its
+	// address. The replies of traffic rerouted here go back by the uplink
+	// to the node that sent it, not by an overlay: the source node's
+	// strict reverse-path check expects them where the request left.
+	ReturnRoutes []ReturnRoute
+}
+
+// ReturnRoute routes the replies to the pods of Dst via the node Via.
+type ReturnRoute struct {
+	Dst netip.Prefix
+	Via netip.Addr
 }
 
 // PolicyState is one EgressNATPolicy as one node applies it.
@@ -68,7 +89,8 @@ type PolicyState struct {
 // are the same).
 func (s NodeState) Equal(o NodeState) bool {
 	return slices.Equal(s.FloatingIPs, o.FloatingIPs) && slices.Equal(s.Excluded, o.Excluded) &&
-		slices.Equal(s.ClusterFloatingIPs, o.ClusterFloatingIPs) &&
+		slices.Equal(s.ClusterFloatingIPs, o.ClusterFloatingIPs) && slices.Equal(s.LocalPods, o.LocalPods) &&
+		slices.Equal(s.PodNetworks, o.PodNetworks) && slices.Equal(s.ReturnRoutes, o.ReturnRoutes) &&
 		slices.EqualFunc(s.Policies, o.Policies, func(a, b PolicyState) bool {
 			return a.Name == b.Name && a.Mode == b.Mode && a.EgressIP == b.EgressIP && a.NextHop == b.NextHop &&
 				slices.Equal(a.Sources, b.Sources) && slices.Equal(a.Destinations, b.Destinations) &&

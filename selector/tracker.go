@@ -77,13 +77,34 @@ func (t *Tracker) SetPod(p Pod) {
 	}
 	affected = append(affected, t.add(p)...)
 	t.refresh(p.Namespace, affected)
+	t.refreshLocal(affected)
 }
 
 // DeletePod removes a pod.
 func (t *Tracker) DeletePod(namespace, name string) {
 	k := podKey{namespace, name}
 	if old, ok := t.pods[k]; ok {
-		t.refresh(namespace, t.remove(k, old))
+		ips := t.remove(k, old)
+		t.refresh(namespace, ips)
+		t.refreshLocal(ips)
+	}
+}
+
+// refreshLocal brings NodeState.LocalPods up to date for the addresses
+// ips: an address is listed while one of this node's known pods has it.
+func (t *Tracker) refreshLocal(ips []netip.Addr) {
+	for _, ip := range ips {
+		want := slices.ContainsFunc(t.byIP[ip], func(k podKey) bool { return knownLocal(t.in.Node, t.pods[k]) })
+		at, have := slices.BinarySearchFunc(t.state.LocalPods, ip, netip.Addr.Compare)
+		switch {
+		case want && !have:
+			t.state.LocalPods = slices.Insert(slices.Clip(t.state.LocalPods), at, ip)
+		case !want && have:
+			t.state.LocalPods = slices.Delete(slices.Clone(t.state.LocalPods), at, at+1)
+			if len(t.state.LocalPods) == 0 {
+				t.state.LocalPods = nil
+			}
+		}
 	}
 }
 

@@ -45,7 +45,8 @@ func trackerCluster(r *rand.Rand) (Input, func() Pod) {
 	}
 	in := Input{Node: "n1", Namespaces: map[string]map[string]string{},
 		NodeIPs:      map[string]netip.Addr{"n1": netip.MustParseAddr("192.0.2.1"), "n2": netip.MustParseAddr("192.0.2.2")},
-		LocalSubnets: selPrefixes("192.0.2.0/24")}
+		LocalSubnets: selPrefixes("192.0.2.0/24"),
+		PodCIDRs:     map[string][]netip.Prefix{"n1": selPrefixes("10.244.0.0/24"), "n2": selPrefixes("10.244.1.0/24")}}
 	for i := range 5 {
 		in.Namespaces[fmt.Sprintf("ns%d", i)] = randLabels()
 	}
@@ -101,6 +102,7 @@ func TestTrackerMatchesDesired(t *testing.T) {
 			for _, p := range before.Policies {
 				frozenSources[p.Name] = slices.Clone(p.Sources)
 			}
+			frozenLocal := slices.Clone(before.LocalPods)
 			keys := slices.SortedFunc(maps.Keys(pods), func(a, b podKey) int {
 				return cmpKey(a, b)
 			})
@@ -145,6 +147,9 @@ func TestTrackerMatchesDesired(t *testing.T) {
 				if !slices.Equal(p.Sources, frozenSources[p.Name]) {
 					t.Fatalf("iteration %d step %d: a state returned before changed", iter, step)
 				}
+			}
+			if !slices.Equal(before.LocalPods, frozenLocal) {
+				t.Fatalf("iteration %d step %d: the local pods of a state returned before changed", iter, step)
 			}
 		}
 	}
@@ -296,6 +301,11 @@ func TestNodeStateEqual(t *testing.T) {
 		"policy added": func(s *NodeState) { s.Policies = append(s.Policies, PolicyState{Name: "b"}) },
 		"floating":     func(s *NodeState) { s.FloatingIPs = nil },
 		"excluded":     func(s *NodeState) { s.Excluded = append(s.Excluded, netip.MustParsePrefix("10.244.0.0/16")) },
+		"local pods":   func(s *NodeState) { s.LocalPods = selAddrs("10.244.1.9") },
+		"pod networks": func(s *NodeState) { s.PodNetworks = selPrefixes("10.244.0.0/16") },
+		"return routes": func(s *NodeState) {
+			s.ReturnRoutes = []ReturnRoute{{Dst: netip.MustParsePrefix("10.244.2.0/24"), Via: netip.MustParseAddr("192.0.2.12")}}
+		},
 	} {
 		b := base()
 		change(&b)

@@ -40,9 +40,16 @@ type Options struct {
 	Nodes []lab.NodeConfig
 	// AgentArgs and OperatorArgs are added to the binaries' flags.
 	AgentArgs, OperatorArgs []string
-	// KubeProxy also runs a real kube-proxy (nftables mode) on every node
-	// (see StartKubeProxies); it is built on first use (minutes).
+	// KubeProxy also runs a real kube-proxy on every node (see
+	// StartKubeProxies); it is built on first use (minutes).
 	KubeProxy bool
+	// KubeProxyMode is its --proxy-mode: "nftables" (default) or
+	// "iptables".
+	KubeProxyMode string
+	// Network: the lab's pod network, reverse-path filtering, CNI
+	// masquerade and MTUs (lab.Config's PodNetwork, RPFilter, Masquerade,
+	// UplinkMTU and PodMTU; the rest is ignored). See ParseMode.
+	Network lab.Config
 	// Log receives progress lines; none when nil.
 	Log func(format string, args ...any)
 }
@@ -83,8 +90,16 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 	if err := lab.CleanupStale(o.Prefix); err != nil {
 		return nil, fmt.Errorf("remove a crashed run's leftovers: %w", err)
 	}
-	o.Log("building the lab network (prefix %q)", o.Prefix)
-	if c.Lab, err = lab.New(lab.Config{Prefix: o.Prefix, Nodes: o.Nodes}); err != nil {
+	if o.KubeProxyMode == "" {
+		o.KubeProxyMode = "nftables"
+	}
+	if o.KubeProxyMode != "nftables" && o.KubeProxyMode != "iptables" {
+		return nil, fmt.Errorf("kube-proxy mode %q: want nftables or iptables", o.KubeProxyMode)
+	}
+	c.opts = o
+	o.Log("building the lab network (prefix %q, %s)", o.Prefix, o.Network.ModeName())
+	if c.Lab, err = lab.New(lab.Config{Prefix: o.Prefix, Nodes: o.Nodes, PodNetwork: o.Network.PodNetwork, RPFilter: o.Network.RPFilter,
+		Masquerade: o.Network.Masquerade, UplinkMTU: o.Network.UplinkMTU, PodMTU: o.Network.PodMTU}); err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
 	if c.binDir = o.BinDir; c.binDir == "" {
@@ -157,12 +172,45 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 		}
 	}
 	if o.KubeProxy {
-		o.Log("starting kube-proxy (nftables mode) on every node")
+		o.Log("starting kube-proxy (%s mode) on every node", o.KubeProxyMode)
 		if err := c.StartKubeProxies(ctx); err != nil {
 			return nil, err
 		}
 	}
 	return c, nil
+}
+
+// ParseMode reads a lab mode: a lab.Config ModeName (e.g.
+// "overlay/strict/iptables-legacy/mtu1450") with, anywhere, an optional
+// "kp-nftables" or "kp-iptables" for kube-proxy's mode. It returns the
+// network and the kube-proxy mode ("" for the default).
+func ParseMode(s string) (lab.Config, string, error) {
+	var kp string
+	var rest []string
+	for _, part := range strings.Split(s, "/") {
+		if m, ok := strings.CutPrefix(part, "kp-"); ok {
+			if m != "nftables" && m != "iptables" {
+				return lab.Config{}, "", fmt.Errorf("mode %q: kube-proxy mode %q: want kp-nftables or kp-iptables", s, m)
+			}
+			kp = m
+			continue
+		}
+		if part != "" {
+			rest = append(rest, part)
+		}
+	}
+	net, err := lab.ParseModeName(strings.Join(rest, "/"))
+	return net, kp, err
+}
+
+// ModeName names the cluster's network and kube-proxy mode (see
+// ParseMode).
+func (c *Cluster) ModeName() string {
+	name := c.Lab.Config().ModeName()
+	if c.opts.KubeProxy {
+		name += "/kp-" + c.opts.KubeProxyMode
+	}
+	return name
 }
 
 // BuildBinaries builds the operator and the agent into dir.
@@ -333,26 +381,48 @@ type Pod struct {
 // AddPod creates a pod: its network namespace on the node, then the Pod
 // object with spec.nodeName and status.podIP, as a kubelet and CNI would.
 func (c *Cluster) AddPod(ctx context.Context, node, namespace, name string, labels map[string]string) (*Pod, error) {
+	p, err := c.AddPodNetwork(node, namespace, name)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.CreatePodObject(ctx, p, labels); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// AddPodNetwork creates only a pod's network namespace (the CNI's part):
+// the pod can send before its Pod object says its address (see
+// CreatePodObject), as a container does that starts before the kubelet
+// reported its IP.
+func (c *Cluster) AddPodNetwork(node, namespace, name string) (*Pod, error) {
 	lp, err := c.Lab.AddPod(node, namespace+"-"+name)
 	if err != nil {
 		return nil, fmt.Errorf("add pod network: %w", err)
 	}
-	pod, err := c.Client.CoreV1().Pods(namespace).Create(ctx, &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: namespace, Labels: labels},
-		Spec: corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "app", Image: "registry.k8s.io/pause:3.10"}},
+	return &Pod{Pod: lp, Namespace: namespace}, nil
+}
+
+// CreatePodObject creates the Pod object of a pod made by AddPodNetwork,
+// with spec.nodeName and status.podIP.
+func (c *Cluster) CreatePodObject(ctx context.Context, p *Pod, labels map[string]string) error {
+	name := strings.TrimPrefix(p.Name, p.Namespace+"-")
+	pod, err := c.Client.CoreV1().Pods(p.Namespace).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: p.Namespace, Labels: labels},
+		Spec: corev1.PodSpec{NodeName: p.Node, Containers: []corev1.Container{{Name: "app", Image: "registry.k8s.io/pause:3.10"}},
 			AutomountServiceAccountToken: boolPtr(false)},
 	}, metav1.CreateOptions{})
 	if err != nil {
-		return nil, fmt.Errorf("create pod %s/%s: %w", namespace, name, err)
+		return fmt.Errorf("create pod %s/%s: %w", p.Namespace, name, err)
 	}
 	pod.Status.Phase = corev1.PodRunning
-	pod.Status.PodIP = lp.IP.String()
-	pod.Status.PodIPs = []corev1.PodIP{{IP: lp.IP.String()}}
-	pod.Status.HostIP = c.Lab.Node(node).IP.String()
-	if _, err := c.Client.CoreV1().Pods(namespace).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
-		return nil, fmt.Errorf("set status of pod %s/%s: %w", namespace, name, err)
+	pod.Status.PodIP = p.IP.String()
+	pod.Status.PodIPs = []corev1.PodIP{{IP: p.IP.String()}}
+	pod.Status.HostIP = c.Lab.Node(p.Node).IP.String()
+	if _, err := c.Client.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("set status of pod %s/%s: %w", p.Namespace, name, err)
 	}
-	return &Pod{Pod: lp, Namespace: namespace}, nil
+	return nil
 }
 
 // DeletePod deletes the Pod object and its network namespace; deleting a

@@ -77,11 +77,12 @@ func (c *Cluster) kubeProxyIdentity(ctx context.Context) error {
 	return ServiceAccountKubeconfig(ctx, c.Client, c.API.InNetworkURL, "kube-system", "kube-proxy", c.kubeProxyKubeconfig)
 }
 
-// KubeProxyArgs are the flags StartKubeProxy gives kube-proxy on node.
-func KubeProxyArgs(kubeconfig, node string) []string {
+// KubeProxyArgs are the flags StartKubeProxy gives kube-proxy on node, in
+// mode ("nftables" or "iptables").
+func KubeProxyArgs(kubeconfig, node, mode string) []string {
 	return []string{
 		"--kubeconfig=" + kubeconfig,
-		"--proxy-mode=nftables",
+		"--proxy-mode=" + mode,
 		"--hostname-override=" + node,
 		"--cluster-cidr=" + lab.ClusterCIDR.String(),
 		fmt.Sprintf("--healthz-bind-address=127.0.0.1:%d", KubeProxyHealthzPort),
@@ -116,7 +117,7 @@ func (c *Cluster) StartKubeProxy(node string) error {
 	if old := c.KubeProxies[node]; old != nil {
 		old.Stop() //nolint:errcheck
 	}
-	argv := append([]string{c.kubeProxyBin}, KubeProxyArgs(c.kubeProxyKubeconfig, node)...)
+	argv := append([]string{c.kubeProxyBin}, KubeProxyArgs(c.kubeProxyKubeconfig, node, c.opts.KubeProxyMode)...)
 	p, err := c.Lab.StartNsenter(n.NetNS, filepath.Join(c.Lab.WorkDir(), "kube-proxy-"+node+".log"), argv...)
 	if err != nil {
 		return fmt.Errorf("start kube-proxy on %s: %w", node, err)
@@ -125,11 +126,20 @@ func (c *Cluster) StartKubeProxy(node string) error {
 	return nil
 }
 
-// KubeProxyTable returns the node's "table ip kube-proxy", or an error.
+// KubeProxyTable returns the node's "table ip kube-proxy" (nftables mode)
+// or its iptables nat table once kube-proxy wrote its KUBE-SERVICES chain
+// (iptables mode), or an error.
 func (c *Cluster) KubeProxyTable(ctx context.Context, node string) (string, error) {
 	n := c.Lab.Node(node)
 	if n == nil {
 		return "", fmt.Errorf("no node %s", node)
+	}
+	if c.opts.KubeProxyMode == "iptables" {
+		out, err := c.Lab.Exec(ctx, n.NetNS, "iptables-save", "-t", "nat")
+		if err == nil && !strings.Contains(string(out), "-A KUBE-SERVICES") {
+			return "", fmt.Errorf("no KUBE-SERVICES rules yet")
+		}
+		return string(out), err
 	}
 	out, err := c.Lab.Exec(ctx, n.NetNS, "nft", "list", "table", "ip", "kube-proxy")
 	return string(out), err
@@ -175,21 +185,58 @@ func tail(s string, n int) string {
 // targetPort, as the EndpointSlice controller would for pods the lab has
 // no kubelet for. The kube-proxies then program it.
 func (c *Cluster) AddService(ctx context.Context, namespace, name string, clusterIP netip.Addr, port, targetPort int, backends ...*Pod) error {
-	if !ServiceCIDR.Contains(clusterIP) {
-		return fmt.Errorf("service %s/%s: %s is not in the service CIDR %s", namespace, name, clusterIP, ServiceCIDR)
+	return c.AddServiceSpec(ctx, ServiceSpec{Namespace: namespace, Name: name, ClusterIP: clusterIP,
+		Ports: []ServicePort{{Name: "echo", Protocol: corev1.ProtocolTCP, Port: port, TargetPort: targetPort}}}, backends...)
+}
+
+// ServiceSpec is a Service AddServiceSpec creates.
+type ServiceSpec struct {
+	Namespace, Name string
+	ClusterIP       netip.Addr
+	Ports           []ServicePort
+	// NodePort makes it a NodePort Service (each port's NodePort);
+	// LocalTraffic sets externalTrafficPolicy Local.
+	NodePort, LocalTraffic bool
+}
+
+// ServicePort is one port of a ServiceSpec.
+type ServicePort struct {
+	Name             string
+	Protocol         corev1.Protocol
+	Port, TargetPort int
+	NodePort         int // NodePort Services: in 30000-32767
+}
+
+// AddServiceSpec creates a selector-less Service and its EndpointSlice
+// (see AddService).
+func (c *Cluster) AddServiceSpec(ctx context.Context, s ServiceSpec, backends ...*Pod) error {
+	if !ServiceCIDR.Contains(s.ClusterIP) {
+		return fmt.Errorf("service %s/%s: %s is not in the service CIDR %s", s.Namespace, s.Name, s.ClusterIP, ServiceCIDR)
 	}
 	svc := &corev1.Service{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: namespace},
+		ObjectMeta: metav1.ObjectMeta{Name: s.Name, Namespace: s.Namespace},
 		Spec: corev1.ServiceSpec{
 			Type:       corev1.ServiceTypeClusterIP,
-			ClusterIP:  clusterIP.String(),
-			ClusterIPs: []string{clusterIP.String()},
-			Ports: []corev1.ServicePort{{Name: "echo", Protocol: corev1.ProtocolTCP, Port: int32(port),
-				TargetPort: intstr.FromInt32(int32(targetPort))}},
+			ClusterIP:  s.ClusterIP.String(),
+			ClusterIPs: []string{s.ClusterIP.String()},
 		},
 	}
-	if _, err := c.Client.CoreV1().Services(namespace).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
-		return fmt.Errorf("create service %s/%s: %w", namespace, name, err)
+	if s.NodePort {
+		svc.Spec.Type = corev1.ServiceTypeNodePort
+		svc.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyCluster
+		if s.LocalTraffic {
+			svc.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
+		}
+	}
+	var slicePorts []discoveryv1.EndpointPort
+	for _, p := range s.Ports {
+		svc.Spec.Ports = append(svc.Spec.Ports, corev1.ServicePort{Name: p.Name, Protocol: p.Protocol, Port: int32(p.Port),
+			TargetPort: intstr.FromInt32(int32(p.TargetPort)), NodePort: int32(p.NodePort)})
+		name, proto, tp := p.Name, p.Protocol, int32(p.TargetPort)
+		slicePorts = append(slicePorts, discoveryv1.EndpointPort{Name: &name, Protocol: &proto, Port: &tp})
+	}
+	if _, err := c.Client.CoreV1().Services(s.Namespace).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create service %s/%s: %w", s.Namespace, s.Name, err)
 	}
 	ready := true
 	var eps []discoveryv1.Endpoint
@@ -199,18 +246,30 @@ func (c *Cluster) AddService(ctx context.Context, namespace, name string, cluste
 			Conditions: discoveryv1.EndpointConditions{Ready: &ready, Serving: &ready},
 			TargetRef:  &corev1.ObjectReference{Kind: "Pod", Namespace: b.Namespace, Name: strings.TrimPrefix(b.Name, b.Namespace+"-")}})
 	}
-	portName, proto, tp := "echo", corev1.ProtocolTCP, int32(targetPort)
 	slice := &discoveryv1.EndpointSlice{
-		ObjectMeta: metav1.ObjectMeta{Name: name + "-lab", Namespace: namespace, Labels: map[string]string{
-			discoveryv1.LabelServiceName: name,
+		ObjectMeta: metav1.ObjectMeta{Name: s.Name + "-lab", Namespace: s.Namespace, Labels: map[string]string{
+			discoveryv1.LabelServiceName: s.Name,
 			discoveryv1.LabelManagedBy:   "egressnat-lab",
 		}},
 		AddressType: discoveryv1.AddressTypeIPv4,
 		Endpoints:   eps,
-		Ports:       []discoveryv1.EndpointPort{{Name: &portName, Protocol: &proto, Port: &tp}},
+		Ports:       slicePorts,
 	}
-	if _, err := c.Client.DiscoveryV1().EndpointSlices(namespace).Create(ctx, slice, metav1.CreateOptions{}); err != nil {
-		return fmt.Errorf("create endpoint slice of %s/%s: %w", namespace, name, err)
+	if _, err := c.Client.DiscoveryV1().EndpointSlices(s.Namespace).Create(ctx, slice, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create endpoint slice of %s/%s: %w", s.Namespace, s.Name, err)
+	}
+	return nil
+}
+
+// DeleteService deletes a Service and its lab EndpointSlice.
+func (c *Cluster) DeleteService(ctx context.Context, namespace, name string) error {
+	err := c.Client.CoreV1().Services(namespace).Delete(ctx, name, metav1.DeleteOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return err
+	}
+	err = c.Client.DiscoveryV1().EndpointSlices(namespace).Delete(ctx, name+"-lab", metav1.DeleteOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return err
 	}
 	return nil
 }

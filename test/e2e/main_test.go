@@ -29,15 +29,30 @@ var (
 	fip102    = netip.MustParseAddr("192.0.2.102")
 )
 
+// ModeEnv chooses the lab's pod network, reverse-path filtering, CNI
+// masquerade, MTUs and kube-proxy mode (cluster.ParseMode), e.g.
+// EGRESSNAT_E2E_MODE=overlay/strict/iptables-nft/kp-iptables. `make test`
+// runs the suite once per mode of its matrix (E2E_MATRIX in the
+// Makefile); unset, the default lab: routed/loose/iptables-nft, kube-proxy
+// in nftables mode.
+const ModeEnv = "EGRESSNAT_E2E_MODE"
+
 // The agents check their table every 3 s (TestDriftRepaired). Under
-// -short nothing runs: every test needs the lab cluster.
+// -short nothing runs: every test needs the lab cluster. A real kube-proxy
+// runs on every node (TestServices).
 func TestMain(m *testing.M) {
 	flag.Parse()
 	if testing.Short() {
 		fmt.Println("skipping: needs root, network namespaces, etcd and kube-apiserver (the lab cluster)")
 		os.Exit(0)
 	}
-	os.Exit(cluster.TestMainOptions(m, cluster.Options{Prefix: "enat-e2e-", AgentArgs: []string{"--resync=3s"}}, &c))
+	network, kp, err := cluster.ParseMode(os.Getenv(ModeEnv))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", ModeEnv, err)
+		os.Exit(2)
+	}
+	os.Exit(cluster.TestMainOptions(m, cluster.Options{Prefix: "enat-e2e-", AgentArgs: []string{"--resync=3s"},
+		KubeProxy: true, KubeProxyMode: kp, Network: network}, &c))
 }
 
 func ext1() *lab.External { return c.Lab.External("ext1") } // 203.0.113.10

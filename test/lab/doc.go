@@ -43,7 +43,7 @@
 //     route via the router 192.0.2.1, ip_forward=1, rp_filter=2 (loose),
 //     pod CIDR 10.244.i.0/24, host-gw routes "10.244.j.0/24 via <node j>"
 //     for every other node, and the CNI-style masquerade
-//     "iptables -t nat -A POSTROUTING -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE".
+//     "iptables-nft -t nat -A POSTROUTING -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE".
 //     192.0.2.100-192.0.2.199 are free for floating IPs.
 //   - router: 192.0.2.1/24 on the switch, .1 of every external /24. It has
 //     no route to 10.244.0.0/16 (like a real upstream router) and does no
@@ -58,6 +58,16 @@
 //   - pods: namespace <prefix>p-<name>, eth0 with the next free 10.244.i.N/32,
 //     host-side veth vpN on the node with the node's pod gateway 10.244.i.1/32
 //     and a /32 route to the pod.
+//
+// That is the default pod network. [Config] selects others (see
+// [Config.ModeName]): PodNetwork "overlay" is flannel-style VXLAN (bridge
+// cni0 with 10.244.i.1/24 holding the pods' veths, pods 10.244.i.N/24,
+// flannel.1 with static routes, neighbours and FDB entries for the other
+// nodes, no pod route via eth0); UplinkMTU and PodMTU set the MTUs of the
+// node segment and of the pods; RPFilter makes the nodes' rp_filter strict
+// or off; Masquerade picks the CNI's masquerade: the rule above with
+// iptables-nft (default) or iptables-legacy, a native nftables table
+// "ip lab-cni", or none.
 //
 // Helpers such as [DialTCP], [ListenTCP], [UDPExchange] and [Ping] create a
 // socket inside a namespace from a single locked OS thread ([Do]); the

@@ -88,7 +88,8 @@ func (l *Lab) setupHost(h *Host) error {
 	if err := l.addNS(h.NetNS); err != nil {
 		return err
 	}
-	if err := l.ip(h.NetNS, "link", "add", "eth0", "type", "veth", "peer", "name", h.SwitchPort, "netns", l.swNS); err != nil {
+	mtu := strconv.Itoa(l.cfg.UplinkMTU)
+	if err := l.ip(h.NetNS, "link", "add", "eth0", "mtu", mtu, "type", "veth", "peer", "name", h.SwitchPort, "mtu", mtu, "netns", l.swNS); err != nil {
 		return err
 	}
 	if err := l.ipBatch(l.swNS, []string{"link set " + h.SwitchPort + " master br0", "link set " + h.SwitchPort + " up"}); err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -76,6 +77,55 @@ type Config struct {
 	// removed by Close (unless KeepWorkDir) when empty.
 	WorkDir     string
 	KeepWorkDir bool
+
+	// PodNetwork is how pods are wired and how nodes reach each other's
+	// pods: PodNetworkRouted (default; "" means routed) or
+	// PodNetworkOverlay.
+	//
+	// Routed: every pod has its own veth (HostVeth on the node, holding the
+	// node's PodGateway/32 and a /32 route to the pod), the pod has its
+	// address /32 and a default route via PodGateway, and every node
+	// routes each other node's PodCIDR "via <node IP> dev eth0".
+	//
+	// Overlay (flannel VXLAN style): every node has the bridge PodBridge
+	// ("cni0", PodGateway/24, fixed MAC 0a:58:0a:f4:<i>:01); the host end of
+	// each pod's veth is a port of it (no address); the pod has its address
+	// /24 and a default route via PodGateway. The VXLAN device OverlayDev
+	// ("flannel.1": VNI 1, UDP port 8472, local <node IP>, dev eth0,
+	// nolearning, MAC 0a:58:0a:f4:<i>:00, address 10.244.<i>.0/32) reaches
+	// every other node j by "route 10.244.<j>.0/24 via 10.244.<j>.0 dev
+	// flannel.1 onlink", a permanent neighbour entry for 10.244.<j>.0 with
+	// j's flannel.1 MAC and "bridge fdb append <that MAC> dev flannel.1 dst
+	// <node j IP>". No pod CIDR is routed via eth0.
+	//
+	// There is no IPIP mode: this kernel lacks CONFIG_NET_IPIP ("ip link
+	// add t type ipip" says "Unknown device type").
+	PodNetwork string
+	// UplinkMTU is the MTU of the L2 segment of the nodes: every node's
+	// eth0 and its switch port, the router's eth0 and its switch port "rtr",
+	// and switch hosts. 0 means DefaultMTU (1500). The externals' links
+	// keep 1500 (the router is in between).
+	UplinkMTU int
+	// PodMTU is the MTU of every pod's eth0 and of the node end of its veth
+	// (and of PodBridge in overlay mode). 0 means DefaultMTU in routed mode
+	// and UplinkMTU - VXLANOverhead in overlay mode. OverlayDev always gets
+	// UplinkMTU - VXLANOverhead, so e.g. PodMTU 1500 with UplinkMTU 1450
+	// (routed) or with the overlay makes the pods depend on path MTU
+	// discovery.
+	PodMTU int
+	// RPFilter is the reverse-path filter of every node: RPFilterLoose
+	// (default, 2), RPFilterStrict (1) or RPFilterOff (0), written to
+	// net.ipv4.conf.all.rp_filter and net.ipv4.conf.default.rp_filter when
+	// the node is created, before its links exist. The router stays loose.
+	RPFilter string
+	// Masquerade is the CNI's masquerade of pod traffic leaving the cluster
+	// CIDR, on every node: MasqueradeIPTablesNFT (default; "iptables-nft
+	// -t nat -A POSTROUTING -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j
+	// MASQUERADE"), MasqueradeIPTablesLegacy (the same rule with
+	// iptables-legacy), MasqueradeNFT (nftables table "ip lab-cni", chain
+	// postrouting, nat hook at priority srcnat: "ip saddr 10.244.0.0/16 ip
+	// daddr != 10.244.0.0/16 masquerade") or MasqueradeNone.
+	Masquerade string
 }
 
 // Node is a lab host.
@@ -94,6 +144,13 @@ type Node struct {
 	// SwitchPort is the switch-side end of the uplink (in the switch
 	// namespace).
 	SwitchPort string
+	// PodBridge is the bridge the pods hang off in overlay mode ("cni0");
+	// empty in routed mode, where each pod has its own Pod.HostVeth.
+	PodBridge string
+	// OverlayDev ("flannel.1") and OverlayMAC, its fixed MAC address, in
+	// overlay mode; empty in routed mode.
+	OverlayDev string
+	OverlayMAC net.HardwareAddr
 }
 
 // External is an external server running the echo server.
@@ -121,6 +178,9 @@ type Pod struct {
 	NetNS    string
 	IP       netip.Addr
 	HostVeth string // node-side veth
+	// NodeDev is the node's device toward the pod: HostVeth in routed
+	// mode, the node's PodBridge in overlay mode.
+	NodeDev string
 }
 
 // Lab is a running lab network. All methods are safe for concurrent use.
@@ -180,6 +240,9 @@ func (c *Config) defaults() error {
 	}
 	if c.ControlPort == 0 {
 		c.ControlPort = DefaultControlPort
+	}
+	if err := c.networkDefaults(); err != nil {
+		return err
 	}
 	seen := map[string]bool{}
 	for _, n := range c.Nodes {
@@ -289,6 +352,11 @@ func New(cfg Config) (l *Lab, err error) {
 func (l *Lab) build() error {
 	for i, nc := range l.cfg.Nodes {
 		ip := netip.AddrFrom4([4]byte{192, 0, 2, byte(firstNodeHost + i)})
+		var bridge, overlay string
+		var omac net.HardwareAddr
+		if l.cfg.PodNetwork == PodNetworkOverlay {
+			bridge, overlay, omac = PodBridge, OverlayDev, overlayMAC(i)
+		}
 		l.nodes = append(l.nodes, &Node{
 			Name:         nc.Name,
 			NetNS:        l.prefix + nc.Name,
@@ -299,6 +367,9 @@ func (l *Lab) build() error {
 			PodCIDR:      netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i), 0}), 24),
 			PodGateway:   netip.AddrFrom4([4]byte{10, 244, byte(i), 1}),
 			SwitchPort:   "n" + strconv.Itoa(i),
+			PodBridge:    bridge,
+			OverlayDev:   overlay,
+			OverlayMAC:   omac,
 		})
 	}
 	for _, ec := range l.cfg.Externals {
@@ -338,8 +409,14 @@ func (l *Lab) build() error {
 	if err := l.sysctl(l.rtrNS, forwarder...); err != nil {
 		return err
 	}
+	rp := rpFilterValue(l.cfg.RPFilter)
+	node := []string{
+		"net.ipv4.ip_forward=1",
+		"net.ipv4.conf.all.rp_filter=" + rp,
+		"net.ipv4.conf.default.rp_filter=" + rp,
+	}
 	for _, n := range l.nodes {
-		if err := l.sysctl(n.NetNS, forwarder...); err != nil {
+		if err := l.sysctl(n.NetNS, node...); err != nil {
 			return err
 		}
 	}
@@ -347,13 +424,14 @@ func (l *Lab) build() error {
 	// Links, each created inside its namespace with the peer created
 	// directly in the other one.
 	sw := []string{"link set lo up", "link add br0 type bridge", "link set br0 up"}
+	mtu := strconv.Itoa(l.cfg.UplinkMTU)
 	for _, n := range l.nodes {
-		if err := l.ip(n.NetNS, "link", "add", Uplink, "type", "veth", "peer", "name", n.SwitchPort, "netns", l.swNS); err != nil {
+		if err := l.ip(n.NetNS, "link", "add", Uplink, "mtu", mtu, "type", "veth", "peer", "name", n.SwitchPort, "mtu", mtu, "netns", l.swNS); err != nil {
 			return err
 		}
 		sw = append(sw, "link set "+n.SwitchPort+" master br0", "link set "+n.SwitchPort+" up")
 	}
-	if err := l.ip(l.rtrNS, "link", "add", "eth0", "type", "veth", "peer", "name", "rtr", "netns", l.swNS); err != nil {
+	if err := l.ip(l.rtrNS, "link", "add", "eth0", "mtu", mtu, "type", "veth", "peer", "name", "rtr", "mtu", mtu, "netns", l.swNS); err != nil {
 		return err
 	}
 	sw = append(sw, "link set rtr master br0", "link set rtr up")
@@ -383,21 +461,7 @@ func (l *Lab) build() error {
 		}
 	}
 	for _, n := range l.nodes {
-		cmds := []string{
-			"link set lo up", "link set eth0 up",
-			"addr add " + netip.PrefixFrom(n.IP, NodeSubnet.Bits()).String() + " dev eth0",
-			"route add default via " + RouterIP.String() + " dev eth0",
-		}
-		for _, o := range l.nodes {
-			if o != n {
-				cmds = append(cmds, "route add "+o.PodCIDR.String()+" via "+o.IP.String()+" dev eth0")
-			}
-		}
-		if err := l.ipBatch(n.NetNS, cmds); err != nil {
-			return err
-		}
-		if _, err := l.Exec(context.Background(), n.NetNS, "iptables", "-w", "-t", "nat", "-A", "POSTROUTING",
-			"-s", ClusterCIDR.String(), "!", "-d", ClusterCIDR.String(), "-j", "MASQUERADE"); err != nil {
+		if err := l.setupNodeNetwork(n); err != nil {
 			return err
 		}
 	}
@@ -562,7 +626,7 @@ func (l *Lab) Procs() []*Proc {
 
 // AddPod creates pod name on node: namespace <prefix>p-<name>, a veth pair
 // to the node, the next free address of the node's pod CIDR, default route
-// via the node's pod gateway.
+// via the node's pod gateway (see Config.PodNetwork for the wiring).
 func (l *Lab) AddPod(node, name string) (*Pod, error) {
 	n := l.Node(node)
 	if n == nil {
@@ -605,6 +669,10 @@ func (l *Lab) AddPod(node, name string) (*Pod, error) {
 		IP:       netip.AddrFrom4([4]byte{10, 244, byte(n.Index), byte(host)}),
 		HostVeth: "vp" + strconv.Itoa(l.vethSeq),
 	}
+	p.NodeDev = p.HostVeth
+	if n.PodBridge != "" {
+		p.NodeDev = n.PodBridge
+	}
 	l.pods[name] = p
 	l.mu.Unlock()
 
@@ -620,22 +688,11 @@ func (l *Lab) setupPod(n *Node, p *Pod) error {
 	if err := l.addNS(p.NetNS); err != nil {
 		return err
 	}
-	if err := l.ip(p.NetNS, "link", "add", "eth0", "type", "veth", "peer", "name", p.HostVeth, "netns", n.NetNS); err != nil {
+	mtu := strconv.Itoa(l.cfg.PodMTU)
+	if err := l.ip(p.NetNS, "link", "add", "eth0", "mtu", mtu, "type", "veth", "peer", "name", p.HostVeth, "mtu", mtu, "netns", n.NetNS); err != nil {
 		return err
 	}
-	if err := l.ipBatch(n.NetNS, []string{
-		"link set " + p.HostVeth + " up",
-		"addr add " + n.PodGateway.String() + "/32 dev " + p.HostVeth,
-		"route add " + p.IP.String() + "/32 dev " + p.HostVeth + " src " + n.PodGateway.String(),
-	}); err != nil {
-		return err
-	}
-	return l.ipBatch(p.NetNS, []string{
-		"link set lo up", "link set eth0 up",
-		"addr add " + p.IP.String() + "/32 dev eth0",
-		"route add " + n.PodGateway.String() + " dev eth0 scope link",
-		"route add default via " + n.PodGateway.String() + " dev eth0",
-	})
+	return l.setupPodNetwork(n, p)
 }
 
 // Pod returns the pod with that name, or nil.

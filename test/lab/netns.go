@@ -188,6 +188,18 @@ func UDPExchange(ctx context.Context, ns, addr, msg string) (string, error) {
 	}
 }
 
+// UDPSend sends one datagram msg to addr from namespace ns, from a new
+// socket (a new flow each time), and waits for nothing.
+func UDPSend(ns, addr, msg string) error {
+	c, err := DialUDP(context.Background(), ns, addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_, err = c.Write([]byte(msg))
+	return err
+}
+
 // PingPayloadPrefix starts the payload of every echo request sent by Ping;
 // the echo server indexes such requests by the id that follows it.
 const PingPayloadPrefix = "enat-lab-ping "

@@ -1101,6 +1101,8 @@ func (a *agent) input() selector.Input {
 		LocalSubnets:     a.cfg.Subnets,
 		FallbackToNodeIP: a.cfg.FallbackToNodeIP,
 		ClusterNetworks:  slices.Concat(a.cfg.PodCIDRs, a.cfg.ServiceCIDRs, a.nets.get()),
+		PodCIDRs:         map[string][]netip.Prefix{},
+		ExtraPodCIDRs:    a.cfg.PodCIDRs,
 		// Groups are checked as the operator checks them, so that this
 		// node never holds a floating IP that is a node's address, its
 		// router, or another group's, whatever a status says.
@@ -1126,6 +1128,7 @@ func (a *agent) input() selector.Input {
 			in.NodeIPs[n.Name] = ip
 		}
 		in.ClusterNetworks = append(in.ClusterNetworks, nodeNetworks(n)...)
+		in.PodCIDRs[n.Name] = nodePodCIDRs(n)
 		f := selector.NodeFacts{Name: n.Name}
 		for _, addr := range n.Status.Addresses {
 			f.AddNodeAddress(string(addr.Type), addr.Address)

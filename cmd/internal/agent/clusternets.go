@@ -21,17 +21,21 @@ import (
 // (ServiceCIDR objects, served from Kubernetes 1.33) are listed by
 // clusterNets.
 
-// nodeNetworks returns a Node's pod CIDRs and its addresses as /32s.
-func nodeNetworks(n *corev1.Node) []netip.Prefix {
+// nodePodCIDRs returns a Node's pod CIDRs (spec.podCIDRs and podCIDR).
+func nodePodCIDRs(n *corev1.Node) []netip.Prefix {
 	var out []netip.Prefix
-	for _, c := range n.Spec.PodCIDRs {
+	for _, c := range append(slices.Clone(n.Spec.PodCIDRs), n.Spec.PodCIDR) {
 		if p, err := netip.ParsePrefix(c); err == nil {
 			out = append(out, p.Masked())
 		}
 	}
-	if p, err := netip.ParsePrefix(n.Spec.PodCIDR); err == nil {
-		out = append(out, p.Masked())
-	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	return slices.Compact(out)
+}
+
+// nodeNetworks returns a Node's pod CIDRs and its addresses as /32s.
+func nodeNetworks(n *corev1.Node) []netip.Prefix {
+	out := nodePodCIDRs(n)
 	for _, a := range n.Status.Addresses {
 		if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
 			continue

@@ -125,36 +125,44 @@ func later(a, b time.Time) time.Time {
 }
 
 // livePod is a real pod (network namespace) sending UDP to ext1 every
-// sendInterval from one socket.
+// sendInterval from one socket, from before the API knows its address.
 type livePod struct {
-	idx   int
-	pod   *synthPod
-	lab   *lab.Pod
-	conn  net.Conn
-	stop  chan struct{}
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	early int       // datagrams that arrived before the pod IP update
-	armed time.Time // update sent
-	t0    time.Time // update answered by the API
-	fip   time.Time // first datagram that arrived with the floating IP
-	leak  int       // datagrams with another source after the update was sent, before fip
-	first netip.Addr
+	idx      int
+	selected bool // by the real pods' policy (label egress=yes)
+	pod      *synthPod
+	lab      *lab.Pod
+	conn     net.Conn
+	stop     chan struct{}
+	wg       sync.WaitGroup
+	mu       sync.Mutex
+	sent     int       // datagrams sent
+	early    int       // datagrams that arrived before the pod IP update was sent
+	armed    time.Time // update sent
+	t0       time.Time // update answered by the API
+	arrived  time.Time // first datagram that arrived with the wanted source
+	leak     int       // datagrams of a selected pod that left with another source than the floating IP
+	wrong    int       // datagrams of an unselected pod that left with another source than its node's
 }
 
 type liveResult struct {
 	firstPacket, inSet []float64
-	pods, failed       int
+	// firstUnselected: the cost of the hold, for the unselected pods: the
+	// API's answer to their first datagram out (with the node IP).
+	firstUnselected    []float64
+	pods, unselected   int
+	failed             int
 	leaked, leakedPods int
+	early, wrong       int
 }
 
-// latencyReal measures, for realPods real pods spread over the nodes,
-// the time from status.podIP update to the first datagram from the pod that
-// reaches an external listener with the floating IP. Pods send every
-// sendInterval on one UDP flow (so a reply-less conntrack entry made with
-// the node IP before the update must be replaced: the agent's conntrack
-// cleanup is part of the measure); up to realBatch pods are measured at
-// once.
+// latencyReal measures, for realPods real pods spread over the nodes (one
+// in four not selected by the policy), the time from status.podIP update
+// to the first datagram from the pod that reaches an external listener
+// with the wanted source (the floating IP; the node IP for an unselected
+// pod). Every pod starts sending before its address is in the API, every
+// sendInterval on one UDP flow; a datagram of a selected pod that reaches
+// the listener with another source than the floating IP, before or after
+// the update, is a leak. Up to realBatch pods are measured at once.
 func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*liveResult, error) {
 	n := s.cfg.realPods
 	ext := s.c.Lab.External("ext1")
@@ -162,7 +170,7 @@ func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*li
 	pods := make([]*livePod, n)
 	for i := range n {
 		node := s.nodes[i%len(s.nodes)]
-		pods[i] = &livePod{idx: i, pod: &synthPod{ns: liveNamespace, name: fmt.Sprintf("live-%03d", i), node: node}}
+		pods[i] = &livePod{idx: i, selected: i%4 != 3, pod: &synthPod{ns: liveNamespace, name: fmt.Sprintf("live-%03d", i), node: node}}
 	}
 	logf("creating %d real pods (network namespaces) and their Pod objects without IP", n)
 	if err := parallel(ctx, "real pods", n, 4, func(ctx context.Context, i int) error {
@@ -174,7 +182,11 @@ func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*li
 			}
 			p.lab, p.pod.ip = lp, lp.IP
 		}
-		return s.createPod(ctx, p.pod, map[string]string{"egress": "yes"})
+		egress := "no"
+		if p.selected {
+			egress = "yes"
+		}
+		return s.createPod(ctx, p.pod, map[string]string{"egress": egress})
 	}); err != nil {
 		return nil, err
 	}
@@ -206,16 +218,21 @@ func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*li
 			src, _ := netip.AddrFromSlice(ua.IP)
 			src = src.Unmap()
 			p := pods[i]
+			want := fip
+			if !p.selected {
+				want = s.c.Lab.Node(p.pod.node).IP
+			}
 			p.mu.Lock()
-			switch {
-			case p.armed.IsZero():
+			if p.armed.IsZero() {
 				p.early++
-				p.first = src
-			case !p.fip.IsZero():
-			case src == fip:
-				p.fip = now
-			default:
+			}
+			switch {
+			case src != want && p.selected:
 				p.leak++
+			case src != want:
+				p.wrong++
+			case p.arrived.IsZero():
+				p.arrived = now
 			}
 			p.mu.Unlock()
 		}
@@ -237,6 +254,9 @@ func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*li
 				defer t.Stop()
 				for seq := 0; ; seq++ {
 					fmt.Fprintf(p.conn, "%d %d", p.idx, seq)
+					p.mu.Lock()
+					p.sent++
+					p.mu.Unlock()
 					select {
 					case <-p.stop:
 						return
@@ -245,18 +265,17 @@ func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*li
 				}
 			}()
 		}
-		// The path works before the pod has an IP in the API: datagrams
-		// leave masqueraded to the node IP.
-		deadline := time.Now().Add(5 * time.Second)
+		// Every pod sends before its address is in the API: at least 20
+		// datagrams each (which the nodes hold: none may leave).
 		for _, p := range batch {
 			for {
 				p.mu.Lock()
-				e := p.early
+				sent := p.sent
 				p.mu.Unlock()
-				if e > 0 || time.Now().After(deadline) {
+				if sent >= 20 || ctx.Err() != nil {
 					break
 				}
-				time.Sleep(5 * time.Millisecond)
+				time.Sleep(time.Millisecond)
 			}
 		}
 		for _, p := range batch {
@@ -272,11 +291,11 @@ func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*li
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		deadline = time.Now().Add(15 * time.Second)
+		deadline := time.Now().Add(15 * time.Second)
 		for _, p := range batch {
 			for {
 				p.mu.Lock()
-				done := !p.fip.IsZero()
+				done := !p.arrived.IsZero()
 				p.mu.Unlock()
 				if done || time.Now().After(deadline) {
 					break
@@ -290,28 +309,29 @@ func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*li
 			p.conn.Close()
 		}
 	}
-	noBaseline := 0
 	for _, p := range pods {
 		p.mu.Lock()
-		if p.early == 0 {
-			noBaseline++
-		}
-		if p.fip.IsZero() {
+		switch {
+		case p.arrived.IsZero():
 			res.failed++
-		} else {
-			res.firstPacket = append(res.firstPacket, ms(p.fip.Sub(p.t0)))
+		case p.selected:
+			res.firstPacket = append(res.firstPacket, ms(p.arrived.Sub(p.t0)))
+		default:
+			res.firstUnselected = append(res.firstUnselected, ms(p.arrived.Sub(p.t0)))
+		}
+		if !p.selected {
+			res.unselected++
 		}
 		if p.leak > 0 {
 			res.leakedPods++
 			res.leaked += p.leak
 		}
+		res.early += p.early
+		res.wrong += p.wrong
 		p.mu.Unlock()
-		if t, ok := watches[p.pod.node].seenAt(p.pod.ip); ok {
+		if t, ok := watches[p.pod.node].seenAt(p.pod.ip); ok && p.selected {
 			res.inSet = append(res.inSet, ms(t.Sub(p.t0)))
 		}
-	}
-	if noBaseline > 0 {
-		logf("WARNING: %d real pods had no datagram arrive before their IP update", noBaseline)
 	}
 	return res, nil
 }

@@ -3,6 +3,7 @@ package nft
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/egressnat/egressnat/selector"
@@ -23,7 +24,9 @@ func benchState() selector.NodeState {
 			pol.Destinations = append(pol.Destinations, netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 2), byte(j + 8*(i%4))}), 32))
 		}
 		st.Policies = append(st.Policies, pol)
+		st.LocalPods = append(st.LocalPods, pol.Sources...) // every source is this node's pod
 	}
+	st.PodNetworks = []netip.Prefix{netip.MustParsePrefix("10.128.0.0/9")}
 	return st
 }
 
@@ -52,6 +55,8 @@ func BenchmarkApplyOnePod(b *testing.B) {
 			with := st
 			with.Policies = append([]selector.PolicyState(nil), st.Policies...)
 			with.Policies[500].Sources = append(append([]netip.Addr(nil), st.Policies[500].Sources...), extra)
+			with.LocalPods = append(append([]netip.Addr(nil), st.LocalPods...), extra)
+			slices.SortFunc(with.LocalPods, netip.Addr.Compare)
 			b.ResetTimer()
 			for i := range b.N {
 				next := st
@@ -64,7 +69,8 @@ func BenchmarkApplyOnePod(b *testing.B) {
 				if err := d.Apply(b.Context(), next); err != nil {
 					b.Fatal(err)
 				}
-				if r := d.LastResult(); r.Incremental == full || r.ElementsAdded+r.ElementsDeleted != 2 {
+				// Its source set, the dispatch map and the known pods.
+				if r := d.LastResult(); r.Incremental == full || r.ElementsAdded+r.ElementsDeleted != 3 {
 					b.Fatalf("apply %d: %+v", i, r)
 				}
 			}

@@ -125,7 +125,7 @@ add rule ip egressnat prerouting ct direction reply ct mark & 0x00003f00 == 0x00
 add rule ip egressnat prerouting ct direction reply return comment "only the original direction of a connection is steered"
 add rule ip egressnat prerouting ip daddr @internal return comment "cluster-internal destinations are never steered"
 add rule ip egressnat prerouting ip saddr @internal iifname "eth0" fib daddr type != local meta mark set meta mark & 0xffffc0ff | 0x00003f00 ct mark set ct mark & 0xffffc0ff | 0x00003f00 comment "rerouted here: reverse-path check by the uplink (src_valid_mark)"
-add rule ip egressnat prerouting iifname != "eth0" ip saddr @pod-nets ip saddr != @known-pods ip daddr @held-dests counter drop comment "a pod egressnat does not know yet, to a policy destination: held until it does"
+add rule ip egressnat prerouting iifname != "eth0" ip saddr != @known-pods ip saddr @pod-nets ip daddr @held-dests counter drop comment "a pod egressnat does not know yet, to a policy destination: held until it does"
 add rule ip egressnat prerouting ip saddr vmap @pre-src comment "sources of reroute and drop policies: jump to their chain"
 `
 	if got != want {
@@ -151,7 +151,7 @@ chain prerouting
   ct direction reply return comment "only the original direction of a connection is steered"
   ip daddr @internal return comment "cluster-internal destinations are never steered"
   ip saddr @internal iifname "eth0" fib daddr type != local meta mark set meta mark & 0xffffc0ff | 0x00003f00 ct mark set ct mark & 0xffffc0ff | 0x00003f00 comment "rerouted here: reverse-path check by the uplink (src_valid_mark)"
-  iifname != "eth0" ip saddr @pod-nets ip saddr != @known-pods ip daddr @held-dests counter drop comment "a pod egressnat does not know yet, to a policy destination: held until it does"
+  iifname != "eth0" ip saddr != @known-pods ip saddr @pod-nets ip daddr @held-dests counter drop comment "a pod egressnat does not know yet, to a policy destination: held until it does"
   ip saddr vmap @pre-src comment "sources of reroute and drop policies: jump to their chain"
 set dst-gw { 203.0.113.0-203.0.113.255 }
 set dst-web { 198.51.100.0-198.51.100.255, 203.0.113.128-203.0.113.255 }

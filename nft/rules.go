@@ -272,8 +272,8 @@ const (
 	// refuse it from. A pod no route covers falls through to the main
 	// table.
 	ruleRPReply
-	// ruleHold: iifname != <uplink> ip saddr @pod-nets ip saddr !=
-	// @known-pods ip daddr @held-dests counter drop, in prerouting before
+	// ruleHold: iifname != <uplink> ip saddr != @known-pods ip saddr
+	// @pod-nets ip daddr @held-dests counter drop, in prerouting before
 	// the dispatch: a pod the agent has not evaluated yet (its address is
 	// not in the API yet, or not in the agent's cache) may be selected by
 	// a policy; its traffic to any policy destination is held until the
@@ -423,8 +423,8 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 		return []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname(r.oif)},
-			loadAddr(12), lookup(r.src),
-			loadAddr(12), known,
+			loadAddr(12), known, // first: a known pod's packet stops here
+			lookup(r.src),
 			loadAddr(16), lookup(r.dst),
 			&expr.Counter{},
 			&expr.Verdict{Kind: expr.VerdictDrop},
@@ -463,7 +463,7 @@ func (r rule) sets() []string {
 func (r rule) String() string {
 	var b strings.Builder
 	if r.kind == ruleHold {
-		fmt.Fprintf(&b, "iifname != %q ", r.oif)
+		fmt.Fprintf(&b, "iifname != %q ip saddr != @%s ", r.oif, r.known)
 	}
 	if r.src != "" {
 		fmt.Fprintf(&b, "ip saddr @%s ", r.src)
@@ -502,7 +502,7 @@ func (r rule) String() string {
 	case ruleRPReply:
 		fmt.Fprintf(&b, "ct direction reply ct mark & %#08x == %#08x meta mark set meta mark & %#08x | %#08x", r.mask, r.ctMark&r.mask, ^r.mask, r.mark&r.mask)
 	case ruleHold:
-		fmt.Fprintf(&b, "ip saddr != @%s ip daddr @%s counter drop", r.known, r.dst)
+		fmt.Fprintf(&b, "ip daddr @%s counter drop", r.dst)
 	case ruleRPUnmark:
 		fmt.Fprintf(&b, "meta mark & %#08x == %#08x meta mark set meta mark & %#08x", r.mask, r.mark&r.mask, ^r.mask)
 	}

@@ -56,7 +56,7 @@ func run() error {
 	stateDir := fs.String("state-dir", "/var/lib/egressnat", "directory kept across reboots (a hostPath) where the agent saves the cluster networks its guard table needs before it can reach the API server; empty: none saved")
 	probeSecret := fs.String("probe-secret", "egressnat-probe-key", "Secret in --namespace holding the key that authenticates the operator's probes (the operator creates it)")
 	resync := fs.Duration("resync", 30*time.Second, "period (jittered) of the full recomputation and re-apply, and of the background check of the nftables table that repairs changes made outside egressnat")
-	podCIDRs := fs.String("pod-cidrs", "", "comma-separated pod CIDRs never steered, for CNIs that leave Node spec.podCIDRs empty (those of the Nodes are always excluded)")
+	podCIDRs := fs.String("pod-cidrs", "", "comma-separated pod CIDRs never steered, for CNIs that leave Node spec.podCIDRs empty (those of the Nodes are always excluded); a pod of these networks the agent does not know yet is held from policy destinations")
 	serviceCIDRs := fs.String("service-cidrs", "", "comma-separated Service CIDRs never steered, for API servers without ServiceCIDR objects (those listed are always excluded)")
 	gatewayNamespaces := fs.String("gateway-namespaces", "", "comma-separated namespaces whose NetworkGatewayGroups are honoured besides kube-system (the same as the operator's)")
 	fallback := fs.Bool("fallback-to-node-ip", false, "when no node holds a policy's egress IP, let its traffic leave with the node IP instead of dropping it")

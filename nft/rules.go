@@ -413,8 +413,7 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 			&expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{ctDirReply}},
 			&expr.Ct{Register: 1, Key: expr.CtKeyMARK},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-				Mask: binaryutil.NativeEndian.PutUint32(r.mask), Xor: binaryutil.NativeEndian.PutUint32(0)},
+			maskXor(r.mask, 0),
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.ctMark & r.mask)},
 		}, setMark(^r.mask, r.mark&r.mask))
 	case ruleHold:
@@ -535,31 +534,27 @@ func matchPrefix(offset uint32, p netip.Prefix) []expr.Any {
 	return append(out, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: net4[:]})
 }
 
+// maskXor turns the 32-bit value in register 1 into (value & keep) ^ xor.
+func maskXor(keep, xor uint32) *expr.Bitwise {
+	return &expr.Bitwise{
+		SourceRegister: 1,
+		DestRegister:   1,
+		Len:            4,
+		Mask:           binaryutil.NativeEndian.PutUint32(keep),
+		Xor:            binaryutil.NativeEndian.PutUint32(xor),
+	}
+}
+
 // loadMark loads the packet mark into register 1 as (mark & keep) ^ xor.
 func loadMark(keep, xor uint32) []expr.Any {
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Bitwise{
-			SourceRegister: 1,
-			DestRegister:   1,
-			Len:            4,
-			Mask:           binaryutil.NativeEndian.PutUint32(keep),
-			Xor:            binaryutil.NativeEndian.PutUint32(xor),
-		},
-	}
+	return []expr.Any{&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}, maskXor(keep, xor)}
 }
 
 // setCtMark sets the conntrack mark to (ct mark & keep) ^ xor.
 func setCtMark(keep, xor uint32) []expr.Any {
 	return []expr.Any{
 		&expr.Ct{Register: 1, Key: expr.CtKeyMARK},
-		&expr.Bitwise{
-			SourceRegister: 1,
-			DestRegister:   1,
-			Len:            4,
-			Mask:           binaryutil.NativeEndian.PutUint32(keep),
-			Xor:            binaryutil.NativeEndian.PutUint32(xor),
-		},
+		maskXor(keep, xor),
 		&expr.Ct{Register: 1, Key: expr.CtKeyMARK, SourceRegister: true},
 	}
 }

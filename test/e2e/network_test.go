@@ -18,28 +18,11 @@ import (
 	corev1 "k8s.io/api/core/v1"
 )
 
-// everywherePolicy selects alice's frontends toward every destination
+// everywherePolicy is the seed's policy toward every destination
 // (0.0.0.0/0): the cluster-internal destinations (pod and Service CIDRs,
 // the nodes) must stay untouched whatever a policy says.
-const everywherePolicy = `apiVersion: networking.gke.io/v1
-kind: EgressNATPolicy
-metadata:
-  name: everywhere
-spec:
-  sources:
-  - namespaceSelector:
-      matchLabels:
-        user: alice
-    podSelector:
-      matchLabels:
-        role: frontend
-  action: SNAT
-  destinations:
-  - cidr: 0.0.0.0/0
-  gatewayRef:
-    name: default
-    namespace: kube-system
-`
+var everywherePolicy = strings.NewReplacer("name: egress", "name: everywhere", "cidr: 203.0.113.0/24", "cidr: 0.0.0.0/0").
+	Replace(cluster.SeedPolicy)
 
 // echoIn runs the lab's echo server (TCP and UDP on port) in a pod and
 // waits until it answers.

@@ -232,6 +232,16 @@ func TestLargeTransfersRerouted(t *testing.T) {
 	default:
 		t.Fatal("the server accepted no connection")
 	}
+	// Pods with a larger MTU than the uplinks: the transfer went through
+	// because the pod learned the path MTU (ICMP from its node, on the
+	// rerouted path), not by luck.
+	if cfg := c.Lab.Config(); cfg.PodMTU > cfg.UplinkMTU {
+		out, err := c.Lab.Exec(ctxT(t), p.NetNS, "ip", "-4", "route", "get", ext.IP.String())
+		if err != nil || !strings.Contains(string(out), fmt.Sprintf("mtu %d", cfg.UplinkMTU)) {
+			t.Fatalf("pods at MTU %d behind %d uplinks: the pod's route to %s shows no learned path MTU (%v):\n%s",
+				cfg.PodMTU, cfg.UplinkMTU, ext.IP, err, out)
+		}
+	}
 }
 
 // TestNewPodNeverLeaks: a selected pod that sends from its first moment,

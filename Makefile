@@ -9,7 +9,7 @@ BIN ?= bin
 CONTROLLER_GEN ?= $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.23.0
 GEN_CRD_DIR ?= manifests/crds
 GEN_OBJ_DIR ?= api/v1
-DEB_PACKAGES := etcd-server nftables iproute2 iptables conntrack
+DEB_PACKAGES := etcd-server nftables iproute2 iptables conntrack ipset
 export EGRESSNAT_CACHE ?= $(HOME)/.cache/egressnat
 
 .PHONY: all build generate deps kube-binaries vet test test-unit demo clean
@@ -36,13 +36,14 @@ deps:
 	cd test/tools/kube && $(GO) mod download
 
 # kube-binaries builds and caches kube-apiserver and kubectl (minutes, once);
-# kube-proxy too for the targets that run it.
+# kube-proxy for the targets that run it, with kube-router (the lab's
+# NetworkPolicy implementation, lab use only).
 kube-binaries: deps
 	$(GO) run ./test/apiserver/cmd/kube-binaries
 
 .PHONY: kube-proxy
 kube-proxy: deps
-	$(GO) run ./test/apiserver/cmd/kube-binaries -kube-proxy
+	$(GO) run ./test/apiserver/cmd/kube-binaries -kube-proxy -kube-router
 
 vet:
 	$(GO) vet ./...

@@ -48,6 +48,55 @@ func Binaries() (apiserverPath, kubectlPath string, err error) {
 	return apiserverPath, kubectlPath, nil
 }
 
+// KubeRouterVersion is the kube-router whose NetworkPolicy controller the
+// lab runs (its firewall only: no routing, no service proxy).
+// sigs.k8s.io/kube-network-policies, the first choice, needs the nftables
+// queue expression, which the test machines' kernel lacks
+// (CONFIG_NFT_QUEUE); kube-router enforces NetworkPolicies with iptables
+// and ipset. Lab use only: security flaws are reported for this version
+// (it is not shipped, and runs in throwaway network namespaces).
+const KubeRouterVersion = "v2.1.0"
+
+// KubeRouter returns the path of kube-router, built with go install from
+// its own module (its go.mod, not test/tools/kube) and cached, building
+// it first when it is not cached (minutes on a cold cache).
+func KubeRouter() (string, error) {
+	dir := filepath.Join(CacheDir(), "kube-router-"+KubeRouterVersion)
+	p := filepath.Join(dir, "kube-router")
+	if exists(p) {
+		return p, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("create cache dir: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return "", fmt.Errorf("open build lock: %w", err)
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return "", fmt.Errorf("take build lock: %w", err)
+	}
+	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN) //nolint:errcheck
+	if exists(p) {
+		return p, nil
+	}
+	tmp := filepath.Join(dir, "tmp")
+	cmd := exec.Command("go", "install", "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@"+KubeRouterVersion)
+	cmd.Env = append(os.Environ(), "GOBIN="+tmp, "GOFLAGS=-mod=mod")
+	cmd.Dir = os.TempDir()
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	fmt.Fprintf(os.Stderr, "apiserver: building kube-router %s (minutes on a cold cache)\n", KubeRouterVersion)
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("build kube-router: %w", err)
+	}
+	if err := os.Rename(filepath.Join(tmp, "kube-router"), p); err != nil {
+		return "", fmt.Errorf("install kube-router: %w", err)
+	}
+	os.RemoveAll(tmp)
+	return p, nil
+}
+
 // KubeProxy returns the path of kube-proxy, built from the same
 // k8s.io/kubernetes module as the API server (test/tools/kube) with its
 // version stamped, building it first when it is not cached (minutes on a

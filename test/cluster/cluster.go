@@ -46,6 +46,9 @@ type Options struct {
 	// KubeProxyMode is its --proxy-mode: "nftables" (default) or
 	// "iptables".
 	KubeProxyMode string
+	// NetworkPolicy also runs a real NetworkPolicy implementation on every
+	// node (StartKubeRouters).
+	NetworkPolicy bool
 	// Network: the lab's pod network, reverse-path filtering, CNI
 	// masquerade and MTUs (lab.Config's PodNetwork, RPFilter, Masquerade,
 	// UplinkMTU and PodMTU; the rest is ignored). See ParseMode.
@@ -63,6 +66,8 @@ type Cluster struct {
 	Operators []*lab.Proc
 	// KubeProxies run by StartKubeProxies, by node name.
 	KubeProxies map[string]*lab.Proc
+	// KubeRouters run by StartKubeRouters (NetworkPolicy), in node order.
+	KubeRouters []*lab.Proc
 
 	opts   Options
 	binDir string
@@ -174,6 +179,12 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 	if o.KubeProxy {
 		o.Log("starting kube-proxy (%s mode) on every node", o.KubeProxyMode)
 		if err := c.StartKubeProxies(ctx); err != nil {
+			return nil, err
+		}
+	}
+	if o.NetworkPolicy {
+		o.Log("starting kube-router's NetworkPolicy firewall on every node")
+		if err := c.StartKubeRouters(ctx); err != nil {
 			return nil, err
 		}
 	}

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -229,8 +228,12 @@ spec:
 	}
 }
 
-// 7. NetworkPolicy first: traffic a CNI's forward-path drop rule stops never
-// reaches the gateway.
+// 7. NetworkPolicy first: an egress NetworkPolicy that denies a selected
+// pod's traffic to the policy's destinations wins over egressnat, enforced
+// by a real implementation (kube-router's firewall, iptables and ipset, in
+// the pod's node's forward path): nothing reaches the outside, neither
+// with the floating IP nor with the node's, and the gateway never sees the
+// traffic. What the NetworkPolicy allows still leaves.
 func TestNetworkPolicyDropsFirst(t *testing.T) {
 	apply(t, seedGateway)
 	apply(t, seedPolicy)
@@ -238,22 +241,47 @@ func TestNetworkPolicyDropsFirst(t *testing.T) {
 	p := pod(t, "worker2", "alice", "web", frontend)
 	wantSource(t, p, ext1(), fip100)
 
-	// What a CNI enforcing a NetworkPolicy that denies egress would install.
-	rule := []string{"FORWARD", "-s", p.IP.String(), "-d", "203.0.113.0/24", "-j", "DROP"}
-	nodeExec(t, "worker2", append([]string{"iptables", "-I"}, rule...)...)
-	t.Cleanup(func() {
-		c.Lab.Exec(context.Background(), c.Lab.Node("worker2").NetNS, append([]string{"iptables", "-D"}, rule...)...)
-	}) //nolint:errcheck
+	apply(t, `apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: no-partner
+  namespace: alice
+spec:
+  podSelector:
+    matchLabels:
+      role: frontend
+  policyTypes:
+  - Egress
+  egress:
+  - to:
+    - ipBlock:
+        cidr: 0.0.0.0/0
+        except:
+        - 203.0.113.0/24
+`)
+	// Until kube-router enforces it (its watch, then its iptables sync).
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := c.Source(ctxT(t), p, ext1()); err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the NetworkPolicy was not enforced within 30 s")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	nodeExec(t, "worker1", "conntrack", "-F")
 	for range 3 {
 		if src, err := c.Source(ctxT(t), p, ext1()); err == nil {
-			t.Fatalf("dropped traffic reached the external server from %s", src)
+			t.Fatalf("denied traffic reached the external server from %s", src)
 		}
 	}
 	out, _ := c.Lab.Exec(ctxT(t), c.Lab.Node("worker1").NetNS, "conntrack", "-L", "-s", p.IP.String())
 	if strings.Contains(string(out), p.IP.String()) {
-		t.Fatalf("the gateway saw dropped traffic:\n%s", out)
+		t.Fatalf("the gateway saw denied traffic:\n%s", out)
 	}
+	// Allowed by the NetworkPolicy, not a policy destination: the node IP.
+	keepSource(t, p, ext2(), worker2IP)
 }
 
 // 8. The group's status has the seed's shape: two workers and three IPs

@@ -39,7 +39,8 @@ const ModeEnv = "EGRESSNAT_E2E_MODE"
 
 // The agents check their table every 3 s (TestDriftRepaired). Under
 // -short nothing runs: every test needs the lab cluster. A real kube-proxy
-// runs on every node (TestServices).
+// runs on every node (TestServices), and a real NetworkPolicy
+// implementation (TestNetworkPolicyDropsFirst).
 func TestMain(m *testing.M) {
 	flag.Parse()
 	if testing.Short() {
@@ -52,7 +53,7 @@ func TestMain(m *testing.M) {
 		os.Exit(2)
 	}
 	os.Exit(cluster.TestMainOptions(m, cluster.Options{Prefix: "enat-e2e-", AgentArgs: []string{"--resync=3s"},
-		KubeProxy: true, KubeProxyMode: kp, Network: network}, &c))
+		KubeProxy: true, KubeProxyMode: kp, Network: network, NetworkPolicy: true}, &c))
 }
 
 func ext1() *lab.External { return c.Lab.External("ext1") } // 203.0.113.10

@@ -1,6 +1,7 @@
 // Command kube-binaries builds and caches the kube-apiserver and kubectl the
 // tests and the lab run, and prints their paths. With -kube-proxy it also
-// builds kube-proxy (for make badinput) and prints its path last.
+// builds kube-proxy, with -kube-router kube-router (the end-to-end suite's
+// NetworkPolicy implementation), and prints their paths after.
 package main
 
 import (
@@ -13,6 +14,7 @@ import (
 
 func main() {
 	proxy := flag.Bool("kube-proxy", false, "also build and cache kube-proxy")
+	router := flag.Bool("kube-router", false, "also build and cache kube-router (the lab's NetworkPolicy implementation)")
 	flag.Parse()
 	a, k, err := apiserver.Binaries()
 	if err != nil {
@@ -23,6 +25,14 @@ func main() {
 	fmt.Println(k)
 	if *proxy {
 		p, err := apiserver.KubeProxy()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "kube-binaries:", err)
+			os.Exit(1)
+		}
+		fmt.Println(p)
+	}
+	if *router {
+		p, err := apiserver.KubeRouter()
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "kube-binaries:", err)
 			os.Exit(1)

@@ -60,21 +60,29 @@ func (c *Cluster) StartKubeProxies(ctx context.Context) error {
 	return nil
 }
 
-func (c *Cluster) kubeProxyIdentity(ctx context.Context) error {
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "kube-proxy", Namespace: "kube-system"}}
+func (c *Cluster) kubeProxyIdentity(ctx context.Context) (err error) {
+	c.kubeProxyKubeconfig, err = c.systemIdentity(ctx, "kube-proxy", "system:node-proxier")
+	return err
+}
+
+// systemIdentity creates the ServiceAccount kube-system/<name>, binds it to
+// clusterRole, and writes a kubeconfig for it into the lab's work
+// directory; it returns the kubeconfig's path.
+func (c *Cluster) systemIdentity(ctx context.Context, name, clusterRole string) (string, error) {
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "kube-system"}}
 	if _, err := c.Client.CoreV1().ServiceAccounts("kube-system").Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("create kube-proxy service account: %w", err)
+		return "", fmt.Errorf("create %s service account: %w", name, err)
 	}
 	crb := &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: "egressnat-lab-kube-proxy"},
-		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "system:node-proxier"},
-		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: "kube-proxy", Namespace: "kube-system"}},
+		ObjectMeta: metav1.ObjectMeta{Name: "egressnat-lab-" + name},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: clusterRole},
+		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: name, Namespace: "kube-system"}},
 	}
 	if _, err := c.Client.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("bind kube-proxy to system:node-proxier: %w", err)
+		return "", fmt.Errorf("bind %s to %s: %w", name, clusterRole, err)
 	}
-	c.kubeProxyKubeconfig = filepath.Join(c.Lab.WorkDir(), "kube-proxy.kubeconfig")
-	return ServiceAccountKubeconfig(ctx, c.Client, c.API.InNetworkURL, "kube-system", "kube-proxy", c.kubeProxyKubeconfig)
+	path := filepath.Join(c.Lab.WorkDir(), name+".kubeconfig")
+	return path, ServiceAccountKubeconfig(ctx, c.Client, c.API.InNetworkURL, "kube-system", name, path)
 }
 
 // KubeProxyArgs are the flags StartKubeProxy gives kube-proxy on node, in

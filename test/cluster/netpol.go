@@ -8,10 +8,6 @@ import (
 	"time"
 
 	"github.com/egressnat/egressnat/test/apiserver"
-	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // StartKubeRouters runs a real NetworkPolicy implementation on every lab
@@ -26,20 +22,8 @@ func (c *Cluster) StartKubeRouters(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "kube-router", Namespace: "kube-system"}}
-	if _, err := c.Client.CoreV1().ServiceAccounts("kube-system").Create(ctx, sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("create kube-router service account: %w", err)
-	}
-	crb := &rbacv1.ClusterRoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Name: "egressnat-lab-kube-router"},
-		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "cluster-admin"},
-		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Name: "kube-router", Namespace: "kube-system"}},
-	}
-	if _, err := c.Client.RbacV1().ClusterRoleBindings().Create(ctx, crb, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("bind kube-router: %w", err)
-	}
-	kubeconfig := filepath.Join(c.Lab.WorkDir(), "kube-router.kubeconfig")
-	if err := ServiceAccountKubeconfig(ctx, c.Client, c.API.InNetworkURL, "kube-system", "kube-router", kubeconfig); err != nil {
+	kubeconfig, err := c.systemIdentity(ctx, "kube-router", "cluster-admin")
+	if err != nil {
 		return err
 	}
 	for _, n := range c.Lab.Nodes() {

@@ -199,7 +199,7 @@ func normalizeState(st selector.NodeState) (*normalized, error) {
 		return nil, err
 	}
 	n.dests[setPodNets] = mergeOverlaps(prefixRanges(podNets))
-	if n.sources[setKnown], err = normalizeSources(selector.PolicyState{Name: "known pods", Sources: st.LocalPods}); err != nil {
+	if n.sources[setKnown], err = knownPods(st); err != nil {
 		return nil, err
 	}
 	for _, f := range st.FloatingIPs {
@@ -212,6 +212,12 @@ func normalizeState(st selector.NodeState) (*normalized, error) {
 	n.floating = slices.CompactFunc(n.floating, func(a, b netip.Prefix) bool { return a.Addr() == b.Addr() })
 	n.state = st
 	return n, nil
+}
+
+// knownPods returns the content of the known-pods set: st.LocalPods
+// normalized as a policy's sources are.
+func knownPods(st selector.NodeState) ([]netip.Addr, error) {
+	return normalizeSources(selector.PolicyState{Name: "known pods", Sources: st.LocalPods})
 }
 
 // ipv4Only returns ps unmapped, or an error naming what (a non-IPv4 prefix).

@@ -119,7 +119,7 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 	// flow was never confirmed).
 	var known *change
 	if have, ok := ks.sources[setKnown]; ok && !slices.Equal(have, st.LocalPods) {
-		now, err := normalizeSources(selector.PolicyState{Name: "known pods", Sources: st.LocalPods})
+		now, err := knownPods(st)
 		if err != nil {
 			return true, fmt.Errorf("invalid state: %w", err)
 		}

@@ -128,7 +128,8 @@ func later(a, b time.Time) time.Time {
 // sendInterval from one socket, from before the API knows its address.
 type livePod struct {
 	idx      int
-	selected bool // by the real pods' policy (label egress=yes)
+	selected bool       // by the real pods' policy (label egress=yes)
+	want     netip.Addr // the source its datagrams must leave with
 	pod      *synthPod
 	lab      *lab.Pod
 	conn     net.Conn
@@ -170,7 +171,11 @@ func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*li
 	pods := make([]*livePod, n)
 	for i := range n {
 		node := s.nodes[i%len(s.nodes)]
-		pods[i] = &livePod{idx: i, selected: i%4 != 3, pod: &synthPod{ns: liveNamespace, name: fmt.Sprintf("live-%03d", i), node: node}}
+		p := &livePod{idx: i, selected: i%4 != 3, pod: &synthPod{ns: liveNamespace, name: fmt.Sprintf("live-%03d", i), node: node}, want: fip}
+		if !p.selected {
+			p.want = s.c.Lab.Node(node).IP
+		}
+		pods[i] = p
 	}
 	logf("creating %d real pods (network namespaces) and their Pod objects without IP", n)
 	if err := parallel(ctx, "real pods", n, 4, func(ctx context.Context, i int) error {
@@ -218,18 +223,14 @@ func (s *scale) latencyReal(ctx context.Context, watches map[string]*watch) (*li
 			src, _ := netip.AddrFromSlice(ua.IP)
 			src = src.Unmap()
 			p := pods[i]
-			want := fip
-			if !p.selected {
-				want = s.c.Lab.Node(p.pod.node).IP
-			}
 			p.mu.Lock()
 			if p.armed.IsZero() {
 				p.early++
 			}
 			switch {
-			case src != want && p.selected:
+			case src != p.want && p.selected:
 				p.leak++
-			case src != want:
+			case src != p.want:
 				p.wrong++
 			case p.arrived.IsZero():
 				p.arrived = now

@@ -548,15 +548,19 @@ func (l *Lab) ip(ns string, args ...string) error {
 }
 
 // ipBatch runs several ip commands in namespace ns with one "ip -n ns -batch".
-func (l *Lab) ipBatch(ns string, cmds []string) error {
+func (l *Lab) ipBatch(ns string, cmds []string) error { return l.batch("ip", ns, cmds) }
+
+// batch runs several commands of tool (ip, bridge) in namespace ns with
+// one "<tool> -n ns -batch -".
+func (l *Lab) batch(tool, ns string, cmds []string) error {
 	if err := l.checkNS(ns); err != nil {
 		return err
 	}
-	cmd := exec.Command("ip", "-n", ns, "-batch", "-")
+	cmd := exec.Command(tool, "-n", ns, "-batch", "-")
 	cmd.Stdin = strings.NewReader(strings.Join(cmds, "\n") + "\n")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("lab: ip -n %s -batch: %w: %s\ncommands:\n%s", ns, err, strings.TrimSpace(string(out)), strings.Join(cmds, "\n"))
+		return fmt.Errorf("lab: %s -n %s -batch: %w: %s\ncommands:\n%s", tool, ns, err, strings.TrimSpace(string(out)), strings.Join(cmds, "\n"))
 	}
 	return nil
 }

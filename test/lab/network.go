@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os/exec"
 	"strconv"
 	"strings"
 )
@@ -219,7 +218,7 @@ func (l *Lab) setupNodeNetwork(n *Node) error {
 		return err
 	}
 	if len(fdb) > 0 {
-		if err := l.bridgeBatch(n.NetNS, fdb); err != nil {
+		if err := l.batch("bridge", n.NetNS, fdb); err != nil {
 			return err
 		}
 	}
@@ -279,21 +278,6 @@ func (l *Lab) setupPodNetwork(n *Node, p *Pod) error {
 		"route add " + n.PodGateway.String() + " dev eth0 scope link",
 		"route add default via " + n.PodGateway.String() + " dev eth0",
 	})
-}
-
-// bridgeBatch runs several bridge commands in namespace ns with one
-// "bridge -n ns -batch -".
-func (l *Lab) bridgeBatch(ns string, cmds []string) error {
-	if err := l.checkNS(ns); err != nil {
-		return err
-	}
-	cmd := exec.Command("bridge", "-n", ns, "-batch", "-")
-	cmd.Stdin = strings.NewReader(strings.Join(cmds, "\n") + "\n")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("lab: bridge -n %s -batch: %w: %s\ncommands:\n%s", ns, err, strings.TrimSpace(string(out)), strings.Join(cmds, "\n"))
-	}
-	return nil
 }
 
 // ParseModeName reads a name ModeName writes (its parts in any order, each

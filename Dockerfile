@@ -2,7 +2,7 @@
 # One image with the three egressnat binaries:
 #   /egressnat-agent     the DaemonSet (runs as root with NET_ADMIN and NET_RAW
 #                        only: netlink and nftables need uid 0; see
-#                        manifests/agent-daemonset.yaml)
+#                        manifests/base/agent-daemonset.yaml)
 #   /egressnat-operator  the Deployment (runs as the image's nonroot user)
 #   /egressnatctl        the CLI, also the agent's init container
 #                        (prepare-node) and usable with kubectl exec on a node

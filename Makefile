@@ -9,16 +9,39 @@ BIN ?= bin
 CONTROLLER_GEN ?= $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.23.0
 GEN_CRD_DIR ?= manifests/crds
 GEN_OBJ_DIR ?= api/v1
-DEB_PACKAGES := etcd-server nftables iproute2 iptables conntrack ipset
+DEB_PACKAGES := etcd-server nftables iproute2 iptables conntrack ipset containerd runc containernetworking-plugins
 export EGRESSNAT_CACHE ?= $(HOME)/.cache/egressnat
+# VERSION and COMMIT are stamped into the binaries (cmd/internal/version)
+# with LDFLAGS, which every target building a release binary passes to
+# `go build -ldflags "$(LDFLAGS)"`. LDFLAGS is not taken from the
+# environment (where it often holds a C linker's flags): override it on the
+# command line.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
+VERSION_PKG := github.com/egressnat/egressnat/cmd/internal/version
+LDFLAGS = -X $(VERSION_PKG).Version=$(VERSION) -X $(VERSION_PKG).Commit=$(COMMIT)
 
 .PHONY: all build generate deps kube-binaries vet test test-unit demo clean
 
 all: build
 
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
 	cp $(BIN)/egressnatctl $(BIN)/kubectl-egressnat
+
+# image: the product image, ghcr.io/egressnat/egressnat:IMAGE_TAG (default:
+# manifests/kustomization.yaml's newTag), built offline (no docker daemon,
+# no registry: test/image/cmd/mkimage) from static binaries into an OCI
+# archive, IMAGE_OUT; prints its name, path, digest and size. Load it with
+# `ctr -n k8s.io images import bin/egressnat-image.tar` (or docker load -i).
+# The same image as the Dockerfile's. E.g. make image IMAGE_TAG=v0.2.0;
+# the test images: go run ./test/image/cmd/mkimage -image all.
+IMAGE_TAG ?=
+IMAGE_OUT ?= $(BIN)/egressnat-image.tar
+.PHONY: image
+image:
+	CGO_ENABLED=0 GOOS=linux $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o $(BIN)/image/ ./cmd/...
+	$(GO) run ./test/image/cmd/mkimage -bin $(BIN)/image -o $(IMAGE_OUT) -version "$(VERSION)" $(if $(IMAGE_TAG),-tag $(IMAGE_TAG))
 
 generate:
 	$(CONTROLLER_GEN) object paths=./api/... output:object:dir=$(GEN_OBJ_DIR) \
@@ -34,6 +57,7 @@ deps:
 	fi
 	$(GO) mod download
 	cd test/tools/kube && $(GO) mod download
+	cd test/tools/kube-floor && $(GO) mod download
 
 # kube-binaries builds and caches kube-apiserver and kubectl (minutes, once);
 # kube-proxy for the targets that run it, with kube-router (the lab's
@@ -44,6 +68,14 @@ kube-binaries: deps
 .PHONY: kube-proxy
 kube-proxy: deps
 	$(GO) run ./test/apiserver/cmd/kube-binaries -kube-proxy -kube-router
+
+# kube-test-binaries: what make test needs besides: kube-controller-manager
+# (test/deploy runs its ClusterRole aggregation controller) and the
+# kube-apiserver and kubectl of the oldest supported release (test/floor,
+# from test/tools/kube-floor). Minutes, once.
+.PHONY: kube-test-binaries
+kube-test-binaries: deps
+	$(GO) run ./test/apiserver/cmd/kube-binaries -controller-manager -floor
 
 vet:
 	$(GO) vet ./...
@@ -59,11 +91,14 @@ test-unit:
 # and must not share two cores): vet, unit tests, generated-file freshness,
 # the real API server tests, the kernel tests in network namespaces, the lab
 # end-to-end (on the default lab: routed /32 pods, loose rp_filter,
-# iptables-nft masquerade, kube-proxy in nftables mode) and failover
-# tests; then the end-to-end suite again on every lab mode of E2E_MATRIX.
-test: deps kube-binaries kube-proxy build vet
+# iptables-nft masquerade, kube-proxy in nftables mode), the real-cluster
+# end-to-end (test/realcluster, as make test-cluster) and failover tests;
+# then the end-to-end suite again on every lab mode of E2E_MATRIX and the
+# real-cluster suite on every mode of CLUSTER_MATRIX.
+test: deps kube-binaries kube-proxy kube-test-binaries kube-cluster build vet
 	$(GO) test -count=1 -p 1 -timeout 40m ./...
 	$(MAKE) --no-print-directory e2e-matrix
+	$(MAKE) --no-print-directory cluster-matrix
 
 # E2E_MATRIX: the lab modes the end-to-end suite also runs on in make test
 # (test/cluster.ParseMode: pod network, rp_filter, CNI masquerade, MTUs,
@@ -121,3 +156,41 @@ bench-scale: deps kube-binaries build
 .PHONY: badinput
 badinput: deps kube-binaries kube-proxy
 	$(GO) run ./test/badinput $(BADINPUT_FLAGS)
+
+# kube-cluster builds and caches what a real cluster runs besides the API
+# server: kubelet, kube-controller-manager, kube-scheduler and kube-proxy,
+# from the same k8s.io/kubernetes module (minutes each, once).
+.PHONY: kube-cluster
+kube-cluster: deps
+	$(GO) run ./test/apiserver/cmd/kube-binaries -kube-proxy -cluster
+
+# cluster: a real Kubernetes cluster on this machine (nodes cp1, worker1,
+# worker2 in network namespaces, each with Debian's containerd, runc and CNI
+# plugins and a kubelet; kube-controller-manager, kube-scheduler and
+# kube-proxy), the egressnat image built offline and imported into every
+# node's runtime, `kubectl apply -k manifests/`, then the seed scenario on
+# real pods. Tears down at the end; make cluster CLUSTER_FLAGS=-keep keeps it
+# running until Ctrl-C (it prints the kubeconfig); -mode picks a lab mode.
+.PHONY: cluster
+cluster: deps kube-binaries kube-cluster
+	$(GO) run ./test/cluster/cmd/cluster $(CLUSTER_FLAGS)
+
+# test-cluster: the real-cluster end-to-end suite (test/realcluster): the
+# install as a user does it, the seed scenario, the leak window with
+# kubelet-written pod IPs, a rolling update of the DaemonSet during traffic,
+# the loss of a gateway node, and the uninstall leaving nothing on the
+# nodes. About 3 minutes on 2 cores.
+.PHONY: test-cluster
+test-cluster: deps kube-binaries kube-cluster
+	$(GO) test -count=1 -v -timeout 20m ./test/realcluster/
+
+# CLUSTER_MATRIX: the lab modes the real-cluster suite also runs on in make
+# test (the default mode runs within go test ./...).
+CLUSTER_MATRIX ?= overlay/strict/iptables-legacy/kp-iptables
+
+.PHONY: cluster-matrix
+cluster-matrix: deps kube-binaries kube-cluster
+	@for m in $(CLUSTER_MATRIX); do \
+		echo "real-cluster e2e on lab mode $$m"; \
+		EGRESSNAT_E2E_MODE=$$m $(GO) test -count=1 -timeout 20m ./test/realcluster/ || exit 1; \
+	done

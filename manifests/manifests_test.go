@@ -39,26 +39,29 @@ func docs(t *testing.T, file string) [][]byte {
 // TestKustomizationListsEveryFile: no manifest is forgotten and none is
 // missing.
 func TestKustomizationListsEveryFile(t *testing.T) {
-	var k struct {
-		Resources []string `json:"resources"`
-	}
-	b, err := os.ReadFile("kustomization.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := yaml.Unmarshal(b, &k); err != nil {
-		t.Fatal(err)
-	}
-	files, _ := filepath.Glob("*.yaml")
-	crds, _ := filepath.Glob("crds/*.yaml")
-	for _, f := range append(files, crds...) {
-		if f != "kustomization.yaml" && !slices.Contains(k.Resources, f) {
-			t.Errorf("%s is not in kustomization.yaml", f)
+	// Each kustomization lists every YAML file of its directory (crds and
+	// base); the top one and single-node take those two directories.
+	for dir, wantAll := range map[string]bool{".": true, "crds": true, "base": true, "single-node": false} {
+		var k struct {
+			Resources []string `json:"resources"`
 		}
-	}
-	for _, r := range k.Resources {
-		if _, err := os.Stat(r); err != nil {
-			t.Errorf("kustomization.yaml lists %s: %v", r, err)
+		b, err := os.ReadFile(filepath.Join(dir, "kustomization.yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := yaml.Unmarshal(b, &k); err != nil {
+			t.Fatal(err)
+		}
+		files, _ := filepath.Glob(filepath.Join(dir, "*.yaml"))
+		for _, f := range files {
+			if base := filepath.Base(f); wantAll && base != "kustomization.yaml" && !slices.Contains(k.Resources, base) {
+				t.Errorf("%s is not in %s/kustomization.yaml", f, dir)
+			}
+		}
+		for _, r := range k.Resources {
+			if _, err := os.Stat(filepath.Join(dir, r)); err != nil {
+				t.Errorf("%s/kustomization.yaml lists %s: %v", dir, r, err)
+			}
 		}
 	}
 }
@@ -68,7 +71,7 @@ func TestKustomizationListsEveryFile(t *testing.T) {
 // escalate, bind or impersonate; the agent writes nothing of
 // networking.gke.io and no status.
 func TestLeastPrivilege(t *testing.T) {
-	files, _ := filepath.Glob("*.yaml")
+	files, _ := filepath.Glob("base/*.yaml")
 	roles := 0
 	for _, f := range files {
 		for _, d := range docs(t, f) {
@@ -121,8 +124,8 @@ func TestLeastPrivilege(t *testing.T) {
 			}
 		}
 	}
-	if roles != 5 {
-		t.Errorf("found %d Roles and ClusterRoles, want 5", roles)
+	if roles != 8 {
+		t.Errorf("found %d Roles and ClusterRoles, want 8", roles)
 	}
 }
 
@@ -131,7 +134,7 @@ func TestLeastPrivilege(t *testing.T) {
 // limit below it, and that limit is set.
 func TestAgentMemoryLimit(t *testing.T) {
 	var ds appsv1.DaemonSet
-	b, err := os.ReadFile("agent-daemonset.yaml")
+	b, err := os.ReadFile("base/agent-daemonset.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,7 +193,7 @@ func workload(t *testing.T, file string) (corev1.Container, corev1.PodSpec) {
 // operators probe the port the agents listen on.
 func TestBindAddresses(t *testing.T) {
 	ports := map[string]map[string]int{} // file -> flag -> port
-	for _, f := range []string{"agent-daemonset.yaml", "operator-deployment.yaml"} {
+	for _, f := range []string{"base/agent-daemonset.yaml", "base/operator-deployment.yaml"} {
 		c, spec := workload(t, f)
 		if !spec.HostNetwork {
 			t.Errorf("%s: not hostNetwork; this test assumes it", f)
@@ -253,7 +256,7 @@ func TestBindAddresses(t *testing.T) {
 			}
 		}
 	}
-	agentProbe, opProbe := ports["agent-daemonset.yaml"]["health-probe-addr"], ports["operator-deployment.yaml"]["probe-port"]
+	agentProbe, opProbe := ports["base/agent-daemonset.yaml"]["health-probe-addr"], ports["base/operator-deployment.yaml"]["probe-port"]
 	if agentProbe == 0 || agentProbe != opProbe {
 		t.Errorf("the operator probes port %d, the agents listen for probes on %d", opProbe, agentProbe)
 	}
@@ -276,7 +279,7 @@ func TestBootUnit(t *testing.T) {
 	if len(exec) == 0 || !slices.Contains(exec, "--boot-guard") {
 		t.Fatalf("ExecStart %q does not run --boot-guard", exec)
 	}
-	c, spec := workload(t, "agent-daemonset.yaml")
+	c, spec := workload(t, "base/agent-daemonset.yaml")
 	if slices.Contains(c.Args, "--boot-binary=false") {
 		t.Fatal("the agent does not keep the boot unit's binary")
 	}

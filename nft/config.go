@@ -64,6 +64,10 @@ type Config struct {
 	// lease (no arp table: the node answers for them as long as they are
 	// on the uplink). The kernel counts it in whole milliseconds.
 	ARPLease time.Duration
+	// SysctlRecordDir: before an Apply changes a sysctl (a gateway's, see
+	// gatewaySettings), its value before is recorded in this directory
+	// (RecordSysctls), for an uninstall to restore; empty: not recorded.
+	SysctlRecordDir string
 }
 
 func (c Config) withDefaults() (Config, error) {

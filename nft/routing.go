@@ -352,10 +352,12 @@ func (rt routing) gatewaySysctls() map[string]string {
 }
 
 // gatewaySettings writes the gateway sysctls that differ and returns how
-// many values it changed.
+// many values it changed. With Config.SysctlRecordDir, the values before
+// are recorded there first (RecordSysctls), for an uninstall to restore.
 func (rt routing) gatewaySettings() (int, error) {
 	changed := 0
 	err := rt.cfg.inNetNS(func() error {
+		var changes []SysctlChange
 		for path, want := range rt.gatewaySysctls() {
 			cur, err := os.ReadFile(path)
 			if err != nil {
@@ -364,7 +366,17 @@ func (rt routing) gatewaySettings() (int, error) {
 			if string(bytes.TrimSpace(cur)) == want {
 				continue
 			}
-			if err := os.WriteFile(path, []byte(want+"\n"), 0o644); err != nil {
+			rel, _ := filepath.Rel(procSysNet, path)
+			changes = append(changes, SysctlChange{Path: rel, Before: string(bytes.TrimSpace(cur)), Set: want})
+		}
+		if len(changes) > 0 && rt.cfg.SysctlRecordDir != "" {
+			if err := RecordSysctls(rt.cfg.SysctlRecordDir, procSysNet, changes); err != nil {
+				return err
+			}
+		}
+		for _, c := range changes {
+			path := filepath.Join(procSysNet, c.Path)
+			if err := os.WriteFile(path, []byte(c.Set+"\n"), 0o644); err != nil {
 				return fmt.Errorf("write %s: %w", path, err)
 			}
 			changed++
@@ -373,6 +385,9 @@ func (rt routing) gatewaySettings() (int, error) {
 	})
 	return changed, err
 }
+
+// procSysNet is where the net sysctls of the current network namespace are.
+const procSysNet = "/proc/sys/net"
 
 // DefaultRouteLink returns the name of the interface of the IPv4 default
 // route in the current network namespace: the uplink when none is given

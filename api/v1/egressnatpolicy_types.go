@@ -143,8 +143,9 @@ type EgressNATPolicySpec struct {
 	// checks it in linear time and names the duplicate. A CEL rule cannot:
 	// self.all(d, self.exists_one(e, e.cidr == d.cidr)) exceeds the
 	// per-call runtime cost limit at 512 items, and list.distinct() needs
-	// Kubernetes 1.34. The rules on EgressDestination make the cidr strings
-	// canonical, so equal strings are equal networks.
+	// Kubernetes 1.35 (its CEL library came in 1.34; new rules may use a
+	// library from the release after). The rules on EgressDestination make
+	// the cidr strings canonical, so equal strings are equal networks.
 
 	// Destinations: selected pods' traffic to these networks is SNATed.
 	// Each network may be listed once.

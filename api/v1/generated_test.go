@@ -47,7 +47,8 @@ func TestGeneratedFilesFresh(t *testing.T) {
 	for _, f := range crds {
 		compare(f, filepath.Join(root, "manifests", "crds", filepath.Base(f)))
 	}
-	committed, _ := filepath.Glob(filepath.Join(root, "manifests", "crds", "*.yaml"))
+	// manifests/crds also holds its kustomization.yaml (not generated).
+	committed, _ := filepath.Glob(filepath.Join(root, "manifests", "crds", "*_*.yaml"))
 	if len(committed) != len(crds) {
 		t.Errorf("manifests/crds has %d files, controller-gen makes %d: remove the stale ones", len(committed), len(crds))
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/cmd/internal/logging"
 	"github.com/egressnat/egressnat/cmd/internal/metrics"
+	"github.com/egressnat/egressnat/cmd/internal/version"
 	"github.com/egressnat/egressnat/nft"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
@@ -38,6 +39,7 @@ func main() {
 func run() error {
 	fs := flag.NewFlagSet("egressnat-agent", flag.ContinueOnError)
 	logOpts := logging.AddFlags(fs)
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file; in-cluster service account when empty")
 	node := fs.String("node-name", os.Getenv("NODE_NAME"), "this node's name (NODE_NAME from the downward API)")
 	namespace := fs.String("namespace", envOr("POD_NAMESPACE", "egressnat-system"), "namespace of the agents' liveness Leases")
@@ -62,8 +64,16 @@ func run() error {
 	fallback := fs.Bool("fallback-to-node-ip", false, "when no node holds a policy's egress IP, let its traffic leave with the node IP instead of dropping it")
 	bootBinary := fs.Bool("boot-binary", true, "keep a copy of this executable in --state-dir for the boot unit (--boot-guard), replaced when it differs")
 	bootGuard := fs.Bool("boot-guard", false, "install the guard table from --state-dir when the node has none, then exit; run at boot before the network starts (manifests/host/egressnat-boot-guard.service); needs no API server and no --node-name")
+	cleanup := fs.Bool("cleanup", false, "remove everything egressnat put on this node (nftables tables, ip rules and routes, floating IPs, the sysctls it changed back to their values before, its files in --state-dir), then exit: for a node whose agent is gone (docs/operations.md, Uninstall); needs no API server and no --node-name")
+	cleanupOnUninstall := fs.Bool("cleanup-on-uninstall", true, "when stopped while egressnat is being uninstalled (its namespace or DaemonSet deleted, as seen through the API), do what --cleanup does before exiting; any other stop leaves the kernel as it is")
+	podName := fs.String("pod-name", os.Getenv("POD_NAME"), "this pod's name (POD_NAME from the downward API): the DaemonSet that owns it is watched to tell an uninstall from a restart")
+	procSysNet := fs.String("proc-sys-net", "/proc/sys/net", "the host's /proc/sys/net, writable (the DaemonSet mounts it at /host/proc/sys/net): where an uninstall and --cleanup restore the sysctls recorded in --state-dir")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
+	}
+	if *showVersion {
+		fmt.Println(version.String("egressnat-agent"))
+		return nil
 	}
 	mask, err := strconv.ParseUint(*markMask, 0, 32)
 	if err != nil || mask == 0 {
@@ -93,11 +103,16 @@ func run() error {
 		return err
 	}
 	defer log.Sync() //nolint:errcheck
+	logging.RouteKlog(log)
 	if *bootGuard {
 		return runBootGuard(log, bootGuardConfig{
 			stateDir: *stateDir, uplink: *uplink, table: *table, mask: uint32(mask),
 			tableBase: *tableBase, rulePriority: *rulePriority, extra: slices.Concat(pods, services),
 		})
+	}
+	if *cleanup {
+		return runCleanup(log, bootGuardConfig{stateDir: *stateDir, uplink: *uplink, table: *table, mask: uint32(mask),
+			tableBase: *tableBase, rulePriority: *rulePriority}, *procSysNet)
 	}
 	if *node == "" {
 		return fmt.Errorf("--node-name (or NODE_NAME) is required")
@@ -118,14 +133,14 @@ func run() error {
 	dp, err := nft.New(nft.Config{
 		Table: *table, Uplink: upName, MarkMask: uint32(mask),
 		RouteTableBase: *tableBase, RulePriority: *rulePriority, NetNSFd: -1, Logger: log.With(zap.String("node", *node)),
-		ARPProbeWait: *arpProbeWait, ARPLease: *arpLease,
+		ARPProbeWait: *arpProbeWait, ARPLease: *arpLease, SysctlRecordDir: *stateDir,
 	})
 	if err != nil {
 		return fmt.Errorf("dataplane: %w", err)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	log.Info("starting", zap.String("node", *node), zap.String("uplink", upName), zap.String("subnets", kube.FormatSubnets(subnets)),
+	log.Info("starting", zap.String("version", version.Get().String()), zap.String("node", *node), zap.String("uplink", upName), zap.String("subnets", kube.FormatSubnets(subnets)),
 		zap.Int64("goMemoryLimitMiB", memLimit>>20))
 	if *bootBinary && *stateDir != "" {
 		go func() {
@@ -158,6 +173,7 @@ func run() error {
 		Clients: clients, Node: *node, Uplink: upName, Subnets: subnets, Gateways: gateways, Namespace: *namespace,
 		LeaseDuration: *leaseDuration, RenewInterval: *renewInterval, ResyncPeriod: *resync,
 		FallbackToNodeIP: *fallback, PodCIDRs: pods, ServiceCIDRs: services, MarkMask: uint32(mask), GatewayNamespaces: gwNamespaces, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, ProbeSecret: *probeSecret, StateDir: *stateDir, ARPLease: *arpLease,
+		CleanupOnUninstall: *cleanupOnUninstall, PodName: *podName, ProcSysNet: *procSysNet,
 		Dataplane: dp, Log: log, Metrics: m,
 	}, func(check func() error) { ready <- check })
 }
@@ -192,6 +208,19 @@ type bootGuardConfig struct {
 	extra                   []netip.Prefix
 }
 
+// dataplane is the node's dataplane with the table, marks and tables of
+// cfg, on uplink, outside any agent (--boot-guard, --cleanup).
+func (cfg bootGuardConfig) dataplane(log *zap.Logger, uplink string) (*nft.Dataplane, error) {
+	dp, err := nft.New(nft.Config{
+		Table: cfg.table, Uplink: uplink, MarkMask: cfg.mask, RouteTableBase: cfg.tableBase,
+		RulePriority: cfg.rulePriority, NetNSFd: -1, Logger: log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dataplane: %w", err)
+	}
+	return dp, nil
+}
+
 // runBootGuard is --boot-guard: the guard table from the state the agent
 // saved, before the node's network starts (no API server, no default
 // route yet: the uplink is the flag's or the one saved with the state).
@@ -211,12 +240,9 @@ func runBootGuard(log *zap.Logger, cfg bootGuardConfig) error {
 		log.Info("boot guard: no state saved (nothing applied on this node), nothing to guard", zap.String("stateDir", cfg.stateDir))
 		return nil
 	}
-	dp, err := nft.New(nft.Config{
-		Table: cfg.table, Uplink: up, MarkMask: cfg.mask, RouteTableBase: cfg.tableBase,
-		RulePriority: cfg.rulePriority, NetNSFd: -1, Logger: log,
-	})
+	dp, err := cfg.dataplane(log, up)
 	if err != nil {
-		return fmt.Errorf("dataplane: %w", err)
+		return err
 	}
 	defer dp.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

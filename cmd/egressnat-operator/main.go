@@ -18,6 +18,7 @@ import (
 	"github.com/egressnat/egressnat/cmd/internal/logging"
 	"github.com/egressnat/egressnat/cmd/internal/metrics"
 	"github.com/egressnat/egressnat/cmd/internal/operator"
+	"github.com/egressnat/egressnat/cmd/internal/version"
 	"github.com/egressnat/egressnat/leader"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
@@ -33,6 +34,7 @@ func main() {
 func run() error {
 	fs := flag.NewFlagSet("egressnat-operator", flag.ContinueOnError)
 	logOpts := logging.AddFlags(fs)
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file; in-cluster service account when empty")
 	namespace := fs.String("namespace", envOr("POD_NAMESPACE", "egressnat-system"), "namespace of the leader Lease and the agents' liveness Leases")
 	identity := fs.String("identity", envOr("POD_NAME", hostname()), "this replica's identity in the leader election")
@@ -57,6 +59,10 @@ func run() error {
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
 	}
+	if *showVersion {
+		fmt.Println(version.String("egressnat-operator"))
+		return nil
+	}
 	mask, err := strconv.ParseUint(*markMask, 0, 32)
 	if err != nil || mask == 0 {
 		return fmt.Errorf("--mark-mask %q: want a non-zero 32-bit number", *markMask)
@@ -73,13 +79,14 @@ func run() error {
 		return err
 	}
 	defer log.Sync() //nolint:errcheck
+	logging.RouteKlog(log)
 	clients, err := kube.NewClients(*kubeconfig)
 	if err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	log.Info("starting", zap.String("identity", *identity), zap.String("namespace", *namespace),
+	log.Info("starting", zap.String("version", version.Get().String()), zap.String("identity", *identity), zap.String("namespace", *namespace),
 		zap.Strings("gatewayNamespaces", namespaces), zap.Int("minSubnetPrefix", *minSubnetPrefix))
 	m := metrics.NewOperator(nil)
 	ctrl, err := operator.New(operator.Config{

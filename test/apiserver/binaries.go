@@ -1,9 +1,10 @@
 // Package apiserver runs a real etcd and kube-apiserver for tests and for the
 // lab. It builds kube-apiserver and kubectl (and, for the harnesses that
 // need it, kube-proxy) from the k8s.io/kubernetes module (pinned in
-// test/tools/kube) once, caches them, installs Debian's
-// etcd-server when etcd is missing, and stops everything it started when the
-// test process ends, also after a failure.
+// test/tools/kube; the oldest supported release's in test/tools/kube-floor)
+// once, caches them, installs Debian's etcd-server when etcd is missing,
+// and stops everything it started when the test process ends, also after
+// a failure.
 package apiserver
 
 import (
@@ -17,6 +18,31 @@ import (
 
 // KubeVersion is the Kubernetes release whose binaries the tests run.
 const KubeVersion = "v1.37.2"
+
+// FloorKubeVersion is the oldest Kubernetes release egressnat supports
+// (docs/operations.md), the latest patch of its minor: test/floor installs
+// the manifests on its kube-apiserver. Its kube-apiserver and kubectl are
+// built from test/tools/kube-floor, cached apart from KubeVersion's.
+//
+// 1.32, not older: the CRDs' validation rules use the CEL format library
+// (introduced in 1.31) and the ip and cidr libraries (1.30), and an API
+// server of release N compiles a new rule only with the libraries of
+// release N-1 and older (k8s.io/apiserver/pkg/cel/environment,
+// DefaultCompatibilityVersion: its minimum compatibility version), so that
+// a rollback to N-1 still understands every stored rule.
+const FloorKubeVersion = "v1.32.13"
+
+// release is a Kubernetes release whose binaries are built from a tools
+// module under test/tools.
+type release struct {
+	version string // e.g. v1.37.2
+	module  string // the directory under test/tools that holds its go.mod
+}
+
+var (
+	current = release{KubeVersion, "kube"}
+	floor   = release{FloorKubeVersion, "kube-floor"}
+)
 
 // CacheDir is where built binaries are kept: $EGRESSNAT_CACHE, else
 // ~/.cache/egressnat.
@@ -35,12 +61,30 @@ func CacheDir() string {
 // first when they are not cached. Concurrent callers (parallel test
 // packages) wait for one build under a file lock.
 func Binaries() (apiserverPath, kubectlPath string, err error) {
-	dir := binDir()
+	dir := current.binDir()
 	apiserverPath = filepath.Join(dir, "kube-apiserver")
 	kubectlPath = filepath.Join(dir, "kubectl")
-	err = buildCached(dir, []buildTarget{
+	err = buildCached(current, []buildTarget{
 		{apiserverPath, "k8s.io/kubernetes/cmd/kube-apiserver", nil},
 		{kubectlPath, "k8s.io/kubernetes/cmd/kubectl", nil},
+	})
+	if err != nil {
+		return "", "", err
+	}
+	return apiserverPath, kubectlPath, nil
+}
+
+// FloorBinaries returns the paths of the kube-apiserver and kubectl of
+// FloorKubeVersion, building them first (minutes on a cold cache) when
+// they are not cached. Their version is stamped, so that the API server
+// reports it (GET /version) as a release build does.
+func FloorBinaries() (apiserverPath, kubectlPath string, err error) {
+	dir := floor.binDir()
+	apiserverPath = filepath.Join(dir, "kube-apiserver")
+	kubectlPath = filepath.Join(dir, "kubectl")
+	err = buildCached(floor, []buildTarget{
+		{apiserverPath, "k8s.io/kubernetes/cmd/kube-apiserver", floor.versionLDFlags()},
+		{kubectlPath, "k8s.io/kubernetes/cmd/kubectl", floor.versionLDFlags()},
 	})
 	if err != nil {
 		return "", "", err
@@ -103,20 +147,46 @@ func KubeRouter() (string, error) {
 // cold cache). Only the harnesses that run kube-proxy (make badinput) ask
 // for it, so `make test` does not pay for its build.
 func KubeProxy() (string, error) {
-	dir := binDir()
-	p := filepath.Join(dir, "kube-proxy")
-	if err := buildCached(dir, []buildTarget{{p, "k8s.io/kubernetes/cmd/kube-proxy", versionLDFlags()}}); err != nil {
+	p := filepath.Join(current.binDir(), "kube-proxy")
+	if err := buildCached(current, []buildTarget{{p, "k8s.io/kubernetes/cmd/kube-proxy", current.versionLDFlags()}}); err != nil {
 		return "", err
 	}
 	return p, nil
 }
 
-func binDir() string { return filepath.Join(CacheDir(), "kube-"+KubeVersion) }
+// NodeBinaries are the Kubernetes components a real lab cluster runs
+// besides the API server and kube-proxy.
+type NodeBinaries struct {
+	Kubelet, ControllerManager, Scheduler string
+}
 
-// versionLDFlags stamps KubeVersion into a component's version (kube-proxy
-// reports it, e.g. in its Events and /metrics).
-func versionLDFlags() []string {
-	return []string{"-ldflags", "-X k8s.io/component-base/version.gitVersion=" + KubeVersion}
+// ClusterBinaries returns the paths of kubelet, kube-controller-manager and
+// kube-scheduler, built from the same k8s.io/kubernetes module as the API
+// server with the version stamped, building them first when they are not
+// cached (minutes each on a cold cache).
+func ClusterBinaries() (NodeBinaries, error) {
+	dir := current.binDir()
+	b := NodeBinaries{
+		Kubelet:           filepath.Join(dir, "kubelet"),
+		ControllerManager: filepath.Join(dir, "kube-controller-manager"),
+		Scheduler:         filepath.Join(dir, "kube-scheduler"),
+	}
+	err := buildCached(current, []buildTarget{
+		{b.Kubelet, "k8s.io/kubernetes/cmd/kubelet", current.versionLDFlags()},
+		{b.ControllerManager, "k8s.io/kubernetes/cmd/kube-controller-manager", current.versionLDFlags()},
+		{b.Scheduler, "k8s.io/kubernetes/cmd/kube-scheduler", current.versionLDFlags()},
+	})
+	return b, err
+}
+
+// binDir is where the release's binaries are cached:
+// $EGRESSNAT_CACHE/kube-<version>.
+func (r release) binDir() string { return filepath.Join(CacheDir(), "kube-"+r.version) }
+
+// versionLDFlags stamps the release into a component's version (kube-proxy
+// reports it, e.g. in its Events and /metrics; kube-apiserver at /version).
+func (r release) versionLDFlags() []string {
+	return []string{"-ldflags", "-X k8s.io/component-base/version.gitVersion=" + r.version}
 }
 
 type buildTarget struct {
@@ -124,10 +194,11 @@ type buildTarget struct {
 	flags    []string // extra go build flags
 }
 
-// buildCached builds every target whose binary is missing from the tools
-// module, under a file lock in dir so that concurrent callers wait for one
-// build.
-func buildCached(dir string, targets []buildTarget) error {
+// buildCached builds every target whose binary is missing from the
+// release's tools module, under a file lock in the release's binDir so
+// that concurrent callers wait for one build.
+func buildCached(r release, targets []buildTarget) error {
+	dir := r.binDir()
 	missing := false
 	for _, b := range targets {
 		if !exists(b.out) {
@@ -149,7 +220,7 @@ func buildCached(dir string, targets []buildTarget) error {
 		return fmt.Errorf("take build lock: %w", err)
 	}
 	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN) //nolint:errcheck
-	toolsDir, err := toolsModule()
+	toolsDir, err := toolsModule(r)
 	if err != nil {
 		return err
 	}
@@ -162,7 +233,7 @@ func buildCached(dir string, targets []buildTarget) error {
 		cmd := exec.Command("go", args...)
 		cmd.Dir = toolsDir
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		fmt.Fprintf(os.Stderr, "apiserver: building %s %s (minutes on a cold cache)\n", b.pkg, KubeVersion)
+		fmt.Fprintf(os.Stderr, "apiserver: building %s %s (minutes on a cold cache)\n", b.pkg, r.version)
 		if err := cmd.Run(); err != nil {
 			return fmt.Errorf("build %s: %w", b.pkg, err)
 		}
@@ -214,12 +285,12 @@ func RepoRoot() (string, error) {
 	}
 }
 
-func toolsModule() (string, error) {
+func toolsModule(r release) (string, error) {
 	root, err := RepoRoot()
 	if err != nil {
 		return "", err
 	}
-	return filepath.Join(root, "test", "tools", "kube"), nil
+	return filepath.Join(root, "test", "tools", r.module), nil
 }
 
 func exists(p string) bool {

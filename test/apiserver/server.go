@@ -45,6 +45,11 @@ type Options struct {
 	// Log receives the processes' output; discarded when nil (it is also
 	// kept in Dir/*.log).
 	Log io.Writer
+	// Floor runs the kube-apiserver and kubectl of FloorKubeVersion, the
+	// oldest release egressnat supports, instead of KubeVersion's.
+	Floor bool
+	// ExtraArgs are added to kube-apiserver's flags (later flags win).
+	ExtraArgs []string
 }
 
 // Server is a running etcd plus kube-apiserver.
@@ -72,7 +77,11 @@ type Server struct {
 // Start runs etcd and kube-apiserver and waits until the API server is
 // ready. Call Stop when done; processes also die with the test process.
 func Start(ctx context.Context, o Options) (_ *Server, err error) {
-	apiserverBin, kubectlBin, err := Binaries()
+	binaries := Binaries
+	if o.Floor {
+		binaries = FloorBinaries
+	}
+	apiserverBin, kubectlBin, err := binaries()
 	if err != nil {
 		return nil, err
 	}
@@ -151,6 +160,7 @@ func Start(ctx context.Context, o Options) (_ *Server, err error) {
 		"--enable-priority-and-fairness=false",
 		"--v=1",
 	}
+	s.apiArgv = append(s.apiArgv, o.ExtraArgs...)
 	if err := s.spawn(o, "kube-apiserver", s.apiArgv[0], s.apiArgv[1:]...); err != nil {
 		return nil, err
 	}
@@ -385,13 +395,27 @@ func lastLines(s string, n int) string {
 	return strings.Join(lines, " | ")
 }
 
-// InstallCRDs applies every CRD manifest in dir with kubectl and waits until
+// InstallCRDs applies the kustomization dir (manifests/crds) with kubectl and waits until
 // the API server serves them.
 func (s *Server) InstallCRDs(ctx context.Context, dir string) error {
-	if out, errOut, err := s.Kubectl(ctx, nil, "apply", "--server-side", "-f", dir); err != nil {
+	// -k: the directory is a kustomization (its kustomization.yaml is not
+	// a resource for -f).
+	if out, errOut, err := s.Kubectl(ctx, nil, "apply", "--server-side", "-k", dir); err != nil {
 		return fmt.Errorf("apply crds: %w: %s%s", err, out, errOut)
 	}
-	if out, errOut, err := s.Kubectl(ctx, nil, "wait", "--for=condition=Established", "--timeout=60s", "-f", dir); err != nil {
+	// kubectl wait takes no -k: name the CRD files (kustomization.yaml
+	// aside).
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	if err != nil {
+		return err
+	}
+	args := []string{"wait", "--for=condition=Established", "--timeout=60s"}
+	for _, f := range files {
+		if filepath.Base(f) != "kustomization.yaml" {
+			args = append(args, "-f", f)
+		}
+	}
+	if out, errOut, err := s.Kubectl(ctx, nil, args...); err != nil {
 		return fmt.Errorf("wait for crds: %w: %s%s", err, out, errOut)
 	}
 	return nil

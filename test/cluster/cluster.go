@@ -53,6 +53,12 @@ type Options struct {
 	// masquerade and MTUs (lab.Config's PodNetwork, RPFilter, Masquerade,
 	// UplinkMTU and PodMTU; the rest is ignored). See ParseMode.
 	Network lab.Config
+	// Real makes a real cluster (see real.go): containerd, runc, the CNI
+	// plugins and a kubelet on every node, kube-controller-manager and
+	// kube-scheduler beside the API server, kube-proxy on every node; no
+	// egressnat process is started by the harness: Real.Manifests is
+	// applied with kubectl as a user would.
+	Real *RealOptions
 	// Log receives progress lines; none when nil.
 	Log func(format string, args ...any)
 }
@@ -75,6 +81,11 @@ type Cluster struct {
 	// inside the lab network as the manifests' ServiceAccounts.
 	agentKubeconfig, operatorKubeconfig string
 	kubeProxyBin, kubeProxyKubeconfig   string
+	// RealNodes are the container runtimes and kubelets of a real
+	// cluster (Options.Real), by node name.
+	RealNodes map[string]*RealNode
+	realNodes []*RealNode // in start order, for Close
+	realProcs []*lab.Proc // kube-controller-manager, kube-scheduler
 }
 
 // Start builds and starts everything. On error, what was started is
@@ -86,10 +97,11 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 	if o.Log == nil {
 		o.Log = func(string, ...any) {}
 	}
-	c = &Cluster{opts: o, Agents: map[string]*lab.Proc{}}
+	cl := &Cluster{opts: o, Agents: map[string]*lab.Proc{}}
+	c = cl
 	defer func() {
 		if err != nil {
-			c.Close()
+			cl.Close() // c itself is nil by then (return nil, err)
 		}
 	}()
 	if err := lab.CleanupStale(o.Prefix); err != nil {
@@ -116,7 +128,13 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 	}
 	cp := c.controlPlane()
 	o.Log("starting etcd and kube-apiserver on %s (%s)", cp.Name, cp.IP)
+	var apiArgs []string
+	if o.Real != nil {
+		// exec, logs and port-forward reach kubelets on their node IP.
+		apiArgs = []string{"--kubelet-preferred-address-types=InternalIP"}
+	}
 	c.API, err = apiserver.Start(ctx, apiserver.Options{
+		ExtraArgs:  apiArgs,
 		Dir:        filepath.Join(c.Lab.WorkDir(), "apiserver"),
 		ExecPrefix: []string{"ip", "netns", "exec", cp.NetNS},
 		Address:    cp.IP.String(),
@@ -130,6 +148,12 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 	}
 	if c.Client, err = c.API.Client(); err != nil {
 		return nil, err
+	}
+	if o.Real != nil {
+		if err := c.startReal(ctx, *o.Real); err != nil {
+			return nil, err
+		}
+		return c, nil
 	}
 	root, err := apiserver.RepoRoot()
 	if err != nil {
@@ -224,6 +248,9 @@ func (c *Cluster) ModeName() string {
 	return name
 }
 
+// BinDir holds the egressnat binaries the cluster was started with.
+func (c *Cluster) BinDir() string { return c.binDir }
+
 // BuildBinaries builds the operator and the agent into dir.
 func BuildBinaries(dir string) error {
 	root, err := apiserver.RepoRoot()
@@ -274,7 +301,7 @@ func (c *Cluster) StartOperator(i int) error {
 }
 
 // AgentMemoryLimit is the agent container's memory limit in
-// manifests/agent-daemonset.yaml (256Mi), passed as MEMORY_LIMIT.
+// manifests/base/agent-daemonset.yaml (256Mi), passed as MEMORY_LIMIT.
 const AgentMemoryLimit = "268435456"
 
 // StartAgent starts (or starts again) the agent of a node.
@@ -522,6 +549,11 @@ func (c *Cluster) WaitSource(ctx context.Context, p *Pod, ext *lab.External, wan
 // Logs returns the tail of every egressnat process's log, for failures.
 func (c *Cluster) Logs() string {
 	var b strings.Builder
+	if c.RealNodes != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		b.WriteString(c.RealLogs(ctx))
+	}
 	for i, p := range c.Operators {
 		fmt.Fprintf(&b, "--- operator-%d\n%s\n", i, p.Log())
 	}
@@ -534,6 +566,12 @@ func (c *Cluster) Logs() string {
 // Close stops every process and removes every namespace the cluster made.
 func (c *Cluster) Close() error {
 	var errs []error
+	for i := len(c.realNodes) - 1; i >= 0; i-- {
+		errs = append(errs, c.realNodes[i].stop())
+	}
+	for _, p := range c.realProcs {
+		p.Stop() //nolint:errcheck
+	}
 	for _, p := range c.KubeProxies {
 		p.Stop() //nolint:errcheck
 	}

@@ -21,6 +21,7 @@ func TestApplyDryRun(t *testing.T) {
 		"namespace/egressnat-system",
 		"serviceaccount/egressnat-agent", "serviceaccount/egressnat-operator",
 		"clusterrole.rbac.authorization.k8s.io/egressnat-agent", "clusterrole.rbac.authorization.k8s.io/egressnat-operator",
+		"clusterrole.rbac.authorization.k8s.io/egressnat-view", "clusterrole.rbac.authorization.k8s.io/egressnat-edit",
 		"role.rbac.authorization.k8s.io/egressnat-agent", "role.rbac.authorization.k8s.io/egressnat-operator",
 		"validatingadmissionpolicy.admissionregistration.k8s.io/egressnat-agent-own-lease",
 		"daemonset.apps/egressnat-agent", "deployment.apps/egressnat-operator",
@@ -67,7 +68,7 @@ func TestKustomization(t *testing.T) {
 			t.Errorf("image %s, want ghcr.io/egressnat/egressnat:<version>", img)
 		}
 	}
-	want := map[string]int{"CustomResourceDefinition": 2, "Namespace": 1, "ServiceAccount": 2, "ClusterRole": 2,
+	want := map[string]int{"CustomResourceDefinition": 2, "Namespace": 1, "ServiceAccount": 2, "ClusterRole": 5,
 		"ClusterRoleBinding": 2, "Role": 3, "RoleBinding": 3, "ValidatingAdmissionPolicy": 1,
 		"ValidatingAdmissionPolicyBinding": 1, "DaemonSet": 1, "Deployment": 1}
 	for k, n := range want {
@@ -79,5 +80,17 @@ func TestKustomization(t *testing.T) {
 		if _, ok := want[k]; !ok {
 			t.Errorf("unexpected kind %s", k)
 		}
+	}
+}
+
+// TestSingleNodeDryRun: the single-node overlay (one operator replica, see
+// manifests/render_test.go) applies too: the patched Deployment is valid.
+func TestSingleNodeDryRun(t *testing.T) {
+	out, errOut, err := srv.Kubectl(ctxT(t), nil, "apply", "--dry-run=server", "-k", root+"/manifests/single-node")
+	if err != nil {
+		t.Fatalf("kubectl apply --dry-run=server -k manifests/single-node/: %v\n%s%s", err, out, errOut)
+	}
+	if !strings.Contains(out, "deployment.apps/egressnat-operator") {
+		t.Errorf("dry run did not cover the operator Deployment:\n%s", out)
 	}
 }

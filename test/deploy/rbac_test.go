@@ -160,6 +160,36 @@ func TestAgentRBAC(t *testing.T) {
 	forbidden(t, "get another EndpointSlice", err)
 	_, err = c.Core.DiscoveryV1().EndpointSlices("default").List(ctx, all)
 	forbidden(t, "list EndpointSlices", err)
+	// To tell an uninstall: its own DaemonSet and namespace, by name (as
+	// its watches ask: a field selector on the name), nothing else.
+	byName := func(name string) metav1.ListOptions {
+		return metav1.ListOptions{FieldSelector: "metadata.name=" + name, TimeoutSeconds: ptr.To(int64(1))}
+	}
+	daemonSets := c.Core.AppsV1().DaemonSets(systemNS)
+	_, err = daemonSets.Get(ctx, "egressnat-agent", metav1.GetOptions{})
+	if !apierrors.IsNotFound(err) { // applied without the workloads
+		allowed(t, "get its DaemonSet", err)
+	}
+	_, err = daemonSets.List(ctx, byName("egressnat-agent"))
+	allowed(t, "list its DaemonSet by name", err)
+	if w, err := daemonSets.Watch(ctx, byName("egressnat-agent")); err != nil {
+		allowed(t, "watch its DaemonSet by name", err)
+	} else {
+		w.Stop()
+	}
+	_, err = daemonSets.List(ctx, all)
+	forbidden(t, "list DaemonSets", err)
+	_, err = daemonSets.Get(ctx, "other", metav1.GetOptions{})
+	forbidden(t, "get another DaemonSet", err)
+	_, err = c.Core.AppsV1().DaemonSets("kube-system").List(ctx, byName("egressnat-agent"))
+	forbidden(t, "list a DaemonSet of that name in kube-system", err)
+	_, err = c.Core.CoreV1().Namespaces().Get(ctx, systemNS, metav1.GetOptions{})
+	allowed(t, "get its namespace", err)
+	if w, err := c.Core.CoreV1().Namespaces().Watch(ctx, byName(systemNS)); err != nil {
+		allowed(t, "watch its namespace by name", err)
+	} else {
+		w.Stop()
+	}
 
 	leases := c.Core.CoordinationV1().Leases(systemNS)
 	l, err := leases.Create(ctx, lease("egressnat-agent-rbac-node", "rbac-node"), metav1.CreateOptions{})

@@ -101,6 +101,10 @@ func TestAgentDaemonSet(t *testing.T) {
 	if got := envFrom(c, "POD_NAMESPACE"); got != "metadata.namespace" {
 		t.Errorf("agent: POD_NAMESPACE from %q, want metadata.namespace", got)
 	}
+	// Its pod's owner is the DaemonSet it watches to tell an uninstall.
+	if got := envFrom(c, "POD_NAME"); got != "metadata.name" {
+		t.Errorf("agent: POD_NAME from %q, want metadata.name", got)
+	}
 	if got := envFrom(c, "HOST_IP"); got != "status.hostIP" {
 		t.Errorf("agent: HOST_IP from %q, want status.hostIP", got)
 	}
@@ -118,15 +122,17 @@ func TestAgentDaemonSet(t *testing.T) {
 	for _, ic := range spec.InitContainers {
 		noPrivilege(t, ic, "NET_ADMIN")
 	}
-	// The only host paths are /proc/sys/net, for the init container, and
-	// the agent's state directory (kept across reboots for the guard
-	// table), which is the only thing the agent container mounts, at the
-	// path its --state-dir names.
-	stateVolume := ""
+	// The only host paths are /proc/sys/net, for the init container and
+	// for the agent to restore the sysctls on an uninstall, and the
+	// agent's state directory (kept across reboots for the guard table,
+	// and the sysctls' values before egressnat), which the agent mounts
+	// at the path its --state-dir names. Nothing else.
+	stateVolume, sysVolume := "", ""
 	for _, v := range spec.Volumes {
 		switch {
 		case v.HostPath == nil:
 		case v.HostPath.Path == "/proc/sys/net":
+			sysVolume = v.Name
 		case v.HostPath.Path == "/var/lib/egressnat" && v.HostPath.Type != nil && *v.HostPath.Type == corev1.HostPathDirectoryOrCreate:
 			stateVolume = v.Name
 		default:
@@ -137,12 +143,17 @@ func TestAgentDaemonSet(t *testing.T) {
 		t.Error("agent: no hostPath volume /var/lib/egressnat (DirectoryOrCreate) for --state-dir")
 	}
 	for _, vm := range c.VolumeMounts {
-		if vm.Name != stateVolume || vm.MountPath != "/var/lib/egressnat" || vm.ReadOnly {
-			t.Errorf("agent container mounts %s (%s); it needs only its state directory", vm.MountPath, vm.Name)
+		switch {
+		case vm.Name == stateVolume && vm.MountPath == "/var/lib/egressnat" && !vm.ReadOnly:
+		case vm.Name == sysVolume && vm.MountPath == "/host/proc/sys/net" && !vm.ReadOnly:
+		default:
+			t.Errorf("agent container mounts %s (%s); it needs only its state directory and the host's /proc/sys/net", vm.MountPath, vm.Name)
 		}
 	}
-	if !hasArg(c, "--state-dir=/var/lib/egressnat") {
-		t.Errorf("agent: args %v lack --state-dir=/var/lib/egressnat", c.Args)
+	for _, a := range []string{"--state-dir=/var/lib/egressnat", "--proc-sys-net=/host/proc/sys/net"} {
+		if !hasArg(c, a) {
+			t.Errorf("agent: args %v lack %s", c.Args, a)
+		}
 	}
 }
 
@@ -234,8 +245,16 @@ func TestFlagsExist(t *testing.T) {
 		}
 	}
 	for _, ic := range ds.Spec.Template.Spec.InitContainers {
-		// Run the init container's command against a fake /proc/sys/net.
-		fake := t.TempDir()
+		// Run the init container's command against a fake /proc/sys/net,
+		// with its environment, its state directory a temporary one.
+		fake, state := t.TempDir(), t.TempDir()
+		env := os.Environ()
+		for _, e := range ic.Env {
+			if e.Name == "EGRESSNAT_STATE_DIR" {
+				e.Value = state
+			}
+			env = append(env, e.Name+"="+e.Value)
+		}
 		for p, v := range map[string]string{"ipv4/conf/all/send_redirects": "1", "ipv4/conf/default/send_redirects": "1",
 			"ipv4/conf/eth0/send_redirects": "1", "ipv4/conf/eth0/src_valid_mark": "0", "netfilter/nf_conntrack_tcp_be_liberal": "0"} {
 			os.MkdirAll(filepath.Join(fake, filepath.Dir(p)), 0o755)    //nolint:errcheck
@@ -250,7 +269,9 @@ func TestFlagsExist(t *testing.T) {
 		// On a node the uplink is the default route's interface; this
 		// machine's is not the fake's.
 		args = append(args, "--uplink=eth0")
-		out, err := exec.Command(filepath.Join(bin, strings.TrimPrefix(ic.Command[0], "/")), args...).CombinedOutput()
+		cmd := exec.Command(filepath.Join(bin, strings.TrimPrefix(ic.Command[0], "/")), args...)
+		cmd.Env = env
+		out, err := cmd.CombinedOutput()
 		if err != nil {
 			t.Errorf("init container %s %v: %v\n%s", ic.Command[0], args, err, out)
 		}
@@ -259,6 +280,10 @@ func TestFlagsExist(t *testing.T) {
 		}
 		if b, _ := os.ReadFile(filepath.Join(fake, "ipv4/conf/eth0/src_valid_mark")); strings.TrimSpace(string(b)) != "1" {
 			t.Errorf("init container did not set src_valid_mark on the uplink: %q", b)
+		}
+		// The values before, for the agent to restore on an uninstall.
+		if b, err := os.ReadFile(filepath.Join(state, "sysctls-before")); err != nil || !strings.Contains(string(b), "ipv4/conf/eth0/src_valid_mark\t0\t1\n") {
+			t.Errorf("init container did not record the sysctls' values before: %q %v", b, err)
 		}
 	}
 }

@@ -215,6 +215,16 @@ func (l *Lab) StartNsenter(ns, logPath string, argv ...string) (*Proc, error) {
 	return l.start(ns, logPath, []string{"nsenter", "--net=" + netnsDir + "/" + ns, "--"}, argv)
 }
 
+// StartEnter is Start with the process entered into ns by the command
+// enter (e.g. nsenter with more namespaces than the network's); enter must
+// put it into ns's network namespace.
+func (l *Lab) StartEnter(ns, logPath string, enter []string, argv ...string) (*Proc, error) {
+	if len(enter) == 0 {
+		return nil, errors.New("lab: StartEnter without enter command")
+	}
+	return l.start(ns, logPath, enter, argv)
+}
+
 func (l *Lab) start(ns, logPath string, enter, argv []string) (*Proc, error) {
 	if err := l.checkNS(ns); err != nil {
 		return nil, err

@@ -121,8 +121,18 @@ type Config struct {
 	// ProbeSecret names the Secret, in Namespace, with the probe key;
 	// "" means probe.SecretName.
 	ProbeSecret string
-	Dataplane   Dataplane
-	Log         *zap.Logger
+	// CleanupOnUninstall: when the agent stops while egressnat is being
+	// uninstalled (IsUninstall: its namespace or its DaemonSet deleted),
+	// it removes everything it put on the node (Uninstall). It follows its
+	// namespace (Namespace) and the DaemonSet that owns its pod PodName
+	// (in Namespace; "": only the namespace counts) through the API.
+	CleanupOnUninstall bool
+	PodName            string
+	// ProcSysNet is the host's /proc/sys/net, writable, where an uninstall
+	// restores the sysctls recorded in StateDir; "" restores none.
+	ProcSysNet string
+	Dataplane  Dataplane
+	Log        *zap.Logger
 	// Metrics are updated when set.
 	Metrics *metrics.Agent
 }
@@ -199,12 +209,37 @@ type agent struct {
 
 // RunWithReady runs the agent until ctx ends, handing its readiness check
 // to ready first (for /readyz). It leaves the kernel as it is on return: a
-// restarting agent must not disturb traffic.
+// restarting agent must not disturb traffic. Only when egressnat is being
+// uninstalled (Config.CleanupOnUninstall, IsUninstall) does it remove the
+// node's state first, within UninstallBudget.
 func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) error {
 	a := newAgent(cfg, clock.RealClock{})
 	ready(a.Ready)
-	return a.run(ctx)
+	return a.runUntilStopped(ctx)
 }
+
+// runUntilStopped is run, then, when ctx ended, stopped.
+func (a *agent) runUntilStopped(ctx context.Context) error {
+	if !a.cfg.CleanupOnUninstall {
+		return a.run(ctx)
+	}
+	// The watches outlive ctx: the verdict is taken after the agent stopped.
+	wctx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWatch()
+	w := newInstallWatch(a.cfg.Clients, a.cfg.Namespace, a.cfg.PodName, a.log)
+	go w.run(wctx)
+	err := a.run(ctx)
+	if ctx.Err() == nil {
+		return err // not told to stop
+	}
+	// The sync loop has returned: no Apply races the clean-up.
+	return errors.Join(err, a.stopped(w, UninstallBudget))
+}
+
+// UninstallBudget: how long an agent told to stop takes at most to decide
+// whether egressnat is being uninstalled and, if so, to remove the node's
+// state; below the DaemonSet's terminationGracePeriodSeconds (10).
+const UninstallBudget = 7 * time.Second
 
 // newAgent builds an agent and its fence on the clock clk.
 func newAgent(cfg Config, clk clock.WithTickerAndDelayedExecution) *agent {

@@ -1,366 +1,282 @@
 // Package ctl is egressnatctl (also the kubectl plugin kubectl-egressnat):
-// status, explain, ruleset, conntrack and prepare-node. What decides (the
-// status report, explanations, rendering of rules and flows) is pure and
-// works on snapshots; reading the API server or the kernel is kept thin.
+// status, explain, ruleset, conntrack, prepare-node and version. What
+// decides (the status report, explanations, rendering of rules and flows)
+// is pure and works on snapshots; reading the API server or the kernel is
+// kept thin. The command line is cobra's, with kubectl's connection flags
+// (k8s.io/cli-runtime).
 package ctl
 
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
+	"github.com/egressnat/egressnat/cmd/internal/version"
 	"io"
-	"net/netip"
-	"path/filepath"
-	"strconv"
+	"os"
+	"slices"
 	"strings"
-	"time"
 
 	"github.com/egressnat/egressnat/cmd/internal/kube"
-	"github.com/egressnat/egressnat/nft"
-	"github.com/egressnat/egressnat/selector"
+	"github.com/spf13/cobra"
+	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 )
 
-const usageText = `%[1]s: inspect egressnat
-
-Usage:
-  %[1]s [--kubeconfig FILE] [--context NAME] COMMAND [flags]
-
-Commands:
-  status [-o table|json|yaml]
-        every gateway (floating IPs, holders, node health) and every policy
-        (egress IP, node, readiness, selected pods)
-  explain pod NAMESPACE/NAME [--to IP] [-o text|json|yaml]
-        which policy selects the pod and why, or why none does; with --to,
-        whether that destination is covered and how it leaves
-  ruleset [--netns NAME] [--all-elements] [-o text|json]
-        on a node: the agent's nftables table with per-policy counters, its
-        ip rules and routes (needs root or CAP_NET_ADMIN)
-  conntrack [--netns NAME] [--ip IP]... [-o text|json]
-        on a gateway node: the flows SNATed to each floating IP, and the
-        flows of its Gateway policies not translated to their egress IP
-  prepare-node [--proc-sys-net DIR] [--uplink IFACE]
-        set the sysctls a gateway node needs (the agent's init container)
-
-The kubeconfig is --kubeconfig, else $KUBECONFIG, else ~/.kube/config.
-ruleset and conntrack take the agent's flags when they differ from the
-defaults: --table, --rule-priority, --route-table-base, --mark-mask.
-`
-
 // Main runs egressnatctl with args (without the program name) and returns
-// the exit code: 0 on success, 1 on a failure, 2 on a usage error.
+// the exit code: 0 on success, 1 on a failure, 2 on a usage error. prog is
+// the name in messages: egressnatctl, or "kubectl egressnat" for the
+// plugin.
 func Main(ctx context.Context, prog string, args []string, stdout, stderr io.Writer) int {
-	err := run(ctx, prog, args, stdout, stderr)
-	var ue usageError
-	switch {
-	case err == nil:
+	root := newApp(prog, stdout, stderr).command()
+	root.SetArgs(args)
+	cmd, err := root.ExecuteContextC(ctx)
+	if err == nil {
 		return 0
-	case errors.Is(err, flag.ErrHelp):
-		fmt.Fprintf(stdout, usageText, prog)
-		return 0
-	case errors.As(err, &ue):
-		fmt.Fprintf(stderr, "%s: %v\n\n", prog, err)
-		fmt.Fprintf(stderr, usageText, prog)
-		return 2
 	}
-	fmt.Fprintf(stderr, "%s: %v\n", prog, err)
-	return 1
+	if f, ok := errors.AsType[failure](err); ok {
+		fmt.Fprintf(stderr, "%s: %v\n", prog, f.err)
+		return 1
+	}
+	fmt.Fprintf(stderr, "%s: %s\nSee '%s --help' for usage.\n", prog, strings.TrimRight(err.Error(), "\n"), cmd.CommandPath())
+	return 2
 }
 
+// usageError is a bad invocation found by a command (exit 2). Errors of
+// the command line itself (unknown commands and flags, bad flag values)
+// are usage errors too.
 type usageError struct{ msg string }
 
 func (e usageError) Error() string { return e.msg }
 
 func usagef(format string, args ...any) error { return usageError{fmt.Sprintf(format, args...)} }
 
-// kubeFlags are the connection flags every command accepts.
-type kubeFlags struct {
-	kubeconfig, context string
-}
+// failure is the error of a command that ran (exit 1).
+type failure struct{ err error }
 
-func (k *kubeFlags) add(fs *flag.FlagSet) {
-	fs.StringVar(&k.kubeconfig, "kubeconfig", k.kubeconfig, "kubeconfig file (default $KUBECONFIG, then ~/.kube/config)")
-	fs.StringVar(&k.context, "context", k.context, "kubeconfig context (default the current one)")
-}
+func (f failure) Error() string { return f.err.Error() }
+func (f failure) Unwrap() error { return f.err }
 
-// loader connects to the API server the kubeconfig names.
-func (k *kubeFlags) loader() (*Loader, error) {
-	rules := clientcmd.NewDefaultClientConfigLoadingRules()
-	if k.kubeconfig != "" {
-		rules.ExplicitPath = k.kubeconfig
-	}
-	overrides := &clientcmd.ConfigOverrides{CurrentContext: k.context}
-	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, overrides).ClientConfig()
-	if err != nil {
-		if clientcmd.IsEmptyConfig(err) {
-			return nil, errors.New("no Kubernetes configuration: pass --kubeconfig, set $KUBECONFIG or create ~/.kube/config")
+// runE marks what a command returns as a failure, unless it is a usage
+// error.
+func runE(run func(cmd *cobra.Command, args []string) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		err := run(cmd, args)
+		if err == nil {
+			return nil
 		}
+		if _, ok := errors.AsType[usageError](err); ok {
+			return err
+		}
+		return failure{err}
+	}
+}
+
+// noArgs rejects positional arguments.
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usagef("%s takes no arguments, got %q", cmd.Name(), strings.Join(args, " "))
+	}
+	return nil
+}
+
+// app is one run of the command: its streams and kubectl's connection
+// flags.
+type app struct {
+	prog           string
+	stdout, stderr io.Writer
+	kube           *genericclioptions.ConfigFlags
+}
+
+// defaultRequestTimeout bounds each request unless --request-timeout says
+// otherwise (0: no bound, as kubectl).
+const defaultRequestTimeout = "20s"
+
+func newApp(prog string, stdout, stderr io.Writer) *app {
+	kf := genericclioptions.NewConfigFlags(false)
+	kf.CacheDir = nil // no discovery cache: --cache-dir would do nothing
+	timeout := defaultRequestTimeout
+	kf.Timeout = &timeout
+	return &app{prog: prog, stdout: stdout, stderr: stderr, kube: kf}
+}
+
+const rootLong = `%[1]s inspects egressnat.
+
+status, explain and version read the Kubernetes API with your kubeconfig
+(--kubeconfig, else $KUBECONFIG, else ~/.kube/config) and kubectl's flags:
+--context, --cluster, --user, -n, --as, --as-group, --request-timeout,
+--server, --token, --insecure-skip-tls-verify, ...
+
+ruleset and conntrack read a node's kernel: run them on the node as root,
+or in the node's agent pod, which has the binary and the capability:
+  kubectl -n egressnat-system exec <agent pod> -c agent -- /egressnatctl ruleset
+They take the agent's flags when they differ from the defaults: --table,
+--rule-priority, --route-table-base, --mark-mask.
+`
+
+// command is the root command with every subcommand.
+func (a *app) command() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "egressnatctl",
+		Short:         "Inspect egressnat",
+		Long:          fmt.Sprintf(rootLong, a.prog),
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		RunE:          func(*cobra.Command, []string) error { return usagef("no command given") },
+		PersistentPreRunE: func(*cobra.Command, []string) error {
+			if _, err := clientcmd.ParseTimeout(*a.kube.Timeout); err != nil {
+				return usagef("--request-timeout %q: want a duration such as 20s, 2m or 0 (no timeout)", *a.kube.Timeout)
+			}
+			return nil
+		},
+	}
+	// --version, as on the agent and the operator (the version command also
+	// asks the API server).
+	root.Version = version.Get().String()
+	root.SetVersionTemplate(a.prog + " {{.Version}}\n")
+	if a.prog != root.Name() {
+		root.Annotations = map[string]string{cobra.CommandDisplayNameAnnotation: a.prog}
+	}
+	root.SetOut(a.stdout)
+	root.SetErr(a.stderr)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err.Error()} })
+	a.kube.AddFlags(root.PersistentFlags())
+	for flag, names := range map[string]func(*clientcmdapi.Config) []string{
+		"context": func(c *clientcmdapi.Config) []string { return sortedKeys(c.Contexts) },
+		"cluster": func(c *clientcmdapi.Config) []string { return sortedKeys(c.Clusters) },
+		"user":    func(c *clientcmdapi.Config) []string { return sortedKeys(c.AuthInfos) },
+	} {
+		mustComplete(root, flag, a.completeKubeconfig(names))
+	}
+	root.AddCommand(a.statusCommand(), a.explainCommand(), a.rulesetCommand(), a.conntrackCommand(),
+		a.prepareNodeCommand(), a.versionCommand())
+	// cobra's completion command prints its help and exits 0 without a
+	// shell or with an unknown one: make both usage errors.
+	root.InitDefaultCompletionCmd()
+	if c, _, err := root.Find([]string{"completion"}); err == nil && c != root {
+		c.RunE = func(*cobra.Command, []string) error {
+			return usagef("completion: name a shell: bash, zsh, fish or powershell")
+		}
+	}
+	return root
+}
+
+// errNoKubeconfig: neither a kubeconfig nor --server nor an in-cluster
+// service account.
+var errNoKubeconfig = errors.New("no Kubernetes configuration: pass --kubeconfig, set $KUBECONFIG or create ~/.kube/config")
+
+// restConfig is the client configuration the kubeconfig and kubectl's
+// flags describe.
+func (a *app) restConfig() (*rest.Config, error) {
+	loader := a.kube.ToRawKubeConfigLoader()
+	if *a.kube.APIServer == "" {
+		raw, err := loader.RawConfig()
+		if err != nil {
+			return nil, fmt.Errorf("load kubeconfig: %w", err)
+		}
+		if len(raw.Clusters) == 0 && !inCluster() {
+			return nil, errNoKubeconfig
+		}
+	}
+	cfg, err := loader.ClientConfig()
+	if err != nil {
 		return nil, fmt.Errorf("load kubeconfig: %w", err)
 	}
-	cfg.Timeout = 20 * time.Second
 	cfg.QPS, cfg.Burst = 50, 100
-	core, err := kubernetes.NewForConfig(cfg)
+	return cfg, nil
+}
+
+func inCluster() bool {
+	_, err := rest.InClusterConfig()
+	return err == nil
+}
+
+// loader connects to the API server.
+func (a *app) loader() (*Loader, error) {
+	cfg, err := a.restConfig()
 	if err != nil {
 		return nil, err
+	}
+	core, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
 	dyn, err := dynamic.NewForConfig(cfg)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("dynamic client: %w", err)
 	}
 	return NewLoader(&kube.Clients{Config: cfg, Core: core, Dynamic: dyn}), nil
 }
 
-// nodeFlags locate the agent's state in the kernel.
-type nodeFlags struct {
-	table          string
-	rulePriority   int
-	routeTableBase int
-	markMask       string
-	netns          string
-}
-
-func (n *nodeFlags) add(fs *flag.FlagSet) {
-	fs.StringVar(&n.table, "table", "egressnat", "the agent's nftables table (--table of the agent)")
-	fs.IntVar(&n.rulePriority, "rule-priority", selector.DefaultRulePriority, "priority of the agent's ip rules (--rule-priority of the agent)")
-	fs.IntVar(&n.routeTableBase, "route-table-base", selector.DefaultRouteTableBase, "the agent's first routing table (--route-table-base of the agent)")
-	fs.StringVar(&n.markMask, "mark-mask", fmt.Sprintf("%#08x", selector.DefaultMarkMask), "the agent's fwmark bits (--mark-mask of the agent)")
-	fs.StringVar(&n.netns, "netns", "", "read this network namespace (a name under /run/netns, or a path) instead of the current one")
-}
-
-func (n *nodeFlags) options() (RulesetOptions, func(), error) {
-	mask, err := strconv.ParseUint(n.markMask, 0, 32)
-	if err != nil || mask == 0 {
-		return RulesetOptions{}, nil, usagef("--mark-mask %q: want a non-zero 32-bit number", n.markMask)
-	}
-	fd, err := OpenNetNS(n.netns)
+// contextNamespace is the namespace the kubeconfig's context (--context,
+// else the current one) names; "" when it names none.
+func (a *app) contextNamespace() (string, error) {
+	raw, err := a.kube.ToRawKubeConfigLoader().RawConfig()
 	if err != nil {
-		return RulesetOptions{}, nil, err
+		return "", fmt.Errorf("load kubeconfig: %w", err)
 	}
-	closeFn := func() {}
-	if fd > 0 {
-		closeFn = func() { closeFd(fd) }
+	name := raw.CurrentContext
+	if *a.kube.Context != "" {
+		name = *a.kube.Context
 	}
-	return RulesetOptions{Table: n.table, RulePriority: n.rulePriority, RouteTableBase: n.routeTableBase,
-		MarkMask: uint32(mask), NetNSFd: fd}, closeFn, nil
+	if c, ok := raw.Contexts[name]; ok {
+		return c.Namespace, nil
+	}
+	return "", nil
 }
 
-// parseInterleaved parses flags that may come before, between or after
-// positional arguments, and returns the positional ones.
-func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			return nil, err
+// completeKubeconfig completes a flag with names from the kubeconfig.
+func (a *app) completeKubeconfig(names func(*clientcmdapi.Config) []string) cobra.CompletionFunc {
+	return func(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
+		raw, err := a.kube.ToRawKubeConfigLoader().RawConfig()
+		if err != nil {
+			return nil, cobra.ShellCompDirectiveNoFileComp
 		}
-		args = fs.Args()
-		if len(args) == 0 {
-			return pos, nil
-		}
-		if args[0] == "--" {
-			return append(pos, args[1:]...), nil
-		}
-		pos = append(pos, args[0])
-		args = args[1:]
+		return names(&raw), cobra.ShellCompDirectiveNoFileComp
 	}
 }
 
-func newFlagSet(name string) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	return fs
+// completeNetNS completes --netns with the names under /run/netns.
+func completeNetNS(*cobra.Command, []string, string) ([]cobra.Completion, cobra.ShellCompDirective) {
+	entries, _ := os.ReadDir("/run/netns")
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names, cobra.ShellCompDirectiveNoFileComp
 }
 
-func flagError(err error) error {
-	if errors.Is(err, flag.ErrHelp) {
-		return err
+// mustComplete registers a flag's completion; it fails only on a flag that
+// does not exist, a programming error.
+func mustComplete(cmd *cobra.Command, flag string, f cobra.CompletionFunc) {
+	if err := cmd.RegisterFlagCompletionFunc(flag, f); err != nil {
+		panic(err)
 	}
-	return usageError{err.Error()}
 }
 
-func run(ctx context.Context, prog string, args []string, stdout, stderr io.Writer) error {
-	var kf kubeFlags
-	global := newFlagSet(prog)
-	kf.add(global)
-	if err := global.Parse(args); err != nil {
-		return flagError(err)
-	}
-	args = global.Args()
-	if len(args) == 0 {
-		return usagef("no command given")
-	}
-	cmd, args := args[0], args[1:]
-	switch cmd {
-	case "help":
-		return flag.ErrHelp
-	case "status":
-		fs := newFlagSet("status")
-		kf.add(fs)
-		out := fs.String("o", FormatTable, "output: table, json or yaml")
-		pos, err := parseInterleaved(fs, args)
-		if err != nil {
-			return flagError(err)
-		}
-		if len(pos) > 0 {
-			return usagef("status takes no arguments, got %q", strings.Join(pos, " "))
-		}
-		if *out != FormatTable && *out != FormatJSON && *out != FormatYAML {
-			return usagef("-o %q: want table, json or yaml", *out)
-		}
-		l, err := kf.loader()
-		if err != nil {
-			return err
-		}
-		s, err := l.LoadAll(ctx)
-		if err != nil {
-			return err
-		}
-		return WriteStatus(stdout, BuildStatus(s), *out)
-	case "explain":
-		fs := newFlagSet("explain")
-		kf.add(fs)
-		to := fs.String("to", "", "a destination IPv4 address: is it covered, and how does it leave")
-		out := fs.String("o", "text", "output: text, json or yaml")
-		gwNS := fs.String("gateway-namespaces", "", "the namespaces whose NetworkGatewayGroups the agents honour besides kube-system (their --gateway-namespaces)")
-		pos, err := parseInterleaved(fs, args)
-		if err != nil {
-			return flagError(err)
-		}
-		if len(pos) != 2 || pos[0] != "pod" {
-			return usagef("usage: explain pod NAMESPACE/NAME [--to IP]")
-		}
-		ns, name, ok := strings.Cut(pos[1], "/")
-		if !ok || ns == "" || name == "" || strings.Contains(name, "/") {
-			return usagef("explain pod: want NAMESPACE/NAME, got %q", pos[1])
-		}
-		var dst netip.Addr
-		if *to != "" {
-			if dst, err = parseAddr(*to); err != nil {
-				return usagef("--to %q: want an IPv4 address", *to)
-			}
-		}
-		if *out != "text" && *out != FormatJSON && *out != FormatYAML {
-			return usagef("-o %q: want text, json or yaml", *out)
-		}
-		l, err := kf.loader()
-		if err != nil {
-			return err
-		}
-		namespaces, err := selector.GatewayNamespaces(*gwNS)
-		if err != nil {
-			return usagef("--gateway-namespaces: %v", err)
-		}
-		s, err := l.LoadForPod(ctx, ns, name)
-		if err != nil {
-			return err
-		}
-		s.GatewayNamespaces = namespaces
-		e, err := Explain(s, ns, name, dst)
-		if err != nil {
-			return err
-		}
-		return WriteExplanation(stdout, e, *out)
-	case "ruleset":
-		fs := newFlagSet("ruleset")
-		var nf nodeFlags
-		nf.add(fs)
-		all := fs.Bool("all-elements", false, "print every set element (default: the first 32 of each set)")
-		out := fs.String("o", "text", "output: text or json")
-		pos, err := parseInterleaved(fs, args)
-		if err != nil {
-			return flagError(err)
-		}
-		if len(pos) > 0 {
-			return usagef("ruleset takes no arguments, got %q", strings.Join(pos, " "))
-		}
-		o, closeNS, err := nf.options()
-		if err != nil {
-			return err
-		}
-		defer closeNS()
-		rs, err := ReadRuleset(ctx, o)
-		if err != nil {
-			return err
-		}
-		switch *out {
-		case FormatJSON:
-			return writeJSON(stdout, rs)
-		case "text":
-			maxElems := 32
-			if *all {
-				maxElems = 0
-			}
-			return WriteRuleset(stdout, rs, maxElems)
-		}
-		return usagef("-o %q: want text or json", *out)
-	case "conntrack":
-		fs := newFlagSet("conntrack")
-		var nf nodeFlags
-		nf.add(fs)
-		var ips ipList
-		fs.Var(&ips, "ip", "a floating IP to show (repeatable; default: the floating IPs in the agent's table)")
-		out := fs.String("o", "text", "output: text or json")
-		pos, err := parseInterleaved(fs, args)
-		if err != nil {
-			return flagError(err)
-		}
-		if len(pos) > 0 {
-			return usagef("conntrack takes no arguments, got %q", strings.Join(pos, " "))
-		}
-		if *out != "text" && *out != FormatJSON {
-			return usagef("-o %q: want text or json", *out)
-		}
-		o, closeNS, err := nf.options()
-		if err != nil {
-			return err
-		}
-		defer closeNS()
-		r, err := ReadConntrackReport(ctx, o, ips)
-		if err != nil {
-			return err
-		}
-		if *out == FormatJSON {
-			return writeJSON(stdout, r)
-		}
-		return WriteConntrackReport(stdout, r)
-	case "prepare-node":
-		fs := newFlagSet("prepare-node")
-		dir := fs.String("proc-sys-net", "/proc/sys/net", "the host's /proc/sys/net (mounted from the host in the agent's init container)")
-		uplink := fs.String("uplink", "", "the agent's uplink (src_valid_mark is set on it); the interface of the default route when empty, as the agent's --uplink")
-		pos, err := parseInterleaved(fs, args)
-		if err != nil {
-			return flagError(err)
-		}
-		if len(pos) > 0 {
-			return usagef("prepare-node takes no arguments, got %q", strings.Join(pos, " "))
-		}
-		if *uplink == "" {
-			if *uplink, err = nft.DefaultRouteLink(); err != nil {
-				return err
-			}
-		}
-		return PrepareNode(filepath.Clean(*dir), *uplink, stdout)
-	}
-	return usagef("unknown command %q", cmd)
+// outputFlag adds -o/--output with its allowed values (the first is the
+// default) and their completion.
+func outputFlag(cmd *cobra.Command, formats ...string) *string {
+	out := cmd.Flags().StringP("output", "o", formats[0], "output format: "+orList(formats))
+	mustComplete(cmd, "output", cobra.FixedCompletions(formats, cobra.ShellCompDirectiveNoFileComp))
+	return out
 }
 
-type ipList []netip.Addr
-
-func (l *ipList) String() string {
-	s := make([]string, len(*l))
-	for i, a := range *l {
-		s[i] = a.String()
+// checkOutput rejects an -o value not among formats.
+func checkOutput(out string, formats ...string) error {
+	if slices.Contains(formats, out) {
+		return nil
 	}
-	return strings.Join(s, ",")
+	return usagef("-o %q: want %s", out, orList(formats))
 }
 
-func (l *ipList) Set(v string) error {
-	a, err := parseAddr(v)
-	if err != nil {
-		return err
+// orList is "a, b or c".
+func orList(s []string) string {
+	if len(s) < 2 {
+		return strings.Join(s, "")
 	}
-	*l = append(*l, a)
-	return nil
+	return strings.Join(s[:len(s)-1], ", ") + " or " + s[len(s)-1]
 }

@@ -136,23 +136,33 @@ const (
 	FormatYAML  = "yaml"
 )
 
-// WriteStatus writes the report as aligned tables, JSON or YAML.
-func WriteStatus(w io.Writer, r StatusReport, format string) error {
+// writeData writes v as indented JSON (FormatJSON) or YAML (FormatYAML);
+// ok is false for any other format, which the caller writes.
+func writeData(w io.Writer, v any, format string) (ok bool, err error) {
+	var b []byte
 	switch format {
 	case FormatJSON:
-		b, err := json.MarshalIndent(r, "", "  ")
-		if err != nil {
-			return err
+		if b, err = json.MarshalIndent(v, "", "  "); err == nil {
+			b = append(b, '\n')
 		}
-		_, err = fmt.Fprintf(w, "%s\n", b)
-		return err
 	case FormatYAML:
-		b, err := yaml.Marshal(r)
-		if err != nil {
-			return err
-		}
-		_, err = w.Write(b)
+		b, err = yaml.Marshal(v)
+	default:
+		return false, nil
+	}
+	if err != nil {
+		return true, err
+	}
+	_, err = w.Write(b)
+	return true, err
+}
+
+// WriteStatus writes the report as aligned tables, JSON or YAML.
+func WriteStatus(w io.Writer, r StatusReport, format string) error {
+	if ok, err := writeData(w, r, format); ok {
 		return err
+	}
+	switch format {
 	case FormatTable, "":
 		return writeStatusTables(w, r)
 	}

@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+
+	"github.com/egressnat/egressnat/nft"
 )
 
 // SysctlWrite is one value to write under the net sysctl directory.
@@ -39,11 +41,27 @@ func GatewaySysctls(interfaces []string, uplink string) []SysctlWrite {
 	return append(out, SysctlWrite{Path: filepath.Join("netfilter", "nf_conntrack_tcp_be_liberal"), Value: "1"})
 }
 
+// StateDirEnv names the environment variable that gives PrepareNode the
+// agent's state directory (the DaemonSet's init container sets it to the
+// agent's --state-dir, mounted there too).
+const StateDirEnv = "EGRESSNAT_STATE_DIR"
+
 // PrepareNode writes the gateway sysctls under dir (the host's
 // /proc/sys/net) where they differ and reports each change to w. The agent
 // container's own /proc/sys is read-only, so its init container runs this;
-// the agent then finds the values set and writes nothing.
+// the agent then finds the values set and writes nothing. The values
+// before are recorded in the state directory $EGRESSNAT_STATE_DIR when it
+// is set (see PrepareNodeRecording).
 func PrepareNode(dir, uplink string, w io.Writer) error {
+	return PrepareNodeRecording(dir, uplink, os.Getenv(StateDirEnv), w)
+}
+
+// PrepareNodeRecording is PrepareNode with the agent's state directory
+// given: unless it is "", the values before are recorded there first
+// (nft.RecordSysctls: the first value before of each sysctl is kept), so
+// that an uninstall restores them; when they cannot be recorded, nothing
+// is changed.
+func PrepareNodeRecording(dir, uplink, stateDir string, w io.Writer) error {
 	entries, err := os.ReadDir(filepath.Join(dir, "ipv4", "conf"))
 	if err != nil {
 		return fmt.Errorf("list interfaces: %w", err)
@@ -56,6 +74,7 @@ func PrepareNode(dir, uplink string, w io.Writer) error {
 	}
 	conntrackLoaded := false
 	var errs []error
+	var changes []nft.SysctlChange
 	for _, s := range GatewaySysctls(ifs, uplink) {
 		path := filepath.Join(dir, s.Path)
 		cur, err := os.ReadFile(path)
@@ -73,11 +92,21 @@ func PrepareNode(dir, uplink string, w io.Writer) error {
 		if string(bytes.TrimSpace(cur)) == s.Value {
 			continue
 		}
-		if err := os.WriteFile(path, []byte(s.Value+"\n"), 0o644); err != nil {
+		changes = append(changes, nft.SysctlChange{Path: s.Path, Before: string(bytes.TrimSpace(cur)), Set: s.Value})
+	}
+	if len(changes) > 0 && stateDir != "" {
+		if err := nft.RecordSysctls(stateDir, dir, changes); err != nil {
+			return errors.Join(append(errs, err)...)
+		}
+		fmt.Fprintf(w, "recorded the values before in %s\n", filepath.Join(stateDir, nft.SysctlRecordFile))
+	}
+	for _, c := range changes {
+		path := filepath.Join(dir, c.Path)
+		if err := os.WriteFile(path, []byte(c.Set+"\n"), 0o644); err != nil {
 			errs = append(errs, fmt.Errorf("write %s: %w", path, err))
 			continue
 		}
-		fmt.Fprintf(w, "set %s = %s (was %s)\n", s.Path, s.Value, bytes.TrimSpace(cur))
+		fmt.Fprintf(w, "set %s = %s (was %s)\n", c.Path, c.Set, c.Before)
 	}
 	return errors.Join(errs...)
 }

@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metainternalversion "k8s.io/apimachinery/pkg/apis/meta/internalversion"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/watch"
@@ -195,6 +197,36 @@ func (c *Clients) LeaseInformer(namespace string) cache.SharedIndexInformer {
 	leases := c.Core.CoordinationV1().Leases(namespace)
 	return newInformer("leases", c.Watches, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return leases.List(ctx, o) },
 		leases.Watch, &coordinationv1.Lease{})
+}
+
+// OneDaemonSetInformer watches the DaemonSet name of namespace and no
+// other: its list and watch select it by name (a field selector, which
+// RBAC may grant by resourceNames). health is its own, not c.Watches: its
+// informer is called "daemonset" there.
+func (c *Clients) OneDaemonSetInformer(namespace, name string, health *WatchHealth) cache.SharedIndexInformer {
+	ds := c.Core.AppsV1().DaemonSets(namespace)
+	sel := fields.OneTermEqualSelector("metadata.name", name).String()
+	return newInformer("daemonset", health, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+		o.FieldSelector = sel
+		return ds.List(ctx, o)
+	}, func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+		o.FieldSelector = sel
+		return ds.Watch(ctx, o)
+	}, &appsv1.DaemonSet{})
+}
+
+// OneNamespaceInformer watches the namespace name and no other, as
+// OneDaemonSetInformer does; its informer is called "namespace" in health.
+func (c *Clients) OneNamespaceInformer(name string, health *WatchHealth) cache.SharedIndexInformer {
+	ns := c.Core.CoreV1().Namespaces()
+	sel := fields.OneTermEqualSelector("metadata.name", name).String()
+	return newInformer("namespace", health, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+		o.FieldSelector = sel
+		return ns.List(ctx, o)
+	}, func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+		o.FieldSelector = sel
+		return ns.Watch(ctx, o)
+	}, &corev1.Namespace{})
 }
 
 // DynamicInformer watches a custom resource in every namespace.

@@ -33,13 +33,21 @@ type Group struct {
 	Namespace, Name string
 	// FloatingIPs in spec order.
 	FloatingIPs []netip.Addr
+	// Nodes, when not nil, are the only nodes that may hold the group's
+	// IPs (its spec.nodeSelector matched against the Nodes' labels); nil
+	// means every node.
+	Nodes map[string]bool
 }
+
+// allows reports whether node may hold g's IPs.
+func (g *Group) allows(node string) bool { return g.Nodes == nil || g.Nodes[node] }
 
 // Assign returns, for every floating IP of every group, the name of the node
 // holding it. An IP that no node can hold is absent.
 //
-// A node can hold an IP when it is Up and one of its subnets contains the IP;
-// a Stale node keeps what it holds but is given no new IP.
+// A node can hold an IP when it is Up, one of its subnets contains the IP,
+// and its group's Nodes allow it; a Stale node keeps what it holds but is
+// given no new IP.
 // current is the previous assignment: an IP whose current holder can still
 // hold it stays there. Every other IP goes, in order of groups by
 // namespace/name and IPs in spec order, to the node that can hold it and
@@ -66,7 +74,13 @@ func Assign(groups []Group, nodes []Node, current map[netip.Addr]string) map[net
 	slices.SortStableFunc(order, func(a, b int) int {
 		return cmp.Or(cmp.Compare(groups[a].Namespace, groups[b].Namespace), cmp.Compare(groups[a].Name, groups[b].Name))
 	})
-	var ips []netip.Addr
+	// An IP listed by several groups belongs to the first (by
+	// namespace/name): its Nodes decide.
+	type groupIP struct {
+		ip netip.Addr
+		g  int
+	}
+	var ips []groupIP
 	seen := make(map[netip.Addr]bool)
 	for _, gi := range order {
 		for _, ip := range groups[gi].FloatingIPs {
@@ -75,21 +89,23 @@ func Assign(groups []Group, nodes []Node, current map[netip.Addr]string) map[net
 				continue
 			}
 			seen[ip] = true
-			ips = append(ips, ip)
+			ips = append(ips, groupIP{ip, gi})
 		}
 	}
 
 	counts := make([]int32, len(ix.nodes))
 	// Stability first: every IP whose holder can still hold it stays, and
 	// counts before any IP is placed.
-	var pending []netip.Addr
-	for _, ip := range ips {
-		if n, ok := ix.byName[current[ip]]; ok && ix.nodes[n].Up && containsAny(ix.nodes[n].Subnets, ip) {
+	var pending []groupIP
+	for _, gip := range ips {
+		ip := gip.ip
+		if n, ok := ix.byName[current[ip]]; ok && ix.nodes[n].Up && containsAny(ix.nodes[n].Subnets, ip) &&
+			groups[gip.g].allows(ix.nodes[n].Name) {
 			out[ip] = ix.nodes[n].Name
 			counts[n]++
 			continue
 		}
-		pending = append(pending, ip)
+		pending = append(pending, gip)
 	}
 
 	// Every IP contained in the same set of indexed subnets has the same
@@ -99,7 +115,8 @@ func Assign(groups []Group, nodes []Node, current map[netip.Addr]string) map[net
 	heaps := make(map[string]*candHeap)
 	var key strings.Builder
 	var matched []netip.Prefix
-	for _, ip := range pending {
+	for _, gip := range pending {
+		ip, g := gip.ip, &groups[gip.g]
 		matched = ix.subnetsContaining(ip, matched[:0])
 		if len(matched) == 0 {
 			continue
@@ -109,9 +126,12 @@ func Assign(groups []Group, nodes []Node, current map[netip.Addr]string) map[net
 			key.WriteString(p.String())
 			key.WriteByte(',')
 		}
+		if g.Nodes != nil { // its own candidates
+			key.WriteString(g.Namespace + "/" + g.Name)
+		}
 		h, ok := heaps[key.String()]
 		if !ok {
-			h = ix.newHeap(matched, counts)
+			h = ix.newHeap(matched, counts, g.allows)
 			heaps[key.String()] = h
 		}
 		n := h.pick(counts)
@@ -198,11 +218,14 @@ func (ix *nodeIndex) entry(n int32, count int32) cand {
 	return cand{key: cp<<63 | uint64(count)<<32 | uint64(ix.rank[n]), node: n, count: count}
 }
 
-func (ix *nodeIndex) newHeap(subnets []netip.Prefix, counts []int32) *candHeap {
+func (ix *nodeIndex) newHeap(subnets []netip.Prefix, counts []int32, allows func(node string) bool) *candHeap {
 	h := &candHeap{}
 	seen := make(map[int32]bool)
 	for _, s := range subnets {
 		for _, n := range ix.bySubnet[s] {
+			if !allows(ix.nodes[n].Name) {
+				continue
+			}
 			if len(subnets) > 1 {
 				if seen[n] {
 					continue

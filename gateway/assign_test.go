@@ -184,6 +184,33 @@ func TestAssign(t *testing.T) {
 			want:   a("192.168.1.5", "n"),
 		},
 		{
+			name:   "nodeSelector: only the selected nodes hold the group's IPs, the seed's order among them",
+			groups: []Group{{Namespace: "kube-system", Name: "gw", FloatingIPs: seedGroup.FloatingIPs, Nodes: map[string]bool{"cp1": true, "worker2": true}}},
+			nodes:  []Node{cp("cp1", true, lan), worker("worker1", true, lan), worker("worker2", true, lan)},
+			want:   a("192.168.1.100", "worker2", "192.168.1.101", "worker2", "192.168.1.102", "worker2"),
+		},
+		{
+			name:    "nodeSelector: the selected holder dies, the IPs go to another selected node only",
+			groups:  []Group{{Namespace: "kube-system", Name: "gw", FloatingIPs: seedGroup.FloatingIPs, Nodes: map[string]bool{"cp1": true, "worker2": true}}},
+			nodes:   []Node{cp("cp1", true, lan), worker("worker1", true, lan), worker("worker2", false, lan)},
+			current: a("192.168.1.100", "worker2", "192.168.1.101", "worker2", "192.168.1.102", "worker2"),
+			want:    a("192.168.1.100", "cp1", "192.168.1.101", "cp1", "192.168.1.102", "cp1"),
+		},
+		{
+			name:    "nodeSelector: no selected node can hold the IPs, none is assigned",
+			groups:  []Group{{Namespace: "kube-system", Name: "gw", FloatingIPs: seedGroup.FloatingIPs, Nodes: map[string]bool{"worker2": true}}},
+			nodes:   []Node{cp("cp1", true, lan), worker("worker1", true, lan), worker("worker2", false, lan)},
+			current: a("192.168.1.100", "worker2"),
+			want:    a(),
+		},
+		{
+			name:    "nodeSelector: a holder no longer selected gives its IPs up; another group on the same subnet is not bound",
+			groups:  []Group{{Namespace: "kube-system", Name: "gw", FloatingIPs: ips("192.168.1.100"), Nodes: map[string]bool{"worker2": true}}, {Namespace: "kube-system", Name: "other", FloatingIPs: ips("192.168.1.110")}},
+			nodes:   []Node{cp("cp1", true, lan), worker("worker1", true, lan), worker("worker2", true, lan)},
+			current: a("192.168.1.100", "worker1", "192.168.1.110", "worker1"),
+			want:    a("192.168.1.100", "worker2", "192.168.1.110", "worker1"),
+		},
+		{
 			name:   "unmasked subnet reported by an agent still counts",
 			groups: []Group{{Namespace: "ns", Name: "g", FloatingIPs: ips("192.168.1.5")}},
 			nodes:  []Node{{Name: "n", Up: true, Subnets: []netip.Prefix{netip.MustParsePrefix("192.168.1.17/24")}}},
@@ -242,15 +269,20 @@ func naiveAssign(groups []Group, nodes []Node, current map[netip.Addr]string) ma
 		return cmp.Or(cmp.Compare(x.Namespace, y.Namespace), cmp.Compare(x.Name, y.Name))
 	})
 	var all []netip.Addr
+	owner := map[netip.Addr]Group{} // the first group listing the IP
 	for _, g := range gs {
 		for _, i := range g.FloatingIPs {
 			if !slices.Contains(all, i) {
 				all = append(all, i)
+				owner[i] = g
 			}
 		}
 	}
 	eligible := func(n Node, i netip.Addr) bool {
 		if !n.Up {
+			return false
+		}
+		if g := owner[i]; g.Nodes != nil && !g.Nodes[n.Name] {
 			return false
 		}
 		for _, s := range n.Subnets {
@@ -324,6 +356,14 @@ func TestAssignMatchesReference(t *testing.T) {
 			grp := Group{Namespace: "ns", Name: fmt.Sprintf("g%d", r.IntN(10)*10+g)}
 			for range 1 + r.IntN(6) {
 				grp.FloatingIPs = append(grp.FloatingIPs, netip.AddrFrom4([4]byte{10, byte(r.IntN(3)), 0, byte(r.IntN(256))}))
+			}
+			if r.IntN(2) == 0 { // a nodeSelector: a random subset of the nodes
+				grp.Nodes = map[string]bool{}
+				for _, n := range nodes {
+					if r.IntN(2) == 0 {
+						grp.Nodes[n.Name] = true
+					}
+				}
 			}
 			groups = append(groups, grp)
 		}

@@ -42,6 +42,16 @@ type NetworkGatewayGroupSpec struct {
 	// +kubebuilder:validation:items:XValidation:rule="!isIP(self) || ip(self).family() != 4 || !cidr('169.254.0.0/16').containsIP(self)",message="must be a unicast address a node can hold: 169.254.0.0/16 is link-local"
 	// +kubebuilder:validation:items:XValidation:rule="!isIP(self) || ip(self).family() != 4 || !cidr('224.0.0.0/3').containsIP(self)",message="must be a unicast address a node can hold: 224.0.0.0/4 is multicast, 240.0.0.0/4 reserved (class E) and 255.255.255.255 broadcast"
 	FloatingIPs []string `json:"floatingIPs"`
+	// NodeSelector, when set, limits the nodes that may hold the floating
+	// IPs to those whose labels it matches (e.g. matchLabels
+	// egressnat.io/gateway: "true"); among them the usual order applies
+	// (a node in the IP's subnet, workers before control-plane nodes,
+	// nodes holding fewer floating IPs first). An IP whose holder stops
+	// matching moves to a matching node. Absent: every node may. When no
+	// matching node can hold an IP, the IP is held by none and the Ready
+	// condition says so.
+	// +optional
+	NodeSelector *LabelSelector `json:"nodeSelector,omitempty"`
 }
 
 // MaxRecentMoves bounds status.recentMoves.

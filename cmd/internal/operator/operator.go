@@ -32,6 +32,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
@@ -742,9 +743,32 @@ func (c *Controller) currentGroups(from []*v1.NetworkGatewayGroup, checks map[st
 	})
 	groups := make([]gateway.Group, len(objs))
 	for i, g := range objs {
-		groups[i] = gateway.Group{Namespace: g.Namespace, Name: g.Name, FloatingIPs: checks[g.Namespace+"/"+g.Name].Usable}
+		groups[i] = gateway.Group{Namespace: g.Namespace, Name: g.Name, FloatingIPs: checks[g.Namespace+"/"+g.Name].Usable,
+			Nodes: c.selectedNodes(g)}
 	}
 	return groups, objs
+}
+
+// selectedNodes is the set of Nodes g's spec.nodeSelector matches, nil
+// without a selector (every node may hold its IPs). A selector that does
+// not parse (the CRD's validation refuses those) selects no node.
+func (c *Controller) selectedNodes(g *v1.NetworkGatewayGroup) map[string]bool {
+	if g.Spec.NodeSelector == nil {
+		return nil
+	}
+	out := map[string]bool{}
+	sel, err := g.Spec.NodeSelector.AsSelector()
+	if err != nil {
+		c.cfg.Log.Warn("gateway nodeSelector does not parse: no node may hold its floating IPs",
+			zap.String("gateway", g.Namespace+"/"+g.Name), zap.Error(err))
+		return out
+	}
+	for _, obj := range c.nodes.List() {
+		if n := obj.(*corev1.Node); sel.Matches(labels.Set(n.Labels)) {
+			out[n.Name] = true
+		}
+	}
+	return out
 }
 
 // currentAssignment is what the statuses say (of each group, the IPs its
@@ -825,7 +849,7 @@ func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGate
 	if c.cfg.Metrics != nil {
 		c.cfg.Metrics.UnassignedIPs.WithLabelValues(obj.Namespace + "/" + obj.Name).Set(float64(len(missing)))
 	}
-	for _, cond := range groupConditions(obj, check, len(g.FloatingIPs), missing) {
+	for _, cond := range groupConditions(obj, check, len(g.FloatingIPs), missing, g.Nodes) {
 		setCondition(&st.Conditions, cond, now)
 	}
 	if check.Ignored != "" {
@@ -860,8 +884,9 @@ func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGate
 
 // groupConditions are the Accepted, FloatingIPsValid (for an honoured
 // group) and Ready conditions of a group: usable is how many of its
-// floating IPs its check allows, missing those of them no node holds.
-func groupConditions(obj *v1.NetworkGatewayGroup, check selector.GroupCheck, usable int, missing []string) []metav1.Condition {
+// floating IPs its check allows, missing those of them no node holds,
+// selected the nodes its nodeSelector selects (nil: no selector).
+func groupConditions(obj *v1.NetworkGatewayGroup, check selector.GroupCheck, usable int, missing []string, selected map[string]bool) []metav1.Condition {
 	gen := obj.Generation
 	if check.Ignored != "" {
 		msg := fmt.Sprintf("the group is ignored and its floating IPs are not assigned: %s", check.Ignored)
@@ -889,6 +914,14 @@ func groupConditions(obj *v1.NetworkGatewayGroup, check selector.GroupCheck, usa
 	if len(missing) > 0 {
 		ready.Status, ready.Reason = metav1.ConditionFalse, v1.ReasonUnassigned
 		ready.Message = fmt.Sprintf("%d of %d floating IPs have no Up node in their subnet: %s", len(missing), usable, strings.Join(missing, ", "))
+		if selected != nil {
+			names := slices.Sorted(maps.Keys(selected))
+			if len(names) > 5 {
+				names = append(names[:5], "...")
+			}
+			ready.Message = fmt.Sprintf("%d of %d floating IPs have no Up node among the %d spec.nodeSelector selects (%s) in their subnet: %s",
+				len(missing), usable, len(selected), strings.Join(names, ", "), strings.Join(missing, ", "))
+		}
 		if n := len(check.Rejected); n > 0 {
 			ready.Message += fmt.Sprintf("; %d more are rejected (see condition %s)", n, v1.ConditionFloatingIPsValid)
 		}

@@ -685,3 +685,52 @@ func TestStaleWatchDecidesFromAPI(t *testing.T) {
 		t.Fatalf("the leader decided from its stale cache: n1 still %q in the API", g.Status.Nodes["n1"])
 	}
 }
+
+// TestNodeSelector: only the nodes a group's spec.nodeSelector selects
+// hold its IPs (here n2, although n1 comes first by name); when they are
+// all Down the IPs are held by none and Ready says the selector's nodes
+// have no Up node; a node labelled to match takes them.
+func TestNodeSelector(t *testing.T) {
+	objs := objects()
+	n2 := nodeObj("n2", "192.0.2.12", corev1.ConditionTrue)
+	n2.Labels = map[string]string{"egress": "yes"}
+	objs[1] = n2
+	gw := gatewayObj("gw", fip1, fip2)
+	gw.Spec.NodeSelector = &v1.LabelSelector{MatchLabels: map[string]v1.LabelValue{"egress": "yes"}}
+	objs[5] = gw
+	cl := newCluster(t, objs...)
+	c := cl.controller(t, false)
+	c.setHealth("n1", true, epoch)
+	c.setHealth("n2", true, epoch)
+	c.mustReconcile(t)
+	if g, want := cl.gateway(t, "gw"), map[string]string{fip1: "n2", fip2: "n2"}; !mapsEqual(g.Status.FloatingIPs, want) {
+		t.Fatalf("status.floatingIPs %v, want %v", g.Status.FloatingIPs, want)
+	}
+
+	// n2 Down: n1 is Up in the subnet but not selected.
+	cl.clk.Step(time.Second)
+	c.setHealth("n2", false, cl.clk.Now())
+	c.mustReconcile(t)
+	g := cl.gateway(t, "gw")
+	if len(g.Status.FloatingIPs) != 0 {
+		t.Fatalf("status.floatingIPs %v, want none (no selected node is Up)", g.Status.FloatingIPs)
+	}
+	checkCondition(t, "gateway Ready", condition(t, g.Status.Conditions, "Ready"), metav1.ConditionFalse, "Unassigned",
+		"2 of 2 floating IPs have no Up node among the 1 spec.nodeSelector selects (n2) in their subnet: 192.0.2.100, 192.0.2.101", gwGen)
+
+	// n1 labelled: it is selected, and takes the IPs.
+	n1, err := cl.core.CoreV1().Nodes().Get(context.Background(), "n1", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n1.Labels = map[string]string{"egress": "yes"}
+	if _, err := cl.core.CoreV1().Nodes().Update(context.Background(), n1, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c.waitCaches(t, cl)
+	cl.clk.Step(time.Second)
+	c.mustReconcile(t)
+	if g, want := cl.gateway(t, "gw"), map[string]string{fip1: "n1", fip2: "n1"}; !mapsEqual(g.Status.FloatingIPs, want) {
+		t.Fatalf("after labelling n1: status.floatingIPs %v, want %v", g.Status.FloatingIPs, want)
+	}
+}

@@ -115,7 +115,7 @@ func RecordSysctls(stateDir, netDir string, changes []SysctlChange) error {
 	for _, c := range out {
 		fmt.Fprintf(&b, "%s\t%s\t%s\n", c.Path, c.Before, c.Set)
 	}
-	if err := writeFileAtomic(filepath.Join(stateDir, SysctlRecordFile), b.String()); err != nil {
+	if err := WriteFileAtomic(filepath.Join(stateDir, SysctlRecordFile), b.String()); err != nil {
 		return fmt.Errorf("write the sysctl record: %w", err)
 	}
 	return nil
@@ -192,10 +192,10 @@ func RestoreSysctls(stateDir, netDir string) (SysctlRestore, error) {
 	return res, nil
 }
 
-// writeFileAtomic writes text to path through a temporary file in the same
-// directory (a crash leaves the old file or the new one), creating the
-// directory.
-func writeFileAtomic(path, text string) error {
+// WriteFileAtomic writes text to path through a temporary file in the same
+// directory, synced before the rename (a crash leaves the old file or the
+// new one), creating the directory. The agent's state files use it too.
+func WriteFileAtomic(path, text string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/egressnat/egressnat/nft"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
 )
@@ -197,7 +198,7 @@ func (a *agent) saveFile(file, text string) {
 			a.log.Warn("remove a saved file", zap.String("file", path), zap.Error(err))
 			return
 		}
-	} else if err := writeAtomic(path, text); err != nil {
+	} else if err := nft.WriteFileAtomic(path, text); err != nil {
 		a.log.Warn("save for the guard table", zap.String("file", path), zap.Error(err))
 		return
 	}
@@ -238,27 +239,4 @@ func loadNetworks(dir, file string) ([]netip.Prefix, error) {
 		out = append(out, p)
 	}
 	return out, nil
-}
-
-func writeAtomic(path, text string) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name()) // gone by the rename when it succeeded
-	if _, err := tmp.WriteString(text); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }

@@ -148,6 +148,21 @@ func (n *nodeFlags) add(cmd *cobra.Command) {
 	mustComplete(cmd, "netns", completeNetNS)
 }
 
+// run checks the output format (text or json), then runs fn with the
+// node's options, inside the node's network namespace when --netns names
+// one.
+func (n *nodeFlags) run(out string, fn func(RulesetOptions) error) error {
+	if err := checkOutput(out, "text", FormatJSON); err != nil {
+		return err
+	}
+	o, closeNS, err := n.options()
+	if err != nil {
+		return err
+	}
+	defer closeNS()
+	return fn(o)
+}
+
 func (n *nodeFlags) options() (RulesetOptions, func(), error) {
 	mask, err := strconv.ParseUint(n.markMask, 0, 32)
 	if err != nil || mask == 0 {
@@ -184,26 +199,20 @@ routes.` + fmt.Sprintf(nodeLong, "ruleset"),
 	all := c.Flags().Bool("all-elements", false, "print every set element (default: the first 32 of each set)")
 	out := outputFlag(c, "text", FormatJSON)
 	c.RunE = runE(func(cmd *cobra.Command, _ []string) error {
-		if err := checkOutput(*out, "text", FormatJSON); err != nil {
-			return err
-		}
-		o, closeNS, err := nf.options()
-		if err != nil {
-			return err
-		}
-		defer closeNS()
-		rs, err := ReadRuleset(cmd.Context(), o)
-		if err != nil {
-			return err
-		}
-		if *out == FormatJSON {
-			return writeJSON(a.stdout, rs)
-		}
-		maxElems := 32
-		if *all {
-			maxElems = 0
-		}
-		return WriteRuleset(a.stdout, rs, maxElems)
+		return nf.run(*out, func(o RulesetOptions) error {
+			rs, err := ReadRuleset(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			if *out == FormatJSON {
+				return writeJSON(a.stdout, rs)
+			}
+			maxElems := 32
+			if *all {
+				maxElems = 0
+			}
+			return WriteRuleset(a.stdout, rs, maxElems)
+		})
 	})
 	return c
 }
@@ -222,22 +231,16 @@ Gateway policies not translated to their egress IP.` + fmt.Sprintf(nodeLong, "co
 	c.Flags().Var(&ips, "ip", "a floating IP to show (repeatable; default: the floating IPs in the agent's table)")
 	out := outputFlag(c, "text", FormatJSON)
 	c.RunE = runE(func(cmd *cobra.Command, _ []string) error {
-		if err := checkOutput(*out, "text", FormatJSON); err != nil {
-			return err
-		}
-		o, closeNS, err := nf.options()
-		if err != nil {
-			return err
-		}
-		defer closeNS()
-		r, err := ReadConntrackReport(cmd.Context(), o, ips)
-		if err != nil {
-			return err
-		}
-		if *out == FormatJSON {
-			return writeJSON(a.stdout, r)
-		}
-		return WriteConntrackReport(a.stdout, r)
+		return nf.run(*out, func(o RulesetOptions) error {
+			r, err := ReadConntrackReport(cmd.Context(), o, ips)
+			if err != nil {
+				return err
+			}
+			if *out == FormatJSON {
+				return writeJSON(a.stdout, r)
+			}
+			return WriteConntrackReport(a.stdout, r)
+		})
 	})
 	return c
 }

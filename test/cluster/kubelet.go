@@ -125,7 +125,6 @@ func removeCgroupRoot(root string) error {
 	var errs []error
 	for attempt := 0; attempt < 50; attempt++ {
 		errs = errs[:0]
-		busy := false
 		for _, h := range hs {
 			top := filepath.Join(h, root)
 			if _, err := os.Stat(top); err != nil {
@@ -143,7 +142,6 @@ func removeCgroupRoot(root string) error {
 					for _, f := range strings.Fields(string(b)) {
 						if pid, err := strconv.Atoi(f); err == nil {
 							syscall.Kill(pid, syscall.SIGKILL) //nolint:errcheck
-							busy = true
 						}
 					}
 				}
@@ -155,7 +153,7 @@ func removeCgroupRoot(root string) error {
 		if len(errs) == 0 {
 			return nil
 		}
-		if busy || attempt < 49 {
+		if attempt < 49 {
 			time.Sleep(100 * time.Millisecond) // processes take a moment to leave a killed cgroup
 		}
 	}

@@ -3,7 +3,6 @@ package cluster
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -176,11 +175,3 @@ func (c *Cluster) describePods(ctx context.Context, namespace string) string {
 	return out + "\n" + tail(ev, 4000)
 }
 
-// RealImagesDir is where BuildImages writes the OCI archives.
-func RealImagesDir(workDir string) string { return filepath.Join(workDir, "images") }
-
-// exists reports whether path exists.
-func exists(path string) bool {
-	_, err := os.Stat(path)
-	return err == nil
-}

@@ -26,6 +26,12 @@ type Node struct {
 	// stale node keeps the IPs it holds while it is Up (moving them would
 	// risk two holders) but is given no new one: nobody might program it.
 	Stale bool
+	// Draining says why the node is to give its floating IPs up (cordoned,
+	// labelled for maintenance, its agent stopping); "" when it is not. A
+	// draining node is given no new IP, and each IP it holds goes to
+	// another node that can hold it (gracefully: see Plan); an IP no other
+	// node can hold stays.
+	Draining string
 }
 
 // Group is a NetworkGatewayGroup reduced to what the assignment needs.
@@ -47,7 +53,8 @@ func (g *Group) allows(node string) bool { return g.Nodes == nil || g.Nodes[node
 //
 // A node can hold an IP when it is Up, one of its subnets contains the IP,
 // and its group's Nodes allow it; a Stale node keeps what it holds but is
-// given no new IP.
+// given no new IP; a Draining node is given no new IP and keeps only what
+// no other node can take.
 // current is the previous assignment: an IP whose current holder can still
 // hold it stays there. Every other IP goes, in order of groups by
 // namespace/name and IPs in spec order, to the node that can hold it and
@@ -96,16 +103,28 @@ func Assign(groups []Group, nodes []Node, current map[netip.Addr]string) map[net
 	counts := make([]int32, len(ix.nodes))
 	// Stability first: every IP whose holder can still hold it stays, and
 	// counts before any IP is placed.
+	// An IP on a draining node that could keep it is pending too, with
+	// that node as its fallback.
 	var pending []groupIP
+	fallback := map[netip.Addr]int{}
 	for _, gip := range ips {
 		ip := gip.ip
 		if n, ok := ix.byName[current[ip]]; ok && ix.nodes[n].Up && containsAny(ix.nodes[n].Subnets, ip) &&
 			groups[gip.g].allows(ix.nodes[n].Name) {
-			out[ip] = ix.nodes[n].Name
-			counts[n]++
-			continue
+			if ix.nodes[n].Draining == "" {
+				out[ip] = ix.nodes[n].Name
+				counts[n]++
+				continue
+			}
+			fallback[ip] = n
 		}
 		pending = append(pending, gip)
+	}
+	keep := func(ip netip.Addr) {
+		if n, ok := fallback[ip]; ok {
+			out[ip] = ix.nodes[n].Name
+			counts[n]++
+		}
 	}
 
 	// Every IP contained in the same set of indexed subnets has the same
@@ -119,6 +138,7 @@ func Assign(groups []Group, nodes []Node, current map[netip.Addr]string) map[net
 		ip, g := gip.ip, &groups[gip.g]
 		matched = ix.subnetsContaining(ip, matched[:0])
 		if len(matched) == 0 {
+			keep(ip)
 			continue
 		}
 		key.Reset()
@@ -136,6 +156,7 @@ func Assign(groups []Group, nodes []Node, current map[netip.Addr]string) map[net
 		}
 		n := h.pick(counts)
 		if n < 0 {
+			keep(ip)
 			continue
 		}
 		out[ip] = ix.nodes[n].Name
@@ -175,7 +196,7 @@ func newNodeIndex(nodes []Node) *nodeIndex {
 	}
 	var haveLen [33]bool
 	for _, n := range byName {
-		if !nodes[n].Up || nodes[n].Stale {
+		if !nodes[n].Up || nodes[n].Stale || nodes[n].Draining != "" {
 			continue
 		}
 		for _, s := range nodes[n].Subnets {

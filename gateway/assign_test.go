@@ -296,7 +296,7 @@ func naiveAssign(groups []Group, nodes []Node, current map[netip.Addr]string) ma
 	out := map[netip.Addr]string{}
 	for _, i := range all {
 		for _, n := range nodes {
-			if n.Name == current[i] && eligible(n, i) {
+			if n.Name == current[i] && eligible(n, i) && n.Draining == "" {
 				out[i] = n.Name
 				count[n.Name]++
 			}
@@ -308,7 +308,7 @@ func naiveAssign(groups []Group, nodes []Node, current map[netip.Addr]string) ma
 		}
 		best := -1
 		for k, n := range nodes {
-			if !eligible(n, i) || n.Stale {
+			if !eligible(n, i) || n.Stale || n.Draining != "" {
 				continue
 			}
 			if best < 0 {
@@ -324,19 +324,17 @@ func naiveAssign(groups []Group, nodes []Node, current map[netip.Addr]string) ma
 		if best >= 0 {
 			out[i] = nodes[best].Name
 			count[nodes[best].Name]++
+			continue
+		}
+		// Nobody else can: a draining holder keeps it.
+		for _, n := range nodes {
+			if n.Name == current[i] && eligible(n, i) {
+				out[i] = n.Name
+				count[n.Name]++
+			}
 		}
 	}
 	return out
-}
-
-func compareBool(x, y bool) int {
-	switch {
-	case x == y:
-		return 0
-	case !x:
-		return -1
-	}
-	return 1
 }
 
 func TestAssignMatchesReference(t *testing.T) {
@@ -346,6 +344,9 @@ func TestAssignMatchesReference(t *testing.T) {
 		var nodes []Node
 		for k := range 1 + r.IntN(12) {
 			n := Node{Name: fmt.Sprintf("n%02d", k), Up: r.IntN(4) != 0, ControlPlane: r.IntN(4) == 0, Stale: r.IntN(6) == 0}
+			if r.IntN(5) == 0 {
+				n.Draining = "cordoned"
+			}
 			for range 1 + r.IntN(2) {
 				n.Subnets = append(n.Subnets, netip.MustParsePrefix(subnets[r.IntN(len(subnets))]))
 			}

@@ -17,12 +17,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Gratuitous ARP after taking a floating IP, as keepalived does: one
-// announcement at once, then more at growing intervals for about five
-// seconds, so that a peer that missed one (a busy switch, a host whose
-// entry was being refreshed) still learns the new holder. The offsets
-// are from the moment the address was added (the first round goes at
-// once, whatever its offset); tests shorten them.
+// Gratuitous ARP after taking a floating IP (or unmuting one: see
+// selector.NodeState.Muted; a muted IP is never announced), as keepalived
+// does: one announcement at once, then more at growing intervals for
+// about five seconds, so that a peer that missed one (a busy switch, a
+// host whose entry was being refreshed) still learns the new holder. The
+// offsets are from the moment the address was added or unmuted (the first
+// round goes at once, whatever its offset); tests shorten them.
 var garpSchedule = []time.Duration{
 	0,
 	100 * time.Millisecond,
@@ -523,8 +524,8 @@ func (ad *addresses) announce(link netlink.Link, ips []netip.Addr) error {
 	return nil
 }
 
-// stop ends the announcements of ips: once it returns, no gratuitous ARP
-// claims them.
+// stop ends the announcements of ips (given up, released or muted): once
+// it returns, no gratuitous ARP claims them.
 func (ad *addresses) stop(ips []netip.Addr) {
 	ad.mu.Lock()
 	defer ad.mu.Unlock()

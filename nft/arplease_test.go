@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 
@@ -63,6 +64,45 @@ func TestARPElements(t *testing.T) {
 	if len(got) != 6 || !reflect.DeepEqual(got, want) {
 		t.Fatalf("rule exprs %#v", got)
 	}
+	got = normalize(arpAskRuleExprs(&nftables.Set{Name: arpSetAsking, ID: 9}))
+	want = normalize(arpAskRuleExprs(&nftables.Set{Name: arpSetAsking}))
+	if len(got) != 6 || !reflect.DeepEqual(got, want) {
+		t.Fatalf("ask rule exprs %#v", got)
+	}
+	// The request is op 1, big-endian, at offset 6 of the ARP header.
+	if p, ok := got[0].(*expr.Payload); !ok || p.Base != expr.PayloadBaseNetworkHeader || p.Offset != 6 || p.Len != 2 {
+		t.Fatalf("ask rule loads %#v", got[0])
+	}
+	if c, ok := got[1].(*expr.Cmp); !ok || c.Op != expr.CmpOpEq || string(c.Data) != "\x00\x01" {
+		t.Fatalf("ask rule compares %#v", got[1])
+	}
+}
+
+// TestARPRulesOK: the chain is ours only with both rules, in order, with
+// their comments; the one rule of an older version is not.
+func TestARPRulesOK(t *testing.T) {
+	ask := &nftables.Rule{Exprs: arpAskRuleExprs(&nftables.Set{Name: arpSetAsking}), UserData: arpAskRuleUserData()}
+	drop := &nftables.Rule{Exprs: arpRuleExprs(&nftables.Set{Name: arpSetHeld}, &nftables.Set{Name: arpSetLive}), UserData: arpRuleUserData()}
+	noComment := *ask
+	noComment.UserData = nil
+	otherSet := &nftables.Rule{Exprs: arpAskRuleExprs(&nftables.Set{Name: arpSetLive}), UserData: arpAskRuleUserData()}
+	for _, c := range []struct {
+		name  string
+		rules []*nftables.Rule
+		want  bool
+	}{
+		{"both, in order", []*nftables.Rule{ask, drop}, true},
+		{"an older version's", []*nftables.Rule{drop}, false},
+		{"in the other order", []*nftables.Rule{drop, ask}, false},
+		{"without a comment", []*nftables.Rule{&noComment, drop}, false},
+		{"on another set", []*nftables.Rule{otherSet, drop}, false},
+		{"one more", []*nftables.Rule{ask, drop, drop}, false},
+		{"none", nil, false},
+	} {
+		if got := arpRulesOK(c.rules); got != c.want {
+			t.Errorf("%s: %v, want %v", c.name, got, c.want)
+		}
+	}
 }
 
 // Kernel tests, in the release lab (see relLab).
@@ -106,21 +146,11 @@ var setElements = regexp.MustCompile(`elements = \{([^}]*)\}`)
 // arpSet returns the IPs of an arp set in gw (nil: no table).
 func arpSet(l *relLab, name string) []string {
 	l.t.Helper()
-	out := arpList(l, "set", "arp", arpTable, name)
-	m := setElements.FindStringSubmatch(out)
-	if m == nil {
-		return nil
-	}
-	var ips []string
-	for _, e := range strings.Split(m[1], ",") {
-		if f := strings.Fields(e); len(f) > 0 {
-			ips = append(ips, f[0])
-		}
-	}
-	slices.Sort(ips)
-	return ips
+	return arpSetIn(l, "gw", name)
 }
 
+// expectARPSets checks held and live in gw, and that asking is empty
+// (nothing muted).
 func expectARPSets(t *testing.T, l *relLab, when string, held, live []string) {
 	t.Helper()
 	if got := arpSet(l, arpSetHeld); !slices.Equal(got, held) {
@@ -128,6 +158,9 @@ func expectARPSets(t *testing.T, l *relLab, when string, held, live []string) {
 	}
 	if got := arpSet(l, arpSetLive); !slices.Equal(got, live) {
 		t.Fatalf("%s: live %v, want %v\n%s", when, got, live, arpList(l))
+	}
+	if got := arpSet(l, arpSetAsking); len(got) != 0 {
+		t.Fatalf("%s: asking %v, want none\n%s", when, got, arpList(l))
 	}
 }
 
@@ -336,10 +369,12 @@ func TestARPLease(t *testing.T) {
 	for _, want := range []string{
 		"set held {\n\t\ttype ipv4_addr\n\t\telements = { ",
 		"set live {\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t\telements = { ",
+		"set asking {\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t}",
 		relFloat1 + " timeout 300ms expires ",
 		relFloat2 + " timeout 300ms expires ",
-		"type filter hook output priority filter; policy accept;",
-		`arp saddr ip @held arp saddr ip != @live counter packets 0 bytes 0 drop comment "` + arpComment + `"`,
+		"type filter hook output priority filter; policy accept;\n\t\t" +
+			`arp operation request arp saddr ip @asking counter packets 0 bytes 0 accept comment "` + arpAskComment + `"` + "\n\t\t" +
+			`arp saddr ip @held arp saddr ip != @live counter packets 0 bytes 0 drop comment "` + arpComment + `"`,
 	} {
 		if !strings.Contains(table, want) {
 			t.Errorf("arp table lacks %q", want)
@@ -390,7 +425,7 @@ func TestARPLease(t *testing.T) {
 		}
 	}
 	out := arpList(l, "chain", "arp", arpTable, arpChain)
-	if m := regexp.MustCompile(`counter packets (\d+)`).FindStringSubmatch(out); m == nil || m[1] == "0" {
+	if m := regexp.MustCompile(`counter packets (\d+) bytes \d+ drop`).FindStringSubmatch(out); m == nil || m[1] == "0" {
 		t.Errorf("the drop rule counted nothing:\n%s", out)
 	}
 	took := k.durations()
@@ -488,12 +523,13 @@ func TestARPLeaseRepair(t *testing.T) {
 	mustApply(t, d, st)
 	both := []string{relFloat1, relFloat2}
 	want := arpList(l)
-	rule := `arp saddr ip @held arp saddr ip != @live counter drop comment "` + arpComment + `"`
+	rules := `arp operation request arp saddr ip @asking counter accept comment "` + arpAskComment + `"` + "\n\t\t" +
+		`arp saddr ip @held arp saddr ip != @live counter drop comment "` + arpComment + `"`
 	check := func(when string) {
 		t.Helper()
 		expectARPSets(t, l, when, both, both)
-		if out := normalizeListing(arpList(l)); !strings.Contains(out, rule) || strings.Count(out, "arp saddr ip") != 2 {
-			t.Fatalf("%s: rule missing:\n%s", when, out)
+		if out := normalizeListing(arpList(l)); !strings.Contains(out, rules) || strings.Count(out, "arp saddr ip") != 3 {
+			t.Fatalf("%s: rules missing:\n%s", when, out)
 		}
 		if _, ok := p.ask(relFloat1, time.Second); !ok {
 			t.Fatalf("%s: not answered", when)

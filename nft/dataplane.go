@@ -41,6 +41,11 @@ type Dataplane struct {
 	recheck bool
 	// applied: an Apply of this Dataplane succeeded (see conntrackMatcher).
 	applied bool
+	// muted and foreign: Result.Muted and Result.Foreign of the last full
+	// Apply, which an incremental one (same shape, so the same floating
+	// and muted IPs; the uplink's addresses are read by full Applies only)
+	// reports again.
+	muted, foreign []netip.Addr
 
 	wg        sync.WaitGroup
 	done      chan struct{}
@@ -83,6 +88,20 @@ type Result struct {
 	// after an Apply with conflicts the next one takes the full path and
 	// probes again.
 	Conflicts []netip.Addr
+	// Muted: the muted floating IPs (NodeState.Muted) on the uplink after
+	// this Apply, sorted: held (recorded, their SNAT rules as the policies
+	// say) but neither answered for by ARP nor announced. A muted IP
+	// another host answered for is in Conflicts instead (not taken), one
+	// something else put on the uplink in Foreign. On the new holder of a
+	// planned handover they are the IPs prepared; the old holder lists
+	// the ones it keeps silent. An incremental Apply reports the last
+	// full one's (the same state shape: the same floating and muted IPs).
+	Muted []netip.Addr
+	// Unmuted: floating IPs the previous Apply of this Dataplane muted
+	// that this one holds unmuted (the switch of a handover): they got a
+	// full ARP lease at once and were announced anew (Announced), without
+	// an ARP probe (they were on the uplink already).
+	Unmuted []netip.Addr
 	// Marks is the mark value used for each next hop (full path only).
 	Marks map[netip.Addr]uint32
 	// Incremental: only policies' sources changed, and only their elements
@@ -142,6 +161,8 @@ type normalized struct {
 	sources  map[string][]netip.Addr
 	dests    map[string][]ipRange
 	floating []netip.Prefix
+	// muted: the IPs of floating that are muted (see mutedOf).
+	muted []netip.Addr
 }
 
 func normalizeState(st selector.NodeState) (*normalized, error) {
@@ -210,8 +231,28 @@ func normalizeState(st selector.NodeState) (*normalized, error) {
 	}
 	slices.SortFunc(n.floating, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 	n.floating = slices.CompactFunc(n.floating, func(a, b netip.Prefix) bool { return a.Addr() == b.Addr() })
+	if n.muted, err = mutedOf(st.Muted, n.floating); err != nil {
+		return nil, err
+	}
 	n.state = st
 	return n, nil
+}
+
+// mutedOf returns the muted IPs (NodeState.Muted) that are floating IPs of
+// floating (sorted by address), unmapped, sorted, without duplicates: a
+// muted IP this node does not hold means nothing and is left out.
+func mutedOf(muted []netip.Addr, floating []netip.Prefix) ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, a := range muted {
+		if a = a.Unmap(); !a.Is4() {
+			return nil, fmt.Errorf("muted ip %s is not ipv4", a)
+		}
+		if _, held := slices.BinarySearchFunc(floating, a, func(p netip.Prefix, a netip.Addr) int { return p.Addr().Compare(a) }); held {
+			out = append(out, a)
+		}
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return slices.Compact(out), nil
 }
 
 // knownPods returns the content of the known-pods set: st.LocalPods
@@ -263,6 +304,10 @@ func (d *Dataplane) Apply(ctx context.Context, st selector.NodeState) error {
 	var err error
 	if !d.recheck {
 		handled, err = d.applySources(ctx, st, &res)
+		if handled {
+			res.Muted = slices.Clone(d.muted) // same shape: the last full Apply's
+			res.Foreign = slices.Clone(d.foreign)
+		}
 	}
 	if !handled {
 		err = d.apply(ctx, st, &res)
@@ -491,15 +536,43 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	// of theirs (only KeepARP renews a lease: an Apply right after the
 	// agent resumed must not answer again for an IP that moved). The
 	// table is created or repaired here; with the lease disabled, deleted.
+	//
+	// A muted IP (NodeState.Muted: a planned handover) is held like the
+	// others but has its lease in the asking set instead of live (what is
+	// left of its live lease moves there; a muted IP taken gets a full
+	// one; KeepARP renews it there): the node stops answering ARP for it
+	// when this step commits, while its own ARP requests with it as
+	// sender (resolving the router for the traffic SNATed to it) still
+	// leave as long as KeepARP runs. Its announcements stop first and
+	// none starts. One muted by the previous Apply and held unmuted now
+	// (the switch of the handover) gets a full live lease at once, like
+	// one taken, and is announced anew; it is on the uplink already, so it
+	// was not probed.
 	var taking []netip.Addr
 	for _, ip := range ours {
 		if _, present := addrs[ip]; !present {
 			taking = append(taking, ip)
 		}
 	}
-	if err := d.applyARP(union(ours, givenUp), taking); err != nil {
+	wasMuted := d.arp.mutedIPs()
+	muted, unmuted := muteChanges(ours, wasMuted, n.muted)
+	d.addr.stop(muted)
+	for _, a := range muted {
+		delete(d.addr.announced, a)
+	}
+	full := union(taking, unmuted) // taken (muted or not) or unmuted
+	if err := d.applyARP(union(ours, givenUp), full, muted); err != nil {
 		return err
 	}
+	for _, a := range muted {
+		if !slices.Contains(wasMuted, a) {
+			d.log.Info("floating ip muted: no ARP answers, no announcements", zap.Stringer("ip", a))
+		}
+	}
+	for _, a := range unmuted {
+		d.log.Info("floating ip unmuted: ARP answered, announced", zap.Stringer("ip", a))
+	}
+	res.Muted, res.Unmuted = muted, unmuted
 	var wantPrefixes []netip.Prefix
 	for _, p := range n.floating {
 		if slices.Contains(ours, p.Addr()) {
@@ -515,7 +588,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	}
 	var announce []netip.Addr
 	for _, a := range ours {
-		if !d.addr.announced[a] {
+		if !d.addr.announced[a] && !slices.Contains(muted, a) {
 			announce = append(announce, a)
 		}
 	}
@@ -572,6 +645,7 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		d.log.Info("conntrack entries deleted", zap.Int("count", flushed))
 	}
 	d.applied = true
+	d.muted, d.foreign = muted, slices.Clone(res.Foreign)
 	return nil
 }
 

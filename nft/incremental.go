@@ -24,6 +24,7 @@ func shapeOf(st selector.NodeState) *selector.NodeState {
 	out := &selector.NodeState{
 		Policies:    make([]selector.PolicyState, len(st.Policies)),
 		FloatingIPs: slices.Clone(st.FloatingIPs),
+		Muted:       slices.Clone(st.Muted),
 		Excluded:    slices.Clone(st.Excluded),
 
 		ClusterFloatingIPs: slices.Clone(st.ClusterFloatingIPs),
@@ -40,11 +41,13 @@ func shapeOf(st selector.NodeState) *selector.NodeState {
 }
 
 // sameShape reports whether st differs from the applied shape at most in
-// its policies' sources and its local pods.
+// its policies' sources and its local pods (a change of Muted, say, takes
+// the full path: it changes the arp table and the announcements).
 func sameShape(applied *selector.NodeState, st selector.NodeState) bool {
 	if len(applied.Policies) != len(st.Policies) ||
 		!slices.Equal(applied.PodNetworks, st.PodNetworks) || !slices.Equal(applied.ReturnRoutes, st.ReturnRoutes) ||
-		!slices.Equal(applied.FloatingIPs, st.FloatingIPs) || !slices.Equal(applied.Excluded, st.Excluded) || !slices.Equal(applied.ClusterFloatingIPs, st.ClusterFloatingIPs) {
+		!slices.Equal(applied.FloatingIPs, st.FloatingIPs) || !slices.Equal(applied.Muted, st.Muted) ||
+		!slices.Equal(applied.Excluded, st.Excluded) || !slices.Equal(applied.ClusterFloatingIPs, st.ClusterFloatingIPs) {
 		return false
 	}
 	for i, p := range st.Policies {

@@ -111,6 +111,8 @@ type relLab struct {
 	t   *testing.T
 	id  string
 	nss []string
+	// prefix of the namespaces' names: enat-rel- (newMuteLab: enat-mute-).
+	prefix string
 }
 
 const (
@@ -130,16 +132,22 @@ const (
 
 func newRelLab(t *testing.T) *relLab {
 	t.Helper()
+	return newRelLabNamed(t, "enat-rel-")
+}
+
+// newRelLabNamed builds the release lab in namespaces prefix<id>-<role>.
+func newRelLabNamed(t *testing.T, prefix string) *relLab {
+	t.Helper()
 	requireRoot(t)
 	b := make([]byte, 3)
 	_, _ = rand.Read(b)
-	l := &relLab{t: t, id: hex.EncodeToString(b)}
+	l := &relLab{t: t, id: hex.EncodeToString(b), prefix: prefix}
 	t.Cleanup(l.destroy)
 	l.build()
 	return l
 }
 
-func (l *relLab) ns(role string) string { return "enat-rel-" + l.id + "-" + role }
+func (l *relLab) ns(role string) string { return l.prefix + l.id + "-" + role }
 
 func (l *relLab) destroy() {
 	for i := len(l.nss) - 1; i >= 0; i-- {
@@ -419,6 +427,24 @@ func TestRelease(t *testing.T) {
 	r := mustApply(t, d, st)
 	if !slices.Equal(r.Foreign, addrList(relForeign)) || len(r.Conflicts) != 0 {
 		t.Fatalf("apply: foreign %v conflicts %v", r.Foreign, r.Conflicts)
+	}
+	// A pod event (sources only: the incremental path, which reads no
+	// address) still reports the foreign address: the agent publishes
+	// what the last Apply reports, and an empty list would let the
+	// operator assign an address something else holds.
+	inc := st
+	inc.Policies = slices.Clone(st.Policies)
+	inc.Policies[0].Sources = append(slices.Clone(inc.Policies[0].Sources), netip.MustParseAddr("10.244.1.99"))
+	r = mustApply(t, d, inc)
+	if r.AddrsAdded != 0 || len(r.ChainsRebuilt) != 0 || r.ElementsAdded == 0 {
+		t.Fatalf("a source added did not take the incremental path: %+v", r)
+	}
+	if !slices.Equal(r.Foreign, addrList(relForeign)) {
+		t.Fatalf("incremental apply: foreign %v, want %s", r.Foreign, relForeign)
+	}
+	r = mustApply(t, d, st)
+	if !slices.Equal(r.Foreign, addrList(relForeign)) {
+		t.Fatalf("apply back: foreign %v, want %s", r.Foreign, relForeign)
 	}
 	l.expectFrom(seen, 5001, relServer1, relFloat1)
 	l.expectFrom(seen, 5002, relServer2, relFloat2)

@@ -104,7 +104,8 @@ func desired(in Input) (NodeState, []string, []*CompiledPolicy, error) {
 	if in.GatewayNamespaces != nil {
 		checks = CheckGroups(groups, in.GatewayNamespaces, in.Reserved)
 	}
-	st := NodeState{FloatingIPs: heldFloatingIPs(in, groups, checks, warnf), Excluded: clusterDestinations(in.ClusterNetworks),
+	held, muted := heldFloatingIPs(in, groups, checks, warnf)
+	st := NodeState{FloatingIPs: held, Muted: muted, Excluded: clusterDestinations(in.ClusterNetworks),
 		ClusterFloatingIPs: clusterFloatingIPs(groups)}
 
 	pols := make([]*v1.EgressNATPolicy, 0, len(in.Policies))
@@ -235,10 +236,24 @@ func sortedGroups(in []*v1.NetworkGatewayGroup) []*v1.NetworkGatewayGroup {
 	return out
 }
 
+// handover returns the planned move under way of ip in g's status (its
+// holder is the handover's From), or nil.
+func handover(g *v1.NetworkGatewayGroup, ip netip.Addr) *v1.FloatingIPHandover {
+	for i, h := range g.Status.Handovers {
+		if a, err := parseIPv4(h.IP); err == nil && a == ip && h.From != "" && h.To != "" && h.From != h.To &&
+			holder(g, ip) == h.From {
+			return &g.Status.Handovers[i]
+		}
+	}
+	return nil
+}
+
 // heldFloatingIPs returns the floating IPs (of the spec) that the status of
-// their group gives to this node, with the prefix length of the longest
-// local subnet containing each.
-func heldFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup, checks map[string]GroupCheck, warnf func(string, ...any)) []netip.Prefix {
+// their group gives to this node, or hands over to it (status.handovers),
+// with the prefix length of the longest local subnet containing each, and
+// the muted ones: those of a handover under way, from or to this node
+// (sorted).
+func heldFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup, checks map[string]GroupCheck, warnf func(string, ...any)) ([]netip.Prefix, []netip.Addr) {
 	var locals []netip.Prefix
 	for _, s := range in.LocalSubnets {
 		if s.IsValid() && s.Addr().Unmap().Is4() {
@@ -246,11 +261,16 @@ func heldFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup, checks map[stri
 		}
 	}
 	var out []netip.Prefix
+	var muted []netip.Addr
 	seen := map[netip.Addr]bool{}
 	for _, g := range groups {
 		for _, s := range g.Spec.FloatingIPs {
 			ip, err := parseIPv4(s)
-			if err != nil || seen[ip] || holder(g, ip) != in.Node {
+			if err != nil || seen[ip] {
+				continue
+			}
+			h := handover(g, ip)
+			if holder(g, ip) != in.Node && (h == nil || h.To != in.Node) {
 				continue
 			}
 			if c, ok := checks[g.Namespace+"/"+g.Name]; checks != nil && (!ok || !c.Allows(ip)) {
@@ -272,10 +292,14 @@ func heldFloatingIPs(in Input, groups []*v1.NetworkGatewayGroup, checks map[stri
 				continue
 			}
 			out = append(out, netip.PrefixFrom(ip, bits))
+			if h != nil {
+				muted = append(muted, ip)
+			}
 		}
 	}
 	slices.SortFunc(out, comparePrefix)
-	return out
+	slices.SortFunc(muted, netip.Addr.Compare)
+	return out, muted
 }
 
 // clusterFloatingIPs returns every IPv4 floating IP of the groups' specs,

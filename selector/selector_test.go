@@ -876,3 +876,41 @@ func TestLocalPodsAndPodNetworks(t *testing.T) {
 		t.Errorf("a CIDR two nodes claim is routed: %v", st.ReturnRoutes)
 	}
 }
+
+// A handover under way (status.handovers): its target adds the IP muted
+// (prepared, policies still rerouted to the holder), its old holder keeps
+// it muted with its SNAT; a third node does nothing; a handover the
+// status no longer backs (the holder is not its From) is ignored.
+func TestDesiredHandover(t *testing.T) {
+	g := selGroup("gw", []string{"192.0.2.100", "192.0.2.101"}, "192.0.2.100", "n1", "192.0.2.101", "n3")
+	g.Status.Handovers = []v1.FloatingIPHandover{
+		{IP: "192.0.2.100", From: "n1", To: "n2", Reason: "node n1 cordoned"},
+		{IP: "192.0.2.101", From: "n2", To: "n1", Reason: "stale"},
+	}
+	pol := selPolicy("p", "gw", []v1.EgressSource{selSrc(selAll, selMatch("app", "web"))}, "203.0.113.0/24")
+	for _, tc := range []struct {
+		node        string
+		held, muted []string
+		mode        Mode
+	}{
+		{node: "n1", held: []string{"192.0.2.100/24"}, muted: []string{"192.0.2.100"}, mode: ModeGateway},
+		{node: "n2", held: []string{"192.0.2.100/24"}, muted: []string{"192.0.2.100"}, mode: ModeReroute},
+		{node: "n3", held: []string{"192.0.2.101/24"}, mode: ModeReroute},
+	} {
+		in := selBase()
+		in.Node, in.Groups, in.Policies = tc.node, []*v1.NetworkGatewayGroup{g}, []*v1.EgressNATPolicy{pol}
+		st, _, err := selDesired(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := st.FloatingIPs; !slices.Equal(got, selPrefixes(tc.held...)) {
+			t.Errorf("%s: FloatingIPs %v, want %v", tc.node, got, tc.held)
+		}
+		if got := st.Muted; !slices.Equal(got, selAddrs(tc.muted...)) {
+			t.Errorf("%s: Muted %v, want %v", tc.node, got, tc.muted)
+		}
+		if len(st.Policies) != 1 || st.Policies[0].Mode != tc.mode {
+			t.Errorf("%s: policies %+v, want one in mode %s (the holder decides, not the handover)", tc.node, st.Policies, tc.mode)
+		}
+	}
+}

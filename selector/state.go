@@ -30,6 +30,11 @@ type NodeState struct {
 	// FloatingIPs this node holds, each with the prefix length of the node
 	// subnet it lies in, sorted. They are added to the uplink.
 	FloatingIPs []netip.Prefix
+	// Muted: floating IPs of FloatingIPs this node keeps (or adds) on its
+	// uplink without answering ARP for them or announcing them: a planned
+	// handover is under way (the old holder while the new one prepares,
+	// and the new holder preparing). Sorted.
+	Muted []netip.Addr
 	// ClusterFloatingIPs: every floating IP of the cluster's groups, sorted.
 	// The node reports those it finds on its uplink without having added
 	// them (the operator then never assigns them), held by it or not.
@@ -88,7 +93,7 @@ type PolicyState struct {
 // Equal reports whether two states hold the same (a nil and an empty list
 // are the same).
 func (s NodeState) Equal(o NodeState) bool {
-	return slices.Equal(s.FloatingIPs, o.FloatingIPs) && slices.Equal(s.Excluded, o.Excluded) &&
+	return slices.Equal(s.FloatingIPs, o.FloatingIPs) && slices.Equal(s.Muted, o.Muted) && slices.Equal(s.Excluded, o.Excluded) &&
 		slices.Equal(s.ClusterFloatingIPs, o.ClusterFloatingIPs) && slices.Equal(s.LocalPods, o.LocalPods) &&
 		slices.Equal(s.PodNetworks, o.PodNetworks) && slices.Equal(s.ReturnRoutes, o.ReturnRoutes) &&
 		slices.EqualFunc(s.Policies, o.Policies, func(a, b PolicyState) bool {

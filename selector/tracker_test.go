@@ -291,6 +291,7 @@ func TestNodeStateEqual(t *testing.T) {
 		}
 	}
 	for name, change := range map[string]func(*NodeState){
+		"muted":        func(s *NodeState) { s.Muted = selAddrs("192.0.2.100") },
 		"source":       func(s *NodeState) { s.Policies[0].Sources = selAddrs("10.0.0.2") },
 		"no sources":   func(s *NodeState) { s.Policies[0].Sources = nil },
 		"destination":  func(s *NodeState) { s.Policies[0].Destinations = selPrefixes("203.0.113.0/25") },

@@ -71,6 +71,41 @@ type FloatingIPMove struct {
 	DetectionMilliseconds int64 `json:"detectionMilliseconds"`
 }
 
+// MaxHandovers bounds status.handovers (one per floating IP at most).
+const MaxHandovers = MaxFloatingIPs
+
+// FloatingIPHandover is a planned move under way: the IP's holder
+// (status.floatingIPs) is still From, which no longer answers ARP for it,
+// while To prepares (adds the address after an ARP probe, unannounced).
+// When To's agent reports it ready (or after the operator's
+// --handover-timeout), the operator gives the IP to To in one status
+// write and records the move in recentMoves.
+type FloatingIPHandover struct {
+	IP   string `json:"ip"`
+	From string `json:"from"`
+	To   string `json:"to"`
+	// Reason says why, e.g. "node worker1 cordoned (spec.unschedulable)".
+	Reason string `json:"reason"`
+	// Since the operator began the handover.
+	Since metav1.MicroTime `json:"since"`
+}
+
+// Annotations and labels that ask for planned moves.
+const (
+	// AnnotationMoveRequest on a NetworkGatewayGroup asks the operator to
+	// move floating IPs gracefully (make before break). Its value is a
+	// comma-separated list of "*" (rebalance: every IP goes where a fresh
+	// assignment would put it), "<ip>" (to the best other node) or
+	// "<ip>=<node>", optionally followed by ";<id>". The operator acts on
+	// each new value once and records it in status.observedMoveRequest;
+	// `egressnatctl move` writes it with a fresh id.
+	AnnotationMoveRequest = "egressnat.io/move-request"
+	// LabelMaintenance on a Node (any value but "false") moves the
+	// floating IPs it holds to other nodes gracefully and gives it no new
+	// one, like a cordon (spec.unschedulable).
+	LabelMaintenance = "egressnat.io/maintenance"
+)
+
 // NetworkGatewayGroupStatus is written by the operator leader only.
 type NetworkGatewayGroupStatus struct {
 	// Nodes maps every node eligible to hold a floating IP to Up or Down.
@@ -86,6 +121,18 @@ type NetworkGatewayGroupStatus struct {
 	// +listType=atomic
 	// +kubebuilder:validation:MaxItems=10
 	RecentMoves []FloatingIPMove `json:"recentMoves,omitempty"`
+	// Handovers are the planned moves under way (see FloatingIPHandover).
+	// +optional
+	// +listType=atomic
+	// +kubebuilder:validation:MaxItems=256
+	Handovers []FloatingIPHandover `json:"handovers,omitempty"`
+	// ObservedMoveRequest is the last value of the annotation
+	// egressnat.io/move-request the operator acted on, and
+	// MoveRequestMessage what it did with it.
+	// +optional
+	ObservedMoveRequest string `json:"observedMoveRequest,omitempty"`
+	// +optional
+	MoveRequestMessage string `json:"moveRequestMessage,omitempty"`
 	// AssignedCount is how many of spec.floatingIPs are assigned to a node.
 	// +optional
 	AssignedCount int32 `json:"assignedCount,omitempty"`

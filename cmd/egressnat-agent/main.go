@@ -65,6 +65,7 @@ func run() error {
 	bootBinary := fs.Bool("boot-binary", true, "keep a copy of this executable in --state-dir for the boot unit (--boot-guard), replaced when it differs")
 	bootGuard := fs.Bool("boot-guard", false, "install the guard table from --state-dir when the node has none, then exit; run at boot before the network starts (manifests/host/egressnat-boot-guard.service); needs no API server and no --node-name")
 	cleanup := fs.Bool("cleanup", false, "remove everything egressnat put on this node (nftables tables, ip rules and routes, floating IPs, the sysctls it changed back to their values before, its files in --state-dir), then exit: for a node whose agent is gone (docs/operations.md, Uninstall); needs no API server and no --node-name")
+	drainTimeout := fs.Duration("drain-timeout", 5*time.Second, "when stopped (not for an uninstall) while holding floating IPs, ask for them to be handed over to other nodes (make before break) and wait until they are, at most this long; 0: stop at once, leaving them (the node keeps answering for them until its ARP lease runs out)")
 	cleanupOnUninstall := fs.Bool("cleanup-on-uninstall", true, "when stopped while egressnat is being uninstalled (its namespace or DaemonSet deleted, as seen through the API), do what --cleanup does before exiting; any other stop leaves the kernel as it is")
 	podName := fs.String("pod-name", os.Getenv("POD_NAME"), "this pod's name (POD_NAME from the downward API): the DaemonSet that owns it is watched to tell an uninstall from a restart")
 	procSysNet := fs.String("proc-sys-net", "/proc/sys/net", "the host's /proc/sys/net, writable (the DaemonSet mounts it at /host/proc/sys/net): where an uninstall and --cleanup restore the sysctls recorded in --state-dir")
@@ -173,7 +174,7 @@ func run() error {
 		Clients: clients, Node: *node, Uplink: upName, Subnets: subnets, Gateways: gateways, Namespace: *namespace,
 		LeaseDuration: *leaseDuration, RenewInterval: *renewInterval, ResyncPeriod: *resync,
 		FallbackToNodeIP: *fallback, PodCIDRs: pods, ServiceCIDRs: services, MarkMask: uint32(mask), GatewayNamespaces: gwNamespaces, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, ProbeSecret: *probeSecret, StateDir: *stateDir, ARPLease: *arpLease,
-		CleanupOnUninstall: *cleanupOnUninstall, PodName: *podName, ProcSysNet: *procSysNet,
+		CleanupOnUninstall: *cleanupOnUninstall, PodName: *podName, ProcSysNet: *procSysNet, DrainTimeout: *drainTimeout,
 		Dataplane: dp, Log: log, Metrics: m,
 	}, func(check func() error) { ready <- check })
 }

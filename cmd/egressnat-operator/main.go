@@ -51,6 +51,7 @@ func run() error {
 	fs.IntVar(&probe.Misses, "probe-misses", probe.Misses, "consecutive unanswered probes that make a node Down")
 	fs.DurationVar(&probe.RefusedGrace, "probe-refused-grace", probe.RefusedGrace, "a node whose kernel refuses probes (its agent is not listening) stays Up for this long after its agent last answered")
 	fs.DurationVar(&probe.HeartbeatTimeout, "heartbeat-timeout", probe.HeartbeatTimeout, "a node whose agent's heartbeat (it advances while the agent's sync loop makes progress) has not moved for this long is Down")
+	handoverTimeout := fs.Duration("handover-timeout", operator.DefaultHandoverTimeout, "a planned move (cordon, maintenance label, agent stopping, egressnatctl move) whose new node has not reported the IP prepared within this completes anyway")
 	arpLease := fs.Duration("arp-lease", operator.DefaultARPLease, "the agents' --arp-lease: a node that went silent keeps its floating IPs until this (plus one probe interval) after its agent last answered, when its kernel has surely stopped answering ARP for them; negative: no wait")
 	probeSecret := fs.String("probe-secret", "egressnat-probe-key", "Secret in --namespace holding the probe key (key \"key\"); created with a random key when missing")
 	gatewayNamespaces := fs.String("gateway-namespaces", "", "comma-separated namespaces whose NetworkGatewayGroups are honoured besides kube-system; groups elsewhere are ignored (give the agents the same list)")
@@ -91,7 +92,7 @@ func run() error {
 	m := metrics.NewOperator(nil)
 	ctrl, err := operator.New(operator.Config{
 		Clients: clients, AgentNamespace: *namespace, FallbackToNodeIP: *fallback, Log: log, Probe: probe, Metrics: m,
-		Identity: *identity, ProbeSecret: *probeSecret, ARPLease: *arpLease,
+		Identity: *identity, ProbeSecret: *probeSecret, ARPLease: *arpLease, HandoverTimeout: *handoverTimeout,
 		GatewayNamespaces: namespaces, MinSubnetPrefix: *minSubnetPrefix, MarkMask: uint32(mask),
 	})
 	if err != nil {

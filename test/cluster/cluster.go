@@ -304,8 +304,9 @@ func (c *Cluster) StartOperator(i int) error {
 // manifests/base/agent-daemonset.yaml (256Mi), passed as MEMORY_LIMIT.
 const AgentMemoryLimit = "268435456"
 
-// StartAgent starts (or starts again) the agent of a node.
-func (c *Cluster) StartAgent(node string) error {
+// StartAgent starts (or starts again) the agent of a node, with extra
+// flags after Options.AgentArgs.
+func (c *Cluster) StartAgent(node string, extra ...string) error {
 	n := c.Lab.Node(node)
 	if n == nil {
 		return fmt.Errorf("no node %s", node)
@@ -317,7 +318,13 @@ func (c *Cluster) StartAgent(node string) error {
 		// The node's disk: it survives the node's reboots (WipeNodeState).
 		"--state-dir=" + c.stateDir(node),
 		// BootGuard runs the lab's build instead of a copy per node.
-		"--boot-binary=false"}, c.opts.AgentArgs...)
+		"--boot-binary=false",
+		// A lab agent stopped (Stop: SIGTERM) leaves its floating IPs, as
+		// after a crash: tests restart agents to show that a restart
+		// changes nothing, and Close stops them all at once. The drain
+		// (the DaemonSet's default) is tested with AgentArgs.
+		"--drain-timeout=0"}, c.opts.AgentArgs...)
+	args = append(args, extra...)
 	p, err := c.Lab.Start(n.NetNS, filepath.Join(c.Lab.WorkDir(), "agent-"+node+".log"), args...)
 	if err != nil {
 		return fmt.Errorf("start agent on %s: %w", node, err)

@@ -174,4 +174,3 @@ func (c *Cluster) describePods(ctx context.Context, namespace string) string {
 	ev, _ := c.Kubectl(ctx, "", "-n", namespace, "get", "events", "--sort-by=.lastTimestamp")
 	return out + "\n" + tail(ev, 4000)
 }
-

@@ -147,6 +147,27 @@ func (s *Stream) RecoveredAfter(t0 time.Time) (time.Duration, bool) {
 	return 0, false
 }
 
+// MaxWait returns the longest time a message sent between from and to
+// waited for its reply (one still unanswered counts until now): how long
+// the connection stalled.
+func (s *Stream) MaxWait(from, to time.Time) time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var worst time.Duration
+	now := time.Now()
+	for i, sent := range s.sent {
+		if sent.Before(from) || sent.After(to) {
+			continue
+		}
+		end := now
+		if i < len(s.replies) {
+			end = s.replies[i]
+		}
+		worst = max(worst, end.Sub(sent))
+	}
+	return worst
+}
+
 // WaitRecovered waits until RecoveredAfter(t0) reports a reply.
 func (s *Stream) WaitRecovered(t0 time.Time, timeout time.Duration) (time.Duration, error) {
 	deadline := time.Now().Add(timeout)

@@ -147,7 +147,7 @@ func TestLeakWindow(t *testing.T) {
 		}
 	}
 	// Every pod is delivered, and keeps being delivered.
-	if err := waitUntil(2*time.Minute, func() error {
+	if err := cluster.Poll(2*time.Minute, 100*time.Millisecond, func() error {
 		for _, p := range pods {
 			if n := streams.count(p.Name); n < 100 {
 				return fmt.Errorf("%s: %d datagrams received", p, n)
@@ -171,13 +171,16 @@ func TestLeakWindow(t *testing.T) {
 		len(held), held[len(held)/2], held[len(held)-1])
 }
 
-// 4. A rolling update of the DaemonSet during traffic: no datagram leaves
-// with a wrong source, and established connections (through a remote
-// gateway and through the local one) survive.
+// 4. A rolling update of the DaemonSet during traffic: every agent that
+// holds floating IPs hands them over before it stops (planned moves,
+// make before break), no datagram leaves with a wrong source, and
+// established connections (through a remote gateway and through the local
+// one) survive.
 func TestRollingUpdate(t *testing.T) {
 	ctx := ctxT(t)
 	needStreams(t)
 	holds := startHolds(t)
+	before := policyNode(t)
 	t0 := time.Now()
 	if out, err := c.Kubectl(ctx, "", "-n", cluster.SystemNamespace, "rollout", "restart", "daemonset/egressnat-agent"); err != nil {
 		t.Fatalf("rollout restart: %v: %s", err, out)
@@ -208,6 +211,17 @@ func TestRollingUpdate(t *testing.T) {
 		t.Logf("%s: longest gap between datagrams during the update %s", tag, gap.Round(time.Millisecond))
 	}
 	checkHolds(t, holds)
+	// The egress IP's holder drained: the IP moved, planned, when its
+	// agent stopped.
+	out, err = c.Kubectl(ctx, "", "get", "ngg", "default", "-n", "kube-system", "-o",
+		`jsonpath={range .status.recentMoves[?(@.ip=="`+fip.String()+`")]}{.from}{" "}{.to}{" "}{.reason}{"\n"}{end}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, before+" ") || !strings.Contains(out, "planned: node "+before+" draining: agent stopping") {
+		t.Errorf("no planned move of %s off %s during the rollout; recentMoves:\n%s", fip, before, out)
+	}
+	t.Logf("moves of %s during the rollout:\n%s", fip, out)
 }
 
 // 5. The loss of the gateway node (kubelet, agent, containers and cable at
@@ -249,7 +263,7 @@ func TestGatewayNodeLoss(t *testing.T) {
 	if err := c.KillRealNode(holder); err != nil {
 		t.Fatal(err)
 	}
-	if err := waitUntil(time.Minute, func() error {
+	if err := cluster.Poll(time.Minute, 100*time.Millisecond, func() error {
 		if n := policyNode(t); n == holder || n == "" {
 			return fmt.Errorf("the policy's node is %q", n)
 		}
@@ -322,7 +336,7 @@ func TestUninstall(t *testing.T) {
 	}
 	for _, n := range c.Lab.Nodes() {
 		var now kernelState
-		if err := waitUntil(time.Minute, func() error {
+		if err := cluster.Poll(time.Minute, 100*time.Millisecond, func() error {
 			now = readKernel(t, n)
 			if d := now.diff(before[n.Name]); d != "" {
 				return fmt.Errorf("%s", d)
@@ -554,7 +568,7 @@ func ensureHoldServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	holdServer = p
-	if err := waitUntil(30*time.Second, func() error {
+	if err := cluster.Poll(30*time.Second, 100*time.Millisecond, func() error {
 		if !strings.Contains(p.Log(), "listening tcp=") {
 			return fmt.Errorf("echo server not listening: %s", p.Log())
 		}
@@ -572,7 +586,7 @@ func waitConnected(t *testing.T, p cluster.RealPod) {
 	if _, err := c.WaitPodRunning(ctxT(t), p, 2*time.Minute); err != nil {
 		t.Fatal(err)
 	}
-	if err := waitUntil(time.Minute, func() error {
+	if err := cluster.Poll(time.Minute, 100*time.Millisecond, func() error {
 		logs, err := c.Kubectl(ctxT(t), "", "-n", p.Namespace, "logs", p.Name)
 		if err != nil {
 			return err
@@ -608,7 +622,7 @@ func checkHolds(t *testing.T, pods []cluster.RealPod) {
 // after since plus a second.
 func waitFresh(t *testing.T, since time.Time) {
 	t.Helper()
-	if err := waitUntil(time.Minute, func() error {
+	if err := cluster.Poll(time.Minute, 100*time.Millisecond, func() error {
 		for _, tag := range streams.tags() {
 			if last := streams.lastSent(tag); last.Before(since.Add(time.Second)) {
 				return fmt.Errorf("%s: last datagram delivered was sent at %s", tag, last.Format(time.StampMilli))
@@ -620,18 +634,3 @@ func waitFresh(t *testing.T, since time.Time) {
 	}
 }
 
-// waitUntil polls check every 100 ms until it returns nil or timeout
-// passes.
-func waitUntil(timeout time.Duration, check func() error) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		err := check()
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("after %s: %w", timeout, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}

@@ -131,8 +131,13 @@ type Config struct {
 	// ProcSysNet is the host's /proc/sys/net, writable, where an uninstall
 	// restores the sysctls recorded in StateDir; "" restores none.
 	ProcSysNet string
-	Dataplane  Dataplane
-	Log        *zap.Logger
+	// DrainTimeout: an agent told to stop (not for an uninstall) that
+	// holds floating IPs asks for them to be handed over to other nodes
+	// (AnnotationDraining on its Lease) and waits until it holds none, at
+	// most this long; 0 stops at once.
+	DrainTimeout time.Duration
+	Dataplane    Dataplane
+	Log          *zap.Logger
 	// Metrics are updated when set.
 	Metrics *metrics.Agent
 }
@@ -186,6 +191,11 @@ type agent struct {
 	unroutable map[string]bool
 	foreign    atomic.Pointer[[]netip.Addr]
 	leaseKick  chan struct{}
+	// prepared: the floating IPs prepared for a handover to this node
+	// (added unannounced at the last apply), and draining: why the agent
+	// asks for its IPs to be handed over; both published on the Lease.
+	prepared atomic.Pointer[[]netip.Addr]
+	draining atomic.Pointer[string]
 	// beat is the heartbeat: it advances only while the sync loop makes
 	// progress (every loop turn, and every second while idle); probe
 	// replies carry it, and the Lease is renewed only while it moves.
@@ -209,31 +219,63 @@ type agent struct {
 
 // RunWithReady runs the agent until ctx ends, handing its readiness check
 // to ready first (for /readyz). It leaves the kernel as it is on return: a
-// restarting agent must not disturb traffic. Only when egressnat is being
-// uninstalled (Config.CleanupOnUninstall, IsUninstall) does it remove the
-// node's state first, within UninstallBudget.
+// restarting agent must not disturb traffic. Told to stop (ctx ends), it
+// first decides whether egressnat is being uninstalled
+// (Config.CleanupOnUninstall, IsUninstall): then it removes the node's
+// state, within UninstallBudget; otherwise it hands its floating IPs over
+// to other nodes (drain, within Config.DrainTimeout), then stops.
 func RunWithReady(ctx context.Context, cfg Config, ready func(func() error)) error {
 	a := newAgent(cfg, clock.RealClock{})
 	ready(a.Ready)
 	return a.runUntilStopped(ctx)
 }
 
-// runUntilStopped is run, then, when ctx ended, stopped.
+// runUntilStopped is run, which outlives ctx: when ctx ends, the uninstall
+// verdict, then an uninstall or a drain, then the end of run.
 func (a *agent) runUntilStopped(ctx context.Context) error {
-	if !a.cfg.CleanupOnUninstall {
-		return a.run(ctx)
+	runCtx, stopRun := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopRun()
+	var w *installWatch
+	if a.cfg.CleanupOnUninstall {
+		// The watches outlive ctx: the verdict is taken after the stop.
+		wctx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
+		defer stopWatch()
+		w = newInstallWatch(a.cfg.Clients, a.cfg.Namespace, a.cfg.PodName, a.log)
+		go w.run(wctx)
 	}
-	// The watches outlive ctx: the verdict is taken after the agent stopped.
-	wctx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopWatch()
-	w := newInstallWatch(a.cfg.Clients, a.cfg.Namespace, a.cfg.PodName, a.log)
-	go w.run(wctx)
-	err := a.run(ctx)
+	uninstall := make(chan bool, 1)
+	go func() {
+		select {
+		case <-runCtx.Done():
+			return // run ended on its own
+		case <-ctx.Done():
+		}
+		if w != nil {
+			dctx, cancel := context.WithTimeout(context.Background(), UninstallBudget)
+			ok, why := w.decide(dctx)
+			cancel()
+			if ok {
+				a.log.Info("stopping: egressnat is being uninstalled, removing everything it put on this node", zap.String("reason", why))
+				uninstall <- true
+				stopRun()
+				return
+			}
+			a.log.Info("stopping: not an uninstall, leaving the kernel as it is", zap.String("reason", why))
+		}
+		a.drain(runCtx, a.cfg.DrainTimeout)
+		stopRun()
+	}()
+	err := a.run(runCtx)
 	if ctx.Err() == nil {
 		return err // not told to stop
 	}
-	// The sync loop has returned: no Apply races the clean-up.
-	return errors.Join(err, a.stopped(w, UninstallBudget))
+	select {
+	case <-uninstall:
+		// The sync loop has returned: no Apply races the clean-up.
+		return errors.Join(err, a.uninstallNode(UninstallBudget))
+	default:
+		return err
+	}
 }
 
 // UninstallBudget: how long an agent told to stop takes at most to decide
@@ -590,10 +632,7 @@ func (a *agent) fenceEvent(fenced bool, detail string) {
 	if !fenced {
 		a.fencedGroups = nil
 		// Back in touch: renew the Lease now, not at the next interval.
-		select {
-		case a.leaseKick <- struct{}{}:
-		default:
-		}
+		a.kickLease()
 	}
 }
 
@@ -652,10 +691,16 @@ func (a *agent) observe(st selector.NodeState) {
 	if old := a.foreign.Swap(&r.Foreign); old == nil || !slices.Equal(*old, r.Foreign) {
 		// The operator must learn of an address something else holds
 		// now, not at the next renewal.
-		select {
-		case a.leaseKick <- struct{}{}:
-		default:
-		}
+		a.kickLease()
+	}
+	// Muted IPs on the uplink that the status does not give to this node
+	// are prepared for a handover to it: the operator completes the
+	// handover when it reads them.
+	holds := a.cachedHoldings()
+	prepared := slices.DeleteFunc(slices.Clone(r.Muted), func(ip netip.Addr) bool { return holds[ip] })
+	if old := a.prepared.Swap(&prepared); (old == nil && len(prepared) > 0) || (old != nil && !slices.Equal(*old, prepared)) {
+		a.log.Info("floating IPs prepared for a handover", zap.Strings("ips", addrList(prepared)))
+		a.kickLease()
 	}
 	m := a.cfg.Metrics
 	if m == nil {
@@ -1222,6 +1267,14 @@ func (a *agent) renewLease(ctx context.Context) {
 			return
 		case <-t.C():
 		case <-a.leaseKick:
+			// Something the operator must learn now (prepared IPs, a
+			// drain, foreign addresses, the end of a fence): written at
+			// once, whatever the heartbeat.
+			if err := a.renewOnce(ctx); err != nil && ctx.Err() == nil {
+				a.log.Warn("update agent lease", zap.Error(err))
+				a.kickLeaseAfter(200 * time.Millisecond)
+			}
+			continue
 		}
 	}
 }
@@ -1257,6 +1310,12 @@ func (a *agent) renewOnce(ctx context.Context) error {
 	if f := a.foreign.Load(); f != nil && len(*f) > 0 {
 		annotations[kube.AnnotationForeignAddresses] = kube.FormatAddresses(*f)
 	}
+	if p := a.prepared.Load(); p != nil && len(*p) > 0 {
+		annotations[kube.AnnotationPrepared] = kube.FormatAddresses(*p)
+	}
+	if d := a.draining.Load(); d != nil {
+		annotations[kube.AnnotationDraining] = *d
+	}
 	lease, err := leases.Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		_, err = leases.Create(ctx, &coordinationv1.Lease{
@@ -1279,4 +1338,62 @@ func (a *agent) renewOnce(ctx context.Context) error {
 	lease.Spec.RenewTime = &now
 	_, err = leases.Update(ctx, lease, metav1.UpdateOptions{})
 	return err
+}
+
+// kickLease asks renewLease to write the Lease now.
+func (a *agent) kickLease() {
+	select {
+	case a.leaseKick <- struct{}{}:
+	default:
+	}
+}
+
+// kickLeaseAfter kicks the Lease after d (a failed write).
+func (a *agent) kickLeaseAfter(d time.Duration) {
+	a.clock.AfterFunc(d, a.kickLease)
+}
+
+// holdsAny reports whether the last apply left floating IPs on the node
+// (held, or prepared for a handover to it).
+func (a *agent) holdsAny() bool {
+	h := a.held.Load()
+	return h != nil && len(*h) > 0
+}
+
+// drainPoll: how often drain checks whether the node still holds IPs.
+const drainPoll = 50 * time.Millisecond
+
+// drain hands the node's floating IPs over before the agent stops: it
+// asks for it on its Lease (AnnotationDraining: the operator hands each
+// IP over to another node, make before break) and waits until the node
+// holds none, at most timeout. A node holding nothing stops at once; an
+// IP no other node can take stays (the wait ends at timeout).
+func (a *agent) drain(ctx context.Context, timeout time.Duration) {
+	if timeout <= 0 || !a.holdsAny() {
+		return
+	}
+	why := "agent stopping"
+	if a.cfg.PodName != "" {
+		why += " (pod " + a.cfg.PodName + ")"
+	}
+	a.draining.Store(&why)
+	a.kickLease()
+	start := a.clock.Now()
+	a.log.Info("stopping: handing the floating IPs over to other nodes first", zap.Duration("timeout", timeout))
+	deadline := a.clock.After(timeout)
+	t := a.clock.NewTicker(drainPoll)
+	defer t.Stop()
+	for a.holdsAny() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-deadline:
+			h := a.held.Load()
+			a.log.Warn("stopping with floating IPs still held: no handover within the drain timeout",
+				zap.Strings("ips", addrList(*h)), zap.Duration("timeout", timeout))
+			return
+		case <-t.C():
+		}
+	}
+	a.log.Info("floating IPs handed over", zap.Duration("took", a.clock.Since(start)))
 }

@@ -390,18 +390,12 @@ func removeStateFiles(dir string) error {
 	return errors.Join(errs...)
 }
 
-// stopped is called when the agent was told to stop (ctx ended): it
-// removes the node's state when egressnat is being uninstalled, and
-// otherwise leaves the kernel as it is. It has until budget.
-func (a *agent) stopped(w *installWatch, budget time.Duration) error {
+// uninstallNode removes the node's state when the agent, told to stop,
+// found egressnat being uninstalled (runUntilStopped). It has until
+// budget.
+func (a *agent) uninstallNode(budget time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), budget)
 	defer cancel()
-	uninstall, why := w.decide(ctx)
-	if !uninstall {
-		a.log.Info("stopping: not an uninstall, leaving the kernel as it is", zap.String("reason", why))
-		return nil
-	}
-	a.log.Info("stopping: egressnat is being uninstalled, removing everything it put on this node", zap.String("reason", why))
 	start := time.Now()
 	err := Uninstall(ctx, UninstallConfig{Dataplane: a.cfg.Dataplane, StateDir: a.cfg.StateDir, ProcSysNet: a.cfg.ProcSysNet, Log: a.log})
 	if err != nil {

@@ -335,7 +335,7 @@ func TestCompletion(t *testing.T) {
 		args []string
 		want []string
 	}{
-		{[]string{""}, []string{"completion", "conntrack", "explain", "help", "prepare-node", "ruleset", "status", "version"}},
+		{[]string{""}, []string{"completion", "conntrack", "explain", "help", "move", "prepare-node", "ruleset", "status", "version"}},
 		{[]string{"explain", ""}, []string{"pod"}},
 		{[]string{"status", "-o", ""}, []string{"table", "json", "yaml"}},
 		{[]string{"ruleset", "--output", ""}, []string{"text", "json"}},

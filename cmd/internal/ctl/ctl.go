@@ -1,5 +1,5 @@
 // Package ctl is egressnatctl (also the kubectl plugin kubectl-egressnat):
-// status, explain, ruleset, conntrack, prepare-node and version. What
+// status, explain, move, ruleset, conntrack, prepare-node and version. What
 // decides (the status report, explanations, rendering of rules and flows)
 // is pure and works on snapshots; reading the API server or the kernel is
 // kept thin. The command line is cobra's, with kubectl's connection flags
@@ -10,13 +10,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/egressnat/egressnat/cmd/internal/version"
 	"io"
 	"os"
 	"slices"
 	"strings"
 
 	"github.com/egressnat/egressnat/cmd/internal/kube"
+	"github.com/egressnat/egressnat/cmd/internal/version"
 	"github.com/spf13/cobra"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/client-go/dynamic"
@@ -103,9 +103,9 @@ func newApp(prog string, stdout, stderr io.Writer) *app {
 	return &app{prog: prog, stdout: stdout, stderr: stderr, kube: kf}
 }
 
-const rootLong = `%[1]s inspects egressnat.
+const rootLong = `%[1]s inspects egressnat, and moves floating IPs by hand.
 
-status, explain and version read the Kubernetes API with your kubeconfig
+status, explain, version and move use the Kubernetes API with your kubeconfig
 (--kubeconfig, else $KUBECONFIG, else ~/.kube/config) and kubectl's flags:
 --context, --cluster, --user, -n, --as, --as-group, --request-timeout,
 --server, --token, --insecure-skip-tls-verify, ...
@@ -152,7 +152,7 @@ func (a *app) command() *cobra.Command {
 		mustComplete(root, flag, a.completeKubeconfig(names))
 	}
 	root.AddCommand(a.statusCommand(), a.explainCommand(), a.rulesetCommand(), a.conntrackCommand(),
-		a.prepareNodeCommand(), a.versionCommand())
+		a.prepareNodeCommand(), a.versionCommand(), a.moveCommand())
 	// cobra's completion command prints its help and exits 0 without a
 	// shell or with an unknown one: make both usage errors.
 	root.InitDefaultCompletionCmd()

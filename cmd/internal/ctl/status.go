@@ -6,6 +6,7 @@ import (
 	"io"
 	"slices"
 	"text/tabwriter"
+	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
 	"github.com/egressnat/egressnat/selector"
@@ -28,6 +29,8 @@ type GatewayReport struct {
 	Message     string             `json:"message,omitempty"`
 	FloatingIPs []FloatingIPReport `json:"floatingIPs"`
 	Nodes       []NodeReport       `json:"nodes"`
+	// Handovers are the planned moves under way (status.handovers).
+	Handovers []v1.FloatingIPHandover `json:"handovers,omitempty"`
 }
 
 // FloatingIPReport is one floating IP and the node holding it ("" when
@@ -84,6 +87,7 @@ func BuildStatus(s *Snapshot) StatusReport {
 		for _, n := range sortedKeys(g.Status.Nodes) {
 			gr.Nodes = append(gr.Nodes, NodeReport{Node: n, Health: string(g.Status.Nodes[n])})
 		}
+		gr.Handovers = slices.Clone(g.Status.Handovers)
 		r.Gateways = append(r.Gateways, gr)
 	}
 	for _, p := range s.Policies {
@@ -164,7 +168,7 @@ func WriteStatus(w io.Writer, r StatusReport, format string) error {
 	}
 	switch format {
 	case FormatTable, "":
-		return writeStatusTables(w, r)
+		return writeStatusTables(w, r, time.Now())
 	}
 	return fmt.Errorf("unknown output format %q: want table, json or yaml", format)
 }
@@ -183,7 +187,8 @@ func readyText(status, reason string) string {
 	return status + " (" + reason + ")"
 }
 
-func writeStatusTables(w io.Writer, r StatusReport) error {
+// writeStatusTables writes the tables; now dates the handovers.
+func writeStatusTables(w io.Writer, r StatusReport, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
 	if len(r.Gateways) == 0 {
 		fmt.Fprintln(tw, "No NetworkGatewayGroups.")
@@ -234,6 +239,9 @@ func writeStatusTables(w io.Writer, r StatusReport) error {
 	for _, g := range r.Gateways {
 		if g.Ready != "True" && g.Message != "" {
 			notes = append(notes, fmt.Sprintf("gateway %s/%s: %s", g.Namespace, g.Name, g.Message))
+		}
+		for _, h := range g.Handovers {
+			notes = append(notes, fmt.Sprintf("gateway %s/%s: handover %s", g.Namespace, g.Name, handoverText(h, now)))
 		}
 	}
 	for _, p := range r.Policies {

@@ -51,6 +51,15 @@ const (
 	// (FormatAddresses); empty or absent when there are none. Every group
 	// listing one of them has it rejected.
 	AnnotationForeignAddresses = "egressnat.io/foreign-addresses"
+	// AnnotationPrepared: the floating IPs the agent has prepared for a
+	// handover to its node (status.handovers): added to the uplink after
+	// an ARP probe, unannounced (FormatAddresses). The operator completes
+	// a handover when its target lists the IP.
+	AnnotationPrepared = "egressnat.io/prepared-floating-ips"
+	// AnnotationDraining: the agent is stopping (SIGTERM: a rollout, a
+	// node shutdown) and asks for its floating IPs to be handed over to
+	// other nodes; the value says why. A starting agent removes it.
+	AnnotationDraining = "egressnat.io/draining"
 	// AgentLeasePrefix prefixes the name of each agent's Lease.
 	AgentLeasePrefix = "egressnat-agent-"
 	// LabelComponent marks the Leases egressnat owns.

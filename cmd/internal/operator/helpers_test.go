@@ -211,7 +211,20 @@ func (c *testController) cachesCurrent(t *testing.T, cl *cluster) error {
 		want["policy/"+p.Name] = p
 	}
 
+	leases, err := cl.core.CoordinationV1().Leases(agentNamespace).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range leases.Items {
+		want["lease/"+leases.Items[i].Name] = &leases.Items[i]
+	}
+
 	have := map[string]any{}
+	for _, o := range c.leases.List() {
+		if l := o.(*coordinationv1.Lease); l.Namespace == agentNamespace {
+			have["lease/"+l.Name] = o
+		}
+	}
 	for _, o := range c.nodes.List() {
 		have["node/"+o.(*corev1.Node).Name] = o
 	}

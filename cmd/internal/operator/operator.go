@@ -87,7 +87,15 @@ type Config struct {
 	// MarkMask is the agents' --mark-mask (how many gateway next hops they
 	// can route to); 0 means selector.DefaultMarkMask.
 	MarkMask uint32
+	// HandoverTimeout: a planned move whose target has not reported the IP
+	// prepared within it completes anyway (0 means DefaultHandoverTimeout).
+	HandoverTimeout time.Duration
 }
+
+// DefaultHandoverTimeout is Config.HandoverTimeout's default: a target
+// prepares within a second (an ARP probe, retried while the old holder's
+// ARP lease runs out); neighbours re-check a stale entry after 5 s.
+const DefaultHandoverTimeout = 3 * time.Second
 
 // Controller reconciles the whole cluster state on every change.
 type Controller struct {
@@ -114,6 +122,9 @@ type Controller struct {
 	// statuses, so that an IP keeps its node while the cache does not show
 	// the write yet; only the leader sets it.
 	assignment map[netip.Addr]string
+	// handovers: the handovers the last reconcile wrote, by group
+	// ("<ns>/<name>"), for the same reason.
+	handovers map[string]map[netip.Addr]gateway.Handover
 	// standbys: nodes holding nothing that are probed at the fast
 	// interval (setStandbys).
 	standbys map[string]bool
@@ -174,6 +185,9 @@ func newController(cfg Config, clk clock.WithDelayedExecution) (*Controller, err
 	}
 	if cfg.MinSubnetPrefix == 0 {
 		cfg.MinSubnetPrefix = selector.DefaultMinSubnetPrefix
+	}
+	if cfg.HandoverTimeout == 0 {
+		cfg.HandoverTimeout = DefaultHandoverTimeout
 	}
 	if cfg.GatewayNamespaces == nil {
 		cfg.GatewayNamespaces = []string{v1.DefaultGatewayNamespace}
@@ -252,7 +266,7 @@ func (c *Controller) Lead(ctx context.Context, term int64) {
 	// The term outlives the leadership: see probeSender.
 	c.term.Store(&leaderTerm{term: term})
 	c.mu.Lock()
-	c.assignment = nil // a new term starts from the statuses
+	c.assignment, c.handovers = nil, nil // a new term starts from the statuses
 	c.mu.Unlock()
 	if m := c.cfg.Metrics; m != nil {
 		m.Leader.Set(1)
@@ -300,8 +314,11 @@ func (c *Controller) Lead(ctx context.Context, term int64) {
 // node is probed at once (fast until it answers, and its answer asks for
 // another reconcile), and the IP stays where it was meanwhile: on its old
 // holder (the move is recorded when it happens), or nowhere.
-func (c *Controller) assignFresh(groups []gateway.Group, nodes []gateway.Node, current map[netip.Addr]string) map[netip.Addr]string {
-	assignment := gateway.Assign(groups, nodes, current)
+//
+// base is current with the handovers' targets (gateway.Overlay): a
+// suspect target is dropped, its IP stays on its current holder.
+func (c *Controller) assignFresh(groups []gateway.Group, nodes []gateway.Node, base, current map[netip.Addr]string) map[netip.Addr]string {
+	assignment := gateway.Assign(groups, nodes, base)
 	for ip, n := range assignment {
 		if current[ip] == n || !c.prober.suspect(n) {
 			continue
@@ -365,6 +382,11 @@ func (c *Controller) probeTargets() []probeTarget {
 	for n := range c.standbys {
 		holders[n] = true
 	}
+	for _, hs := range c.handovers {
+		for _, h := range hs {
+			holders[h.To] = true
+		}
+	}
 	c.mu.Unlock()
 	var out []probeTarget
 	for _, obj := range c.nodes.List() {
@@ -416,15 +438,22 @@ func (c *Controller) reconcile(ctx context.Context) error {
 	checks := selector.CheckGroups(objs, c.cfg.GatewayNamespaces, selector.ReservedFrom(facts))
 	groups, groupObjs := c.currentGroups(objs, checks)
 	current := c.currentAssignment(groupObjs, checks)
-	assignment := c.assignFresh(groups, nodes, current)
+	handovers := c.currentHandovers(groupObjs, current)
+	target := c.assignFresh(groups, nodes, gateway.Overlay(current, handovers), current)
+	requested, requests := c.moveRequests(groups, groupObjs, nodes, current, target)
+	maps.Copy(target, requested)
+	plan := gateway.Plan(gateway.PlanInput{Current: current, Handovers: handovers, Target: target, Nodes: nodes,
+		Prepared: c.prepared, Reason: c.planReason(groups, nodes, requested), Now: now, Timeout: c.cfg.HandoverTimeout})
+	assignment := plan.Assignment
 	c.setStandbys(groups, nodes, assignment)
-	moves := c.moves(current, assignment, nodes, now)
+	moves := c.moves(current, plan, nodes, now)
 
 	var errs []string
 	// Only what was written is remembered. A status refused (409 from a
 	// stale cache) or left as it was stays the truth for the next
 	// reconcile, which decides again from it (and records the moves then).
 	written := map[netip.Addr]string{}
+	writtenHandovers := map[string]map[netip.Addr]gateway.Handover{}
 	// published: the holders as the groups' statuses say them after the
 	// writes, which the policies' statuses must agree with.
 	published := maps.Clone(assignment)
@@ -433,7 +462,7 @@ func (c *Controller) reconcile(ctx context.Context) error {
 		key := g.Namespace + "/" + g.Name
 		byKey[key] = groupObjs[i]
 		seen["gateway/"+key+"/"+v1.ConditionAccepted], seen["gateway/"+key+"/"+v1.ConditionFloatingIPsValid] = true, true
-		ok, err := c.writeGatewayStatus(ctx, groupObjs[i], g, checks[key], nodes, assignment, moves, now)
+		ok, err := c.writeGatewayStatus(ctx, groupObjs[i], g, checks[key], nodes, assignment, plan.Handovers, moves, requests[key], now)
 		if err != nil {
 			errs = append(errs, err.Error())
 			// The group's status still says what it said: so do its
@@ -448,15 +477,20 @@ func (c *Controller) reconcile(ctx context.Context) error {
 			continue
 		}
 		if ok {
+			hs := map[netip.Addr]gateway.Handover{}
 			for _, ip := range g.FloatingIPs {
 				if n, assigned := assignment[ip]; assigned {
 					written[ip] = n
 				}
+				if h, ok := plan.Handovers[ip]; ok {
+					hs[ip] = h
+				}
 			}
+			writtenHandovers[key] = hs
 		}
 	}
 	c.mu.Lock()
-	c.assignment = written
+	c.assignment, c.handovers = written, writtenHandovers
 	c.mu.Unlock()
 
 	pols := c.policyObjects(ctx)
@@ -540,8 +574,10 @@ func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selec
 		}
 		var l gateway.Liveness
 		l.NodeReady, l.NodeReadyKnown = kube.NodeReady(n)
+		var agentLease *coordinationv1.Lease
 		if lobj, ok, _ := c.leases.GetByKey(c.cfg.AgentNamespace + "/" + kube.AgentLeasePrefix + n.Name); ok {
 			lease := lobj.(*coordinationv1.Lease)
+			agentLease = lease
 			gn.Stale = leaseStale(lease, c.clock.Now())
 			if err := kube.LeaseNodeFacts(lease.Annotations, &f); err != nil {
 				// Logged once per change: reconcile runs every second.
@@ -571,6 +607,7 @@ func (c *Controller) currentNodes(seen map[string]bool) ([]gateway.Node, []selec
 			gn.Subnets, l.Registered = good, true
 		}
 		facts = append(facts, f)
+		gn.Draining = draining(n, agentLease)
 		l.ProbeHealthy, _ = c.prober.health(n.Name)
 		gn.Up = gateway.Up(l)
 		// Only the probes (not the Node's own record) may say it is down.
@@ -790,23 +827,28 @@ func (c *Controller) currentAssignment(groups []*v1.NetworkGatewayGroup, checks 
 
 // moves lists the floating IPs that changed node, with the reason, logs
 // them and records an Event on their group.
-func (c *Controller) moves(before, after map[netip.Addr]string, nodes []gateway.Node, now time.Time) map[netip.Addr]v1.FloatingIPMove {
+func (c *Controller) moves(before map[netip.Addr]string, plan gateway.PlanResult, nodes []gateway.Node, now time.Time) map[netip.Addr]v1.FloatingIPMove {
+	after := plan.Assignment
 	byName := make(map[string]gateway.Node, len(nodes))
 	for _, n := range nodes {
 		byName[n.Name] = n
 	}
-	out := map[netip.Addr]v1.FloatingIPMove{}
 	for ip, to := range after {
-		from := before[ip]
-		if from == to || from == "" {
-			if from == "" {
-				c.cfg.Log.Info("floating IP assigned", zap.String("ip", ip.String()), zap.String("node", to))
-			}
-			continue
+		if before[ip] == "" {
+			c.cfg.Log.Info("floating IP assigned", zap.String("ip", ip.String()), zap.String("node", to))
 		}
+	}
+	out := map[netip.Addr]v1.FloatingIPMove{}
+	for _, pm := range plan.Moves {
+		ip, from, to := pm.IP, pm.From, pm.To
 		m := v1.FloatingIPMove{IP: ip.String(), From: from, To: to, Time: metav1.NewTime(now)}
 		_, lastAlive := c.prober.health(from)
 		switch n, ok := byName[from]; {
+		case pm.Planned:
+			m.Reason = "planned: " + pm.Reason
+			if pm.Unprepared {
+				m.Reason += fmt.Sprintf("; %s did not report it prepared within %s", to, c.cfg.HandoverTimeout)
+			}
 		case !ok:
 			m.Reason = fmt.Sprintf("node %s no longer exists", from)
 		case !n.Up && !lastAlive.IsZero():
@@ -831,8 +873,22 @@ func (c *Controller) moves(before, after map[netip.Addr]string, nodes []gateway.
 
 // writeGatewayStatus writes the group's status when it changed, and
 // reports whether it did. g holds the floating IPs check allows.
-func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGatewayGroup, g gateway.Group, check selector.GroupCheck, nodes []gateway.Node, assignment map[netip.Addr]string, moves map[netip.Addr]v1.FloatingIPMove, now time.Time) (bool, error) {
+func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGatewayGroup, g gateway.Group, check selector.GroupCheck, nodes []gateway.Node, assignment map[netip.Addr]string, handovers map[netip.Addr]gateway.Handover, moves map[netip.Addr]v1.FloatingIPMove, req *moveRequest, now time.Time) (bool, error) {
 	st := obj.Status.DeepCopy()
+	st.Handovers = nil
+	var started []v1.FloatingIPHandover
+	for _, ip := range g.FloatingIPs {
+		if h, ok := handovers[ip]; ok {
+			vh := v1.FloatingIPHandover{IP: ip.String(), From: h.From, To: h.To, Reason: h.Reason, Since: metav1.NewMicroTime(h.Since)}
+			st.Handovers = append(st.Handovers, vh)
+			if !slices.ContainsFunc(obj.Status.Handovers, func(o v1.FloatingIPHandover) bool { return o.IP == vh.IP && o.To == vh.To }) {
+				started = append(started, vh)
+			}
+		}
+	}
+	if req != nil {
+		st.ObservedMoveRequest, st.MoveRequestMessage = req.value, req.message
+	}
 	var moved []v1.FloatingIPMove
 	for _, ip := range g.FloatingIPs {
 		if m, ok := moves[ip]; ok {
@@ -873,7 +929,21 @@ func (c *Controller) writeGatewayStatus(ctx context.Context, obj *v1.NetworkGate
 				om.FailoverDuration.Observe(float64(m.DetectionMilliseconds) / 1000)
 			}
 		}
-		c.recorder.Eventf(ref, corev1.EventTypeWarning, "FloatingIPMoved", "%s moved from %s to %s: %s", m.IP, m.From, m.To, m.Reason)
+		typ := corev1.EventTypeWarning
+		if strings.HasPrefix(m.Reason, "planned: ") {
+			typ = corev1.EventTypeNormal
+		}
+		c.recorder.Eventf(ref, typ, "FloatingIPMoved", "%s moved from %s to %s: %s", m.IP, m.From, m.To, m.Reason)
+	}
+	for _, h := range started {
+		c.cfg.Log.Info("floating IP handover started", zap.String("ip", h.IP), zap.String("node", h.To), zap.String("from", h.From),
+			zap.String("reason", h.Reason))
+		c.recorder.Eventf(ref, corev1.EventTypeNormal, "FloatingIPHandover", "handing %s over from %s to %s: %s", h.IP, h.From, h.To, h.Reason)
+	}
+	if req != nil {
+		c.cfg.Log.Info("move request", zap.String("gateway", obj.Namespace+"/"+obj.Name), zap.String("request", req.value),
+			zap.String("result", req.message))
+		c.recorder.Eventf(ref, corev1.EventTypeNormal, "MoveRequest", "%s: %s", req.value, req.message)
 	}
 	subject := "gateway/" + obj.Namespace + "/" + obj.Name + "/"
 	for _, typ := range []string{v1.ConditionAccepted, v1.ConditionFloatingIPsValid} {
@@ -1065,5 +1135,130 @@ func normalize(s v1.NetworkGatewayGroupStatus) v1.NetworkGatewayGroupStatus {
 	if len(s.FloatingIPs) == 0 {
 		s.FloatingIPs = nil
 	}
+	// Handovers' times as the API stores them (microseconds, no
+	// monotonic clock, one location).
+	hs := slices.Clone(s.Handovers)
+	for i := range hs {
+		hs[i].Since.Time = hs[i].Since.UTC().Truncate(time.Microsecond)
+	}
+	if len(hs) == 0 {
+		hs = nil
+	}
+	s.Handovers = hs
 	return s
+}
+
+// currentHandovers is what the statuses say of the handovers under way
+// (of each IP still held by the handover's old holder), with this
+// leader's last writes in place of its groups' statuses (the cache may
+// not show them yet).
+func (c *Controller) currentHandovers(groups []*v1.NetworkGatewayGroup, current map[netip.Addr]string) map[netip.Addr]gateway.Handover {
+	out := map[netip.Addr]gateway.Handover{}
+	c.mu.Lock()
+	written := c.handovers
+	c.mu.Unlock()
+	for _, g := range groups {
+		if hs, ok := written[g.Namespace+"/"+g.Name]; ok {
+			for ip, h := range hs {
+				if current[ip] == h.From {
+					out[ip] = h
+				}
+			}
+			continue
+		}
+		for _, h := range g.Status.Handovers {
+			ip, err := netip.ParseAddr(h.IP)
+			if err != nil || current[ip] != h.From || h.To == "" {
+				continue
+			}
+			out[ip] = gateway.Handover{From: h.From, To: h.To, Reason: h.Reason, Since: h.Since.Time}
+		}
+	}
+	return out
+}
+
+// moveRequest is what reconcile did with a group's new move request.
+type moveRequest struct{ value, message string }
+
+// moveRequests decides the groups' new move requests (annotation
+// egressnat.io/move-request with a value their status has not observed):
+// the targets they set (IP → node) and, by group, what was done.
+func (c *Controller) moveRequests(groups []gateway.Group, objs []*v1.NetworkGatewayGroup, nodes []gateway.Node, current, target map[netip.Addr]string) (map[netip.Addr]string, map[string]*moveRequest) {
+	targets := map[netip.Addr]string{}
+	done := map[string]*moveRequest{}
+	for i, obj := range objs {
+		value, ok := obj.Annotations[v1.AnnotationMoveRequest]
+		if !ok || value == obj.Status.ObservedMoveRequest {
+			continue
+		}
+		key := obj.Namespace + "/" + obj.Name
+		req, err := gateway.ParseMoveRequest(value)
+		if err != nil {
+			done[key] = &moveRequest{value: value, message: "refused: " + err.Error()}
+			continue
+		}
+		t, msg := gateway.Requested(groups, i, req, nodes, current, target)
+		maps.Copy(targets, t)
+		done[key] = &moveRequest{value: value, message: msg}
+	}
+	return targets, done
+}
+
+// planReason says why an IP goes from one Up node to another (a planned
+// move): a request, its node draining, its node no longer selected or no
+// longer in its subnet.
+func (c *Controller) planReason(groups []gateway.Group, nodes []gateway.Node, requested map[netip.Addr]string) func(ip netip.Addr, from, to string) string {
+	return func(ip netip.Addr, from, to string) string {
+		if requested[ip] == to {
+			return "requested (" + v1.AnnotationMoveRequest + ")"
+		}
+		for _, n := range nodes {
+			if n.Name != from {
+				continue
+			}
+			if n.Draining != "" {
+				return fmt.Sprintf("node %s %s", from, n.Draining)
+			}
+			for _, g := range groups {
+				if slices.Contains(g.FloatingIPs, ip) {
+					if why := gateway.WhyNot(g, ip, gateway.Node{Name: n.Name, Up: true, Subnets: n.Subnets}); why != "" {
+						return why
+					}
+				}
+			}
+		}
+		return fmt.Sprintf("%s goes to %s", ip, to)
+	}
+}
+
+// prepared reports whether node's agent listed ip in its Lease as
+// prepared for a handover.
+func (c *Controller) prepared(node string, ip netip.Addr) bool {
+	obj, ok, _ := c.leases.GetByKey(c.cfg.AgentNamespace + "/" + kube.AgentLeasePrefix + node)
+	if !ok {
+		return false
+	}
+	ips, err := kube.ParseAddresses(obj.(*coordinationv1.Lease).Annotations[kube.AnnotationPrepared])
+	return err == nil && slices.Contains(ips, ip)
+}
+
+// draining says why node n is to give its floating IPs up ("" when it
+// is not): cordoned, labelled for maintenance, or its agent stopping.
+func draining(n *corev1.Node, lease *coordinationv1.Lease) string {
+	switch {
+	case n.Spec.Unschedulable:
+		return "cordoned (spec.unschedulable)"
+	case maintenance(n.Labels):
+		return "labelled " + v1.LabelMaintenance + "=" + n.Labels[v1.LabelMaintenance]
+	case lease != nil && lease.Annotations[kube.AnnotationDraining] != "":
+		return "draining: " + lease.Annotations[kube.AnnotationDraining]
+	}
+	return ""
+}
+
+// maintenance reports whether a Node's labels ask for maintenance: the
+// label egressnat.io/maintenance with any value but "false".
+func maintenance(labels map[string]string) bool {
+	v, ok := labels[v1.LabelMaintenance]
+	return ok && v != "false"
 }

@@ -5,9 +5,14 @@
 // It measures, per connection, the time from the failure to the first reply
 // to a message sent after it (which can only come through the new holder),
 // and counts the connections that survived (no reset, no reconnect, same
-// source ip:port). It ends with
+// source ip:port). Then, in each of -planned trials, the holder is
+// cordoned (a planned move: the IP is handed over, make before break) and
+// uncordoned after; it measures, per connection, the longest a message
+// sent during the move waited for its reply (the stall the move caused).
+// It ends with
 //
 //	failover p50_ms=<n> p99_ms=<n> survived=<k>/<m>
+//	planned p50_ms=<n> p99_ms=<n> survived=<k>/<m>
 package main
 
 import (
@@ -36,16 +41,17 @@ func main() {
 	trials := flag.Int("trials", 20, "gateway node losses to measure")
 	conns := flag.Int("conns", 20, "long-lived connections, spread over two pod nodes")
 	interval := flag.Duration("interval", 50*time.Millisecond, "message interval of each connection")
+	planned := flag.Int("planned", 20, "planned moves (cordons) to measure")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *trials, *conns, *interval); err != nil {
+	if err := run(ctx, *trials, *planned, *conns, *interval); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-failover:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, trials, conns int, interval time.Duration) (err error) {
+func run(ctx context.Context, trials, planned, conns int, interval time.Duration) (err error) {
 	c, err := cluster.Start(ctx, cluster.Options{
 		Prefix: "enat-bf-",
 		// Pods live on the control-plane nodes; the workers take turns
@@ -141,8 +147,72 @@ func run(ctx context.Context, trials, conns int, interval time.Duration) (err er
 		}
 	}
 	slices.Sort(gaps)
-	fmt.Printf("failover p50_ms=%.0f p99_ms=%.0f survived=%d/%d\n", percentile(gaps, 50), percentile(gaps, 99), survived, total)
+	failover := fmt.Sprintf("failover p50_ms=%.0f p99_ms=%.0f survived=%d/%d", percentile(gaps, 50), percentile(gaps, 99), survived, total)
+	fmt.Println(failover)
+
+	var waits []float64
+	survived, total = 0, 0
+	for trial := 1; trial <= planned; trial++ {
+		holder, err := statusHolder(ctx, c)
+		if err != nil {
+			return err
+		}
+		t0 := time.Now()
+		if _, err := c.Kubectl(ctx, "", "cordon", holder); err != nil {
+			return err
+		}
+		newHolder, err := waitMoved(ctx, c, holder, 15*time.Second)
+		if err != nil {
+			return err
+		}
+		moved := time.Since(t0)
+		// A second of traffic after the switch: every message sent during
+		// the move has its reply, or counts as waiting until now.
+		time.Sleep(time.Second)
+		var trialWaits []float64
+		ok := 0
+		for _, s := range streams {
+			total++
+			if s.Err() != nil {
+				continue
+			}
+			ok++
+			trialWaits = append(trialWaits, float64(s.MaxWait(t0, t0.Add(moved+500*time.Millisecond)).Microseconds())/1000)
+		}
+		survived += ok
+		waits = append(waits, trialWaits...)
+		reason, _ := c.Kubectl(ctx, "", "get", "ngg", "default", "-n", "kube-system", "-o", "jsonpath={.status.recentMoves[0].reason}")
+		fmt.Printf("# planned %2d: %s -> %s after %s  survived %d/%d  longest wait for a reply %s  (%s)\n", trial, holder, newHolder,
+			moved.Round(time.Millisecond), ok, len(streams), summary(trialWaits), reason)
+		if _, err := c.Kubectl(ctx, "", "uncordon", holder); err != nil {
+			return err
+		}
+	}
+	for i, s := range streams {
+		if err := s.Err(); err != nil {
+			fmt.Printf("# connection %d from %s: %v\n", i, s.Pod.Node, err)
+		}
+	}
+	slices.Sort(waits)
+	fmt.Println(failover)
+	fmt.Printf("planned p50_ms=%.0f p99_ms=%.0f survived=%d/%d\n", percentile(waits, 50), percentile(waits, 99), survived, total)
 	return nil
+}
+
+// waitMoved waits until the group's status gives the egress IP to a node
+// other than from.
+func waitMoved(ctx context.Context, c *cluster.Cluster, from string, timeout time.Duration) (string, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		h, err := statusHolder(ctx, c)
+		if err == nil && h != from {
+			return h, nil
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("%s still on %s after %v (%v)", egressIP, from, timeout, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 func statusHolder(ctx context.Context, c *cluster.Cluster) (string, error) {

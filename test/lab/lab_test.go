@@ -324,10 +324,33 @@ func TestLab(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// outputs counts the lines the runs printed (the headers name the
+		// command too: they do not count).
+		outputs := func(want int) {
+			t.Helper()
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				n := 0
+				for _, line := range strings.Split(p.Log(), "\n") {
+					if line == "started" {
+						n++
+					}
+				}
+				if n == want {
+					return
+				}
+				if n > want || time.Now().After(deadline) {
+					t.Fatalf("log has %d outputs, want %d:\n%s", n, want, p.Log())
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+		outputs(1)
 		pid := p.Pid()
 		if err := p.Restart(); err != nil {
 			t.Fatal(err)
 		}
+		outputs(2)
 		if p.Pid() == pid || !p.Running() || alive(pid) {
 			t.Fatalf("restart: pid %d -> %d running %v", pid, p.Pid(), p.Running())
 		}
@@ -337,7 +360,8 @@ func TestLab(t *testing.T) {
 		if p.Running() {
 			t.Fatal("still running after Stop")
 		}
-		if n := strings.Count(p.Log(), "started"); n != 2 {
+		outputs(2)
+		if n := strings.Count(p.Log(), " start in "); n != 2 {
 			t.Fatalf("log has %d starts:\n%s", n, p.Log())
 		}
 		if _, err := l.Exec(ctxT(t, 5*time.Second), "enat-elsewhere", "true"); err == nil {

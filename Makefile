@@ -43,9 +43,21 @@ image:
 	CGO_ENABLED=0 GOOS=linux $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o $(BIN)/image/ ./cmd/...
 	$(GO) run ./test/image/cmd/mkimage -bin $(BIN)/image -o $(IMAGE_OUT) -version "$(VERSION)" $(if $(IMAGE_TAG),-tag $(IMAGE_TAG))
 
+# generate: the CRDs and deep copies (controller-gen), and the eBPF pod
+# classifier's object and Go bindings (bpf2go with Debian's clang and llvm,
+# installed when missing): nft/bpf/src/*.c -> nft/bpf/classifier_bpfel.*.
+# Both outputs are checked in.
+BPF_PACKAGES := clang llvm
 generate:
 	$(CONTROLLER_GEN) object paths=./api/... output:object:dir=$(GEN_OBJ_DIR) \
 		crd:crdVersions=v1 output:crd:dir=$(GEN_CRD_DIR)
+	@missing=""; for p in $(BPF_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	cd nft/bpf && $(GO) generate ./
 
 # deps installs the machine's packages (when missing) and the Go modules.
 deps:

@@ -1,7 +1,8 @@
 # egressnat: build, generate, test, demo.
 # `make test` and `make demo` install what they need on a fresh Debian
 # machine as root (apt-get packages, Go modules, the test API server).
-# `make test-unit` needs neither root nor any of that (only Go and the modules).
+# `make test-unit` needs neither root nor any of that (only Go, the modules and
+# clang/llvm for the eBPF object: `make bpf` once as root installs them).
 
 SHELL := /bin/bash
 GO ?= go
@@ -43,14 +44,20 @@ image:
 	CGO_ENABLED=0 GOOS=linux $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o $(BIN)/image/ ./cmd/...
 	$(GO) run ./test/image/cmd/mkimage -bin $(BIN)/image -o $(IMAGE_OUT) -version "$(VERSION)" $(if $(IMAGE_TAG),-tag $(IMAGE_TAG))
 
-# generate: the CRDs and deep copies (controller-gen), and the eBPF pod
-# classifier's object and Go bindings (bpf2go with Debian's clang and llvm,
-# installed when missing): nft/bpf/src/*.c -> nft/bpf/classifier_bpfel.*.
-# Both outputs are checked in.
-BPF_PACKAGES := clang llvm
-generate:
+# generate: the CRDs and deep copies (controller-gen, checked in), and the
+# eBPF pod classifier (bpf).
+generate: bpf
 	$(CONTROLLER_GEN) object paths=./api/... output:object:dir=$(GEN_OBJ_DIR) \
 		crd:crdVersions=v1 output:crd:dir=$(GEN_CRD_DIR)
+
+# bpf builds the eBPF pod classifier's object from nft/bpf/src/*.c with
+# bpf2go and Debian's clang and llvm (installed when missing, as root):
+# nft/bpf/classifier_bpfel.o, a build output (not in git), and its Go
+# bindings, classifier_bpfel.go (checked in). The Go package embeds the
+# object: every target that compiles ./... needs this first.
+BPF_PACKAGES := clang llvm
+.PHONY: bpf
+bpf:
 	@missing=""; for p in $(BPF_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
@@ -89,14 +96,14 @@ kube-proxy: deps
 kube-test-binaries: deps
 	$(GO) run ./test/apiserver/cmd/kube-binaries -controller-manager -floor
 
-vet:
+vet: bpf
 	$(GO) vet ./...
 
 # test-unit runs, as any user, the tests that need no root, no network
 # namespace, no kernel nftables and no kube-apiserver/etcd/kubectl: under
 # -short the others skip (each such test or TestMain checks testing.Short()).
 # Under a minute on 2 cores with a warm build cache.
-test-unit:
+test-unit: bpf
 	$(GO) test -short -count=1 ./...
 
 # test runs every tier, one package at a time (the lab tests measure timing
@@ -107,7 +114,7 @@ test-unit:
 # end-to-end (test/realcluster, as make test-cluster) and failover tests;
 # then the end-to-end suite again on every lab mode of E2E_MATRIX and the
 # real-cluster suite on every mode of CLUSTER_MATRIX.
-test: deps kube-binaries kube-proxy kube-test-binaries kube-cluster build vet
+test: deps bpf kube-binaries kube-proxy kube-test-binaries kube-cluster build vet
 	$(GO) test -count=1 -p 1 -timeout 40m ./...
 	$(MAKE) --no-print-directory e2e-matrix
 	$(MAKE) --no-print-directory cluster-matrix

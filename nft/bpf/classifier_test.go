@@ -141,23 +141,39 @@ func send(t *testing.T, src netip.Addr, n int) {
 	})
 }
 
-// TestClassify: the program marks the packets of the pods in its map,
-// under their class's mask (other mark bits kept), and no other; the map
-// follows Sync; the map and the attachment outlive the process's handles
-// (an agent restart), and Remove plus Detach take everything away.
-func TestClassify(t *testing.T) {
-	bpffs, ifindex := lab(t)
-	dir := filepath.Join(bpffs, "egressnat")
+// loadAttached loads the classifier from dir and attaches it to ifindex
+// with attach, in the host namespace.
+func loadAttached(t *testing.T, dir string, attach func(*Classifier) error) *Classifier {
+	t.Helper()
 	var c *Classifier
 	inNS(t, nsHost, func() {
 		var err error
 		if c, err = Load(dir); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.Attach(ifindex); err != nil {
+		if err := attach(c); err != nil {
 			t.Fatal(err)
 		}
 	})
+	return c
+}
+
+// attachAny attaches as the agent would: tcx, or the clsact fallback.
+func attachAny(ifindex int) func(*Classifier) error {
+	return func(c *Classifier) error {
+		_, err := c.Attach(ifindex)
+		return err
+	}
+}
+
+// TestClassify: the program marks the packets of the pods in its map,
+// with their class's mark, and no other; the map
+// follows Sync; the map and the attachment outlive the process's handles
+// (an agent restart), and Remove plus Detach take everything away.
+func TestClassify(t *testing.T) {
+	bpffs, ifindex := lab(t)
+	dir := filepath.Join(bpffs, "egressnat")
+	c := loadAttached(t, dir, attachAny(ifindex))
 	if w, d, err := c.Sync(map[netip.Addr]Class{podA: {Mark: 0x100, Mask: 0xff00}}); err != nil || w != 1 || d != 0 {
 		t.Fatalf("sync: %d written, %d deleted, %v", w, d, err)
 	}
@@ -189,15 +205,7 @@ func TestClassify(t *testing.T) {
 		t.Fatalf("with the agent gone: counters %v (before %v)", got, before)
 	}
 	// A new agent finds the map and the link.
-	inNS(t, nsHost, func() {
-		var err error
-		if c, err = Load(dir); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.Attach(ifindex); err != nil {
-			t.Fatal(err)
-		}
-	})
+	c = loadAttached(t, dir, attachAny(ifindex))
 	if e, err := c.Entries(); err != nil || len(e) != 1 || e[podB] != (Class{Mark: 0x200, Mask: 0xff00}) {
 		t.Fatalf("entries after a reload: %v %v", e, err)
 	}
@@ -229,16 +237,7 @@ func TestClassify(t *testing.T) {
 func TestClassifyTC(t *testing.T) {
 	bpffs, ifindex := lab(t)
 	dir := filepath.Join(bpffs, "egressnat")
-	var c *Classifier
-	inNS(t, nsHost, func() {
-		var err error
-		if c, err = Load(dir); err != nil {
-			t.Fatal(err)
-		}
-		if err := c.attachTC(ifindex); err != nil {
-			t.Fatal(err)
-		}
-	})
+	c := loadAttached(t, dir, func(c *Classifier) error { return c.attachTC(ifindex) })
 	defer func() {
 		c.Close()   //nolint:errcheck
 		Remove(dir) //nolint:errcheck

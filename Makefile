@@ -121,10 +121,12 @@ test: deps bpf kube-binaries kube-proxy kube-test-binaries kube-cluster build ve
 
 # E2E_MATRIX: the lab modes the end-to-end suite also runs on in make test
 # (test/cluster.ParseMode: pod network, rp_filter, CNI masquerade, MTUs,
-# kube-proxy mode). Each takes about 80 s on 2 cores.
+# kube-proxy mode, and "ebpf" for the agents' eBPF pod classifier instead
+# of the nftables one). Each takes about 80 to 110 s on 2 cores.
 E2E_MATRIX ?= overlay/strict/iptables-nft/kp-iptables \
-	overlay/strict/nft/kp-nftables \
+	overlay/strict/nft/kp-nftables/ebpf \
 	routed/strict/iptables-legacy/mtu1450/podmtu1500/kp-iptables \
+	routed/loose/iptables-nft/kp-nftables/ebpf \
 	overlay/off/iptables-legacy/mtu1450/kp-nftables
 
 .PHONY: e2e-matrix

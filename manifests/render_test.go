@@ -2,12 +2,14 @@ package manifests_test
 
 import (
 	"os/exec"
+	"path"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/egressnat/egressnat/test/apiserver"
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"sigs.k8s.io/yaml"
 )
@@ -106,6 +108,192 @@ func TestSingleNodeOverlay(t *testing.T) {
 	s, _ := yaml.Marshal(single)
 	if string(b) != string(s) {
 		t.Errorf("single-node changes more than replicas and anti-affinity:\n--- default\n%s\n--- single-node\n%s", b, s)
+	}
+}
+
+// rendered is every object kustomize renders in dir, by kind, namespace
+// and name.
+func rendered(t *testing.T, dir string) map[string][]byte {
+	t.Helper()
+	objs := map[string][]byte{}
+	for _, d := range kustomize(t, dir) {
+		var meta struct {
+			Kind     string `json:"kind"`
+			Metadata struct {
+				Name      string `json:"name"`
+				Namespace string `json:"namespace"`
+			} `json:"metadata"`
+		}
+		if err := yaml.Unmarshal(d, &meta); err != nil {
+			t.Fatalf("%s: %v", dir, err)
+		}
+		key := meta.Kind + " " + path.Join(meta.Metadata.Namespace, meta.Metadata.Name)
+		if _, dup := objs[key]; dup {
+			t.Fatalf("%s renders %s twice", dir, key)
+		}
+		objs[key] = d
+	}
+	return objs
+}
+
+// canonical re-marshals a YAML document, so that two renderings of one
+// object compare equal whatever their key order.
+func canonical(t *testing.T, doc []byte) string {
+	t.Helper()
+	var v any
+	if err := yaml.Unmarshal(doc, &v); err != nil {
+		t.Fatal(err)
+	}
+	b, err := yaml.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// TestEBPFOverlay: manifests/ebpf renders the objects manifests/ does
+// (the same image too), and changes only the agent container of the
+// DaemonSet: --classifier=ebpf with --bpf-dir in the host's bpffs and the
+// class mark bits, the capability BPF added to NET_ADMIN and NET_RAW
+// (drop ALL, no privilege, seccomp and AppArmor as they were), and the
+// host's /sys/fs/bpf (type Directory), mounted HostToContainer (so that
+// pins live on the host's bpffs and outlive the container) outside /sys
+// (whose writes the runtimes' default AppArmor profile denies), where the
+// agent's --bpf-dir and EGRESSNAT_BPF_DIR, egressnatctl's default, point.
+func TestEBPFOverlay(t *testing.T) {
+	base, ebpf := rendered(t, "."), rendered(t, "ebpf")
+	const dsKey = "DaemonSet egressnat-system/egressnat-agent"
+	for k, b := range base {
+		e, ok := ebpf[k]
+		switch {
+		case !ok:
+			t.Errorf("ebpf does not render %s", k)
+		case k != dsKey && canonical(t, b) != canonical(t, e):
+			t.Errorf("ebpf changes %s:\n--- default\n%s\n--- ebpf\n%s", k, canonical(t, b), canonical(t, e))
+		}
+	}
+	for k := range ebpf {
+		if _, ok := base[k]; !ok {
+			t.Errorf("ebpf renders %s, which the default does not", k)
+		}
+	}
+	if _, ok := base[dsKey]; !ok {
+		t.Fatalf("no %s", dsKey)
+	}
+	var bds, eds appsv1.DaemonSet
+	if err := yaml.UnmarshalStrict(base[dsKey], &bds); err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.UnmarshalStrict(ebpf[dsKey], &eds); err != nil {
+		t.Fatal(err)
+	}
+	agent := func(ds *appsv1.DaemonSet) *corev1.Container {
+		for i := range ds.Spec.Template.Spec.Containers {
+			if c := &ds.Spec.Template.Spec.Containers[i]; c.Name == "agent" {
+				return c
+			}
+		}
+		t.Fatal("no container agent")
+		return nil
+	}
+	bc, ec := agent(&bds), agent(&eds)
+
+	// The flags: the default's, and the three of the classifier.
+	flags := map[string]string{}
+	var rest []string
+	for _, a := range ec.Args {
+		name, value, _ := strings.Cut(a, "=")
+		switch name {
+		case "--classifier", "--bpf-dir", "--class-mark-mask":
+			if _, dup := flags[name]; dup {
+				t.Errorf("ebpf: %s twice", name)
+			}
+			flags[name] = value
+		default:
+			rest = append(rest, a)
+		}
+	}
+	if !slices.Equal(rest, bc.Args) {
+		t.Errorf("ebpf changes the agent's other flags:\n%q\nwant\n%q", rest, bc.Args)
+	}
+	if flags["--classifier"] != "ebpf" || flags["--class-mark-mask"] != "0x00ff0000" {
+		t.Errorf("ebpf: --classifier=%q --class-mark-mask=%q, want ebpf and 0x00ff0000", flags["--classifier"], flags["--class-mark-mask"])
+	}
+	bpfDir := flags["--bpf-dir"]
+
+	// The host's bpffs, mounted from the host and back.
+	var vol *corev1.Volume
+	for i, v := range eds.Spec.Template.Spec.Volumes {
+		if v.HostPath != nil && v.HostPath.Path == "/sys/fs/bpf" {
+			vol = &eds.Spec.Template.Spec.Volumes[i]
+		}
+	}
+	if vol == nil {
+		t.Fatal("ebpf: no hostPath volume /sys/fs/bpf")
+	}
+	if vol.HostPath.Type == nil || *vol.HostPath.Type != corev1.HostPathDirectory {
+		t.Errorf("ebpf: hostPath /sys/fs/bpf type %v, want Directory (an existing directory; the agent checks it is a bpffs)", vol.HostPath.Type)
+	}
+	var mount *corev1.VolumeMount
+	for i, m := range ec.VolumeMounts {
+		if m.Name == vol.Name {
+			if mount != nil {
+				t.Errorf("ebpf: %s mounted twice", vol.Name)
+			}
+			mount = &ec.VolumeMounts[i]
+		}
+	}
+	if mount == nil {
+		t.Fatalf("ebpf: volume %s not mounted in the agent", vol.Name)
+	}
+	if mount.ReadOnly || mount.SubPath != "" || mount.MountPropagation == nil || *mount.MountPropagation != corev1.MountPropagationHostToContainer {
+		t.Errorf("ebpf: bpffs mount %+v: want writable, the whole of it, mountPropagation HostToContainer", mount)
+	}
+	if mount.MountPath == "/sys" || strings.HasPrefix(mount.MountPath, "/sys/") {
+		t.Errorf("ebpf: bpffs mounted at %s: the runtimes' default AppArmor profile denies writes under /sys/fs but cgroup", mount.MountPath)
+	}
+	if dir, ok := strings.CutPrefix(bpfDir, mount.MountPath+"/"); !ok || dir == "" || path.Clean(bpfDir) != bpfDir {
+		t.Errorf("ebpf: --bpf-dir=%q is not a directory in the host's bpffs (mounted at %s)", bpfDir, mount.MountPath)
+	}
+	env := ""
+	for _, e := range ec.Env {
+		if e.Name == "EGRESSNAT_BPF_DIR" {
+			env = e.Value
+		}
+	}
+	if env != bpfDir {
+		t.Errorf("ebpf: EGRESSNAT_BPF_DIR=%q (egressnatctl ruleset's default), want the agent's --bpf-dir %q", env, bpfDir)
+	}
+
+	// The rights: BPF added, nothing else.
+	esc := ec.SecurityContext
+	if esc == nil || esc.Capabilities == nil {
+		t.Fatal("ebpf: no capabilities")
+	}
+	if got := esc.Capabilities.Add; !slices.Equal(got, []corev1.Capability{"NET_ADMIN", "NET_RAW", "BPF"}) {
+		t.Errorf("ebpf: capabilities added %v, want NET_ADMIN, NET_RAW, BPF", got)
+	}
+	if !slices.Equal(esc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
+		t.Errorf("ebpf: capabilities dropped %v, want ALL", esc.Capabilities.Drop)
+	}
+	if esc.Privileged == nil || *esc.Privileged || esc.AllowPrivilegeEscalation == nil || *esc.AllowPrivilegeEscalation {
+		t.Errorf("ebpf: privileged %v, allowPrivilegeEscalation %v: want both false", esc.Privileged, esc.AllowPrivilegeEscalation)
+	}
+	if esc.SeccompProfile == nil || esc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault || esc.AppArmorProfile != nil {
+		t.Errorf("ebpf: seccomp %+v, AppArmor %+v: want RuntimeDefault, unset (the runtime's default)", esc.SeccompProfile, esc.AppArmorProfile)
+	}
+
+	// Nothing else: the same DaemonSet once those are set aside.
+	ec.Args = rest
+	ec.Env = slices.DeleteFunc(ec.Env, func(e corev1.EnvVar) bool { return e.Name == "EGRESSNAT_BPF_DIR" })
+	ec.VolumeMounts = slices.DeleteFunc(ec.VolumeMounts, func(m corev1.VolumeMount) bool { return m.Name == vol.Name })
+	esc.Capabilities.Add = slices.DeleteFunc(esc.Capabilities.Add, func(c corev1.Capability) bool { return c == "BPF" })
+	name := vol.Name
+	eds.Spec.Template.Spec.Volumes = slices.DeleteFunc(eds.Spec.Template.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == name })
+	b, _ := yaml.Marshal(bds)
+	e, _ := yaml.Marshal(eds)
+	if string(b) != string(e) {
+		t.Errorf("ebpf changes more of the agent DaemonSet than its classifier settings:\n--- default\n%s\n--- ebpf\n%s", b, e)
 	}
 }
 

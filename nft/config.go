@@ -68,6 +68,14 @@ type Config struct {
 	// gatewaySettings), its value before is recorded in this directory
 	// (RecordSysctls), for an uninstall to restore; empty: not recorded.
 	SysctlRecordDir string
+	// Classifier, when set, classifies this node's pods in eBPF (see
+	// PodClassifier and classes.go): the Dataplane writes its map, the
+	// table dispatches on the class mark. Nil: the nftables mode (one
+	// pre-src element per pod).
+	Classifier PodClassifier
+	// ClassMask holds the mark bits of the classes (Classifier only); zero
+	// means selector.DefaultClassMask. It must be clear of MarkMask.
+	ClassMask uint32
 }
 
 func (c Config) withDefaults() (Config, error) {
@@ -94,6 +102,14 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.ARPLease == 0 {
 		c.ARPLease = DefaultARPLease
+	}
+	if c.Classifier != nil {
+		if c.ClassMask == 0 {
+			c.ClassMask = selector.DefaultClassMask
+		}
+		if err := checkClassMask(c.ClassMask, c.MarkMask); err != nil {
+			return c, fmt.Errorf("config: %w", err)
+		}
 	}
 	if c.Uplink == "" {
 		return c, errors.New("config: uplink is required")

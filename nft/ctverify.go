@@ -387,8 +387,18 @@ func buildSNATModel(multi, post []modelRule, shared map[netip.Addr]bool, addrs f
 // read back from the kernel when there is none.
 func (d *Dataplane) snatModel(ctx context.Context) (*snatModel, error) {
 	d.mu.Lock()
+	// In the eBPF mode, the pods dispatched to chainMulti by their class
+	// are not in pre-src: the jumps of every pod as last applied say.
+	var classJumps map[netip.Addr]string
+	if d.cls != nil && d.cls.podJumps != nil {
+		classJumps = maps.Clone(d.cls.podJumps)
+	}
 	if ks := d.nf.cache; ks != nil && ks.ours && ks.specs != nil {
-		m, err := modelOfCache(ks)
+		jumps := ks.jumpMap()
+		if classJumps != nil {
+			jumps = classJumps
+		}
+		m, err := modelOfCache(ks, jumps)
 		d.mu.Unlock()
 		return m, err
 	}
@@ -397,12 +407,23 @@ func (d *Dataplane) snatModel(ctx context.Context) (*snatModel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nftables conn: %w", err)
 	}
-	return modelOfKernel(ctx, tableReader{c: c, name: d.cfg.Table})
+	m, err := modelOfKernel(ctx, tableReader{c: c, name: d.cfg.Table})
+	if err == nil && m != nil {
+		for a, ch := range classJumps {
+			if ch == chainMulti {
+				if m.shared == nil {
+					m.shared = map[netip.Addr]bool{}
+				}
+				m.shared[a] = true
+			}
+		}
+	}
+	return m, err
 }
 
 // modelOfCache builds the model from the table as the last Apply left it
 // (under the dataplane's lock).
-func modelOfCache(ks *nftState) (*snatModel, error) {
+func modelOfCache(ks *nftState, jumps map[netip.Addr]string) (*snatModel, error) {
 	conv := func(rs []rule) []modelRule {
 		out := make([]modelRule, 0, len(rs))
 		for _, r := range rs {
@@ -417,7 +438,7 @@ func modelOfCache(ks *nftState) (*snatModel, error) {
 		return out
 	}
 	shared := map[netip.Addr]bool{}
-	for a, chain := range ks.jumpMap() {
+	for a, chain := range jumps {
 		if chain == chainMulti {
 			shared[a] = true
 		}

@@ -101,7 +101,7 @@ func checkModel(t *testing.T, what string, m *snatModel) {
 func TestSNATModel(t *testing.T) {
 	nf, k := fakeNF(t)
 	change(t, nf, overlapState(), false)
-	m, err := modelOfCache(nf.cache)
+	m, err := modelOfCache(nf.cache, nf.cache.jumpMap())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,7 +177,7 @@ func TestSNATModel(t *testing.T) {
 	// No Gateway policy: an empty model.
 	nf2, _ := fakeNF(t)
 	change(t, nf2, rerouteState(podA1), false)
-	if m, err := modelOfCache(nf2.cache); err != nil || !m.empty() {
+	if m, err := modelOfCache(nf2.cache, nf2.cache.jumpMap()); err != nil || !m.empty() {
 		t.Fatalf("reroute only: %+v %v", m, err)
 	}
 }

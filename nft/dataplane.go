@@ -46,6 +46,9 @@ type Dataplane struct {
 	// and muted IPs; the uplink's addresses are read by full Applies only)
 	// reports again.
 	muted, foreign []netip.Addr
+	// cls: the eBPF classifier's part (Config.Classifier); nil in the
+	// nftables mode.
+	cls *classState
 
 	wg        sync.WaitGroup
 	done      chan struct{}
@@ -104,6 +107,9 @@ type Result struct {
 	Unmuted []netip.Addr
 	// Marks is the mark value used for each next hop (full path only).
 	Marks map[netip.Addr]uint32
+	// ClassesWritten and ClassesDeleted: entries of the eBPF classifier's
+	// map written and deleted (Config.Classifier).
+	ClassesWritten, ClassesDeleted int
 	// Incremental: only policies' sources changed, and only their elements
 	// and dispatch map entries were touched (see applySources).
 	Incremental bool
@@ -135,6 +141,9 @@ func New(cfg Config) (*Dataplane, error) {
 	d.ct = conntrackCleaner{cfg: cfg}
 	d.arp = &arpLease{cfg: cfg, log: cfg.Logger}
 	d.addr.leaseFresh = d.arp.fresh
+	if cfg.Classifier != nil {
+		d.cls = &classState{pc: cfg.Classifier, mask: cfg.ClassMask}
+	}
 	return d, nil
 }
 
@@ -501,12 +510,41 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 		return err
 	}
 
-	// 2. nftables: sets, chains, floating record.
+	// 2. nftables: sets, chains, floating record. In the eBPF mode, the
+	// classes and the pods of chains without one; the map follows (2b).
 	want := desiredNFT{state: st, marks: marks, sources: n.sources, dests: n.dests, floating: floatingSet, jumps: preSrcTargets(st)}
+	var cp classPlan
+	var final *desiredNFT // the eBPF mode's table once the map is written
+	if d.cls != nil {
+		podJumps := want.jumps
+		cp = planClasses(d.cls.mask, st, podJumps, n.sources[setKnown], existingClasses(d.cls.mask, ks.mapOf(setPreClass)))
+		want.podJumps, want.jumps, want.classJumps = podJumps, cp.jumps, cp.classJumps
+		want.sources = maps.Clone(n.sources)
+		want.sources[setKnown] = nil
+		want.sources[setClasses] = cp.live
+		// Until the map is written, pods are dispatched as the kernel
+		// holds them; the known pods of the nftables mode (an agent that
+		// ran it before) stay known.
+		classJumps, jumps, live, ok := cp.transitional(ks.mapOf(setPreClass), ks.jumpMap(), st)
+		if known := ks.srcAddrs(setKnown); ok || len(known) > 0 {
+			exact := want
+			final = &exact
+			want.jumps, want.classJumps = jumps, classJumps
+			want.sources = maps.Clone(want.sources)
+			want.sources[setClasses], want.sources[setKnown] = live, known
+		}
+	}
 	plan := d.nf.plan(ks, want)
 	res.Transactions, err = d.nf.exec.run(ctx, &plan.Plan)
 	if err != nil {
 		return err
+	}
+	if d.cls != nil {
+		// 2b. The classifier's map, now that its classes dispatch.
+		if res.ClassesWritten, res.ClassesDeleted, err = d.cls.sync(cp.entries); err != nil {
+			return err
+		}
+		d.cls.podJumps, d.cls.index, d.cls.local, d.cls.net = want.podJumps, cp.index, n.sources[setKnown], cp.net
 	}
 	res.ElementsAdded, res.ElementsDeleted = plan.elemsAdded, plan.elemsDeleted
 	res.SetsCreated, res.SetsDeleted, res.SetsSwapped = plan.setsCreated, plan.setsDeleted, plan.setsSwapped
@@ -619,7 +657,24 @@ func (d *Dataplane) apply(ctx context.Context, st selector.NodeState, res *Resul
 	if err := d.unrecordFloating(ctx, intersect(givenUp, recorded), res); err != nil {
 		return err
 	}
-	d.nf.cache = plan.after(d.nf, ks, want, slices.DeleteFunc(slices.Clone(floatingSet), func(a netip.Addr) bool { return slices.Contains(givenUp, a) }))
+	floatingAfter := slices.DeleteFunc(slices.Clone(floatingSet), func(a netip.Addr) bool { return slices.Contains(givenUp, a) })
+	d.nf.cache = plan.after(d.nf, ks, want, floatingAfter)
+	if final != nil {
+		// 4b. The eBPF mode: what dispatched pods until the map was
+		// written goes.
+		final.floating = floatingAfter
+		ks2 := d.nf.cache
+		d.nf.cache = nil
+		plan2 := d.nf.plan(ks2, *final)
+		n, err := d.nf.exec.run(ctx, &plan2.Plan)
+		res.Transactions += n
+		if err != nil {
+			return err
+		}
+		res.ElementsAdded += plan2.elemsAdded
+		res.ElementsDeleted += plan2.elemsDeleted
+		d.nf.cache = plan2.after(d.nf, ks2, *final, floatingAfter)
+	}
 	if err := d.rt.removeStale(h, rs, routes, uplinkIndex, res); err != nil {
 		return err
 	}

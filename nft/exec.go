@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 )
 
@@ -105,7 +106,12 @@ func (tx *kernelTx) setObj(d setDef) *nftables.Set {
 }
 
 func nftSet(t *nftables.Table, d setDef) *nftables.Set {
-	s := &nftables.Set{Table: t, Name: d.name, KeyType: nftables.TypeIPAddr, Comment: d.comment}
+	s := &nftables.Set{Table: t, Name: d.name, KeyType: keyType(d.name), Comment: d.comment}
+	if s.KeyType.Name == nftables.TypeMark.Name {
+		// Marks are host order: said in the set's userdata, so that nft
+		// lists (and `nft -f` restores) the keys the rules compare.
+		s.KeyByteOrder = binaryutil.NativeEndian
+	}
 	switch d.kind {
 	case kindInterval:
 		s.Interval = true

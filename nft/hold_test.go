@@ -38,20 +38,7 @@ func TestHoldUnknownPods(t *testing.T) {
 
 	expectFromAddr := func(port int, src, server, want string) {
 		t.Helper()
-		l.sendFrom("pod", src, port, server)
-		select {
-		case got := <-seen[server]:
-			if want == "" {
-				t.Fatalf("%s saw %s's datagram from %s: it should have been held", server, src, got)
-			}
-			if got.Addr() != netip.MustParseAddr(want) {
-				t.Fatalf("%s saw %s's datagram from %s, want %s", server, src, got, want)
-			}
-		case <-time.After(relWaitLeak):
-			if want != "" {
-				t.Fatalf("%s saw nothing from %s:%d, want a datagram from %s", server, src, port, want)
-			}
-		}
+		l.expectFromAddr(seen, port, src, server, want)
 	}
 	expectFromAddr(8100, relPod, relServer1, relFloat1) // known and selected
 	expectFromAddr(8101, unknown, relServer1, "")       // unknown, to a policy destination: held
@@ -225,4 +212,25 @@ func (l *relLab) exchange(role, src string, port int, server string) (netip.Addr
 		return err
 	})
 	return got, err
+}
+
+// expectFromAddr sends one datagram from src:port in the pod's namespace to
+// server and checks the server saw it from want ("" for none: held or
+// dropped).
+func (l *relLab) expectFromAddr(seen map[string]chan netip.AddrPort, port int, src, server, want string) {
+	l.t.Helper()
+	l.sendFrom("pod", src, port, server)
+	select {
+	case got := <-seen[server]:
+		if want == "" {
+			l.t.Fatalf("%s saw %s's datagram from %s: it should have been held or dropped", server, src, got)
+		}
+		if got.Addr() != netip.MustParseAddr(want) {
+			l.t.Fatalf("%s saw %s's datagram from %s, want %s", server, src, got, want)
+		}
+	case <-time.After(relWaitLeak):
+		if want != "" {
+			l.t.Fatalf("%s saw nothing from %s:%d, want a datagram from %s", server, src, port, want)
+		}
+	}
 }

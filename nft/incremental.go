@@ -120,8 +120,23 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 	// The known pods: a set like a policy's sources, read by one rule,
 	// with no dispatch entry and no conntrack to clean (a held packet's
 	// flow was never confirmed).
-	var known *change
-	if have, ok := ks.sources[setKnown]; ok && !slices.Equal(have, st.LocalPods) {
+	var known, local *change
+	if d.cls != nil {
+		// The eBPF mode: the known pods are in the classifier's map, the
+		// known-pods set stays empty.
+		if _, ok := ks.sources[setKnown]; !ok || d.cls.podJumps == nil {
+			return false, nil
+		}
+		if !slices.Equal(d.cls.local, st.LocalPods) {
+			now, err := knownPods(st)
+			if err != nil {
+				return true, fmt.Errorf("invalid state: %w", err)
+			}
+			if added, removed := diffAddrs(d.cls.local, now); len(added)+len(removed) > 0 {
+				local = &change{now: now, added: added, removed: removed}
+			}
+		}
+	} else if have, ok := ks.sources[setKnown]; ok && !slices.Equal(have, st.LocalPods) {
 		now, err := knownPods(st)
 		if err != nil {
 			return true, fmt.Errorf("invalid state: %w", err)
@@ -139,12 +154,15 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 	if known != nil {
 		total += len(known.added) + len(known.removed)
 	}
+	if local != nil {
+		total += len(local.added) + len(local.removed)
+	}
 	if total > maxBatchElements/2 {
 		// More than a transaction: the full path orders big changes
 		// (sets filled before rules read them, map entries moved in place).
 		return false, nil
 	}
-	if len(changes) == 0 && known == nil {
+	if len(changes) == 0 && known == nil && local == nil {
 		res.Incremental = true
 		return true, nil
 	}
@@ -170,6 +188,9 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		return old(p)
 	}
 	jumps := ks.jumpMap()
+	if d.cls != nil {
+		jumps = d.cls.podJumps
+	}
 	target := func(a netip.Addr) string {
 		own, n, local := "", 0, false
 		for _, p := range st.Policies {
@@ -238,7 +259,24 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		res.ElementsAdded += len(c.added)
 		res.ElementsDeleted += len(c.removed)
 	}
-	msteps, added, deleted := mapSteps(setDef{name: setPreSrc, kind: kindVerdict}, mapHave, mapWant)
+	nftHave, nftWant := mapHave, mapWant
+	var cls *classPlan
+	var gone []netip.Addr // eBPF mode: pods out of the classifier's map
+	if d.cls != nil {
+		localNow, localTouched := d.cls.local, []netip.Addr(nil)
+		if local != nil {
+			localNow, localTouched = local.now, slices.Concat(local.added, local.removed)
+		}
+		var touched []netip.Addr
+		cls, gone, touched = d.cls.incremental(jumps, affected, mapWant, localNow, localTouched)
+		nftHave, nftWant = map[netip.Addr]string{}, cls.jumps
+		for _, a := range touched {
+			if ch, ok := ks.jumpMap()[a]; ok {
+				nftHave[a] = ch
+			}
+		}
+	}
+	msteps, added, deleted := mapSteps(setDef{name: setPreSrc, kind: kindVerdict}, nftHave, nftWant)
 	if ks.sets[setPreSrc] == nil && len(msteps) > 0 {
 		d.nf.cache = nil
 		return false, nil
@@ -247,10 +285,40 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 	res.ElementsDeleted += deleted
 
 	d.nf.cache = nil // until the transaction succeeded
-	n, err := d.nf.exec.run(ctx, &Plan{table: d.cfg.Table, steps: slices.Concat(adds, msteps, dels)})
-	res.Transactions = n
-	if err != nil {
-		return true, err
+	if cls == nil {
+		n, err := d.nf.exec.run(ctx, &Plan{table: d.cfg.Table, steps: slices.Concat(adds, msteps, dels)})
+		res.Transactions = n
+		if err != nil {
+			return true, err
+		}
+	} else {
+		// The eBPF mode: additions, the classifier's map, then removals.
+		// mapSteps put the pre-src removals last: they go after the map.
+		var mdels []step
+		msteps, mdels = splitMapSteps(nftHave, nftWant)
+		n, err := d.nf.exec.run(ctx, &Plan{table: d.cfg.Table, steps: slices.Concat(adds, msteps)})
+		res.Transactions = n
+		if err != nil {
+			return true, err
+		}
+		if res.ClassesWritten, res.ClassesDeleted, err = d.cls.update(cls.entries, gone); err != nil {
+			return true, err
+		}
+		if steps := slices.Concat(dels, mdels); len(steps) > 0 {
+			n, err = d.nf.exec.run(ctx, &Plan{table: d.cfg.Table, steps: steps})
+			res.Transactions += n
+			if err != nil {
+				return true, err
+			}
+		}
+		pre := ks.jumpMap()
+		for a := range nftHave {
+			delete(pre, a)
+		}
+		maps.Copy(pre, nftWant)
+		if local != nil {
+			d.cls.local = local.now
+		}
 	}
 	for set, a := range fresh {
 		ks.sources[set] = a
@@ -272,6 +340,7 @@ func (d *Dataplane) applySources(ctx context.Context, st selector.NodeState, res
 		d.log.Info("policy sources changed", zap.String("policy", c.policy.Name),
 			zap.Int("added", len(c.added)), zap.Int("removed", len(c.removed)))
 	}
+	var err error
 	res.ConntrackDeleted, err = d.ct.flush(ctx, ct)
 	return true, err
 }
@@ -284,4 +353,23 @@ func withSources(ps []selector.PolicyState, now func(selector.PolicyState) []net
 		out[i] = p
 	}
 	return out
+}
+
+// splitMapSteps is mapSteps with the removals apart: the steps that add
+// and retarget elements of the pre-src map, and the ones that delete the
+// addresses want no longer has.
+func splitMapSteps(have, want map[netip.Addr]string) (upd, gone []step) {
+	kept := map[netip.Addr]string{}
+	var out []netip.Addr
+	for a, ch := range have {
+		if _, ok := want[a]; ok {
+			kept[a] = ch
+		} else {
+			out = append(out, a)
+		}
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	def := setDef{name: setPreSrc, kind: kindVerdict}
+	upd, _, _ = mapSteps(def, kept, want)
+	return upd, elemSteps(def, addrElements(out), true)
 }

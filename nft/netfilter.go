@@ -71,7 +71,9 @@ type nftState struct {
 	// (see applySources).
 	sources map[string][]netip.Addr
 	jumps   map[netip.Addr]string
-	state   *selector.NodeState
+	// classJumps: the setPreClass map's content (eBPF mode), as jumps.
+	classJumps map[netip.Addr]string
+	state      *selector.NodeState
 	// specs: the rules of each chain as written, and defs the chains
 	// (ours).
 	specs map[string][]rule
@@ -92,6 +94,27 @@ func (ks *nftState) jumpMap() map[netip.Addr]string {
 		ks.jumps = elemJumps(ks.elems[setPreSrc])
 	}
 	return ks.jumps
+}
+
+// mapOf returns the content of the verdict map name (setPreSrc or
+// setPreClass), decoded once.
+func (ks *nftState) mapOf(name string) map[netip.Addr]string {
+	if name == setPreSrc {
+		return ks.jumpMap()
+	}
+	if ks.classJumps == nil {
+		ks.classJumps = elemJumps(ks.elems[name])
+	}
+	return ks.classJumps
+}
+
+// setMap records the content of the verdict map name.
+func (ks *nftState) setMap(name string, m map[netip.Addr]string) {
+	if name == setPreSrc {
+		ks.jumps = m
+	} else {
+		ks.classJumps = m
+	}
 }
 
 // gatewayEgress returns the egress IP of each gateway rule, by source set.
@@ -134,7 +157,7 @@ const (
 
 // chainDefs returns the chains the state needs: the two base chains,
 // chainMulti and one regular chain per Reroute or Drop policy.
-func chainDefs(st selector.NodeState) map[string]chainDef {
+func chainDefs(st selector.NodeState, classes bool) map[string]chainDef {
 	out := map[string]chainDef{
 		chainPrerouting:  {name: chainPrerouting, base: &baseChain{typ: nftables.ChainTypeFilter, hook: "prerouting", priority: priorityMangle}},
 		chainPostrouting: {name: chainPostrouting, base: &baseChain{typ: nftables.ChainTypeNAT, hook: "postrouting", priority: prioritySrcNAT - 1}},
@@ -145,6 +168,10 @@ func chainDefs(st selector.NodeState) map[string]chainDef {
 			name := policyChainName(p.Name)
 			out[name] = chainDef{name: name}
 		}
+	}
+	if classes {
+		out[chainClassClear] = chainDef{name: chainClassClear,
+			base: &baseChain{typ: nftables.ChainTypeFilter, hook: "prerouting", priority: priorityMangle + 1}}
 	}
 	return out
 }
@@ -174,7 +201,7 @@ func setMatches(s *nftables.Set, d setDef) bool {
 		// back wrongly (the key as "verdict"); the flags are reliable.
 		return s.IsMap && !s.Interval && !s.Constant && !s.Anonymous && !s.HasTimeout && !s.Concatenation
 	}
-	return s.KeyType.Name == nftables.TypeIPAddr.Name && s.Interval == (d.kind == kindInterval) &&
+	return s.KeyType.Name == keyType(d.name).Name && s.Interval == (d.kind == kindInterval) &&
 		!s.IsMap && !s.Constant && !s.Anonymous && !s.HasTimeout && !s.Concatenation
 }
 
@@ -246,7 +273,7 @@ type nftPlan struct {
 	chainsRebuilt            []string
 	sets                     map[string]setDef
 	wantRules                map[string][]rule // by chain
-	jumpsChanged             bool              // the setPreSrc map changes
+	mapsChanged              map[string]bool   // the verdict maps that change
 	recreated                map[string]bool   // sets of the wrong kind, recreated
 	// For conntrack: source and destination changes by set name, and the
 	// egress IP of each gateway rule before the change, by source set name.
@@ -266,17 +293,34 @@ type desiredNFT struct {
 	dests    map[string][]ipRange    // by dst set name
 	floating []netip.Addr            // target content of the floating set
 	jumps    map[netip.Addr]string   // target content of the setPreSrc map
+	// podJumps, in the eBPF mode: the chain of every pod with one (the
+	// jumps of the nftables mode), which decides chainMulti's rules; nil:
+	// jumps. classJumps: the setPreClass map's target content (class
+	// keys, see classKey).
+	podJumps, classJumps map[netip.Addr]string
 	// bootGuard: the guard table (Dataplane.Guard), not an applied state.
 	bootGuard bool
 }
 
+// mapOf returns the target content of the verdict map name.
+func (w desiredNFT) mapOf(name string) map[netip.Addr]string {
+	if name == setPreSrc {
+		return w.jumps
+	}
+	return w.classJumps
+}
+
 // setDefs returns the sets the state needs.
-func setDefs(st selector.NodeState) []setDef {
+func setDefs(st selector.NodeState, classes bool) []setDef {
 	var out []setDef
 	for _, pol := range st.Policies {
 		out = append(out,
 			setDef{name: srcSetName(pol.Name), comment: "sources of policy " + pol.Name},
 			setDef{name: dstSetName(pol.Name), kind: kindInterval, comment: "destinations of policy " + pol.Name})
+	}
+	if classes {
+		out = append(out, setDef{name: setClasses, comment: "live pod classes of the eBPF classifier: not held"},
+			setDef{name: setPreClass, kind: kindVerdict, comment: "pod classes of the eBPF classifier -> their chain"})
 	}
 	return append(out, setDef{name: setFloating, comment: "floating IPs added by egressnat"},
 		setDef{name: setInternal, kind: kindInterval, comment: "cluster-internal destinations: never steered"},
@@ -297,9 +341,11 @@ func (nf *netfilter) plan(ks *nftState, want desiredNFT) *nftPlan {
 		sets:          map[string]setDef{},
 		sourceChanges: map[string]srcChange{},
 		destChanges:   map[string]dstChange{},
+		mapsChanged:   map[string]bool{},
 		prevGateway:   ks.gatewayEgress(),
 	}
-	defs := setDefs(want.state)
+	_, classes := want.sources[setClasses]
+	defs := setDefs(want.state, classes)
 	if want.bootGuard {
 		defs = append(defs, setDef{name: setBootDests, kind: kindInterval, comment: "policy destinations of the last apply: dropped from pods until the first apply"})
 	}
@@ -319,7 +365,7 @@ func (nf *netfilter) plan(ks *nftState, want desiredNFT) *nftPlan {
 			p.add(addSetStep(def))
 		case !setMatches(have, def):
 			recreate = append(recreate, def)
-		case def.kind == kindVerdict && !ks.ours && len(ks.elems[def.name]) != len(ks.jumpMap()):
+		case def.kind == kindVerdict && !ks.ours && len(ks.elems[def.name]) != len(ks.mapOf(def.name)):
 			// Elements that are not our jumps (another verdict): the map
 			// is rebuilt, since they cannot be diffed.
 			recreate = append(recreate, def)
@@ -433,8 +479,12 @@ func (nf *netfilter) plan(ks *nftState, want desiredNFT) *nftPlan {
 	// Phase 4: chains. Rebuilt only when they differ from the kernel.
 	// Chains no longer wanted are deleted last (phase 5b), once no map
 	// element jumps to them.
-	chains := chainDefs(want.state)
-	p.wantRules = desiredRules(nf.cfg, want.state, want.marks, want.jumps, want.bootGuard)
+	chains := chainDefs(want.state, classes)
+	podJumps := want.podJumps
+	if podJumps == nil {
+		podJumps = want.jumps
+	}
+	p.wantRules = desiredRules(nf.cfg, want.state, want.marks, podJumps, want.bootGuard, classes)
 	var rebuild []string
 	for _, name := range slices.Sorted(maps.Keys(chains)) {
 		have, ok := ks.chains[name]
@@ -482,9 +532,13 @@ func (nf *netfilter) plan(ks *nftState, want desiredNFT) *nftPlan {
 
 	// Phase 5: the source dispatch map, now that its chains exist (see
 	// mapSteps), then the chain that reads it when it changed.
-	if !p.recreated[setPreSrc] {
-		steps, added, deleted := mapSteps(p.sets[setPreSrc], ks.jumpMap(), want.jumps)
-		p.jumpsChanged = added+deleted > 0
+	for _, name := range []string{setPreClass, setPreSrc} {
+		def, ok := p.sets[name]
+		if !ok || p.recreated[name] {
+			continue
+		}
+		steps, added, deleted := mapSteps(def, ks.mapOf(name), want.mapOf(name))
+		p.mapsChanged[name] = added+deleted > 0
 		p.elemsAdded += added
 		p.elemsDeleted += deleted
 		p.add(steps...)
@@ -554,8 +608,8 @@ func rebuildStep(p *nftPlan, ks *nftState, want desiredNFT, chains map[string]ch
 		case def.name == setFloating:
 			els = addrElements(want.floating)
 		case def.kind == kindVerdict:
-			els = jumpElements(want.jumps)
-			p.jumpsChanged = true
+			els = jumpElements(want.mapOf(def.name))
+			p.mapsChanged[def.name] = true
 		default:
 			els = addrElements(want.sources[def.name])
 		}
@@ -666,7 +720,8 @@ func (p *nftPlan) after(nf *netfilter, prev *nftState, want desiredNFT, floating
 		specs:   p.wantRules,
 	}
 	kt := &kernelTx{t: t}
-	ks.defs = chainDefs(want.state)
+	_, classes := want.sources[setClasses]
+	ks.defs = chainDefs(want.state, classes)
 	for name, def := range ks.defs {
 		ks.chains[name] = kt.chain(&def)
 	}
@@ -684,10 +739,10 @@ func (p *nftPlan) after(nf *netfilter, prev *nftState, want desiredNFT, floating
 		case name == setFloating:
 			ks.elems[name] = addrElems(floating)
 		case def.kind == kindVerdict:
-			if p.jumpsChanged {
-				ks.jumps = want.jumps
+			if p.mapsChanged[name] {
+				ks.setMap(name, want.mapOf(name))
 			} else {
-				ks.jumps = prev.jumpMap()
+				ks.setMap(name, prev.mapOf(name))
 			}
 		case def.kind == kindInterval:
 			if _, changed := p.destChanges[name]; !reuse(name, !changed && !p.recreated[name]) {

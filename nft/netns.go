@@ -11,6 +11,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// InNetNS runs fn on an OS thread inside the network namespace fd (below
+// 1: the current one), for what reads or changes the calling thread's
+// namespace.
+func InNetNS(fd int, fn func() error) error { return Config{NetNSFd: fd}.inNetNS(fn) }
+
 // inNetNS runs fn on an OS thread that has entered the configured network
 // namespace (or directly, for the current namespace). Sockets created in fn
 // stay in that namespace; files under /proc/sys/net opened in fn belong to it.

@@ -54,7 +54,7 @@ func TestRPRules(t *testing.T) {
 		}
 		return out
 	}
-	rules := desiredRules(cfg, gw, nil, nil, false)
+	rules := desiredRules(cfg, gw, nil, nil, false, false)
 	pre, post := kinds(rules[chainPrerouting]), kinds(rules[chainPostrouting])
 	if i := slices.Index(pre, ruleRPMark); i < 0 || i < slices.Index(pre, ruleInternalReturn) || i > slices.Index(pre, ruleDispatch) {
 		t.Fatalf("prerouting %v: want the reverse-path mark after the internal return, before the dispatch", pre)
@@ -78,10 +78,10 @@ func TestRPRules(t *testing.T) {
 	oneBit := cfg
 	oneBit.MarkMask = 0x100
 	for name, rs := range map[string]map[string][]rule{
-		"no gateway":    desiredRules(cfg, reroute, map[netip.Addr]int{a("192.0.2.12"): 1}, nil, false),
-		"one-bit mask":  desiredRules(oneBit, gw, nil, nil, false),
-		"guard table":   desiredRules(cfg, selector.NodeState{}, nil, nil, true),
-		"empty gateway": desiredRules(cfg, selector.NodeState{FloatingIPs: []netip.Prefix{p("192.0.2.100/24")}}, nil, nil, false),
+		"no gateway":    desiredRules(cfg, reroute, map[netip.Addr]int{a("192.0.2.12"): 1}, nil, false, false),
+		"one-bit mask":  desiredRules(oneBit, gw, nil, nil, false, false),
+		"guard table":   desiredRules(cfg, selector.NodeState{}, nil, nil, true, false),
+		"empty gateway": desiredRules(cfg, selector.NodeState{FloatingIPs: []netip.Prefix{p("192.0.2.100/24")}}, nil, nil, false, false),
 	} {
 		all := append(kinds(rs[chainPrerouting]), kinds(rs[chainPostrouting])...)
 		if slices.Contains(all, ruleRPMark) || slices.Contains(all, ruleRPUnmark) {

@@ -48,6 +48,11 @@ const (
 	// chainMulti holds, in policy order, the rules of every Reroute and
 	// Drop policy, for addresses several policies select.
 	chainMulti = "multi"
+	// chainClassClear, in the eBPF mode, clears the class bits of the
+	// mark right after chainPrerouting read them (the next priority): the
+	// mark bits are shared with other software (a NetworkPolicy
+	// implementation, a CNI) that must not see our classes.
+	chainClassClear = "class-clear"
 	// policyChainPrefix names the chain of one Reroute or Drop policy.
 	policyChainPrefix = "pp-"
 
@@ -179,6 +184,10 @@ const rpMarkComment = "rerouted here: reverse-path check by the uplink (src_vali
 
 const rpReplyComment = "reply to traffic rerouted here: back by the uplink to the node that sent it"
 
+const classClearComment = "pod class read: cleared before anything else sees the mark"
+
+const classDispatchComment = "pod class written by the eBPF classifier -> its chain"
+
 const holdComment = "a pod egressnat does not know yet, to a policy destination: held until it does"
 
 const rpUnmarkComment = "reverse-path mark cleared: not a reroute mark"
@@ -202,6 +211,10 @@ const (
 	ruleGuard ruleKind = iota + 1
 	// ruleDispatch: ip saddr vmap @pre-src.
 	ruleDispatch
+	// ruleClassDispatch: meta mark & <class mask> vmap @pre-class, before
+	// ruleDispatch in the eBPF mode: the class the classifier wrote into
+	// the mark of a pod's packet selects its chain (see classes.go).
+	ruleClassDispatch
 	// ruleReroute: [ip saddr @src] ip daddr @dst counter
 	// meta mark set meta mark & ~mask | mark.
 	ruleReroute
@@ -272,6 +285,9 @@ const (
 	// refuse it from. A pod no route covers falls through to the main
 	// table.
 	ruleRPReply
+	// ruleClassClear: meta mark & <class mask> != 0 meta mark set meta
+	// mark & ~<class mask>, the only rule of chainClassClear.
+	ruleClassClear
 	// ruleHold: iifname != <uplink> ip saddr != @known-pods ip saddr
 	// @pod-nets ip daddr @held-dests counter drop, in prerouting before
 	// the dispatch: a pod the agent has not evaluated yet (its address is
@@ -305,6 +321,7 @@ type rule struct {
 	ctMark  uint32 // reply: the ct mark it matches
 	oif     string // gateway
 	known   string // hold: the set of known sources
+	classes string // hold, eBPF mode: the set of live classes (under mask)
 	egress  netip.Addr
 	// pfx, when valid, is the one destination the rule matches instead of
 	// the dst set: rules of overlapping policies, one per destination, in
@@ -357,6 +374,14 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 		l := lookup(r.dst)
 		l.IsDestRegSet = true
 		return []expr.Any{loadAddr(12), l}
+	case ruleClassDispatch:
+		l := lookup(r.dst)
+		l.IsDestRegSet = true
+		return append(loadMark(r.mask, 0), l)
+	case ruleClassClear:
+		return slices.Concat(loadMark(r.mask, 0),
+			[]expr.Any{&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)}},
+			setMark(^r.mask, 0))
 	case ruleReplyReturn:
 		return []expr.Any{
 			&expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION},
@@ -419,15 +444,22 @@ func (r rule) exprs(set func(name string) *nftables.Set) []expr.Any {
 	case ruleHold:
 		known := lookup(r.known)
 		known.Invert = true
-		return []expr.Any{
+		out := []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname(r.oif)},
+		}
+		if r.classes != "" {
+			live := lookup(r.classes)
+			live.Invert = true
+			out = append(append(out, loadMark(r.mask, 0)...), live) // a classified pod's packet stops here
+		}
+		return append(out,
 			loadAddr(12), known, // first: a known pod's packet stops here
 			lookup(r.src),
 			loadAddr(16), lookup(r.dst),
 			&expr.Counter{},
 			&expr.Verdict{Kind: expr.VerdictDrop},
-		}
+		)
 	case ruleRPUnmark:
 		return slices.Concat(loadMark(r.mask, 0),
 			[]expr.Any{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.mark & r.mask)}},
@@ -452,6 +484,9 @@ func (r rule) sets() []string {
 	if r.known != "" {
 		out = append(out, r.known)
 	}
+	if r.classes != "" {
+		out = append(out, r.classes)
+	}
 	if r.dst != "" && !r.pfx.IsValid() {
 		out = append(out, r.dst)
 	}
@@ -462,7 +497,11 @@ func (r rule) sets() []string {
 func (r rule) String() string {
 	var b strings.Builder
 	if r.kind == ruleHold {
-		fmt.Fprintf(&b, "iifname != %q ip saddr != @%s ", r.oif, r.known)
+		fmt.Fprintf(&b, "iifname != %q ", r.oif)
+		if r.classes != "" {
+			fmt.Fprintf(&b, "meta mark & %#08x != @%s ", r.mask, r.classes)
+		}
+		fmt.Fprintf(&b, "ip saddr != @%s ", r.known)
 	}
 	if r.src != "" {
 		fmt.Fprintf(&b, "ip saddr @%s ", r.src)
@@ -472,6 +511,10 @@ func (r rule) String() string {
 		fmt.Fprintf(&b, "ip daddr @%s ct state new counter drop", r.dst)
 	case ruleDispatch:
 		fmt.Fprintf(&b, "ip saddr vmap @%s", r.dst)
+	case ruleClassDispatch:
+		fmt.Fprintf(&b, "meta mark & %#08x vmap @%s", r.mask, r.dst)
+	case ruleClassClear:
+		fmt.Fprintf(&b, "meta mark & %#08x != 0 meta mark set meta mark & %#08x", r.mask, ^r.mask)
 	case ruleReplyReturn:
 		b.WriteString("ct direction reply return")
 	case ruleInternalReturn:
@@ -589,7 +632,7 @@ func ifname(name string) []byte {
 //
 // bootGuard: the guard table (Dataplane.Guard) also drops, in prerouting,
 // every packet other nodes reroute here.
-func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, jumps map[netip.Addr]string, bootGuard bool) map[string][]rule {
+func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, jumps map[netip.Addr]string, bootGuard, classes bool) map[string][]rule {
 	out := map[string][]rule{chainPrerouting: nil, chainPostrouting: nil, chainMulti: nil}
 	rpIdx := selector.RPMarkIndex(cfg.MarkMask)
 	rpMark := selector.MarkValue(cfg.MarkMask, rpIdx)
@@ -618,8 +661,16 @@ func desiredRules(cfg Config, st selector.NodeState, marks map[netip.Addr]int, j
 			rule{chain: chainPostrouting, kind: ruleRPUnmark, comment: rpUnmarkComment, mask: cfg.MarkMask, mark: rpMark})
 	}
 	if len(st.PodNetworks) > 0 && len(st.Policies) > 0 && !bootGuard {
+		hold := rule{chain: chainPrerouting, kind: ruleHold, comment: holdComment, oif: cfg.Uplink, src: setPodNets, known: setKnown, dst: setHeldDests}
+		if classes {
+			hold.classes, hold.mask = setClasses, cfg.ClassMask
+		}
+		out[chainPrerouting] = append(out[chainPrerouting], hold)
+	}
+	if classes {
 		out[chainPrerouting] = append(out[chainPrerouting],
-			rule{chain: chainPrerouting, kind: ruleHold, comment: holdComment, oif: cfg.Uplink, src: setPodNets, known: setKnown, dst: setHeldDests})
+			rule{chain: chainPrerouting, kind: ruleClassDispatch, comment: classDispatchComment, mask: cfg.ClassMask, dst: setPreClass})
+		out[chainClassClear] = []rule{{chain: chainClassClear, kind: ruleClassClear, comment: classClearComment, mask: cfg.ClassMask}}
 	}
 	out[chainPrerouting] = append(out[chainPrerouting],
 		rule{chain: chainPrerouting, kind: ruleDispatch, comment: dispatchComment, dst: setPreSrc})

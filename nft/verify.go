@@ -84,7 +84,7 @@ func (d *Dataplane) Verify(ctx context.Context) (string, error) {
 			case want.IsMap:
 				// Every element must be one of our jumps: an element with
 				// another verdict does not decode and would go unseen.
-				same = len(el) == len(ks.jumpMap()) && maps.Equal(elemJumps(el), ks.jumpMap())
+				same = len(el) == len(ks.mapOf(name)) && maps.Equal(elemJumps(el), ks.mapOf(name))
 			case want.Interval:
 				same = slices.Equal(elemRanges(el), elemRanges(ks.elems[name]))
 			case name == setFloating:
@@ -125,7 +125,7 @@ func (d *Dataplane) Verify(ctx context.Context) (string, error) {
 			return drift, err
 		}
 	}
-	return "", nil
+	return d.verifyClasses(ctx)
 }
 
 // verifyStep runs one check of Verify against the cached table, under the

@@ -18,7 +18,7 @@ import (
 // run as root on the node, e.g. the copy the agent kept for the boot unit
 // (/var/lib/egressnat/egressnat-agent --cleanup). The uplink is the flag's,
 // else the one saved in the state directory, else the default route's.
-func runCleanup(log *zap.Logger, cfg bootGuardConfig, procSysNet string) error {
+func runCleanup(log *zap.Logger, cfg bootGuardConfig, procSysNet, bpfDir string) error {
 	up := cfg.uplink
 	if up == "" && cfg.stateDir != "" {
 		saved, err := agent.SavedUplink(cfg.stateDir)
@@ -44,7 +44,7 @@ func runCleanup(log *zap.Logger, cfg bootGuardConfig, procSysNet string) error {
 	defer cancel()
 	log.Info("cleanup: removing everything egressnat put on this node", zap.String("uplink", up),
 		zap.String("stateDir", cfg.stateDir), zap.String("procSysNet", procSysNet))
-	if err := agent.Uninstall(ctx, agent.UninstallConfig{Dataplane: dp, StateDir: cfg.stateDir, ProcSysNet: procSysNet, Log: log}); err != nil {
+	if err := agent.Uninstall(ctx, agent.UninstallConfig{Dataplane: dp, StateDir: cfg.stateDir, ProcSysNet: procSysNet, BPFDir: bpfDir, Log: log}); err != nil {
 		return fmt.Errorf("cleanup: %w", err)
 	}
 	log.Info("cleanup done")

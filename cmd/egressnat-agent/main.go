@@ -22,6 +22,7 @@ import (
 	"github.com/egressnat/egressnat/cmd/internal/metrics"
 	"github.com/egressnat/egressnat/cmd/internal/version"
 	"github.com/egressnat/egressnat/nft"
+	"github.com/egressnat/egressnat/nft/bpf"
 	"github.com/egressnat/egressnat/selector"
 	"go.uber.org/zap"
 )
@@ -68,6 +69,9 @@ func run() error {
 	drainTimeout := fs.Duration("drain-timeout", 5*time.Second, "when stopped (not for an uninstall) while holding floating IPs, ask for them to be handed over to other nodes (make before break) and wait until they are, at most this long; 0: stop at once, leaving them (the node keeps answering for them until its ARP lease runs out)")
 	cleanupOnUninstall := fs.Bool("cleanup-on-uninstall", true, "when stopped while egressnat is being uninstalled (its namespace or DaemonSet deleted, as seen through the API), do what --cleanup does before exiting; any other stop leaves the kernel as it is")
 	podName := fs.String("pod-name", os.Getenv("POD_NAME"), "this pod's name (POD_NAME from the downward API): the DaemonSet that owns it is watched to tell an uninstall from a restart")
+	classifier := fs.String("classifier", metrics.BackendNFT, "pod classifier backend: nft (an nftables map of pod addresses) or ebpf (a tc program on the pod-facing interfaces writes each pod's class into the packet mark from a pinned BPF map; needs CAP_BPF, a bpffs at --bpf-dir's parent, manifests/ebpf); when ebpf cannot run, the agent uses nft and says why (log, egressnat_agent_classifier, egressnatctl status)")
+	bpfDir := fs.String("bpf-dir", envOr("EGRESSNAT_BPF_DIR", "/sys/fs/bpf/egressnat"), "where the eBPF classifier pins its map and links (on a bpffs, kept across agent restarts so that pods stay classified); removed on uninstall, and by an agent of the nft backend")
+	classMask := fs.String("class-mark-mask", fmt.Sprintf("%#08x", selector.DefaultClassMask), "packet mark bits the eBPF classifier writes pod classes into; clear of --mark-mask, kube-proxy (0x4000, 0x8000) and of your CNI's marks (Calico's default mask is 0xffff0000: choose other bits there)")
 	procSysNet := fs.String("proc-sys-net", "/proc/sys/net", "the host's /proc/sys/net, writable (the DaemonSet mounts it at /host/proc/sys/net): where an uninstall and --cleanup restore the sysctls recorded in --state-dir")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
@@ -79,6 +83,13 @@ func run() error {
 	mask, err := strconv.ParseUint(*markMask, 0, 32)
 	if err != nil || mask == 0 {
 		return fmt.Errorf("--mark-mask %q: want a non-zero 32-bit number", *markMask)
+	}
+	cmask, err := strconv.ParseUint(*classMask, 0, 32)
+	if err != nil || cmask == 0 {
+		return fmt.Errorf("--class-mark-mask %q: want a non-zero 32-bit number", *classMask)
+	}
+	if *classifier != metrics.BackendNFT && *classifier != metrics.BackendEBPF {
+		return fmt.Errorf("--classifier %q: want nft or ebpf", *classifier)
 	}
 	gwNamespaces, err := selector.GatewayNamespaces(*gatewayNamespaces)
 	if err != nil {
@@ -113,7 +124,7 @@ func run() error {
 	}
 	if *cleanup {
 		return runCleanup(log, bootGuardConfig{stateDir: *stateDir, uplink: *uplink, table: *table, mask: uint32(mask),
-			tableBase: *tableBase, rulePriority: *rulePriority}, *procSysNet)
+			tableBase: *tableBase, rulePriority: *rulePriority}, *procSysNet, *bpfDir)
 	}
 	if *node == "" {
 		return fmt.Errorf("--node-name (or NODE_NAME) is required")
@@ -131,11 +142,28 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	dp, err := nft.New(nft.Config{
+	nlog := log.With(zap.String("node", *node))
+	ncfg := nft.Config{
 		Table: *table, Uplink: upName, MarkMask: uint32(mask),
-		RouteTableBase: *tableBase, RulePriority: *rulePriority, NetNSFd: -1, Logger: log.With(zap.String("node", *node)),
+		RouteTableBase: *tableBase, RulePriority: *rulePriority, NetNSFd: -1, Logger: nlog,
 		ARPProbeWait: *arpProbeWait, ARPLease: *arpLease, SysctlRecordDir: *stateDir,
-	})
+	}
+	backend, info := metrics.BackendNFT, metrics.BackendNFT
+	var prog *bpf.Classifier
+	if *classifier == metrics.BackendEBPF {
+		if err := nft.CheckClassMask(uint32(cmask), uint32(mask)); err != nil {
+			return fmt.Errorf("--class-mark-mask: %w", err)
+		}
+		if prog, err = bpf.Load(*bpfDir); err != nil {
+			info = "nft; ebpf unavailable: " + err.Error()
+			nlog.Warn("eBPF classifier unavailable: the nftables classifier runs instead", zap.String("dir", *bpfDir), zap.Error(err))
+		} else {
+			defer prog.Close()
+			backend, info = metrics.BackendEBPF, metrics.BackendEBPF
+			ncfg.Classifier, ncfg.ClassMask = prog, uint32(cmask)
+		}
+	}
+	dp, err := nft.New(ncfg)
 	if err != nil {
 		return fmt.Errorf("dataplane: %w", err)
 	}
@@ -158,6 +186,18 @@ func run() error {
 		}()
 	}
 	m := metrics.NewAgent(nil)
+	m.SetClassifier(backend)
+	var observer agent.PodsObserver = &agent.ClassifierLeftovers{Dir: *bpfDir, Log: nlog}
+	if prog != nil {
+		pc := agent.NewPodClassifier(agent.ClassifierConfig{Program: prog, Uplink: upName, Period: *resync, Metrics: m, Log: nlog})
+		observer = pc
+		go func() {
+			if err := pc.Run(ctx); err != nil {
+				nlog.Error("eBPF classifier stopped: pods on new interfaces are held", zap.Error(err))
+			}
+		}()
+	}
+	nlog.Info("pod classifier", zap.String("backend", backend), zap.String("classifier", info))
 	ready := make(chan func() error, 1)
 	go func() {
 		var check func() error
@@ -175,6 +215,7 @@ func run() error {
 		LeaseDuration: *leaseDuration, RenewInterval: *renewInterval, ResyncPeriod: *resync,
 		FallbackToNodeIP: *fallback, PodCIDRs: pods, ServiceCIDRs: services, MarkMask: uint32(mask), GatewayNamespaces: gwNamespaces, HealthAddr: *healthAddr, FenceAfter: *fenceAfter, ProbeSecret: *probeSecret, StateDir: *stateDir, ARPLease: *arpLease,
 		CleanupOnUninstall: *cleanupOnUninstall, PodName: *podName, ProcSysNet: *procSysNet, DrainTimeout: *drainTimeout,
+		Classifier: observer, ClassifierInfo: info, BPFDir: *bpfDir,
 		Dataplane: dp, Log: log, Metrics: m,
 	}, func(check func() error) { ready <- check })
 }

@@ -73,6 +73,7 @@ var gvrs = map[string]schema.GroupVersionResource{
 	"Pod":                 {Version: "v1", Resource: "pods"},
 	"NetworkGatewayGroup": kube.GatewayGVR,
 	"EgressNATPolicy":     kube.PolicyGVR,
+	"Lease":               {Group: "coordination.k8s.io", Version: "v1", Resource: "leases"},
 }
 
 // createObjects creates every object of the file, then writes its status.

@@ -60,7 +60,7 @@ func Supported(dir string) error {
 		return fmt.Errorf("bpffs %s: %w", dir, err)
 	}
 	if st.Type != unix.BPF_FS_MAGIC {
-		return fmt.Errorf("%s is not a bpffs (mount -t bpf bpf %s)", dir, dir)
+		return fmt.Errorf("%s is not on a bpffs (the host's /sys/fs/bpf must be one: mount -t bpf bpf /sys/fs/bpf)", dir)
 	}
 	return nil
 }
@@ -204,8 +204,14 @@ func (c *Classifier) Attach(ifindex int) (mode string, err error) {
 	return "tc", c.attachTC(ifindex)
 }
 
-// filterName marks the clsact filters egressnat adds.
-const filterName = "egressnat-classify"
+// filterName marks the clsact filters egressnat adds; filterPriority and
+// filterHandle are their place (a priority of egressnat's, so that the
+// filter never replaces another tool's at the usual pref 1 handle 1).
+const (
+	filterName     = "egressnat-classify"
+	filterPriority = 0x2e63 // "." "c"
+	filterHandle   = 0x2e63
+)
 
 func (c *Classifier) attachTC(ifindex int) error {
 	qd := &netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0),
@@ -214,7 +220,7 @@ func (c *Classifier) attachTC(ifindex int) error {
 		return fmt.Errorf("clsact qdisc: %w", err)
 	}
 	f := &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{LinkIndex: ifindex, Parent: netlink.HANDLE_MIN_INGRESS,
-		Handle: 1, Protocol: unix.ETH_P_ALL, Priority: 1}, Fd: c.objs.Classify.FD(), Name: filterName, DirectAction: true}
+		Handle: filterHandle, Protocol: unix.ETH_P_ALL, Priority: filterPriority}, Fd: c.objs.Classify.FD(), Name: filterName, DirectAction: true}
 	if err := netlink.FilterReplace(f); err != nil {
 		return fmt.Errorf("bpf filter: %w", err)
 	}
@@ -255,10 +261,14 @@ func nameOf(f netlink.Filter) string {
 }
 
 // Remove unpins the map and the links under dir (what Load and Attach
-// pinned) and removes dir: the program goes with its last link, the map
-// with its last user.
+// pinned), removes dir, and deletes the clsact filters named
+// "egressnat-classify" (the tc fallback's) from every interface of the
+// calling thread's network namespace: the program goes with its last
+// link or filter, the map with its last user. The clsact qdiscs stay:
+// other programs' filters may hang from them, and an empty one costs
+// nothing.
 func Remove(dir string) error {
-	var errs []error
+	errs := []error{deleteFilters()}
 	links, _ := os.ReadDir(filepath.Join(dir, pinLinks))
 	for _, e := range links {
 		p := filepath.Join(dir, pinLinks, e.Name())

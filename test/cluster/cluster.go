@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -59,6 +60,9 @@ type Options struct {
 	// egressnat process is started by the harness: Real.Manifests is
 	// applied with kubectl as a user would.
 	Real *RealOptions
+	// Classifier is the agents' --classifier: "nft" (default) or "ebpf"
+	// (they pin under a bpffs of the lab's, a directory per node).
+	Classifier string
 	// Log receives progress lines; none when nil.
 	Log func(format string, args ...any)
 }
@@ -217,12 +221,16 @@ func Start(ctx context.Context, o Options) (c *Cluster, err error) {
 
 // ParseMode reads a lab mode: a lab.Config ModeName (e.g.
 // "overlay/strict/iptables-legacy/mtu1450") with, anywhere, an optional
-// "kp-nftables" or "kp-iptables" for kube-proxy's mode. It returns the
+// "kp-nftables" or "kp-iptables" for kube-proxy's mode and "ebpf" for the
+// agents' eBPF classifier (ModeClassifier; the nft classifier otherwise). It returns the
 // network and the kube-proxy mode ("" for the default).
 func ParseMode(s string) (lab.Config, string, error) {
 	var kp string
 	var rest []string
 	for _, part := range strings.Split(s, "/") {
+		if part == "ebpf" {
+			continue // ModeClassifier ("nft" is a masquerade mode)
+		}
 		if m, ok := strings.CutPrefix(part, "kp-"); ok {
 			if m != "nftables" && m != "iptables" {
 				return lab.Config{}, "", fmt.Errorf("mode %q: kube-proxy mode %q: want kp-nftables or kp-iptables", s, m)
@@ -238,12 +246,24 @@ func ParseMode(s string) (lab.Config, string, error) {
 	return net, kp, err
 }
 
-// ModeName names the cluster's network and kube-proxy mode (see
-// ParseMode).
+// ModeClassifier returns the agents' classifier a lab mode names (see
+// ParseMode): "ebpf" or "nft" (the default).
+func ModeClassifier(s string) string {
+	if slices.Contains(strings.Split(s, "/"), "ebpf") {
+		return "ebpf"
+	}
+	return "nft"
+}
+
+// ModeName names the cluster's network, kube-proxy mode and classifier
+// (see ParseMode).
 func (c *Cluster) ModeName() string {
 	name := c.Lab.Config().ModeName()
 	if c.opts.KubeProxy {
 		name += "/kp-" + c.opts.KubeProxyMode
+	}
+	if c.opts.Classifier == "ebpf" {
+		name += "/ebpf"
 	}
 	return name
 }
@@ -324,6 +344,12 @@ func (c *Cluster) StartAgent(node string, extra ...string) error {
 		// changes nothing, and Close stops them all at once. The drain
 		// (the DaemonSet's default) is tested with AgentArgs.
 		"--drain-timeout=0"}, c.opts.AgentArgs...)
+	if c.opts.Classifier == "ebpf" {
+		if _, err := c.Lab.BPFFS(); err != nil {
+			return err
+		}
+		args = append(args, "--classifier=ebpf", "--bpf-dir="+c.BPFDir(node))
+	}
 	args = append(args, extra...)
 	p, err := c.Lab.Start(n.NetNS, filepath.Join(c.Lab.WorkDir(), "agent-"+node+".log"), args...)
 	if err != nil {
@@ -331,6 +357,12 @@ func (c *Cluster) StartAgent(node string, extra ...string) error {
 	}
 	c.Agents[node] = p
 	return nil
+}
+
+// BPFDir is where node's agent pins its eBPF classifier (with
+// Options.Classifier "ebpf"): a directory of the lab's bpffs.
+func (c *Cluster) BPFDir(node string) string {
+	return filepath.Join(c.Lab.WorkDir(), "bpffs", node)
 }
 
 func (c *Cluster) stateDir(node string) string {

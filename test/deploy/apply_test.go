@@ -94,3 +94,16 @@ func TestSingleNodeDryRun(t *testing.T) {
 		t.Errorf("dry run did not cover the operator Deployment:\n%s", out)
 	}
 }
+
+// TestEBPFDryRun: the ebpf overlay (the agent with --classifier=ebpf, see
+// manifests/render_test.go) applies too: the patched DaemonSet, its
+// capability BPF and its bpffs hostPath mounted HostToContainer, is valid.
+func TestEBPFDryRun(t *testing.T) {
+	out, errOut, err := srv.Kubectl(ctxT(t), nil, "apply", "--dry-run=server", "-k", root+"/manifests/ebpf")
+	if err != nil {
+		t.Fatalf("kubectl apply --dry-run=server -k manifests/ebpf/: %v\n%s%s", err, out, errOut)
+	}
+	if !strings.Contains(out, "daemonset.apps/egressnat-agent") {
+		t.Errorf("dry run did not cover the agent DaemonSet:\n%s", out)
+	}
+}

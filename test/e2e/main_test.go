@@ -53,7 +53,8 @@ func TestMain(m *testing.M) {
 		os.Exit(2)
 	}
 	os.Exit(cluster.TestMainOptions(m, cluster.Options{Prefix: "enat-e2e-", AgentArgs: []string{"--resync=3s"},
-		KubeProxy: true, KubeProxyMode: kp, Network: network, NetworkPolicy: true}, &c))
+		KubeProxy: true, KubeProxyMode: kp, Network: network, NetworkPolicy: true,
+		Classifier: cluster.ModeClassifier(os.Getenv(ModeEnv))}, &c))
 }
 
 func ext1() *lab.External { return c.Lab.External("ext1") } // 203.0.113.10

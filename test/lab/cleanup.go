@@ -89,6 +89,7 @@ func (lk *prefixLock) reset() error {
 // holder.
 func (lk *prefixLock) removeStaleDirs() {
 	for _, d := range lk.staleDirs {
+		unmountUnder(d) //nolint:errcheck // best effort, as the removal
 		os.RemoveAll(d)
 	}
 }

@@ -195,8 +195,10 @@ type Lab struct {
 	nodes       []*Node
 	externals   []*External
 
-	mu        sync.Mutex
-	closed    bool
+	mu     sync.Mutex
+	closed bool
+	// bpffs: the bpffs BPFFS mounted ("" none).
+	bpffs     string
 	closeOnce sync.Once
 	closeErr  error
 	nsSet     map[string]bool
@@ -819,6 +821,11 @@ func (l *Lab) Close() error {
 		l.nsSet = map[string]bool{}
 		l.nsOrder = nil
 		l.mu.Unlock()
+		if l.workDir != "" {
+			if err := unmountUnder(l.workDir); err != nil {
+				errs = append(errs, err)
+			}
+		}
 		if l.ownDir && l.workDir != "" {
 			os.RemoveAll(l.workDir)
 		}

@@ -633,4 +633,3 @@ func waitFresh(t *testing.T, since time.Time) {
 		t.Fatal(err)
 	}
 }
-

@@ -77,6 +77,12 @@ type Dataplane interface {
 	Guard(ctx context.Context, internal, dests []netip.Prefix) (bool, error)
 }
 
+// PodsObserver is told this node's known pods (selector.NodeState.
+// LocalPods) after each successful Apply.
+type PodsObserver interface {
+	SetPods(pods []netip.Addr)
+}
+
 // Config of the agent.
 type Config struct {
 	Clients *kube.Clients
@@ -136,8 +142,16 @@ type Config struct {
 	// (AnnotationDraining on its Lease) and waits until it holds none, at
 	// most this long; 0 stops at once.
 	DrainTimeout time.Duration
-	Dataplane    Dataplane
-	Log          *zap.Logger
+	// Classifier is told this node's known pods after each successful
+	// Apply (the eBPF classifier attaches to the interfaces that reach
+	// them); nil: none. ClassifierInfo is the backend that runs, published
+	// on the Lease (kube.AnnotationClassifier); BPFDir is where the eBPF
+	// classifier pins (an uninstall removes it).
+	Classifier     PodsObserver
+	ClassifierInfo string
+	BPFDir         string
+	Dataplane      Dataplane
+	Log            *zap.Logger
 	// Metrics are updated when set.
 	Metrics *metrics.Agent
 }
@@ -966,6 +980,9 @@ func (a *agent) sync(ctx context.Context) (err error) {
 	}
 	a.observe(st)
 	a.observePods(dirty)
+	if a.cfg.Classifier != nil {
+		a.cfg.Classifier.SetPods(st.LocalPods)
+	}
 	a.last = &st
 	held := make([]netip.Addr, 0, len(st.FloatingIPs))
 	for _, p := range st.FloatingIPs {
@@ -1315,6 +1332,9 @@ func (a *agent) renewOnce(ctx context.Context) error {
 	}
 	if d := a.draining.Load(); d != nil {
 		annotations[kube.AnnotationDraining] = *d
+	}
+	if a.cfg.ClassifierInfo != "" {
+		annotations[kube.AnnotationClassifier] = a.cfg.ClassifierInfo
 	}
 	lease, err := leases.Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {

@@ -310,7 +310,10 @@ type UninstallConfig struct {
 	// ProcSysNet is the host's /proc/sys/net, writable, where the sysctls
 	// recorded in StateDir are restored; "" restores none.
 	ProcSysNet string
-	Log        *zap.Logger
+	// BPFDir is where the eBPF classifier pins its map and links
+	// (--bpf-dir); "" none. Its pins are removed, the program detached.
+	BPFDir string
+	Log    *zap.Logger
 }
 
 // stateFiles are the files egressnat keeps in the state directory, besides
@@ -338,6 +341,14 @@ func Uninstall(ctx context.Context, cfg UninstallConfig) error {
 		errs = append(errs, fmt.Errorf("remove the kernel state: %w", cleanErr))
 	} else {
 		log.Info("uninstall: nftables tables, ip rules, routes and floating IPs removed")
+	}
+	if cfg.BPFDir != "" {
+		// After the table: nothing dispatches on the classes any more.
+		if removed, err := removeClassifier(cfg.BPFDir); err != nil {
+			errs = append(errs, fmt.Errorf("remove the eBPF classifier: %w", err))
+		} else if removed {
+			log.Info("uninstall: eBPF classifier detached and unpinned", zap.String("dir", cfg.BPFDir))
+		}
 	}
 	if cfg.StateDir != "" && cfg.ProcSysNet != "" {
 		res, err := nft.RestoreSysctls(cfg.StateDir, cfg.ProcSysNet)
@@ -397,7 +408,8 @@ func (a *agent) uninstallNode(budget time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), budget)
 	defer cancel()
 	start := time.Now()
-	err := Uninstall(ctx, UninstallConfig{Dataplane: a.cfg.Dataplane, StateDir: a.cfg.StateDir, ProcSysNet: a.cfg.ProcSysNet, Log: a.log})
+	err := Uninstall(ctx, UninstallConfig{Dataplane: a.cfg.Dataplane, StateDir: a.cfg.StateDir, ProcSysNet: a.cfg.ProcSysNet,
+		BPFDir: a.cfg.BPFDir, Log: a.log})
 	if err != nil {
 		a.log.Error("uninstall incomplete: run egressnat-agent --cleanup on this node", zap.Error(err), zap.Duration("took", time.Since(start)))
 		return fmt.Errorf("uninstall: %w", err)

@@ -3,6 +3,7 @@ package ctl
 import (
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -19,7 +20,11 @@ func (a *app) statusCommand() *cobra.Command {
 		Short: "Every gateway and every policy: floating IPs, holders, node health, egress IPs, readiness",
 		Long: `Every gateway (its floating IPs, the node holding each and the health of
 the nodes) and every policy (egress IP, node, readiness, selected pods), in
-every namespace. Why a pod is or is not selected: explain pod.`,
+every namespace; then the pod classifier each node's agent runs (nft or
+ebpf, and why an agent asked for ebpf fell back to nft), from the agents'
+Leases in the namespace of -n (default ` + DefaultNamespace + `), which
+the built-in view role cannot read. Why a pod is or is not selected:
+explain pod.`,
 		Example: fmt.Sprintf("  %[1]s status\n  %[1]s status -o yaml", a.prog),
 		Args:    noArgs,
 	}
@@ -36,6 +41,11 @@ every namespace. Why a pod is or is not selected: explain pod.`,
 		if err != nil {
 			return err
 		}
+		ns := *a.kube.Namespace
+		if ns == "" {
+			ns = DefaultNamespace
+		}
+		l.LoadAgents(cmd.Context(), s, ns)
 		return WriteStatus(a.stdout, BuildStatus(s), *out)
 	})
 	return c
@@ -189,17 +199,23 @@ root (or with CAP_NET_ADMIN), or in the node's agent pod:
 func (a *app) rulesetCommand() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "ruleset",
-		Short: "On a node: the agent's nftables table with per-policy counters, its ip rules and routes",
-		Long: `The agent's nftables table with per-policy counters, its ip rules and its
-routes.` + fmt.Sprintf(nodeLong, "ruleset"),
+		Short: "On a node: the agent's nftables table with per-policy counters, its eBPF classifier, its ip rules and routes",
+		Long: `The agent's nftables table with per-policy counters; the eBPF pod
+classifier pinned under --bpf-dir (--classifier=ebpf), if any: the
+interfaces its program is attached to and its map's entries (pod IP ->
+mark/mask); the agent's ip rules and its routes.` + fmt.Sprintf(nodeLong, "ruleset"),
 		Args: noArgs,
 	}
 	var nf nodeFlags
 	nf.add(c)
-	all := c.Flags().Bool("all-elements", false, "print every set element (default: the first 32 of each set)")
+	all := c.Flags().Bool("all-elements", false, "print every set element and BPF classifier entry (default: the first 32 of each)")
+	bpfDir := c.Flags().String("bpf-dir", defaultBPFDir(os.Getenv), "where the agent pins its eBPF classifier (--bpf-dir of the agent; the default is $"+BPFDirEnv+", set in the agent's pod, else "+DefaultBPFDir+"; empty: do not read it)")
 	out := outputFlag(c, "text", FormatJSON)
 	c.RunE = runE(func(cmd *cobra.Command, _ []string) error {
 		return nf.run(*out, func(o RulesetOptions) error {
+			if *bpfDir != "" {
+				o.BPFDir = filepath.Clean(*bpfDir)
+			}
 			rs, err := ReadRuleset(cmd.Context(), o)
 			if err != nil {
 				return err

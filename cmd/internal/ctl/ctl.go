@@ -114,7 +114,7 @@ ruleset and conntrack read a node's kernel: run them on the node as root,
 or in the node's agent pod, which has the binary and the capability:
   kubectl -n egressnat-system exec <agent pod> -c agent -- /egressnatctl ruleset
 They take the agent's flags when they differ from the defaults: --table,
---rule-priority, --route-table-base, --mark-mask.
+--rule-priority, --route-table-base, --mark-mask (and ruleset --bpf-dir).
 `
 
 // command is the root command with every subcommand.

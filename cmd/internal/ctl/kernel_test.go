@@ -11,9 +11,12 @@ import (
 	"time"
 
 	"github.com/egressnat/egressnat/nft"
+	"github.com/egressnat/egressnat/nft/bpf"
 	"github.com/egressnat/egressnat/selector"
 	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/ti-mo/conntrack"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // newNetNS makes a network namespace "enat-ctl-<pid>" with a veth uplink
@@ -152,5 +155,65 @@ func TestRulesetFromKernel(t *testing.T) {
 	if code := Main(ctx, "egressnatctl", []string{"ruleset", "--netns", name, "-o", "json"}, &out, &errOut); code != 0 ||
 		!strings.Contains(out.String(), `"policy": "partners"`) {
 		t.Errorf("ruleset -o json: %d %s\n%s", code, errOut.String(), out.String())
+	}
+}
+
+// TestRulesetBPFFromKernel: the eBPF classifier attached to eth1 of a
+// fresh network namespace and pinned on a bpffs of its own; ruleset
+// --netns --bpf-dir reads it back from outside that namespace: the
+// interface by its name there, and the map's entry. A --bpf-dir with
+// nothing pinned gives one line.
+func TestRulesetBPFFromKernel(t *testing.T) {
+	name, fd := newNetNS(t)
+	dir := t.TempDir()
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		t.Skipf("mount a bpffs: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) }) //nolint:errcheck
+	pins := dir + "/egressnat"
+	var ifindex int
+	var mode string
+	err := inNetNS(fd, func() error {
+		l, err := netlink.LinkByName("eth1")
+		if err != nil {
+			return err
+		}
+		ifindex = l.Attrs().Index
+		c, err := bpf.Load(pins)
+		if err != nil {
+			return err
+		}
+		defer c.Close() //nolint:errcheck // what is pinned stays
+		if mode, err = c.Attach(ifindex); err != nil {
+			return err
+		}
+		_, _, err = c.Sync(map[netip.Addr]bpf.Class{netip.MustParseAddr("10.244.1.5"): {Mark: 0x00010000, Mask: 0x00ff0000}})
+		return err
+	})
+	if err != nil {
+		t.Skipf("BPF classifier unavailable here: %v", err)
+	}
+	t.Cleanup(func() { inNetNS(fd, func() error { return bpf.Remove(pins) }) }) //nolint:errcheck
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var out, errOut strings.Builder
+	if code := Main(ctx, "egressnatctl", []string{"ruleset", "--netns", name, "--bpf-dir", pins}, &out, &errOut); code != 0 {
+		t.Fatalf("ruleset: %d %s", code, errOut.String())
+	}
+	for _, want := range []string{
+		"BPF classifier pinned under " + pins + "\n",
+		fmt.Sprintf("  attached to 1 interface\n    eth1 (index %d): %s\n", ifindex, mode),
+		"  map pods (1 entry: pod IP -> mark/mask)\n    10.244.1.5 -> 0x00010000/0x00ff0000\n",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("ruleset lacks %q:\n%s", want, out.String())
+		}
+	}
+
+	out.Reset()
+	if code := Main(ctx, "egressnatctl", []string{"ruleset", "--netns", name, "--bpf-dir", dir + "/nothing"}, &out, &errOut); code != 0 ||
+		!strings.Contains(out.String(), "BPF classifier: nothing pinned under "+dir+"/nothing (") {
+		t.Errorf("nothing pinned: %d %s\n%s", code, errOut.String(), out.String())
 	}
 }

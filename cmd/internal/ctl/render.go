@@ -2,6 +2,7 @@ package ctl
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"net"
@@ -325,6 +326,26 @@ func RenderElements(elems []nftables.SetElement, interval bool) []string {
 	for _, r := range nft.Intervals(elems) {
 		out = append(out, renderRange(r[0], r[1]))
 	}
+	return out
+}
+
+// RenderMarkElements renders the elements of a set keyed by marks (the
+// eBPF classifier's classes, nft.MarkKeyed) as nft lists them: the mark in
+// hex, then " : jump <chain>" for a verdict map's element; sorted.
+func RenderMarkElements(elems []nftables.SetElement) []string {
+	out := make([]string, 0, len(elems))
+	for _, e := range elems {
+		if len(e.Key) != 4 {
+			out = append(out, "0x"+hex.EncodeToString(e.Key))
+			continue
+		}
+		s := fmt.Sprintf("0x%08x", binary.NativeEndian.Uint32(e.Key))
+		if v := e.VerdictData; v != nil && v.Chain != "" {
+			s += " : jump " + v.Chain
+		}
+		out = append(out, s)
+	}
+	slices.Sort(out)
 	return out
 }
 

@@ -1,6 +1,7 @@
 package ctl
 
 import (
+	"encoding/binary"
 	"net"
 	"net/netip"
 	"slices"
@@ -180,5 +181,18 @@ func TestRenderRankedRules(t *testing.T) {
 		if got := RenderRule(tc.exprs); got != tc.want {
 			t.Errorf("got %q, want %q", got, tc.want)
 		}
+	}
+}
+
+func TestRenderMarkElements(t *testing.T) {
+	key := func(v uint32) []byte { return binary.NativeEndian.AppendUint32(nil, v) }
+	got := RenderMarkElements([]nftables.SetElement{
+		{Key: key(0x30000), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: "pp-deny"}},
+		{Key: key(0x20000), VerdictData: &expr.Verdict{Kind: expr.VerdictJump, Chain: "multi"}},
+		{Key: key(0x10000)},
+	})
+	want := []string{"0x00010000", "0x00020000 : jump multi", "0x00030000 : jump pp-deny"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("RenderMarkElements = %q, want %q", got, want)
 	}
 }

@@ -30,6 +30,9 @@ type RulesetOptions struct {
 	MarkMask       uint32
 	// NetNSFd is an open network namespace to read; below 1 the current one.
 	NetNSFd int
+	// BPFDir is the agent's --bpf-dir, where the eBPF classifier is
+	// pinned; "" reads no classifier.
+	BPFDir string
 }
 
 // Ruleset is the agent's state in one node's kernel.
@@ -41,6 +44,9 @@ type Ruleset struct {
 	Counters []PolicyCounter `json:"counters"`
 	IPRules  []string        `json:"ipRules"`
 	Routes   []string        `json:"routes"`
+	// BPF is the eBPF pod classifier under RulesetOptions.BPFDir (nil
+	// when not asked for).
+	BPF *BPFClassifier `json:"bpf,omitempty"`
 	// RulePriority and the route table range, for the headings.
 	RulePriority          int `json:"rulePriority"`
 	FirstTable, LastTable int `json:"-"`
@@ -93,6 +99,11 @@ func ReadRuleset(ctx context.Context, o RulesetOptions) (*Ruleset, error) {
 	if err := readRouting(o, rs); err != nil {
 		return nil, err
 	}
+	if o.BPFDir != "" {
+		if rs.BPF, err = readBPF(o); err != nil {
+			return nil, err
+		}
+	}
 	return rs, nil
 }
 
@@ -143,7 +154,11 @@ func renderTable(t *nft.Table, rs *Ruleset) {
 		rs.Counters = append(rs.Counters, *counters[k])
 	}
 	for _, ts := range t.Sets {
-		rs.Sets = append(rs.Sets, SetDump{Name: ts.Set.Name, Interval: ts.Set.Interval, Elements: RenderElements(ts.Elements, ts.Set.Interval)})
+		els := RenderElements(ts.Elements, ts.Set.Interval)
+		if nft.MarkKeyed(ts.Set.Name) {
+			els = RenderMarkElements(ts.Elements)
+		}
+		rs.Sets = append(rs.Sets, SetDump{Name: ts.Set.Name, Interval: ts.Set.Interval, Elements: els})
 	}
 }
 
@@ -258,7 +273,8 @@ func RenderRoute(r netlink.Route, dev string) string {
 
 // WriteRuleset writes the ruleset readably: chains with their rules and
 // comments, sets (at most maxElems elements each, 0 for all), per-policy
-// counters, ip rules and routes.
+// counters, the eBPF classifier (its interfaces and map entries, at most
+// maxElems of each), ip rules and routes.
 func WriteRuleset(w io.Writer, rs *Ruleset, maxElems int) error {
 	if !rs.Exists {
 		fmt.Fprintf(w, "nftables: no table ip %s on this node (no policy or floating IP applied here, or the agent uses another --table)\n", rs.Table)
@@ -308,6 +324,9 @@ func WriteRuleset(w io.Writer, rs *Ruleset, maxElems int) error {
 				return err
 			}
 		}
+	}
+	if rs.BPF != nil {
+		writeBPF(w, rs.BPF, maxElems)
 	}
 	fmt.Fprintf(w, "\nip rules at priority %d\n", rs.RulePriority)
 	if len(rs.IPRules) == 0 {

@@ -40,6 +40,13 @@ type Snapshot struct {
 	// agents honour: explain then checks the groups as the agents do
 	// (selector.CheckGroups, with the holders' addresses reserved).
 	GatewayNamespaces []string
+	// AgentLeases maps each node whose agent has a Lease
+	// (egressnat-agent-<node>) in AgentNamespace to that Lease's
+	// annotations. nil when not read (LoadAgents, for status); then
+	// AgentLeasesErr says why, when it was tried.
+	AgentLeases    map[string]map[string]string
+	AgentNamespace string
+	AgentLeasesErr string
 }
 
 // ErrCRDsMissing: the API server does not serve networking.gke.io.
@@ -147,6 +154,25 @@ func (l *Loader) LoadAll(ctx context.Context) (*Snapshot, error) {
 		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
 	})
 	return s, nil
+}
+
+// LoadAgents reads the agents' Leases in namespace (for status: the
+// classifier each one runs). A failure, such as the built-in view role's
+// not reading Leases, is not an error: it is recorded in
+// s.AgentLeasesErr, and status shows the rest.
+func (l *Loader) LoadAgents(ctx context.Context, s *Snapshot, namespace string) {
+	s.AgentNamespace = namespace
+	ll, err := l.Core.CoordinationV1().Leases(namespace).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		s.AgentLeases, s.AgentLeasesErr = nil, l.apiError(err).Error()
+		return
+	}
+	s.AgentLeases, s.AgentLeasesErr = map[string]map[string]string{}, ""
+	for _, le := range ll.Items {
+		if node, ok := strings.CutPrefix(le.Name, kube.AgentLeasePrefix); ok && node != "" {
+			s.AgentLeases[node] = le.Annotations
+		}
+	}
 }
 
 // LoadForPod reads one pod, its namespace, every gateway and policy, and

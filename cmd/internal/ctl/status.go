@@ -1,14 +1,17 @@
 package ctl
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"text/tabwriter"
 	"time"
 
 	v1 "github.com/egressnat/egressnat/api/v1"
+	"github.com/egressnat/egressnat/cmd/internal/kube"
 	"github.com/egressnat/egressnat/selector"
 	apimeta "k8s.io/apimachinery/pkg/api/meta"
 	"sigs.k8s.io/yaml"
@@ -18,6 +21,39 @@ import (
 type StatusReport struct {
 	Gateways []GatewayReport `json:"gateways"`
 	Policies []PolicyReport  `json:"policies"`
+	// Agents: each node's agent as its Lease in AgentNamespace says,
+	// sorted by node (nil when the Leases were not read). AgentsError
+	// says why they are unknown (the Leases could not be read: the
+	// built-in view role does not read Leases).
+	Agents         []AgentReport `json:"agents,omitempty"`
+	AgentNamespace string        `json:"agentNamespace,omitempty"`
+	AgentsError    string        `json:"agentsError,omitempty"`
+}
+
+// AgentReport is a node's agent as its Lease describes it.
+type AgentReport struct {
+	Node string `json:"node"`
+	// Classifier is the pod classifier backend the agent runs: "nft" or
+	// "ebpf"; "" when its Lease does not say (an agent of a version
+	// before the eBPF classifier, which classifies with nftables).
+	Classifier string `json:"classifier,omitempty"`
+	// ClassifierFallback is why the eBPF backend the agent was asked for
+	// (--classifier=ebpf) does not run, when it fell back to nft.
+	ClassifierFallback string `json:"classifierFallback,omitempty"`
+}
+
+// Classifier backends (the agent's --classifier).
+const (
+	ClassifierNFT  = "nft"
+	ClassifierEBPF = "ebpf"
+)
+
+// ParseClassifier splits the value of an agent Lease's annotation
+// egressnat.io/classifier: the backend that runs, then after "; " why the
+// eBPF backend asked for does not.
+func ParseClassifier(v string) (backend, fallback string) {
+	backend, fallback, _ = strings.Cut(v, ";")
+	return strings.TrimSpace(backend), strings.TrimSpace(fallback)
 }
 
 // GatewayReport is one NetworkGatewayGroup as the operator reports it.
@@ -108,6 +144,15 @@ func BuildStatus(s *Snapshot) StatusReport {
 			}
 		}
 		r.Policies = append(r.Policies, pr)
+	}
+	if s.AgentLeases == nil && s.AgentLeasesErr == "" {
+		return r // not read: the report says nothing of the agents
+	}
+	r.Agents, r.AgentNamespace, r.AgentsError = []AgentReport{}, s.AgentNamespace, s.AgentLeasesErr
+	for _, node := range sortedKeys(s.AgentLeases) {
+		ar := AgentReport{Node: node}
+		ar.Classifier, ar.ClassifierFallback = ParseClassifier(s.AgentLeases[node][kube.AnnotationClassifier])
+		r.Agents = append(r.Agents, ar)
 	}
 	return r
 }
@@ -230,6 +275,7 @@ func writeStatusTables(w io.Writer, r StatusReport, now time.Time) error {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.Gateway, dash(p.EgressIP), orNone(p.Node), ready, pods)
 		}
 	}
+	writeClassifiers(tw, r)
 	if err := tw.Flush(); err != nil {
 		return err
 	}
@@ -252,6 +298,7 @@ func writeStatusTables(w io.Writer, r StatusReport, now time.Time) error {
 			notes = append(notes, fmt.Sprintf("policy %s: %s", p.Name, p.Message))
 		}
 	}
+	notes = append(notes, fallbackNotes(r.Agents)...)
 	if len(notes) > 0 {
 		fmt.Fprintln(w)
 		for _, n := range notes {
@@ -266,4 +313,102 @@ func orNone(s string) string {
 		return "<none>"
 	}
 	return s
+}
+
+// maxNodeNames bounds the node names a line of the classifier table or a
+// fallback note lists; -o yaml lists them all.
+const maxNodeNames = 8
+
+// classifierRow is the label of a node's row in the classifier table:
+// its backend, "nft (fallback)" when it was asked for ebpf, "unknown"
+// when its Lease does not say.
+func classifierRow(a AgentReport) string {
+	switch {
+	case a.Classifier == "":
+		return "unknown"
+	case a.ClassifierFallback != "" && a.Classifier != ClassifierEBPF:
+		return a.Classifier + " (fallback)"
+	}
+	return a.Classifier
+}
+
+// writeClassifiers writes which pod classifier each node's agent runs:
+// one row per backend with its nodes (ebpf, nft after a fallback, nft,
+// then anything else), or why that is unknown.
+func writeClassifiers(w io.Writer, r StatusReport) {
+	if r.Agents == nil && r.AgentsError == "" {
+		return // not read
+	}
+	ns := r.AgentNamespace
+	if ns == "" {
+		ns = DefaultNamespace
+	}
+	fmt.Fprintln(w)
+	switch {
+	case r.AgentsError != "":
+		fmt.Fprintf(w, "Classifiers unknown: cannot read the agents' Leases in %s: %s\n", ns, r.AgentsError)
+		return
+	case len(r.Agents) == 0:
+		fmt.Fprintf(w, "No agent Leases in %s (no agent runs, or they run in another namespace: -n).\n", ns)
+		return
+	}
+	nodes := map[string][]string{}
+	for _, a := range r.Agents {
+		row := classifierRow(a)
+		nodes[row] = append(nodes[row], a.Node)
+	}
+	order := []string{ClassifierEBPF, ClassifierNFT + " (fallback)", ClassifierNFT}
+	rank := func(row string) int {
+		if i := slices.Index(order, row); i >= 0 {
+			return i
+		}
+		if row == "unknown" {
+			return len(order) + 1
+		}
+		return len(order) // another backend: a newer agent's
+	}
+	rows := sortedKeys(nodes)
+	slices.SortStableFunc(rows, func(a, b string) int { return rank(a) - rank(b) })
+	fmt.Fprintln(w, "CLASSIFIER\tNODES")
+	for _, row := range rows {
+		fmt.Fprintf(w, "%s\t%s\n", row, nodeList(nodes[row]))
+	}
+}
+
+// fallbackNotes says, per reason, which nodes run nft instead of the ebpf
+// they were asked for.
+func fallbackNotes(agents []AgentReport) []string {
+	type key struct{ backend, reason string }
+	var keys []key
+	nodes := map[key][]string{}
+	for _, a := range agents {
+		if a.ClassifierFallback == "" {
+			continue
+		}
+		k := key{a.Classifier, a.ClassifierFallback}
+		if nodes[k] == nil {
+			keys = append(keys, k)
+		}
+		nodes[k] = append(nodes[k], a.Node)
+	}
+	slices.SortFunc(keys, func(a, b key) int {
+		return cmp.Or(strings.Compare(a.backend, b.backend), strings.Compare(a.reason, b.reason))
+	})
+	var notes []string
+	for _, k := range keys {
+		what := "classifier " + k.backend + " instead of ebpf"
+		if k.backend == ClassifierEBPF {
+			what = "classifier ebpf"
+		}
+		notes = append(notes, fmt.Sprintf("%s on %s: %s", what, nodeList(nodes[k]), k.reason))
+	}
+	return notes
+}
+
+// nodeList is "a, b, c", at most maxNodeNames of them (then "and N more").
+func nodeList(nodes []string) string {
+	if len(nodes) <= maxNodeNames {
+		return strings.Join(nodes, ", ")
+	}
+	return fmt.Sprintf("%s and %d more", strings.Join(nodes[:maxNodeNames], ", "), len(nodes)-maxNodeNames)
 }

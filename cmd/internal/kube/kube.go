@@ -60,6 +60,11 @@ const (
 	// node shutdown) and asks for its floating IPs to be handed over to
 	// other nodes; the value says why. A starting agent removes it.
 	AnnotationDraining = "egressnat.io/draining"
+	// AnnotationClassifier: the pod classifier backend the agent runs,
+	// "nft" or "ebpf", followed after "; " by why the eBPF backend asked
+	// for (--classifier=ebpf) is not running, when it is not (the agent
+	// fell back to nft).
+	AnnotationClassifier = "egressnat.io/classifier"
 	// AgentLeasePrefix prefixes the name of each agent's Lease.
 	AgentLeasePrefix = "egressnat-agent-"
 	// LabelComponent marks the Leases egressnat owns.

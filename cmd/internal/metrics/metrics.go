@@ -103,6 +103,12 @@ type Agent struct {
 	// PolicyPackets and PolicyBytes mirror the nftables counters of each
 	// policy's rule on this node; labels policy and mode.
 	PolicyPackets, PolicyBytes *prometheus.GaugeVec
+	// Classifier: 1 for the pod classifier backend that runs (label
+	// backend: nft or ebpf), 0 for the other (SetClassifier).
+	Classifier *prometheus.GaugeVec
+	// ClassifierInterfaces: pod-facing interfaces the eBPF classifier is
+	// attached to; ClassifierEntries: entries of its map.
+	ClassifierInterfaces, ClassifierEntries prometheus.Gauge
 
 	sizesMu sync.Mutex
 	sizes   map[string]SetSize // of the last SetSetSizes, by policy
@@ -174,11 +180,26 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 			Name: "egressnat_agent_policy_bytes",
 			Help: "Bytes matched by a policy's rule on this node (the nftables counter; it restarts at 0 when the rule is rebuilt).",
 		}, []string{"policy", "mode"}),
+		Classifier: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "egressnat_agent_classifier",
+			Help: "The pod classifier backend that runs on this node: 1 for it (backend=nft: nftables sets; backend=ebpf: a tc program and a BPF map), 0 for the other.",
+		}, []string{"backend"}),
+		ClassifierInterfaces: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "egressnat_agent_classifier_interfaces",
+			Help: "Pod-facing interfaces the eBPF classifier is attached to (0 with the nft backend).",
+		}),
+		ClassifierEntries: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "egressnat_agent_classifier_entries",
+			Help: "Pods in the eBPF classifier's map (0 with the nft backend).",
+		}),
 	}
 	reg.MustRegister(a.SyncDuration, a.SyncErrors, a.Drift, a.PodProgramming, a.SetElements, a.FloatingIPs, a.UnroutablePolicies, a.GARPsSent,
-		a.ConntrackFlushed, a.ConntrackVerified, a.ConntrackChecks, a.ReleaseSeconds, a.PolicyPackets, a.PolicyBytes)
+		a.ConntrackFlushed, a.ConntrackVerified, a.ConntrackChecks, a.ReleaseSeconds, a.PolicyPackets, a.PolicyBytes,
+		a.Classifier, a.ClassifierInterfaces, a.ClassifierEntries)
 	// Every series exists from the start (at 0), so that rates and alerts
 	// see them before the first failover.
+	a.Classifier.WithLabelValues(BackendNFT)
+	a.Classifier.WithLabelValues(BackendEBPF)
 	for side, results := range conntrackResults {
 		for _, r := range results {
 			a.ConntrackVerified.WithLabelValues(side, r)
@@ -188,6 +209,23 @@ func NewAgent(reg prometheus.Registerer) *Agent {
 		}
 	}
 	return a
+}
+
+// Classifier backends (the label of Agent.Classifier).
+const (
+	BackendNFT  = "nft"
+	BackendEBPF = "ebpf"
+)
+
+// SetClassifier records which classifier backend runs.
+func (a *Agent) SetClassifier(backend string) {
+	for _, b := range []string{BackendNFT, BackendEBPF} {
+		v := 0.0
+		if b == backend {
+			v = 1
+		}
+		a.Classifier.WithLabelValues(b).Set(v)
+	}
 }
 
 // conntrackResults are the entry results of each side.

@@ -17,7 +17,7 @@
 //
 // It ends with
 //
-//	scale programming_p99_ms=<n> resync_ms=<n> agent_rss_mb=<n> packet_ratio=<r> linear_ratio=<r> leaked=<n>
+//	scale classifier=<nft|ebpf> programming_p99_ms=<n> resync_ms=<n> agent_rss_mb=<n> packet_ratio=<r> bulk_ratio=<r> load100k_ms=<n> linear_ratio=<r> leaked=<n>
 //
 // leaked counts the real pods' datagrams that reached the outside with a
 // source their policy does not give them (the goal is 0): they start
@@ -44,8 +44,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/egressnat/egressnat/nft/bpf"
 	"github.com/egressnat/egressnat/test/apiserver"
 	"github.com/egressnat/egressnat/test/cluster"
+	"github.com/egressnat/egressnat/test/lab"
 )
 
 type config struct {
@@ -59,7 +61,8 @@ type config struct {
 	ppRounds                        int
 	linearMin                       int
 	workers                         int
-	assignBench                     bool
+	assignBench, loadBench          bool
+	classifier                      string
 	keepLogs                        string
 	operatorArgs, agentArgs         string
 }
@@ -88,6 +91,8 @@ func main() {
 	flag.StringVar(&cfg.operatorArgs, "operator-args", "--probe-misses=30",
 		"extra operator flags; the default keeps a node Up while the bench restarts its agent (3 s instead of 300 ms)")
 	flag.StringVar(&cfg.agentArgs, "agent-args", "--log-level=debug", "extra agent flags")
+	flag.StringVar(&cfg.classifier, "classifier", "both", "the agents' pod classifier: nft, ebpf, or both (one whole run each, in that order, one summary line each)")
+	flag.BoolVar(&cfg.loadBench, "load-bench", true, "run nft.BenchmarkLoadPods (go test; 100,000 pod entries from an empty kernel, per classifier) before the lab")
 	flag.Parse()
 	if cfg.policies < 1 || cfg.gateways < 1 || cfg.gateways > 100 || cfg.dests < 1 || cfg.dests > 64 ||
 		cfg.pods+cfg.latencyPods > 32000 || cfg.realPods > 250 || cfg.realBatch < 1 || cfg.latencyRate <= 0 || cfg.ppRounds < 1 {
@@ -96,19 +101,54 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, cfg); err != nil {
-		fmt.Fprintln(os.Stderr, "bench-scale:", err)
-		os.Exit(1)
+	backends := []string{cfg.classifier}
+	switch cfg.classifier {
+	case "both":
+		backends = []string{"nft", "ebpf"}
+	case "nft", "ebpf":
+	default:
+		fmt.Fprintln(os.Stderr, "bench-scale: -classifier: want nft, ebpf or both")
+		os.Exit(2)
+	}
+	var load map[string]float64
+	if cfg.loadBench {
+		logf("loading 100,000 pod entries from an empty kernel: go test -run '^$' -bench '^BenchmarkLoadPods$' -benchtime 3x ./nft/ (before the lab)")
+		var err error
+		if load, err = runLoadBench(ctx); err != nil {
+			fmt.Fprintln(os.Stderr, "bench-scale:", err)
+			os.Exit(1)
+		}
+		for _, b := range backends {
+			logf("  %s: %.0f ms", b, load[b])
+		}
+	}
+	var lines []string
+	for i, b := range backends {
+		cfg.assignBench = cfg.assignBench && i == 0
+		line, err := run(ctx, cfg, b, load[b])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench-scale:", err)
+			os.Exit(1)
+		}
+		lines = append(lines, line)
+	}
+	fmt.Println("#")
+	for _, l := range lines {
+		fmt.Println(l)
 	}
 }
 
-func run(ctx context.Context, cfg config) (err error) {
+// run is one whole run with the agents' classifier backend; it returns
+// the summary line.
+func run(ctx context.Context, cfg config, backend string, loadMS float64) (line string, err error) {
+	logf("=== classifier %s", backend)
+	cfg.classifier = backend
 	began := time.Now()
 	var assign []assignResult
 	if cfg.assignBench {
 		logf("operator assignment: go test -run '^$' -bench '^BenchmarkAssign$' -benchtime 20x ./gateway/ (before the lab, on an idle machine)")
 		if assign, err = runAssignBench(ctx); err != nil {
-			return err
+			return "", err
 		}
 		for _, a := range assign {
 			logf("  %s: %.2f ms per full computation, %.2f MB allocated", a.name, a.msPerOp, a.mbPerOp)
@@ -119,10 +159,11 @@ func run(ctx context.Context, cfg config) (err error) {
 		Prefix:       "enat-bs-",
 		AgentArgs:    strings.Fields(cfg.agentArgs),
 		OperatorArgs: strings.Fields(cfg.operatorArgs),
+		Classifier:   backend,
 		Log:          logf,
 	})
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer func() {
 		if err != nil {
@@ -137,13 +178,13 @@ func run(ctx context.Context, cfg config) (err error) {
 	}()
 	s, err := newScale(cfg, c)
 	if err != nil {
-		return err
+		return "", err
 	}
 	watches := map[string]*watch{}
 	for _, n := range c.Lab.Nodes() {
 		w, err := newWatch(n.Name, n.NetNS)
 		if err != nil {
-			return err
+			return "", err
 		}
 		defer w.Close()
 		watches[n.Name] = w
@@ -154,10 +195,10 @@ func run(ctx context.Context, cfg config) (err error) {
 		cfg.gateways, cfg.policies, cfg.policies, cfg.dests, cfg.pods, cfg.workers)
 	t0 := time.Now()
 	if err := s.createGateways(ctx); err != nil {
-		return err
+		return "", err
 	}
 	if err := s.waitHolders(ctx, time.Minute); err != nil {
-		return err
+		return "", err
 	}
 	perNode := map[string]int{}
 	for i := range cfg.policies {
@@ -166,21 +207,21 @@ func run(ctx context.Context, cfg config) (err error) {
 	logf("floating IPs assigned after %.1fs; policies per gateway node: %v", time.Since(t0).Seconds(), perNode)
 	tNS := time.Now()
 	if err := s.createNamespaces(ctx); err != nil {
-		return err
+		return "", err
 	}
 	dNS := time.Since(tNS)
 	tPol := time.Now()
 	if err := s.createPolicies(ctx); err != nil {
-		return err
+		return "", err
 	}
 	if err := s.createLive(ctx); err != nil {
-		return err
+		return "", err
 	}
 	dPol := time.Since(tPol)
 	tPods := time.Now()
 	s.pods = s.planPods(cfg.pods, "p")
 	if err := s.createPods(ctx, s.pods); err != nil {
-		return err
+		return "", err
 	}
 	dPods := time.Since(tPods)
 	created := time.Now()
@@ -192,14 +233,14 @@ func run(ctx context.Context, cfg config) (err error) {
 	expected := s.expectedSources(nil)
 	conv, err := waitConverged(ctx, s, watches, expected, created, 15*time.Minute)
 	if err != nil {
-		return err
+		return "", err
 	}
 	logf("agents converged %.1fs after the last pod was created (last change of any node's table; %.1fs after the first object)",
 		conv.Sub(created).Seconds(), conv.Sub(t0).Seconds())
 	for _, n := range s.nodes {
 		d, err := dumpTable(c.Lab.Node(n).NetNS)
 		if err != nil {
-			return err
+			return "", err
 		}
 		m, _ := s.agentMemory(n)
 		logf("  %-8s %s (dump took %v); agent VmHWM %.0f MiB", n, d, d.took.Round(time.Millisecond), m.hwm)
@@ -212,15 +253,15 @@ func run(ctx context.Context, cfg config) (err error) {
 		cfg.latencyPods, cfg.latencyRate)
 	agentBefore, err := s.agentProgramming(ctx)
 	if err != nil {
-		return err
+		return "", err
 	}
 	own, all, fromSend, err := s.latencySynthetic(ctx, watches)
 	if err != nil {
-		return err
+		return "", err
 	}
 	agentAfter, err := s.agentProgramming(ctx)
 	if err != nil {
-		return err
+		return "", err
 	}
 	slices.Sort(own)
 	logf("  in the pod's node's table:             %s", dist(own))
@@ -234,7 +275,7 @@ func run(ctx context.Context, cfg config) (err error) {
 		cfg.realPods, s.nodes, cfg.realBatch, cfg.sendInterval)
 	live, err := s.latencyReal(ctx, watches)
 	if err != nil {
-		return err
+		return "", err
 	}
 	logf("  selected pods (%d), first packet with the floating IP: %s; %d of %d pods never got their first datagram out in 15 s",
 		live.pods-live.unselected, dist(live.firstPacket), live.failed, live.pods)
@@ -255,7 +296,7 @@ func run(ctx context.Context, cfg config) (err error) {
 	// stopped here and its resync is measured next).
 	pk, err := s.packetCost(ctx, watches)
 	if err != nil {
-		return err
+		return "", err
 	}
 
 	checkProcs(c, cfg.ppNode) // its agent is stopped on purpose
@@ -266,16 +307,16 @@ func run(ctx context.Context, cfg config) (err error) {
 		want := pk.want
 		if n != cfg.ppNode {
 			if err := waitQuiet(ctx, watches[n], time.Second, time.Minute); err != nil {
-				return err
+				return "", err
 			}
 			if want, err = dumpTable(c.Lab.Node(n).NetNS); err != nil {
-				return err
+				return "", err
 			}
 		}
 		logf("full resync of %s: kill its agent, delete table ip %s and its floating IPs, start the agent (%s)", n, tableName, want)
 		r, err := s.resync(ctx, n, watches[n], want)
 		if err != nil {
-			return err
+			return "", err
 		}
 		if n == cfg.ppNode {
 			r.peakBefore = pk.peakBefore
@@ -287,7 +328,7 @@ func run(ctx context.Context, cfg config) (err error) {
 	time.Sleep(2 * time.Second)
 	holders, err := s.readHolders(ctx)
 	if err != nil {
-		return err
+		return "", err
 	}
 	moved := 0
 	for g, n := range s.holders {
@@ -303,7 +344,7 @@ func run(ctx context.Context, cfg config) (err error) {
 		maxResync = math.Max(maxResync, ms(r.took))
 		m, err := s.agentMemory(r.node)
 		if err != nil {
-			return err
+			return "", err
 		}
 		r.peakNew = m
 		maxRSS = math.Max(maxRSS, math.Max(r.peakBefore.hwm, m.hwm))
@@ -338,9 +379,11 @@ func run(ctx context.Context, cfg config) (err error) {
 		cfg.ppNode, cfg.ppRounds, pk.rr["full-direct"], pk.rr["empty"], pk.linearRules, pk.rr["linear"], pk.rr["full-gateway"],
 		pk.mbps["full-direct"], pk.mbps["empty"], pk.mbps["linear"], pk.mbps["full-gateway"])
 	logf("bench took %.0fs", time.Since(began).Seconds())
-	fmt.Printf("scale programming_p99_ms=%.0f resync_ms=%.0f agent_rss_mb=%.0f packet_ratio=%.3f linear_ratio=%.3f leaked=%d\n",
-		p99, maxResync, maxRSS, pk.rr["full-direct"]/pk.rr["empty"], pk.rr["linear"]/pk.rr["empty"], live.leaked+live.wrong)
-	return nil
+	line = fmt.Sprintf("scale classifier=%s programming_p99_ms=%.0f resync_ms=%.0f agent_rss_mb=%.0f packet_ratio=%.3f bulk_ratio=%.3f load100k_ms=%.0f linear_ratio=%.3f leaked=%d",
+		backend, p99, maxResync, maxRSS, pk.rr["full-direct"]/pk.rr["empty"], pk.mbps["full-direct"]/pk.mbps["empty"], loadMS,
+		pk.rr["linear"]/pk.rr["empty"], live.leaked+live.wrong)
+	fmt.Println(line)
+	return line, nil
 }
 
 // waitConverged waits until every node's source-set elements reach the
@@ -474,6 +517,18 @@ func (s *scale) packetCost(ctx context.Context, watches map[string]*watch) (*pac
 	}
 	p := &ppNode{s: s, node: node, netns: n.NetNS, saved: filepath.Join(s.c.Lab.WorkDir(), "bench-table.nft"),
 		savedSig: res.want.signature(), want: res.want, hasTable: true}
+	if s.cfg.classifier == "ebpf" {
+		// "empty" is without the classifier's program too: the agent is
+		// stopped, the bench detaches and attaches it again.
+		if p.prog, err = bpf.Load(s.c.BPFDir(node)); err != nil {
+			return nil, err
+		}
+		defer p.prog.Close()
+		if err := lab.Do(n.NetNS, func() (err error) { p.ifaces, err = p.prog.Attached(); return err }); err != nil {
+			return nil, err
+		}
+		logf("eBPF classifier of %s attached to %d interfaces", node, len(p.ifaces))
+	}
 	if err := os.WriteFile(p.saved, out, 0o644); err != nil {
 		return nil, err
 	}
@@ -557,6 +612,34 @@ type assignResult struct {
 }
 
 var benchLine = regexp.MustCompile(`^(BenchmarkAssign\S*)\s+\d+\s+([\d.]+) ns/op(?:\s+([\d.]+) B/op)?`)
+
+// runLoadBench runs nft.BenchmarkLoadPods and returns the milliseconds per
+// load of 100,000 pod entries, by classifier.
+func runLoadBench(ctx context.Context) (map[string]float64, error) {
+	root, err := apiserver.RepoRoot()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.CommandContext(ctx, "go", "test", "-run", "^$", "-bench", "^BenchmarkLoadPods$", "-benchtime", "3x", "-count", "1", "./nft/")
+	cmd.Dir = root
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("go test -bench BenchmarkLoadPods: %w\n%s", err, out)
+	}
+	res := map[string]float64{}
+	line := regexp.MustCompile(`^BenchmarkLoadPods/(\w+)(?:-\d+)?\s+\d+\s+([\d.]+) ns/op`)
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		if m := line.FindStringSubmatch(sc.Text()); m != nil {
+			ns, _ := strconv.ParseFloat(m[2], 64)
+			res[m[1]] = ns / 1e6
+		}
+	}
+	if len(res) != 2 {
+		return nil, fmt.Errorf("no BenchmarkLoadPods results in:\n%s", out)
+	}
+	return res, nil
+}
 
 func runAssignBench(ctx context.Context) ([]assignResult, error) {
 	root, err := apiserver.RepoRoot()

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/google/nftables"
@@ -297,7 +298,20 @@ type tableDump struct {
 	took            time.Duration
 }
 
+// dumpTable reads our table in netns. A set or chain that goes while it is
+// read (the agent replacing its guard table as it starts) makes it read
+// the table again, a few times.
 func dumpTable(netns string) (*tableDump, error) {
+	for try := 0; ; try++ {
+		d, err := dumpTableOnce(netns)
+		if err == nil || !errors.Is(err, syscall.ENOENT) || try == 4 {
+			return d, err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func dumpTableOnce(netns string) (*tableDump, error) {
 	start := time.Now()
 	f, err := os.Open("/run/netns/" + netns)
 	if err != nil {
@@ -397,6 +411,29 @@ func (d *tableDump) signature() string {
 	slices.Sort(chains)
 	h := sha256.Sum256([]byte(strings.Join(parts, ",") + "|" + strings.Join(chains, ",")))
 	return hex.EncodeToString(h[:12])
+}
+
+// classFree returns d without the sets whose content depends on the eBPF
+// classifier's class allocation (pre-class, classes, and pre-src, which
+// holds the pods of chains without a class): the allocation keeps the
+// classes a table holds, so a table rebuilt from nothing may give them to
+// other chains. d itself in the nftables mode (no pre-class set).
+func (d *tableDump) classFree() *tableDump {
+	if _, ebpf := d.sets["pre-class"]; !ebpf {
+		return d
+	}
+	out := *d
+	out.sets = map[string][]string{}
+	for name, elems := range d.sets {
+		switch name {
+		case "pre-class", "classes", "pre-src":
+			out.total -= len(elems)
+			out.sets[name] = nil
+		default:
+			out.sets[name] = elems
+		}
+	}
+	return &out
 }
 
 func (d *tableDump) String() string {

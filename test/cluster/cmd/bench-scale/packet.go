@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/egressnat/egressnat/nft/bpf"
 	"github.com/egressnat/egressnat/test/lab"
 	"golang.org/x/sys/unix"
 )
@@ -291,6 +292,10 @@ type ppNode struct {
 	rules     int
 	hasTable  bool
 	hasLinear bool
+	// prog, with the eBPF classifier: its program, attached to ifaces
+	// with the table, detached without it.
+	prog   *bpf.Classifier
+	ifaces map[int]bool
 }
 
 const linearChain = "ENAT-BENCH-LINEAR"
@@ -308,8 +313,14 @@ func (p *ppNode) setTable(ctx context.Context, want bool) error {
 		if err := p.exec(ctx, "nft", "delete", "table", "ip", tableName); err != nil {
 			return err
 		}
+		if err := p.attach(map[int]bool{}); err != nil {
+			return err
+		}
 		p.hasTable = false
 		return nil
+	}
+	if err := p.attach(p.ifaces); err != nil {
+		return err
 	}
 	if err := p.exec(ctx, "nft", "-f", p.saved); err != nil {
 		return err
@@ -323,6 +334,18 @@ func (p *ppNode) setTable(ctx context.Context, want bool) error {
 	}
 	p.hasTable = true
 	return nil
+}
+
+// attach attaches the classifier's program to exactly ifaces (nothing
+// without the eBPF classifier).
+func (p *ppNode) attach(ifaces map[int]bool) error {
+	if p.prog == nil {
+		return nil
+	}
+	return lab.Do(p.netns, func() error {
+		_, _, err := p.prog.Reconcile(ifaces)
+		return err
+	})
 }
 
 func (p *ppNode) setLinear(ctx context.Context, want bool) error {

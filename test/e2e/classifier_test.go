@@ -47,7 +47,10 @@ func TestClassifier(t *testing.T) {
 			if got := lease.Annotations[classifierAnnotation]; !strings.HasPrefix(got, annotationPrefix) {
 				return fmt.Errorf("lease annotation %s=%q, want %q...", classifierAnnotation, got, annotationPrefix)
 			}
-			_, body := get(t, ns, cluster.AgentHealthPort, "/metrics")
+			_, body, err := tryGet(ns, cluster.AgentHealthPort, "/metrics")
+			if err != nil {
+				return err // the agent just restarted
+			}
 			for _, b := range []string{"nft", "ebpf"} {
 				want := 0.0
 				if b == wantBackend {

@@ -19,6 +19,15 @@ import (
 // get fetches a URL path from a server inside a lab host's namespace.
 func get(t *testing.T, ns string, port int, path string) (int, string) {
 	t.Helper()
+	code, body, err := tryGet(ns, port, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return code, body
+}
+
+// tryGet is get for a server that may not listen yet.
+func tryGet(ns string, port int, path string) (int, string, error) {
 	hc := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return lab.DialTCP(ctx, ns, addr)
@@ -26,11 +35,11 @@ func get(t *testing.T, ns string, port int, path string) (int, string) {
 	}}
 	resp, err := hc.Get(fmt.Sprintf("http://127.0.0.1:%d%s", port, path))
 	if err != nil {
-		t.Fatalf("GET %s in %s: %v", path, ns, err)
+		return 0, "", fmt.Errorf("GET %s in %s: %w", path, ns, err)
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	return resp.StatusCode, string(b), nil
 }
 
 // metric returns the value of the first sample whose line matches re.

@@ -21,7 +21,9 @@ func TestPlanClasses(t *testing.T) {
 		PodNetworks: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
 	}
 	local := []netip.Addr{p1, p2, p3, p4}
-	cls := func(mask uint32, idx int) bpf.Class { return bpf.Class{Mark: selector.MarkValue(mask, idx), Mask: mask} }
+	cls := func(mask uint32, idx int) bpf.Class {
+		return bpf.Class{Mark: selector.MarkValue(mask, idx), Mask: mask}
+	}
 	key := func(mask uint32, idx int) netip.Addr { return classKey(selector.MarkValue(mask, idx)) }
 	noNets := st
 	noNets.PodNetworks = nil

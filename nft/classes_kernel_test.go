@@ -29,26 +29,7 @@ func TestClassifierMode(t *testing.T) {
 	const unknown = "10.244.2.7"
 	l.ip("pod", "addr", "add", unknown+"/32", "dev", relUplink)
 
-	fs := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "bpf", "bpf", fs).CombinedOutput(); err != nil {
-		t.Fatalf("mount bpffs: %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", fs).Run() }) //nolint:errcheck
-	c, err := bpf.Load(fs + "/egressnat")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if err := l.inNS("gw", func() error {
-		link, err := netlink.LinkByName("enat-rel-c")
-		if err != nil {
-			return err
-		}
-		_, err = c.Attach(link.Attrs().Index)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	c := l.classifier()
 
 	// Two class bits: classes 2 and 3 go to chainMulti and pp-deny (sorted
 	// order); pp-deny2 gets none.
@@ -227,26 +208,7 @@ func TestClassifierMode(t *testing.T) {
 func TestClassifierSwitch(t *testing.T) {
 	l := newRelLabNamed(t, "enat-csw-")
 	seen := l.udpServers()
-	fs := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "bpf", "bpf", fs).CombinedOutput(); err != nil {
-		t.Fatalf("mount bpffs: %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", fs).Run() }) //nolint:errcheck
-	c, err := bpf.Load(fs + "/egressnat")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if err := l.inNS("gw", func() error {
-		link, err := netlink.LinkByName("enat-rel-c")
-		if err != nil {
-			return err
-		}
-		_, err = c.Attach(link.Attrs().Index)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	c := l.classifier()
 	pod := netip.MustParseAddr(relPod)
 	st := selector.NodeState{
 		Policies: []selector.PolicyState{{Name: "deny", Mode: selector.ModeDrop, Sources: []netip.Addr{pod},
@@ -299,4 +261,32 @@ func TestClassifierSwitch(t *testing.T) {
 		t.Fatalf("back to the nftables mode: the eBPF mode's objects are left:\n%s", out)
 	}
 	dropped("back to the nftables mode")
+}
+
+// classifier loads the eBPF classifier in a bpffs of the test's own and
+// attaches it to the gateway's pod-facing veth; all of it goes with the
+// test.
+func (l *relLab) classifier() *bpf.Classifier {
+	l.t.Helper()
+	fs := l.t.TempDir()
+	if out, err := exec.Command("mount", "-t", "bpf", "bpf", fs).CombinedOutput(); err != nil {
+		l.t.Fatalf("mount bpffs: %v %s", err, out)
+	}
+	l.t.Cleanup(func() { exec.Command("umount", fs).Run() }) //nolint:errcheck
+	c, err := bpf.Load(fs + "/egressnat")
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	l.t.Cleanup(func() { c.Close() })
+	if err := l.inNS("gw", func() error {
+		link, err := netlink.LinkByName("enat-rel-c")
+		if err != nil {
+			return err
+		}
+		_, err = c.Attach(link.Attrs().Index)
+		return err
+	}); err != nil {
+		l.t.Fatal(err)
+	}
+	return c
 }
